@@ -1,0 +1,33 @@
+# X-Pression: `make run` (the whole pipeline on the default synthetic cohort) and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DATA_DIR ?= data
+COHORT := $(DATA_DIR)/phantom_default/cohort.yaml
+
+.PHONY: run test cohort install clean-cohort
+
+# (Re)install when the venv is missing or pyproject.toml changed.
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+# The default cohort is deterministic: generated once, reused afterwards.
+$(COHORT): | $(STAMP)
+	$(PY) -m xpression.phantom --out $(DATA_DIR)/phantom_default --preset default --seed 0
+
+cohort: $(COHORT)
+
+run: $(STAMP) $(COHORT)
+	$(PY) -m xpression.data.summary $(COHORT)
+
+test: $(STAMP)
+	$(PY) -m pytest tests
+
+clean-cohort:
+	rm -rf $(DATA_DIR)/phantom_default
