@@ -1,0 +1,370 @@
+"""Lazy access to micro-CT volumes: OME-Zarr / zarr v3, (Big)TIFF stacks and ``.npy``.
+
+Arrays are indexed ``(z, y, x)``; voxel sizes are in micrometres (um), ``[z, y, x]``. The
+physical position of voxel index ``i`` is ``origin_um + i * voxel_size_um`` (voxel centres).
+``origin_um`` is zero for level 0; coarser pyramid levels carry the OME translation that keeps
+their voxel centres on the same physical frame.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+__all__ = ["Volume", "VolumeError", "open_volume", "TIFF_SUFFIXES", "ZARR_SUFFIXES"]
+
+TIFF_SUFFIXES = (".tif", ".tiff", ".btf", ".tf8", ".tf2")
+ZARR_SUFFIXES = (".zarr",)
+_ATOL = 1e-6
+
+
+class VolumeError(ValueError):
+    """A volume file cannot be used; the message names the file and the problem."""
+
+    def __init__(self, path: str | os.PathLike | None, problem: str):
+        self.path = None if path is None else str(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}" if path is not None else problem)
+
+
+def _as_voxel_size(value: Any, path: Any) -> tuple[float, float, float]:
+    try:
+        arr = np.asarray(value, dtype=float).reshape(-1)
+    except (TypeError, ValueError) as exc:
+        raise VolumeError(path, f"voxel_size_um {value!r} is not numeric") from exc
+    if arr.size == 1:
+        arr = np.repeat(arr, 3)
+    if arr.size != 3 or not np.all(np.isfinite(arr)) or np.any(arr <= 0):
+        raise VolumeError(path, f"voxel_size_um must be 3 positive numbers (z, y, x) in um, got {value!r}")
+    return (float(arr[0]), float(arr[1]), float(arr[2]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Backends: each returns (array-like with shape/dtype/__getitem__, chunks, metadata dict).
+# Metadata keys: "voxel_size_um" (level-0 voxel, or None), "levels" (list of
+# (path, scale, translation)), "level_index".
+
+
+def _squeeze_to_3d(shape: Sequence[int], path: Any) -> int:
+    """Number of leading singleton axes to drop so the array is 3D (t, c axes of size 1)."""
+    extra = len(shape) - 3
+    if extra < 0 or any(int(s) != 1 for s in shape[:extra]):
+        raise VolumeError(path, f"expected a 3D (z, y, x) array, got shape {tuple(int(s) for s in shape)}")
+    return extra
+
+
+def _ome_multiscale(attrs: dict) -> dict | None:
+    ome = attrs.get("ome")
+    if isinstance(ome, dict) and ome.get("multiscales"):
+        return ome["multiscales"][0]
+    if attrs.get("multiscales"):  # OME-NGFF 0.4 layout, accepted for reading
+        return attrs["multiscales"][0]
+    return None
+
+
+def _transform(transforms: list, kind: str, ndim: int) -> np.ndarray | None:
+    for t in transforms or []:
+        if t.get("type") == kind and kind in t:
+            return np.asarray(t[kind], dtype=float)[-ndim:] if ndim else np.asarray(t[kind], float)
+    return None
+
+
+def _ome_levels(ms: dict, path: Any) -> list[tuple[str, np.ndarray | None, np.ndarray]]:
+    axes = ms.get("axes") or []
+    units = {a.get("name"): a.get("unit") for a in axes if isinstance(a, dict)}
+    for ax in ("z", "y", "x"):
+        unit = units.get(ax)
+        if unit not in (None, "micrometer"):
+            raise VolumeError(path, f"axis {ax!r} has unit {unit!r}; only 'micrometer' is supported")
+    global_scale = _transform(ms.get("coordinateTransformations"), "scale", 3)
+    global_shift = _transform(ms.get("coordinateTransformations"), "translation", 3)
+    levels = []
+    for ds in ms.get("datasets", []):
+        scale = _transform(ds.get("coordinateTransformations"), "scale", 3)
+        shift = _transform(ds.get("coordinateTransformations"), "translation", 3)
+        shift = np.zeros(3) if shift is None else shift
+        if scale is not None and global_scale is not None:
+            scale = scale * global_scale
+            shift = shift * global_scale
+        if global_shift is not None:
+            shift = shift + global_shift
+        levels.append((str(ds["path"]), scale, shift))
+    if not levels:
+        raise VolumeError(path, "OME-Zarr multiscales lists no datasets")
+    return levels
+
+
+def _open_zarr(path: Path, level: int) -> tuple[Any, dict]:
+    import zarr
+
+    try:
+        node = zarr.open(str(path), mode="r")
+    except Exception as exc:  # zarr raises several types for unreadable stores
+        raise VolumeError(path, f"cannot open as zarr: {exc}") from exc
+    meta: dict = {"voxel_size_um": None, "origin_um": (0.0, 0.0, 0.0), "levels": ["0"]}
+    if isinstance(node, zarr.Array):
+        if level != 0:
+            raise VolumeError(path, f"level {level} requested but the zarr array has a single level")
+        return node, meta
+    ms = _ome_multiscale(dict(node.attrs))
+    if ms is not None:
+        levels = _ome_levels(ms, path)
+    else:
+        names = sorted((k for k, _ in node.arrays() if k.isdigit()), key=int)
+        if not names:
+            raise VolumeError(path, "zarr group has no OME multiscales metadata and no array '0'")
+        levels = [(n, None, np.zeros(3)) for n in names]
+    if not 0 <= level < len(levels):
+        raise VolumeError(path, f"level {level} out of range; the volume has {len(levels)} level(s)")
+    name, scale, shift = levels[level]
+    try:
+        arr = node[name]
+    except KeyError as exc:
+        raise VolumeError(path, f"level array {name!r} listed in metadata is missing") from exc
+    meta["levels"] = [lv[0] for lv in levels]
+    if scale is not None:
+        meta["voxel_size_um"] = tuple(float(s) for s in scale)
+        meta["level0_voxel_size_um"] = (
+            tuple(float(s) for s in levels[0][1]) if levels[0][1] is not None else None
+        )
+    else:
+        meta["level_factor"] = 2.0**level
+    meta["origin_um"] = tuple(float(s) for s in shift)
+    return arr, meta
+
+
+def _check_tiff(tif: Any, path: Path) -> None:
+    """Reject truncated files: every page's data must lie inside the file."""
+    size = tif.filehandle.size
+    for i, page in enumerate(tif.pages):
+        offsets = getattr(page, "dataoffsets", ()) or ()
+        counts = getattr(page, "databytecounts", ()) or ()
+        for off, cnt in zip(offsets, counts):
+            if off + cnt > size:
+                raise VolumeError(path, f"corrupt or truncated TIFF: page {i} data ends past end of file")
+
+
+def _open_tiff(path: Path) -> tuple[Any, Any, dict]:
+    import tifffile
+    import zarr
+
+    try:
+        tif = tifffile.TiffFile(str(path))
+        if len(tif.pages) > 1 and tif.series and tif.series[0].ndim == 2:
+            # Pages written one by one form separate "shaped" series; read them as one stack.
+            tif.close()
+            tif = tifffile.TiffFile(str(path), is_shaped=False, is_imagej=False)
+        _check_tiff(tif, path)
+        series = tif.series[0]
+        tif.filehandle.set_lock(True)
+        arr = zarr.open(series.aszarr(), mode="r")
+    except VolumeError:
+        raise
+    except Exception as exc:
+        raise VolumeError(path, f"corrupt or unreadable TIFF: {exc}") from exc
+    if len(tif.series) > 1 and len(series.shape) == 2:
+        raise VolumeError(path, "TIFF holds several series of different shapes, not one z stack")
+    return arr, tif, {"voxel_size_um": None, "origin_um": (0.0, 0.0, 0.0), "levels": ["0"]}
+
+
+def _open_npy(path: Path) -> tuple[Any, dict]:
+    try:
+        arr = np.load(str(path), mmap_mode="r", allow_pickle=False)
+    except Exception as exc:
+        raise VolumeError(path, f"corrupt or unreadable .npy: {exc}") from exc
+    return arr, {"voxel_size_um": None, "origin_um": (0.0, 0.0, 0.0), "levels": ["0"]}
+
+
+def _kind_of(path: Path) -> str:
+    name = path.name.lower()
+    if name.endswith(".npy"):
+        return "npy"
+    if name.endswith(TIFF_SUFFIXES):
+        return "tiff"
+    if name.endswith(ZARR_SUFFIXES) or (path.is_dir() and (path / "zarr.json").exists()):
+        return "zarr"
+    raise VolumeError(
+        path,
+        "unsupported volume format; expected an OME-Zarr/zarr directory (.zarr), "
+        f"a TIFF stack ({', '.join(TIFF_SUFFIXES)}) or a .npy file",
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+class Volume:
+    """A lazily read 3D volume. Slicing reads only the requested voxels.
+
+    Attributes: ``shape`` (z, y, x voxels), ``dtype``, ``voxel_size_um`` (z, y, x), ``origin_um``
+    (physical position of voxel 0's centre), ``extent_um`` (physical box size,
+    ``shape * voxel_size_um``), ``path``, ``chunks`` (storage chunk shape in voxels), ``levels``
+    (names of the pyramid levels; one for non-pyramidal files), ``level_index``.
+    """
+
+    def __init__(self, path: str | os.PathLike, voxel_size_um: Any = None, level: int = 0):
+        self.path = Path(path)
+        self._requested_voxel = voxel_size_um
+        self.level_index = int(level)
+        self._open()
+
+    # -- opening -------------------------------------------------------------------------------
+    def _open(self) -> None:
+        path = self.path
+        if not path.exists():
+            raise VolumeError(path, "file not found")
+        kind = _kind_of(path)
+        if path.is_file() and not os.access(path, os.R_OK):
+            raise VolumeError(path, "file is not readable (permission denied)")
+        self._tif = None
+        if kind == "zarr":
+            arr, meta = _open_zarr(path, self.level_index)
+        else:
+            if self.level_index != 0:
+                raise VolumeError(path, f"level {self.level_index} requested but {kind} files have one level")
+            if kind == "tiff":
+                arr, self._tif, meta = _open_tiff(path)
+            else:
+                arr, meta = _open_npy(path)
+        self.kind = kind
+        self._drop = _squeeze_to_3d(arr.shape, path)
+        self._arr = arr
+        self._pid = os.getpid()
+        self.shape: tuple[int, int, int] = tuple(int(s) for s in arr.shape[self._drop :])  # type: ignore[assignment]
+        self.dtype = np.dtype(arr.dtype)
+        self.levels: tuple[str, ...] = tuple(meta["levels"])
+        self.origin_um: tuple[float, float, float] = meta["origin_um"]
+        self.voxel_size_um = self._resolve_voxel(meta)
+        chunks = getattr(arr, "chunks", None)
+        if kind == "npy" or chunks is None:
+            chunks = (1,) + self.shape[1:]
+        self.chunks: tuple[int, int, int] = tuple(int(c) for c in tuple(chunks)[self._drop :])  # type: ignore[assignment]
+
+    def _resolve_voxel(self, meta: dict) -> tuple[float, float, float]:
+        path = self.path
+        given = None if self._requested_voxel is None else _as_voxel_size(self._requested_voxel, path)
+        stored = meta.get("voxel_size_um")
+        if stored is not None:
+            stored = _as_voxel_size(stored, path)
+            level0 = meta.get("level0_voxel_size_um") or stored
+            if given is not None and not np.allclose(given, level0, rtol=1e-6, atol=_ATOL):
+                raise VolumeError(
+                    path,
+                    f"voxel_size_um {list(given)} given but the file's metadata says {list(level0)} "
+                    "(level 0); drop the argument or fix the metadata",
+                )
+            return stored
+        if given is None:
+            raise VolumeError(path, "missing voxel size: the file has no OME metadata; pass voxel_size_um=[z, y, x] in um")
+        factor = meta.get("level_factor", 1.0)
+        return (given[0] * factor, given[1] * factor, given[2] * factor)
+
+    def _backend(self) -> Any:
+        # A forked worker must not share the parent's TIFF file handle (shared file offset).
+        if self._tif is not None and os.getpid() != self._pid:
+            self._open()
+        return self._arr
+
+    def __getstate__(self) -> dict:
+        return {"path": self.path, "voxel": self._requested_voxel, "level": self.level_index}
+
+    def __setstate__(self, state: dict) -> None:
+        self.path = state["path"]
+        self._requested_voxel = state["voxel"]
+        self.level_index = state["level"]
+        self._open()
+
+    def close(self) -> None:
+        """Release the TIFF file handle, if any (zarr and .npy need no closing)."""
+        if self._tif is not None:
+            self._tif.close()
+            self._tif = None
+
+    def __enter__(self) -> "Volume":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # -- geometry --------------------------------------------------------------------------------
+    @property
+    def ndim(self) -> int:
+        return 3
+
+    @property
+    def extent_um(self) -> tuple[float, float, float]:
+        """Physical size of the volume box in um, ``shape * voxel_size_um`` (z, y, x)."""
+        return tuple(float(n * v) for n, v in zip(self.shape, self.voxel_size_um))  # type: ignore[return-value]
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape)) * self.dtype.itemsize
+
+    def to_voxel(self, points_um: Any) -> np.ndarray:
+        """Continuous voxel indices (N, 3) of physical points (N, 3) in um."""
+        pts = np.asarray(points_um, dtype=float)
+        return (pts - np.asarray(self.origin_um)) / np.asarray(self.voxel_size_um)
+
+    def to_um(self, index_vox: Any) -> np.ndarray:
+        """Physical positions in um of voxel indices (N, 3)."""
+        idx = np.asarray(index_vox, dtype=float)
+        return idx * np.asarray(self.voxel_size_um) + np.asarray(self.origin_um)
+
+    def level(self, i: int) -> "Volume":
+        """The pyramid level ``i`` of the same file as its own :class:`Volume`."""
+        if i == self.level_index:
+            return self
+        return Volume(self.path, voxel_size_um=self._requested_voxel, level=i)
+
+    # -- reading -------------------------------------------------------------------------------
+    def __getitem__(self, key: Any) -> np.ndarray:
+        if not isinstance(key, tuple):
+            key = (key,)
+        for k in key:
+            if not (isinstance(k, (slice, int, np.integer)) or k is Ellipsis):
+                raise TypeError("Volume supports basic slicing only (ints, slices, Ellipsis)")
+        key = (0,) * self._drop + key
+        return np.asarray(self._backend()[key])
+
+    def read_block(self, start_vox: Sequence[int], stop_vox: Sequence[int], fill: float = 0) -> np.ndarray:
+        """Read voxels ``[start, stop)`` per axis (z, y, x); parts outside the volume get ``fill``.
+
+        The result always has shape ``stop - start`` and the volume's dtype.
+        """
+        start = np.asarray(start_vox, dtype=np.int64).reshape(3)
+        stop = np.asarray(stop_vox, dtype=np.int64).reshape(3)
+        if np.any(stop < start):
+            raise ValueError(f"read_block: stop {stop.tolist()} is before start {start.tolist()}")
+        out = np.full(tuple(stop - start), fill, dtype=self.dtype)
+        if out.flat and not np.all(out.flat[:1] == fill):
+            raise ValueError(f"fill value {fill!r} is not representable in {self.dtype}")
+        lo = np.maximum(start, 0)
+        hi = np.minimum(stop, np.asarray(self.shape))
+        if np.all(hi > lo):
+            src = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+            dst = tuple(slice(int(a - s), int(b - s)) for a, b, s in zip(lo, hi, start))
+            out[dst] = self[src]
+        return out
+
+    def __repr__(self) -> str:
+        return (
+            f"Volume({str(self.path)!r}, kind={self.kind}, shape={self.shape}, dtype={self.dtype}, "
+            f"voxel_size_um={self.voxel_size_um}, level={self.level_index}/{len(self.levels)})"
+        )
+
+
+def open_volume(path: str | os.PathLike, voxel_size_um: Any = None, level: int = 0) -> Volume:
+    """Open a volume lazily (nothing but metadata is read).
+
+    ``path``: an OME-Zarr / zarr v3 group or array (``level`` picks the pyramid level, "0" by
+    default), a multi-page (Big)TIFF stack, or a ``.npy`` file (memory-mapped).
+    ``voxel_size_um``: ``[z, y, x]`` in um (a scalar means isotropic). Required unless the file
+    carries OME metadata; if both are present they must agree (for level 0), else
+    :class:`VolumeError` is raised.
+    """
+    if isinstance(path, Volume):
+        return path
+    return Volume(path, voxel_size_um=voxel_size_um, level=level)
