@@ -1,0 +1,196 @@
+"""Intensity statistics and normalisation from bounded-cost voxel samples.
+
+Samples are read from a fixed number of storage-chunk-aligned blocks chosen with a seeded
+generator, each subsampled on a regular stride, so the cost does not grow with the volume.
+All transforms act per block (patch), never on the whole volume.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from xpression.data.volume import Volume
+
+__all__ = [
+    "sample_voxels",
+    "robust_range",
+    "IntensityNormalizer",
+    "HistogramMatcher",
+    "histogram_match",
+    "intensity_transform",
+    "MatchedNormalizer",
+]
+
+VolumeLike = Any  # Volume or np.ndarray (any shape; a 1D array is taken as a sample)
+
+
+def _stride_for(shape: Sequence[int], budget: int) -> tuple[int, ...]:
+    n = int(np.prod(shape))
+    if n <= budget:
+        return (1,) * len(shape)
+    big = [s > 1 for s in shape]
+    s = int(math.ceil((n / max(budget, 1)) ** (1.0 / max(sum(big), 1))))
+    return tuple(s if b else 1 for b in big)
+
+
+def sample_voxels(volume: VolumeLike, max_voxels: int = 1_000_000, n_blocks: int = 128, seed: int = 0) -> np.ndarray:
+    """A 1D sample of about ``max_voxels`` voxel values.
+
+    For a :class:`Volume`: ``n_blocks`` chunk-aligned blocks (the storage chunk shape, so each
+    costs one chunk read) picked by a ``seed``-ed generator, each read on a regular stride.
+    For an in-memory array: a regular strided subsample.
+    """
+    if not isinstance(volume, Volume):
+        arr = np.asarray(volume)
+        stride = _stride_for(arr.shape, max_voxels)
+        return np.ascontiguousarray(arr[tuple(slice(None, None, s) for s in stride)]).reshape(-1)
+    chunks = np.asarray(volume.chunks)
+    grid = -(-np.asarray(volume.shape) // chunks)
+    n_total = int(np.prod(grid))
+    rng = np.random.default_rng(seed)
+    picks = np.sort(rng.choice(n_total, size=min(n_blocks, n_total), replace=False))
+    per_block = max(1, max_voxels // len(picks))
+    parts = []
+    for flat in picks:
+        start = np.asarray(np.unravel_index(int(flat), tuple(grid))) * chunks
+        stop = np.minimum(start + chunks, volume.shape)
+        stride = _stride_for(tuple(stop - start), per_block)
+        key = tuple(slice(int(a), int(b), int(s)) for a, b, s in zip(start, stop, stride))
+        parts.append(volume[key].reshape(-1))
+    return np.concatenate(parts)
+
+
+def robust_range(
+    volume: VolumeLike,
+    percentiles: Sequence[float] = (0.5, 99.5),
+    sample: int | np.ndarray = 1_000_000,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """``(low, high)`` intensity percentiles estimated from a bounded sample.
+
+    ``sample``: the sample size in voxels, or a precomputed sample (array) to use as is.
+    """
+    values = np.asarray(sample) if isinstance(sample, np.ndarray) else sample_voxels(volume, int(sample), seed=seed)
+    if values.size == 0:
+        raise ValueError("robust_range: empty sample")
+    lo, hi = np.percentile(values.astype(np.float64, copy=False), list(percentiles))
+    return float(lo), float(hi)
+
+
+@dataclass(frozen=True)
+class IntensityNormalizer:
+    """Affine map of ``[low, high]`` (raw intensity units) to ``[0, 1]`` float32, clipped."""
+
+    low: float
+    high: float
+    clip: bool = True
+
+    def __post_init__(self) -> None:
+        if not (np.isfinite(self.low) and np.isfinite(self.high)) or self.high <= self.low:
+            raise ValueError(f"IntensityNormalizer needs finite low < high, got low={self.low}, high={self.high}")
+
+    @classmethod
+    def from_volume(
+        cls, volume: VolumeLike, percentiles: Sequence[float] = (0.5, 99.5), sample: int = 1_000_000, seed: int = 0
+    ) -> "IntensityNormalizer":
+        return cls(*robust_range(volume, percentiles, sample, seed))
+
+    def __call__(self, block: np.ndarray) -> np.ndarray:
+        out = np.asarray(block, dtype=np.float32) - np.float32(self.low)
+        out *= np.float32(1.0 / (self.high - self.low))
+        if self.clip:
+            np.clip(out, 0.0, 1.0, out=out)
+        return out
+
+    def to_dict(self) -> dict:
+        return {"low": self.low, "high": self.high, "clip": self.clip}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "IntensityNormalizer":
+        return cls(float(d["low"]), float(d["high"]), bool(d.get("clip", True)))
+
+
+_LUT_DTYPES = (np.uint8, np.int8, np.uint16, np.int16)
+
+
+@dataclass(frozen=True)
+class HistogramMatcher:
+    """Monotone map of a source volume's intensities onto a reference's (float32 output).
+
+    Integer 8/16-bit sources use a lookup table over every representable value (``lut``,
+    indexed by ``value - offset``); other dtypes interpolate between matched quantiles.
+    """
+
+    lut: np.ndarray | None = None
+    offset: int = 0
+    src_quantiles: np.ndarray | None = field(default=None, repr=False)
+    ref_quantiles: np.ndarray | None = field(default=None, repr=False)
+
+    def __call__(self, block: np.ndarray) -> np.ndarray:
+        block = np.asarray(block)
+        if self.lut is not None:
+            if block.dtype.kind not in "iu":
+                raise TypeError(f"HistogramMatcher built for integer data got {block.dtype}")
+            idx = block if self.offset == 0 and block.dtype.kind == "u" else block.astype(np.int64) - self.offset
+            return self.lut[idx]
+        return np.interp(block, self.src_quantiles, self.ref_quantiles).astype(np.float32)
+
+
+def histogram_match(
+    volume_or_sample: VolumeLike,
+    reference: VolumeLike,
+    sample: int = 1_000_000,
+    n_quantiles: int = 2001,
+    seed: int = 0,
+) -> HistogramMatcher:
+    """Build a :class:`HistogramMatcher` mapping ``volume_or_sample``'s intensity distribution
+    onto ``reference``'s (both sampled with bounded cost; arrays count as samples).
+
+    Apply it per block: ``matcher(patch)`` gives float32 values in the reference's units.
+    """
+    src = sample_voxels(volume_or_sample, sample, seed=seed)
+    ref = np.sort(sample_voxels(reference, sample, seed=seed).astype(np.float64))
+    if src.size == 0 or ref.size == 0:
+        raise ValueError("histogram_match: empty sample")
+    if src.dtype.type in _LUT_DTYPES:
+        info = np.iinfo(src.dtype)
+        offset = int(info.min)
+        counts = np.bincount((src.astype(np.int64) - offset), minlength=int(info.max) - offset + 1)
+        cdf = (np.cumsum(counts) - 0.5 * counts) / src.size  # mid-rank CDF, non-decreasing
+        lut = np.quantile(ref, np.clip(cdf, 0.0, 1.0)).astype(np.float32)
+        return HistogramMatcher(lut=lut, offset=offset)
+    qs = np.linspace(0.0, 1.0, n_quantiles)
+    src_q = np.quantile(src.astype(np.float64), qs)
+    ref_q = np.quantile(ref, qs)
+    return HistogramMatcher(src_quantiles=src_q, ref_quantiles=ref_q)
+
+
+def intensity_transform(
+    volume: VolumeLike,
+    reference: VolumeLike | None = None,
+    percentiles: Sequence[float] = (0.5, 99.5),
+    sample: int = 1_000_000,
+    seed: int = 0,
+) -> Callable[[np.ndarray], np.ndarray]:
+    """Per-block transform to about [0, 1] float32: robust-range normalisation of ``volume``,
+    or, with a ``reference``, histogram matching onto it followed by the reference's range."""
+    if reference is None:
+        return IntensityNormalizer.from_volume(volume, percentiles, sample, seed)
+    matcher = histogram_match(volume, reference, sample, seed=seed)
+    norm = IntensityNormalizer.from_volume(reference, percentiles, sample, seed)
+    return MatchedNormalizer(matcher, norm)
+
+
+@dataclass(frozen=True)
+class MatchedNormalizer:
+    """Histogram matching onto a reference followed by the reference's normaliser (picklable)."""
+
+    matcher: HistogramMatcher
+    normalizer: IntensityNormalizer
+
+    def __call__(self, block: np.ndarray) -> np.ndarray:
+        return self.normalizer(self.matcher(block))
