@@ -136,13 +136,36 @@ def _open_zarr(path: Path, level: int) -> tuple[Any, dict]:
     return arr, meta
 
 
-def _check_tiff(tif: Any, path: Path) -> None:
-    """Reject truncated files: every page's data must lie inside the file."""
+class _LogErrors:
+    """Collect tifffile's logged errors (it logs, rather than raises, on bad page offsets)."""
+
+    def __enter__(self) -> list[str]:
+        import logging
+
+        self.messages: list[str] = []
+        self.handler = logging.Handler(logging.WARNING)
+        self.handler.emit = lambda rec: self.messages.append(rec.getMessage())  # type: ignore[method-assign]
+        logging.getLogger("tifffile").addHandler(self.handler)
+        return self.messages
+
+    def __exit__(self, *exc: Any) -> None:
+        import logging
+
+        logging.getLogger("tifffile").removeHandler(self.handler)
+
+
+def _check_tiff(tif: Any, series: Any, path: Path) -> None:
+    """Reject truncated files: all pages of the stack present, their data inside the file."""
     size = tif.filehandle.size
-    for i, page in enumerate(tif.pages):
-        offsets = getattr(page, "dataoffsets", ()) or ()
-        counts = getattr(page, "databytecounts", ()) or ()
-        for off, cnt in zip(offsets, counts):
+    if series.dataoffset is not None and series.dataoffset + series.nbytes > size:
+        raise VolumeError(path, "corrupt or truncated TIFF: image data ends past end of file")
+    n_pages = int(np.prod(series.shape[: -3 if series.pages and series.pages[0].samplesperpixel > 1 else -2]))
+    if len(series.pages) != n_pages:
+        raise VolumeError(path, f"corrupt or truncated TIFF: {len(series.pages)} of {n_pages} pages readable")
+    for i, page in enumerate(series.pages):
+        if page is None:
+            raise VolumeError(path, f"corrupt or truncated TIFF: page {i} missing")
+        for off, cnt in zip(page.dataoffsets or (), page.databytecounts or ()):
             if off + cnt > size:
                 raise VolumeError(path, f"corrupt or truncated TIFF: page {i} data ends past end of file")
 
@@ -151,19 +174,25 @@ def _open_tiff(path: Path) -> tuple[Any, Any, dict]:
     import tifffile
     import zarr
 
+    tif = None
     try:
-        tif = tifffile.TiffFile(str(path))
-        if len(tif.pages) > 1 and tif.series and tif.series[0].ndim == 2:
-            # Pages written one by one form separate "shaped" series; read them as one stack.
-            tif.close()
-            tif = tifffile.TiffFile(str(path), is_shaped=False, is_imagej=False)
-        _check_tiff(tif, path)
-        series = tif.series[0]
+        with _LogErrors() as errors:
+            tif = tifffile.TiffFile(str(path))
+            if len(tif.pages) > 1 and tif.series and tif.series[0].ndim == 2:
+                # Pages written one by one form separate "shaped" series; read them as one stack.
+                tif.close()
+                tif = tifffile.TiffFile(str(path), is_shaped=False, is_imagej=False)
+            series = tif.series[0]
+            _check_tiff(tif, series, path)
+        if errors:
+            raise VolumeError(path, f"corrupt or truncated TIFF: {errors[0]}")
         tif.filehandle.set_lock(True)
         arr = zarr.open(series.aszarr(), mode="r")
-    except VolumeError:
-        raise
     except Exception as exc:
+        if tif is not None:
+            tif.close()
+        if isinstance(exc, VolumeError):
+            raise
         raise VolumeError(path, f"corrupt or unreadable TIFF: {exc}") from exc
     if len(tif.series) > 1 and len(series.shape) == 2:
         raise VolumeError(path, "TIFF holds several series of different shapes, not one z stack")
