@@ -1,0 +1,112 @@
+"""Regression and composition metrics on ``(N, T)`` arrays (numpy), per target and averaged.
+
+Undefined values: Pearson/Spearman of a column where prediction or target is constant, and R^2 of
+a constant target column, have no value. They are reported as ``undefined`` (NaN by default; the
+training module passes 0.0, "no skill", so a monitored metric stays finite). The ``*_mean``
+entries average the defined per-target values; with none defined they are ``undefined`` too.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+from scipy.stats import rankdata
+
+
+def _check(pred: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    p = np.asarray(pred, dtype=np.float64)
+    y = np.asarray(target, dtype=np.float64)
+    if p.ndim == 1:
+        p, y = p[:, None], y[:, None] if y.ndim == 1 else y
+    if p.shape != y.shape or p.ndim != 2:
+        raise ValueError(f"pred and target must both be (N, T), got {p.shape} and {y.shape}")
+    return p, y
+
+
+def pearson_per_target(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """Pearson r of each column ``(T,)``; NaN where either column is constant."""
+    p, y = _check(pred, target)
+    constant = (np.ptp(p, axis=0) == 0) | (np.ptp(y, axis=0) == 0)
+    p = p - p.mean(0)
+    y = y - y.mean(0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r = (p * y).sum(0) / np.sqrt((p * p).sum(0) * (y * y).sum(0))
+    r[constant] = np.nan
+    return np.clip(r, -1.0, 1.0)
+
+
+def spearman_per_target(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """Spearman rho (Pearson r of average ranks) of each column; NaN where a column is constant."""
+    p, y = _check(pred, target)
+    return pearson_per_target(rankdata(p, axis=0), rankdata(y, axis=0))
+
+
+def r2_per_target(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """Coefficient of determination ``1 - SS_res / SS_tot`` per column; NaN for a constant target."""
+    p, y = _check(pred, target)
+    ss_tot = ((y - y.mean(0)) ** 2).sum(0)
+    ss_res = ((y - p) ** 2).sum(0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r2 = 1 - ss_res / ss_tot
+    r2[np.ptp(y, axis=0) == 0] = np.nan
+    return r2
+
+
+def mse_per_target(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """Mean squared error per column (target units squared)."""
+    p, y = _check(pred, target)
+    return ((p - y) ** 2).mean(0)
+
+
+def js_divergence(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """Jensen-Shannon divergence per row ``(N,)`` in bits (0..1); rows are renormalised to sum 1."""
+    p, y = _check(pred, target)
+    p = np.clip(p, 0, None)
+    y = np.clip(y, 0, None)
+    p = p / np.maximum(p.sum(1, keepdims=True), 1e-300)
+    y = y / np.maximum(y.sum(1, keepdims=True), 1e-300)
+    m = 0.5 * (p + y)
+
+    def kl(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            t = np.where(a > 0, a * np.log2(a / np.where(b > 0, b, 1)), 0.0)
+        return t.sum(1)
+
+    return np.clip(0.5 * kl(p, m) + 0.5 * kl(y, m), 0.0, 1.0)
+
+
+def _mean(v: np.ndarray, undefined: float) -> float:
+    v = v[np.isfinite(v)]
+    return float(v.mean()) if v.size else float(undefined)
+
+
+def regression_metrics(pred: np.ndarray, target: np.ndarray, names: Sequence[str],
+                       kind: str = "log_expression", undefined: float = float("nan")) -> dict[str, float]:
+    """Flat dict of metrics: ``{"pearson_mean", "pearson/<name>", "spearman_*", "r2_*", "mse_*"}``
+    and, for ``kind == "composition"``, ``"jsd_mean"`` (bits, averaged over spots) and
+    ``"dominant_acc"`` (fraction of spots whose arg-max program matches).
+
+    Args:
+        pred, target: ``(N, T)`` in target units (compositions: rows summing to 1).
+        names: the ``T`` target names.
+        kind: the target kind.
+        undefined: value reported where a correlation or R^2 is undefined (see module docstring).
+    """
+    p, y = _check(pred, target)
+    if len(names) != p.shape[1]:
+        raise ValueError(f"{len(names)} names for {p.shape[1]} targets")
+    out: dict[str, float] = {}
+    for key, fn in (("pearson", pearson_per_target), ("spearman", spearman_per_target),
+                    ("r2", r2_per_target), ("mse", mse_per_target)):
+        if len(p) < 2 and key != "mse":
+            vals = np.full(p.shape[1], np.nan)
+        else:
+            vals = fn(p, y)
+        out[f"{key}_mean"] = _mean(vals, undefined)
+        for n, v in zip(names, vals):
+            out[f"{key}/{n}"] = float(v) if np.isfinite(v) else float(undefined)
+    if kind == "composition":
+        out["jsd_mean"] = float(js_divergence(p, y).mean()) if len(p) else float(undefined)
+        out["dominant_acc"] = float((p.argmax(1) == y.argmax(1)).mean()) if len(p) else float(undefined)
+    return out

@@ -1,0 +1,140 @@
+"""The 3D CNN family: the published network and a dense-equivalent variant.
+
+Layout: ``Conv3d(w_0) -> ReLU -> MaxPool -> Conv3d(w_1) -> ReLU -> MaxPool -> ... -> Conv3d(w_n) ->
+ReLU -> Flatten -> Dense(dense_width) -> ReLU -> Dropout``; the target head (``Dense T``) sits in
+``XPressionNet``. With ``padding="valid"`` the Flatten->Dense is a convolution whose kernel covers
+the final feature map, so running the trunk over a larger input gives, at output position ``k``,
+exactly the per-patch answer of the crop starting at ``k * output_stride`` voxels (its centre at
+``k * output_stride + (patch_shape - 1) / 2``). With ``padding="same"`` (the paper) every patch
+sees zero padding at its own border, which a dense run does not: not dense-equivalent.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from xpression.models.registry import register_backbone
+
+Triple = tuple[int, int, int]
+
+
+def _triple(v: int | Sequence[int], what: str) -> Triple:
+    if isinstance(v, int):
+        return (v, v, v)
+    t = tuple(int(x) for x in v)
+    if len(t) != 3:
+        raise ValueError(f"{what} must be an int or 3 ints (z, y, x), got {v!r}")
+    return t  # type: ignore[return-value]
+
+
+def _per_layer(v: int | Sequence, n: int, what: str) -> list[Triple]:
+    """One (z, y, x) triple per layer from an int, a triple, or a list of n of those."""
+    if isinstance(v, int) or (len(v) == 3 and all(isinstance(x, int) for x in v)):
+        return [_triple(v, what)] * n
+    if len(v) != n:
+        raise ValueError(f"{what}: expected {n} per-layer entries, got {len(v)}")
+    return [_triple(x, what) for x in v]
+
+
+def trunk_shape(patch_shape: Sequence[int], kernels: list[Triple], pools: list[Triple],
+                padding: str) -> list[Triple]:
+    """Feature-map shape (voxels) after each conv (and its pool) for a ``patch_shape`` input."""
+    shape = tuple(int(s) for s in patch_shape)
+    shapes = []
+    for i, k in enumerate(kernels):
+        if padding == "valid":
+            shape = tuple(s - kk + 1 for s, kk in zip(shape, k))
+        if i < len(pools):
+            shape = tuple(s // p for s, p in zip(shape, pools[i])) if min(shape) >= 1 else shape
+        shapes.append(shape)
+    return shapes
+
+
+@register_backbone("cnn3d")
+class CNN3D(nn.Module):
+    """Configurable 3D CNN over a ``(B, 1, D, H, W)`` patch.
+
+    Args:
+        patch_shape: input patch ``(D, H, W)`` in voxels.
+        widths: output channels of each conv layer.
+        kernel_size: conv kernel (voxels): an int, a ``(z, y, x)`` triple, or one per layer.
+        pool: max-pool size = stride between conv layers (an int, a triple, or one per gap).
+        padding: ``"valid"`` (dense-equivalent) or ``"same"`` (the paper).
+        dense_width: width of the Dense layer after Flatten (``num_features``).
+        dropout: dropout after the Dense layer.
+        in_chans: input channels (1 for a CT patch).
+    """
+
+    def __init__(self, patch_shape: Sequence[int], widths: Sequence[int] = (16, 32, 64),
+                 kernel_size: int | Sequence = ((3, 3, 3), (3, 3, 3), (1, 3, 3)),
+                 pool: int | Sequence = (1, 2, 2), padding: str = "valid", dense_width: int = 64,
+                 dropout: float = 0.3, in_chans: int = 1) -> None:
+        super().__init__()
+        if padding not in ("valid", "same"):
+            raise ValueError(f"padding must be 'valid' or 'same', got {padding!r}")
+        if len(widths) < 1:
+            raise ValueError("widths must name at least one conv layer")
+        self.patch_shape: Triple = _triple(tuple(patch_shape), "patch_shape")
+        kernels = _per_layer(kernel_size, len(widths), "kernel_size")
+        pools = _per_layer(pool, len(widths) - 1, "pool") if len(widths) > 1 else []
+        shapes = trunk_shape(self.patch_shape, kernels, pools, padding)
+        for i, s in enumerate(shapes):
+            if min(s) < 1:
+                raise ValueError(
+                    f"patch {self.patch_shape} (D, H, W voxels) is too small for cnn3d "
+                    f"(kernels {kernels}, pools {pools}, padding {padding!r}): the feature map "
+                    f"after layer {i} would be {s}. Use a larger patch or fewer/smaller layers.")
+        self.padding = padding
+        self.dense_equivalent = padding == "valid"
+        stride = [1, 1, 1]
+        for p in pools:
+            stride = [a * b for a, b in zip(stride, p)]
+        self.output_stride: Triple = tuple(stride)  # type: ignore[assignment]
+        self.feature_shape: Triple = shapes[-1]
+
+        layers: list[nn.Module] = []
+        cin = in_chans
+        for i, (w, k) in enumerate(zip(widths, kernels)):
+            layers += [nn.Conv3d(cin, int(w), k, padding=padding), nn.ReLU(inplace=True)]
+            if i < len(pools):
+                layers.append(nn.MaxPool3d(pools[i]))
+            cin = int(w)
+        self.trunk = nn.Sequential(*layers)
+        self.dense = nn.Linear(cin * self.feature_shape[0] * self.feature_shape[1]
+                               * self.feature_shape[2], dense_width)
+        self.drop = nn.Dropout(dropout)
+        self.num_features = int(dense_width)
+        self._trunk_channels = cin
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, 1, D, H, W)`` patch -> ``(B, num_features)``."""
+        if tuple(x.shape[2:]) != self.patch_shape:
+            raise ValueError(f"expected a patch of {self.patch_shape} voxels, got {tuple(x.shape[2:])}")
+        f = self.trunk(x).flatten(1)
+        return self.drop(F.relu(self.dense(f)))
+
+    def dense_features(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, 1, D', H', W')`` -> ``(B, num_features, d, h, w)``: the Dense layer as a conv.
+
+        Output ``k`` (per axis) is the patch starting at input voxel ``k * output_stride``.
+        """
+        if any(s < p for s, p in zip(x.shape[2:], self.patch_shape)):
+            raise ValueError(f"input {tuple(x.shape[2:])} is smaller than the patch {self.patch_shape}")
+        f = self.trunk(x)
+        w = self.dense.weight.view(self.num_features, self._trunk_channels, *self.feature_shape)
+        return self.drop(F.relu(F.conv3d(f, w, self.dense.bias)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_features(x)
+
+
+@register_backbone("cnn3d_paper")
+def cnn3d_paper(patch_shape: Sequence[int] = (21, 128, 128), dropout: float = 0.3) -> CNN3D:
+    """The published network: Conv3D 32/64/128/256, kernel 3x9x9 same padding, ReLU,
+    MaxPool 2 in between, Flatten -> Dense 64 ReLU -> Dropout 0.3 (for a 21x128x128 patch)."""
+    return CNN3D(patch_shape, widths=(32, 64, 128, 256), kernel_size=(3, 9, 9), pool=2,
+                 padding="same", dense_width=64, dropout=dropout)

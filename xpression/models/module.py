@@ -1,0 +1,219 @@
+"""``XPressionModule``: training, evaluation and prediction of an ``XPressionNet``."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from omegaconf import OmegaConf
+
+from xpression.evaluation.metrics import regression_metrics
+from xpression.models.ema import EMA
+from xpression.models.losses import build_loss
+from xpression.models.net import XPressionNet, build_net
+from xpression.models.targets import as_target_spec, spec_to_dict
+
+SPLITS = ("train", "val", "test")
+
+
+def _plain(x: Any) -> Any:
+    """OmegaConf containers -> plain python (checkpoints then load without omegaconf types)."""
+    if OmegaConf.is_config(x):
+        return OmegaConf.to_container(x, resolve=True)
+    if isinstance(x, Mapping):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    return x
+
+
+class XPressionModule(pl.LightningModule):
+    """Trains ``XPressionNet`` on batches ``{"image": (B,1,D,H,W), "target": (B,T), "index": (B,)}``.
+
+    Args:
+        backbone: ``{"name": <registered backbone>, **kwargs}``.
+        target_spec: ``TargetSpec`` (or ``{"names", "kind"}``): picks the head and checks the loss.
+        patch_shape: ``(D, H, W)`` of the input patch, voxels.
+        loss: a loss name or ``{"name": ..., **kwargs}``; ``None`` = the kind's default
+            (composition: kl, log_expression: mse, counts: poisson).
+        spot_radius_vox: spot radius in in-plane voxels (used by ``unet``).
+        lr: AdamW learning rate.
+        weight_decay: AdamW weight decay, applied to weight matrices/kernels only.
+        scheduler: ``"cosine"`` (linear warmup then cosine to ``min_lr_ratio * lr`` over the
+            trainer's total steps) or ``"none"``.
+        warmup_steps: optimizer steps of linear warmup.
+        min_lr_ratio: final learning rate as a fraction of ``lr`` (cosine).
+        ema_decay: keep an EMA of the weights with this decay, used for val/test/predict.
+        init_from: a checkpoint of this module to start from (its EMA weights if it kept them).
+            It must predict the same targets (names and kind) with the same backbone config.
+        freeze_encoder: train the head only (backbone frozen, kept in eval mode).
+        init_from_source: record only: the ``init_from`` a saved run started from.
+    """
+
+    def __init__(self, backbone: Mapping[str, Any], target_spec: Any, patch_shape: Sequence[int],
+                 loss: str | Mapping[str, Any] | None = None, spot_radius_vox: float | None = None,
+                 lr: float = 1e-3, weight_decay: float = 0.01, scheduler: str = "cosine",
+                 warmup_steps: int = 0, min_lr_ratio: float = 0.0, ema_decay: float | None = None,
+                 init_from: str | None = None, freeze_encoder: bool = False,
+                 init_from_source: str | None = None) -> None:
+        super().__init__()
+        if scheduler not in ("cosine", "none", None):
+            raise ValueError(f"scheduler must be 'cosine' or 'none', got {scheduler!r}")
+        backbone, loss = _plain(backbone), _plain(loss)
+        self.target_spec = as_target_spec(_plain(target_spec))
+        patch_shape = [int(s) for s in _plain(patch_shape)]
+        # init_from is applied once here; a saved checkpoint already holds those weights, so it
+        # reloads with init_from=None and keeps the origin in init_from_source.
+        self.save_hyperparameters({
+            "backbone": backbone, "target_spec": spec_to_dict(self.target_spec),
+            "patch_shape": patch_shape, "loss": loss, "spot_radius_vox": spot_radius_vox,
+            "lr": lr, "weight_decay": weight_decay, "scheduler": scheduler or "none",
+            "warmup_steps": warmup_steps, "min_lr_ratio": min_lr_ratio, "ema_decay": ema_decay,
+            "init_from": None, "freeze_encoder": freeze_encoder,
+            "init_from_source": str(init_from) if init_from else init_from_source})
+        self.loss_fn = build_loss(loss, self.target_spec.kind)
+        self.net: XPressionNet = build_net(backbone, self.target_spec, patch_shape, spot_radius_vox)
+        if init_from:
+            load_net_weights(self.net, init_from, self.hparams)
+        if freeze_encoder:
+            self.net.backbone.requires_grad_(False)
+        self.ema = EMA(self.net, ema_decay) if ema_decay else None
+        self._outputs: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {s: [] for s in SPLITS}
+
+    # -- networks -----------------------------------------------------------------------------
+    @property
+    def eval_net(self) -> XPressionNet:
+        """The network used for val/test/predict: the EMA copy when there is one."""
+        return self.ema.net if self.ema is not None else self.net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, 1, D, H, W)`` -> ``(B, T)`` predictions in target units."""
+        return self.eval_net(x)
+
+    def train(self, mode: bool = True) -> "XPressionModule":
+        super().train(mode)
+        if self.hparams.freeze_encoder:
+            self.net.backbone.eval()
+        return self
+
+    # -- steps --------------------------------------------------------------------------------
+    def _step(self, batch: Mapping[str, torch.Tensor], split: str) -> torch.Tensor:
+        net = self.net if split == "train" else self.eval_net
+        raw = net.forward_raw(batch["image"])
+        target = batch["target"].to(raw.dtype)
+        loss = self.loss_fn(raw, target)
+        bs = target.shape[0]
+        self.log(f"{split}/loss", loss, on_step=split == "train", on_epoch=True, prog_bar=True,
+                 batch_size=bs, sync_dist=split != "train")
+        pred = net.head.activate(raw.detach()).float()
+        self._outputs[split].append((pred.cpu(), target.detach().float().cpu()))
+        return loss
+
+    def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "val")
+
+    def test_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "test")
+
+    def predict_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int,
+                     dataloader_idx: int = 0) -> dict[str, torch.Tensor]:
+        """``{"index": (B,), "prediction": (B, T)}`` (plus ``"target"`` when the batch has one)."""
+        out = {"index": batch["index"], "prediction": self.eval_net(batch["image"])}
+        if "target" in batch:
+            out["target"] = batch["target"]
+        return out
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.ema is not None:
+            self.ema.update(self.net)
+
+    # -- epoch metrics ------------------------------------------------------------------------
+    def _epoch_metrics(self, split: str) -> None:
+        outs, self._outputs[split] = self._outputs[split], []
+        if not outs or (self.trainer is not None and self.trainer.sanity_checking):
+            return
+        pred = torch.cat([o[0] for o in outs])
+        target = torch.cat([o[1] for o in outs])
+        if self.trainer is not None and self.trainer.world_size > 1:
+            pred = self.all_gather(pred.to(self.device)).flatten(0, 1).cpu()
+            target = self.all_gather(target.to(self.device)).flatten(0, 1).cpu()
+        m = regression_metrics(pred.numpy(), target.numpy(), self.target_spec.names,
+                               self.target_spec.kind, undefined=0.0)
+        self.log_dict({f"{split}/{k}": float(np.float32(v)) for k, v in m.items()},
+                      batch_size=len(pred))
+
+    def on_train_epoch_start(self) -> None:
+        self._outputs["train"] = []
+
+    def on_validation_epoch_start(self) -> None:
+        self._outputs["val"] = []
+
+    def on_test_epoch_start(self) -> None:
+        self._outputs["test"] = []
+
+    def on_train_epoch_end(self) -> None:
+        self._epoch_metrics("train")
+
+    def on_validation_epoch_end(self) -> None:
+        self._epoch_metrics("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._epoch_metrics("test")
+
+    # -- optimisation -------------------------------------------------------------------------
+    def configure_optimizers(self) -> Any:
+        hp = self.hparams
+        params = [p for p in self.net.parameters() if p.requires_grad]
+        decay = [p for p in params if p.ndim > 1]
+        no_decay = [p for p in params if p.ndim <= 1]
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": hp.weight_decay},
+                                 {"params": no_decay, "weight_decay": 0.0}], lr=hp.lr)
+        if hp.scheduler in ("none", None):
+            return opt
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda step: cosine_warmup(step, total, hp.warmup_steps, hp.min_lr_ratio))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def cosine_warmup(step: int, total: int, warmup: int, min_ratio: float = 0.0) -> float:
+    """LR multiplier: linear ``0 -> 1`` over ``warmup`` steps, then cosine ``1 -> min_ratio``."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    t = min(max(step - warmup, 0) / max(total - warmup, 1), 1.0)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def load_net_weights(net: XPressionNet, path: str | Path, hparams: Mapping[str, Any]) -> None:
+    """Load a checkpoint's network weights (its EMA copy if it has one) into ``net``.
+
+    Raises ``ValueError`` if the checkpoint predicts other targets or holds another network.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"init_from checkpoint not found: {path}")
+    # our own Lightning checkpoint (trusted local file): it also holds optimizer/loop state
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    src_hp = ckpt.get("hyper_parameters", {})
+    src, dst = src_hp.get("target_spec"), hparams["target_spec"]
+    if src is None:
+        raise ValueError(f"{path} holds no target_spec: not an XPressionModule checkpoint")
+    if list(src["names"]) != list(dst["names"]) or src["kind"] != dst["kind"]:
+        raise ValueError(
+            f"init_from {path} predicts {src['kind']} targets {list(src['names'])}, but this run "
+            f"predicts {dst['kind']} targets {list(dst['names'])}; the target sets must match")
+    state = ckpt["state_dict"]
+    prefix = "ema.net." if any(k.startswith("ema.net.") for k in state) else "net."
+    sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    try:
+        net.load_state_dict(sub)
+    except RuntimeError as e:
+        raise ValueError(f"init_from {path}: its network (backbone {src_hp.get('backbone')}) does "
+                         f"not match this one (backbone {hparams['backbone']}): {e}") from e
