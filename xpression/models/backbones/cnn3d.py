@@ -70,7 +70,7 @@ class CNN3D(nn.Module):
     """
 
     def __init__(self, patch_shape: Sequence[int], widths: Sequence[int] = (16, 32, 64),
-                 kernel_size: int | Sequence = ((3, 3, 3), (3, 3, 3), (1, 3, 3)),
+                 kernel_size: int | Sequence = ((3, 5, 5), (3, 3, 3), (1, 3, 3)),
                  pool: int | Sequence = (1, 2, 2), padding: str = "valid", dense_width: int = 64,
                  dropout: float = 0.3, in_chans: int = 1) -> None:
         super().__init__()
@@ -120,13 +120,17 @@ class CNN3D(nn.Module):
     def dense_features(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, 1, D', H', W')`` -> ``(B, num_features, d, h, w)``: the Dense layer as a conv.
 
-        Output ``k`` (per axis) is the patch starting at input voxel ``k * output_stride``.
+        Output ``k`` (per axis) is the patch starting at input voxel ``k * output_stride``; only
+        patches lying wholly inside the input are returned: ``(L - P) // stride + 1`` per axis.
         """
         if any(s < p for s, p in zip(x.shape[2:], self.patch_shape)):
             raise ValueError(f"input {tuple(x.shape[2:])} is smaller than the patch {self.patch_shape}")
         f = self.trunk(x)
         w = self.dense.weight.view(self.num_features, self._trunk_channels, *self.feature_shape)
-        return self.drop(F.relu(F.conv3d(f, w, self.dense.bias)))
+        out = self.drop(F.relu(F.conv3d(f, w, self.dense.bias)))
+        # when pooling drops trailing voxels a patch overhanging the input still has an output
+        n = [(s - p) // st + 1 for s, p, st in zip(x.shape[2:], self.patch_shape, self.output_stride)]
+        return out[:, :, :n[0], :n[1], :n[2]]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_features(x)
