@@ -117,11 +117,30 @@ def test_isotropic_scalar_and_plain_group(tmp_path, data):
     np.testing.assert_array_equal(vol.level(1)[3], data[6, ::2, ::2])
 
 
-def test_leading_singleton_axes(tmp_path, data):
+def test_singleton_axes_dropped(tmp_path, data):
     np.save(tmp_path / "v5.npy", data[None, None])
     vol = open_volume(tmp_path / "v5.npy", voxel_size_um=1)
     assert vol.shape == data.shape
     np.testing.assert_array_equal(vol[1:3, 4:9, 7], data[1:3, 4:9, 7])
+    np.save(tmp_path / "mid.npy", data[:, None])  # (z, 1, y, x)
+    vol = open_volume(tmp_path / "mid.npy", voxel_size_um=1)
+    assert vol.shape == data.shape
+    np.testing.assert_array_equal(vol[..., 7], data[..., 7])
+    np.testing.assert_array_equal(vol[3, ..., 2:5], data[3, ..., 2:5])
+    np.testing.assert_array_equal(vol.read_block((-1, 2, 3), (4, 9, 9)), np.pad(data[:4, 2:9, 3:9], ((1, 0), (0, 0), (0, 0))))
+    one = tmp_path / "one.npy"
+    np.save(one, data[:1])  # a single slice is still a (1, y, x) volume
+    assert open_volume(one, voxel_size_um=1).shape == (1, 96, 96)
+
+
+def test_tiff_written_page_by_page_contiguous(tmp_path, data):
+    p = tmp_path / "contig.tif"
+    with tifffile.TiffWriter(p, bigtiff=True) as w:
+        for plane in data:
+            w.write(plane, contiguous=True)
+    vol = open_volume(p, voxel_size_um=1)
+    assert vol.shape == data.shape and vol.chunks[1:] == (96, 96)
+    np.testing.assert_array_equal(vol[5:30, 10:50, 3:90], data[5:30, 10:50, 3:90])
 
 
 def test_pickle_and_close(files, data):
@@ -234,3 +253,21 @@ def test_unreadable_file(tmp_path, data):
 
 def test_volume_class_direct(files):
     assert isinstance(Volume(files["npy"], VOX), Volume)
+
+
+def _read_in_child(args):
+    vol, z = args
+    return int(vol[z : z + 4, 10:60, 5:80].astype(np.int64).sum())
+
+
+def test_forked_workers_read_tiff_correctly(files, data):
+    import multiprocessing as mp
+
+    if "fork" not in mp.get_all_start_methods():
+        pytest.skip("no fork start method")
+    vol = open_volume(files["bigtiff"], voxel_size_um=VOX)
+    vol[0:2, 0:2, 0:2]  # the parent has used its file handle before forking
+    jobs = [(vol, z) for z in range(0, 36, 3)] * 3
+    with mp.get_context("fork").Pool(2) as pool:
+        got = pool.map(_read_in_child, jobs)
+    assert got == [int(data[z : z + 4, 10:60, 5:80].astype(np.int64).sum()) for _, z in jobs]

@@ -48,12 +48,19 @@ def _as_voxel_size(value: Any, path: Any) -> tuple[float, float, float]:
 # (path, scale, translation)), "level_index".
 
 
-def _squeeze_to_3d(shape: Sequence[int], path: Any) -> int:
-    """Number of leading singleton axes to drop so the array is 3D (t, c axes of size 1)."""
-    extra = len(shape) - 3
-    if extra < 0 or any(int(s) != 1 for s in shape[:extra]):
-        raise VolumeError(path, f"expected a 3D (z, y, x) array, got shape {tuple(int(s) for s in shape)}")
-    return extra
+def _squeeze_to_3d(shape: Sequence[int], path: Any) -> tuple[int, ...]:
+    """Axes of size 1 to drop so the array is 3D (t, c or page-sample axes), leading first;
+    the last two (y, x) axes are never dropped."""
+    shape = tuple(int(s) for s in shape)
+    drop: list[int] = []
+    for ax in range(max(len(shape) - 2, 0)):
+        if len(shape) - len(drop) <= 3:
+            break
+        if shape[ax] == 1:
+            drop.append(ax)
+    if len(shape) - len(drop) != 3:
+        raise VolumeError(path, f"expected a 3D (z, y, x) array, got shape {shape}")
+    return tuple(drop)
 
 
 def _ome_multiscale(attrs: dict) -> dict | None:
@@ -262,15 +269,18 @@ class Volume:
         self._drop = _squeeze_to_3d(arr.shape, path)
         self._arr = arr
         self._pid = os.getpid()
-        self.shape: tuple[int, int, int] = tuple(int(s) for s in arr.shape[self._drop :])  # type: ignore[assignment]
+        kept = [ax for ax in range(len(arr.shape)) if ax not in self._drop]
+        self.shape: tuple[int, int, int] = tuple(int(arr.shape[ax]) for ax in kept)  # type: ignore[assignment]
         self.dtype = np.dtype(arr.dtype)
         self.levels: tuple[str, ...] = tuple(meta["levels"])
         self.origin_um: tuple[float, float, float] = meta["origin_um"]
         self.voxel_size_um = self._resolve_voxel(meta)
         chunks = getattr(arr, "chunks", None)
-        if kind == "npy" or chunks is None:
-            chunks = (1,) + self.shape[1:]
-        self.chunks: tuple[int, int, int] = tuple(int(c) for c in tuple(chunks)[self._drop :])  # type: ignore[assignment]
+        if kind == "npy" or chunks is None or len(chunks) != len(arr.shape):
+            chunks = (1,) + self.shape[1:]  # whole planes: contiguous in C order
+        else:
+            chunks = tuple(chunks[ax] for ax in kept)
+        self.chunks: tuple[int, int, int] = tuple(int(c) for c in chunks)  # type: ignore[assignment]
 
     def _resolve_voxel(self, meta: dict) -> tuple[float, float, float]:
         path = self.path
@@ -355,7 +365,13 @@ class Volume:
         for k in key:
             if not (isinstance(k, (slice, int, np.integer)) or k is Ellipsis):
                 raise TypeError("Volume supports basic slicing only (ints, slices, Ellipsis)")
-        key = (0,) * self._drop + key
+        if self._drop:
+            if Ellipsis in key:
+                i = key.index(Ellipsis)
+                key = key[:i] + (slice(None),) * (3 - len(key) + 1) + key[i + 1 :]
+            key = key + (slice(None),) * (3 - len(key))
+            it = iter(key)
+            key = tuple(0 if ax in self._drop else next(it) for ax in range(len(self._drop) + 3))
         return np.asarray(self._backend()[key])
 
     def read_block(self, start_vox: Sequence[int], stop_vox: Sequence[int], fill: float = 0) -> np.ndarray:
