@@ -1,0 +1,57 @@
+"""Batched patch augmentations on tensors (run wherever the batch is, GPU included).
+
+In-plane: the 8 rotations/flips of the square (dihedral group D4) on the last two axes (H, W);
+z-flip (axis D); intensity jitter ``x * scale + shift``. Each sample draws its own transform
+from a ``torch.Generator`` on the CPU, so the result does not depend on the device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["dihedral", "Augment"]
+
+
+def dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Element ``k`` (0..7) of D4 on the last two axes: flip W if ``k >= 4``, then rotate ``k % 4`` x 90 deg."""
+    if k >= 4:
+        x = x.flip(-1)
+    return torch.rot90(x, k % 4, dims=(-2, -1)) if k % 4 else x
+
+
+@dataclass
+class Augment:
+    """Random per-sample augmentation of an image batch (B, C, D, H, W).
+
+    ``dihedral``: one of the 8 in-plane symmetries (only the 4 that keep the shape if H != W);
+    ``z_flip``: flip D with probability 1/2; ``intensity_scale``/``intensity_shift``: multiply by
+    U(1 - s, 1 + s) and add U(-a, a) (intensities are ~[0, 1]).
+    """
+
+    dihedral: bool = True
+    z_flip: bool = True
+    intensity_scale: float = 0.1
+    intensity_shift: float = 0.05
+
+    def __call__(self, image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        b = image.shape[0]
+        out = image
+        if self.dihedral:
+            ks = torch.randint(0, 8, (b,), generator=generator)
+            if image.shape[-1] != image.shape[-2]:
+                ks = (ks // 2) * 2  # 0, 2, 4, 6: the shape-preserving subgroup
+            out = torch.empty_like(image)
+            for k in ks.unique().tolist():
+                idx = (ks == k).nonzero().flatten().to(image.device)
+                out[idx] = dihedral(image[idx], k)
+        if self.z_flip:
+            flip = (torch.rand(b, generator=generator) < 0.5).to(image.device)
+            out = torch.where(flip.view(b, *([1] * (image.ndim - 1))), out.flip(2), out)
+        if self.intensity_scale or self.intensity_shift:
+            shape = (b,) + (1,) * (image.ndim - 1)
+            scale = 1 + self.intensity_scale * (2 * torch.rand(b, generator=generator) - 1)
+            shift = self.intensity_shift * (2 * torch.rand(b, generator=generator) - 1)
+            out = out * scale.view(shape).to(out) + shift.view(shape).to(out)
+        return out

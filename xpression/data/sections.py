@@ -1,0 +1,130 @@
+"""ST sections: read the AnnData, register its spots and place them in the CT volume (um).
+
+A :class:`Section` holds the AnnData, the landmark affine, the section :class:`Plane` and each
+spot's in-plane ``(u, v)`` and 3D ``(z, y, x)`` position in um.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+
+from xpression.data.geometry import DataError, Plane
+from xpression.data.registration import SPOT_RADIUS_UM, AffineFit, register_section
+
+__all__ = ["Section", "read_adata", "check_counts", "load_section"]
+
+log = logging.getLogger(__name__)
+
+
+def read_adata(path: str | Path) -> Any:
+    """Read an ``.h5ad`` file or a Space Ranger output folder (``scanpy.read_visium``)."""
+    import anndata as ad
+
+    path = Path(path)
+    if not path.exists():
+        raise DataError(path, "ST file not found")
+    try:
+        if path.is_dir():
+            import scanpy as sc
+
+            adata = sc.read_visium(path)
+        else:
+            adata = ad.read_h5ad(path)
+    except Exception as err:  # h5py/anndata raise many types for corrupt files
+        raise DataError(path, f"cannot read ST data ({type(err).__name__}: {err})") from err
+    adata.var_names_make_unique()
+    if "spatial" not in adata.obsm:
+        raise DataError(path, f"no obsm['spatial'] spot positions; obsm keys: {sorted(adata.obsm.keys())}")
+    if adata.n_obs == 0:
+        raise DataError(path, "no spots")
+    if adata.obs_names.has_duplicates:
+        raise DataError(path, f"duplicate spot barcodes, e.g. {adata.obs_names[adata.obs_names.duplicated()][:3].tolist()}")
+    return adata
+
+
+def check_counts(adata: Any, where: object) -> None:
+    """Raise :class:`DataError` if the count matrix ``X`` holds NaN/inf or negative values."""
+    x = adata.X
+    data = x.data if sp.issparse(x) else np.asarray(x)
+    if data.size and not np.all(np.isfinite(data)):
+        raise DataError(where, f"counts contain NaN or inf ({int((~np.isfinite(data)).sum())} entries)")
+    if data.size and data.min() < 0:
+        raise DataError(where, f"counts contain negative values (min {data.min():g})")
+
+
+def spot_diameter_px(adata: Any) -> float | None:
+    """``spot_diameter_fullres`` from ``uns['spatial']`` (ST px), or None if absent."""
+    try:
+        lib = next(iter(adata.uns["spatial"].values()))
+        return float(lib["scalefactors"]["spot_diameter_fullres"])
+    except (KeyError, StopIteration, TypeError, AttributeError):
+        return None
+
+
+@dataclass
+class Section:
+    """One registered ST section placed in its volume.
+
+    ``uv_um`` (N, 2) in-plane positions; ``points_um`` (N, 3) (z, y, x) um; ``px`` (N, 2) ST
+    full-resolution pixels (x, y); ``spot_radius_um`` from the scale factors and affine.
+    """
+
+    id: str
+    volume_id: str
+    adata: Any
+    plane: Plane
+    affine: AffineFit
+    px: np.ndarray
+    uv_um: np.ndarray
+    points_um: np.ndarray
+    spot_radius_um: float
+    adata_path: Path
+
+    @property
+    def barcodes(self) -> np.ndarray:
+        return np.asarray(self.adata.obs_names)
+
+
+def load_section(entry: Any, max_residual_um: float = SPOT_RADIUS_UM, only_in_tissue: bool = True) -> Section:
+    """Read, validate and register one manifest ``SectionEntry``.
+
+    Spots with ``obs['in_tissue'] == 0`` are dropped when ``only_in_tissue``.
+    """
+    adata = read_adata(entry.adata)
+    check_counts(adata, entry.adata)
+    if only_in_tissue and "in_tissue" in adata.obs:
+        keep = np.asarray(adata.obs["in_tissue"]).astype(bool)
+        if not keep.any():
+            raise DataError(entry.adata, "no spot has in_tissue == 1")
+        if not keep.all():
+            log.info("%s: %d spots outside the tissue (in_tissue == 0) dropped", entry.id, int((~keep).sum()))
+            adata = adata[keep].copy()
+    fit = register_section(entry.landmarks, max_residual_um=max_residual_um)
+    if entry.z_um is not None:
+        plane = Plane.axial(float(entry.z_um))
+    else:
+        plane = Plane.from_points(entry.plane, where=f"section {entry.id}")
+    px = np.asarray(adata.obsm["spatial"], dtype=float)[:, :2]
+    if not np.all(np.isfinite(px)):
+        raise DataError(entry.adata, "obsm['spatial'] contains NaN or inf")
+    uv = fit.apply(px)
+    diam = spot_diameter_px(adata)
+    radius = SPOT_RADIUS_UM if diam is None else 0.5 * diam * fit.um_per_px
+    return Section(
+        id=entry.id,
+        volume_id=entry.volume_id,
+        adata=adata,
+        plane=plane,
+        affine=fit,
+        px=px,
+        uv_um=uv,
+        points_um=plane.to_world(uv),
+        spot_radius_um=float(radius),
+        adata_path=Path(entry.adata),
+    )
