@@ -255,9 +255,12 @@ def test_volume_class_direct(files):
     assert isinstance(Volume(files["npy"], VOX), Volume)
 
 
-def _read_in_child(args):
-    vol, z = args
-    return int(vol[z : z + 4, 10:60, 5:80].astype(np.int64).sum())
+_SHARED: dict = {}
+
+
+def _read_in_child(z):
+    vol = _SHARED["vol"]  # inherited through fork, not pickled
+    return os.getpid(), int(vol[z : z + 4, 10:60, 5:80].astype(np.int64).sum())
 
 
 def test_forked_workers_read_tiff_correctly(files, data):
@@ -267,7 +270,13 @@ def test_forked_workers_read_tiff_correctly(files, data):
         pytest.skip("no fork start method")
     vol = open_volume(files["bigtiff"], voxel_size_um=VOX)
     vol[0:2, 0:2, 0:2]  # the parent has used its file handle before forking
-    jobs = [(vol, z) for z in range(0, 36, 3)] * 3
-    with mp.get_context("fork").Pool(2) as pool:
-        got = pool.map(_read_in_child, jobs)
-    assert got == [int(data[z : z + 4, 10:60, 5:80].astype(np.int64).sum()) for _, z in jobs]
+    _SHARED["vol"] = vol
+    zs = list(range(0, 36, 3)) * 4
+    try:
+        with mp.get_context("fork").Pool(2) as pool:
+            got = pool.map(_read_in_child, zs, chunksize=1)
+    finally:
+        _SHARED.clear()
+    assert [s for _, s in got] == [int(data[z : z + 4, 10:60, 5:80].astype(np.int64).sum()) for z in zs]
+    assert os.getpid() not in {pid for pid, _ in got}
+    np.testing.assert_array_equal(vol[7:9], data[7:9])  # the parent's handle still works
