@@ -1,0 +1,67 @@
+"""Small networks for the inference tests (not collected: no test_ prefix)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class TinyValidNet(nn.Module):
+    """Valid-padding 3D CNN: dense-equivalent, output stride (1, 2, 2), patch (5, 13, 13)."""
+
+    patch_shape = (5, 13, 13)
+    output_stride = (1, 2, 2)
+    dense_equivalent = True
+
+    def __init__(self, targets: int = 3, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.c1 = nn.Conv3d(1, 4, 3)
+        self.c2 = nn.Conv3d(4, 6, (1, 3, 3))
+        self.dense = nn.Conv3d(6, targets, (3, 3, 3))  # Flatten -> Linear written as a conv
+        for p in self.parameters():
+            with torch.no_grad():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+
+    def dense_forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.max_pool3d(F.relu(self.c1(x)), (1, 2, 2))
+        y = F.relu(self.c2(y))
+        return torch.softmax(self.dense(y), dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        assert tuple(x.shape[2:]) == self.patch_shape, x.shape
+        return self.dense_forward(x)[:, :, 0, 0, 0]
+
+
+class TinySameNet(TinyValidNet):
+    """The same layers with ``same`` padding before the dense layer: not dense-equivalent."""
+
+    dense_equivalent = False
+
+    def dense_forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.max_pool3d(F.relu(F.conv3d(x, self.c1.weight, self.c1.bias, padding=1)), (1, 2, 2))
+        y = F.relu(F.conv3d(y, self.c2.weight, self.c2.bias, padding=(0, 1, 1)))
+        return torch.softmax(self.dense(y), dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dense_forward(x)[:, :, 0, 0, 0]
+
+
+class TinyPlaneNet(nn.Module):
+    """A 2D map over the central plane from ``D`` slices, like a U-Net: plane dense output."""
+
+    patch_shape = (5, 9, 9)
+    output_stride = (1, 1, 1)
+    dense_equivalent = False
+
+    def __init__(self, targets: int = 2):
+        super().__init__()
+        torch.manual_seed(1)
+        self.conv = nn.Conv2d(5, targets, 3, padding=1)
+
+    def dense_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.conv(x[:, 0]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dense_forward(x)[:, :, 4, 4]

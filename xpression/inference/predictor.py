@@ -1,0 +1,160 @@
+"""A trained network seen by the sweep: its patch geometry, its dense mode and where it runs.
+
+A network takes ``(B, 1, D, H, W)`` float32 patches (intensities about [0, 1]) and returns
+``(B, T)`` predictions. It exposes ``patch_shape`` ``(D, H, W)`` voxels and, when it has a dense
+mode, ``output_stride`` (voxels, z y x), ``dense_equivalent`` and ``dense_forward``:
+
+- *volumetric* dense output ``(B, T, d, h, w)``: position ``k`` along an axis is the patch that
+  starts at input voxel ``k * stride``, i.e. is centred on voxel ``k * stride + P // 2``;
+- *plane* dense output ``(B, T, H', W')`` from an input of exactly ``D`` slices: the central
+  slice's map, position ``(y, x)`` centred on input voxel ``(y, x) * stride``.
+
+A model may override the centre of output 0 with a ``dense_offset`` attribute (voxels z y x).
+"""
+
+from __future__ import annotations
+
+import inspect
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = ["DenseGeometry", "Predictor", "InferenceError"]
+
+
+class InferenceError(ValueError):
+    """Inputs that make a sweep impossible; raised before any compute."""
+
+
+@dataclass(frozen=True)
+class DenseGeometry:
+    """How dense outputs map to input voxels: output ``k`` along axis ``a`` answers the patch
+    centred on input voxel ``offset[a] + k * stride[a]``. ``plane``: the output has no depth
+    axis (the input must be exactly ``D`` slices)."""
+
+    stride: tuple[int, int, int]
+    offset: tuple[int, int, int]
+    plane: bool
+
+
+def _attr(model: nn.Module, name: str) -> Any:
+    for obj in (model, getattr(model, "net", None), getattr(model, "backbone", None)):
+        if obj is not None and hasattr(obj, name):
+            return getattr(obj, name)
+    return None
+
+
+class Predictor:
+    """Wraps a network for inference: eval mode, no autograd, device, precision, memory layout.
+
+    ``precision``: ``"fp32"``, ``"bf16"`` (autocast, CUDA) or ``"auto"`` (bf16 on CUDA, fp32 on
+    CPU). ``channels_last``: use the channels-last-3d layout (default: on CUDA only).
+    ``target_names``: names of the ``T`` outputs (default ``t0 .. t{T-1}``).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        device: str | torch.device | None = None,
+        precision: str = "auto",
+        channels_last: bool | None = None,
+        target_names: Sequence[str] | None = None,
+    ):
+        net = getattr(model, "eval_net", None)
+        net = model if net is None else net
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if precision not in ("auto", "fp32", "bf16"):
+            raise InferenceError(f"precision must be 'auto', 'fp32' or 'bf16', got {precision!r}")
+        self.precision = ("bf16" if self.device.type == "cuda" else "fp32") if precision == "auto" else precision
+        self.channels_last = self.device.type == "cuda" if channels_last is None else bool(channels_last)
+        shape = _attr(net, "patch_shape")
+        if shape is None or len(tuple(shape)) != 3:
+            raise InferenceError(f"{type(net).__name__} has no 3-element patch_shape (D, H, W voxels)")
+        self.patch_shape: tuple[int, int, int] = tuple(int(s) for s in shape)  # type: ignore[assignment]
+        stride = _attr(net, "output_stride")
+        self.output_stride = None if stride is None else tuple(int(s) for s in stride)
+        self.dense_equivalent = bool(_attr(net, "dense_equivalent") or False)
+        self.can_dense = hasattr(net, "dense_forward") and self.output_stride is not None
+        self.net = net.to(self.device).eval()
+        if self.channels_last:
+            self.net = self.net.to(memory_format=torch.channels_last_3d)
+        self._dense_kwargs = self._find_dense_kwargs()
+        self._geometry: DenseGeometry | None = None
+        self.target_names = list(target_names) if target_names is not None else None
+
+    def _find_dense_kwargs(self) -> dict:
+        # A plane model's training-time spot value is its map averaged over the spot disk.
+        fn = getattr(getattr(self.net, "backbone", None), "dense_features", None)
+        if fn is not None and "spot_average" in inspect.signature(fn).parameters:
+            return {"spot_average": True}
+        return {}
+
+    # -- running -------------------------------------------------------------------------------
+    def _autocast(self) -> Any:
+        if self.precision == "bf16":
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return nullcontext()
+
+    def _tensor(self, x: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))[:, None]
+        t = t.to(self.device, non_blocking=True)
+        if self.channels_last:
+            t = t.contiguous(memory_format=torch.channels_last_3d)
+        return t
+
+    @torch.inference_mode()
+    def predict_patches(self, patches: np.ndarray) -> np.ndarray:
+        """``(B, D, H, W)`` normalised patches -> ``(B, T)`` float32 predictions."""
+        with self._autocast():
+            out = self.net(self._tensor(patches))
+        return out.float().cpu().numpy()
+
+    @torch.inference_mode()
+    def predict_dense(self, blocks: np.ndarray) -> np.ndarray:
+        """``(B, D', H', W')`` normalised blocks -> ``(B, T, d, h, w)`` float32 (``d = 1`` for
+        plane models); see :class:`DenseGeometry` for the positions."""
+        if not self.can_dense:
+            raise InferenceError(f"{type(self.net).__name__} has no dense mode; use mode=patch")
+        with self._autocast():
+            out = self.net.dense_forward(self._tensor(blocks), **self._dense_kwargs)
+        if out.ndim == 4:
+            out = out[:, :, None]
+        return out.float().cpu().numpy()
+
+    @property
+    def num_targets(self) -> int:
+        if self.target_names is None:
+            probe = self.predict_patches(np.zeros((1,) + self.patch_shape, np.float32))
+            self.target_names = [f"t{i}" for i in range(probe.shape[1])]
+        return len(self.target_names)
+
+    def dense_geometry(self) -> DenseGeometry:
+        """Probe the dense output once on a single patch to tell plane from volumetric models."""
+        if self._geometry is None:
+            if not self.can_dense:
+                raise InferenceError(f"{type(self.net).__name__} has no dense mode; use mode=patch")
+            with torch.inference_mode(), self._autocast():
+                out = self.net.dense_forward(self._tensor(np.zeros((1,) + self.patch_shape, np.float32)),
+                                             **self._dense_kwargs)
+            plane = out.ndim == 4
+            stride = self.output_stride
+            offset = _attr(self.net, "dense_offset")
+            if offset is None:
+                p = self.patch_shape
+                offset = (p[0] // 2, 0, 0) if plane else tuple(s // 2 for s in p)
+            self._geometry = DenseGeometry(tuple(stride), tuple(int(o) for o in offset), plane)  # type: ignore[arg-type]
+        return self._geometry
+
+    def identity(self) -> dict:
+        """What the output metadata records about the network."""
+        return {
+            "class": f"{type(self.net).__module__}.{type(self.net).__qualname__}",
+            "patch_shape": list(self.patch_shape),
+            "output_stride": None if self.output_stride is None else list(self.output_stride),
+            "dense_equivalent": self.dense_equivalent,
+            "parameters": int(sum(p.numel() for p in self.net.parameters())),
+        }

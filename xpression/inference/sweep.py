@@ -1,0 +1,346 @@
+"""The sweep: a trained network over a whole volume, tile by tile, as a pure function.
+
+``sweep_tiles(volume, model, grid, ...)`` yields one :class:`TileResult` per computed tile;
+``sweep(...)`` gathers them into one ``(T, nz, ny, nx)`` array. Nothing here writes files:
+the writers and the resumable/sharded bookkeeping consume the tile stream.
+
+Two modes give the same numbers for a dense-equivalent network (within float error):
+
+- ``patch``: the reference. One network forward per grid point on the patch centred there,
+  ``batch_size`` patches per forward. Patches are cut from the tile's input block, so the
+  volume is read once per tile.
+- ``dense``: the network's ``dense_forward`` over the whole tile plus the halo its patch needs
+  (``P // 2`` voxels below, ``P - P // 2 - 1`` above each grid point); every grid point of the
+  tile is read from that one output. Along an axis whose grid step is at least the patch size
+  the tile is cut into one slab per grid plane (batched, ``batch_size`` slabs per forward)
+  instead, since nothing is shared between planes there. Networks that are not
+  dense-equivalent (``same`` padding, U-Nets) get ``overlap``: an extra context margin of
+  ``overlap x tile extent`` voxels on every side whose outputs are dropped, so each tile's
+  points never sit near the edge of the network's input (the overlap-tile strategy of the
+  U-Net paper, Ronneberger et al. 2015). Each grid point is answered by exactly one tile.
+
+Only tiles with at least one grid point in the tissue mask are computed; points outside the
+mask are NaN. The next tiles' inputs are read and normalised in a background thread while
+the network runs. Memory is bounded by the tile size (input block + activations), not by the
+volume.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+from torch import nn
+
+from xpression.inference.grid import OutputGrid, Tile, Tiling
+from xpression.inference.predictor import InferenceError, Predictor
+
+__all__ = ["AxisPlan", "SweepPlan", "TileResult", "plan_sweep", "sweep", "sweep_tiles", "tile_mask", "tissue_tiles"]
+
+MaskLike = Any  # None | bool array of the grid shape | callable(points_um (N, 3)) -> bool (N,) | obj.contains
+
+
+@dataclass(frozen=True)
+class AxisPlan:
+    """Per axis: ``split`` (one input slab per grid index), input voxels ``lo`` before the first
+    and ``hi`` after the last grid point of a slab, and the dense output ``stride``/``offset``
+    (output ``k`` is centred on input voxel ``offset + k * stride`` of the slab)."""
+
+    split: bool
+    lo: int
+    hi: int
+    stride: int = 1
+    offset: int = 0
+
+
+@dataclass(frozen=True)
+class SweepPlan:
+    mode: str
+    axes: tuple[AxisPlan, AxisPlan, AxisPlan]
+    patch_shape: tuple[int, int, int]
+
+
+@dataclass
+class TileResult:
+    """``values``: ``(T, *tile.shape)`` float32, NaN outside the mask; ``n_points``: grid points
+    in the mask; ``voxels``: volume voxels the tile covers; ``seconds``: network time."""
+
+    tile: Tile
+    values: np.ndarray
+    n_points: int
+    voxels: int
+    seconds: float
+
+
+def plan_sweep(predictor: Predictor, grid: OutputGrid, mode: str = "dense", overlap: float = 0.0,
+               tile_shape: Sequence[int] = (1, 1, 1)) -> SweepPlan:
+    """Input geometry per axis for ``mode`` (``"patch"`` or ``"dense"``); see the module doc.
+
+    ``overlap`` (dense mode only): extra context per side as a fraction of the tile extent.
+    Raises :class:`InferenceError` when the grid does not fall on the model's dense outputs.
+    """
+    p = predictor.patch_shape
+    if mode == "patch":
+        axes = tuple(AxisPlan(grid.step_vox[a] >= p[a], p[a] // 2, p[a] - p[a] // 2 - 1) for a in range(3))
+        return SweepPlan("patch", axes, p)  # type: ignore[arg-type]
+    if mode != "dense":
+        raise InferenceError(f"mode must be 'patch' or 'dense', got {mode!r}")
+    geo = predictor.dense_geometry()
+    axes = []
+    for a in range(3):
+        s, o, step = geo.stride[a], geo.offset[a], grid.step_vox[a]
+        split = (a == 0 and geo.plane) or (not geo.plane and step >= p[a])
+        extra = 0 if (a == 0 and geo.plane) else int(math.ceil(overlap * tile_shape[a] * step))
+        lo = p[a] // 2 + extra
+        lo += (-(lo - o)) % s  # the first grid point must land on an output position
+        hi = p[a] - p[a] // 2 - 1 + extra
+        if not split and step % s:
+            raise InferenceError(
+                f"grid step {step} voxels along {'zyx'[a]} is not a multiple of the model's output "
+                f"stride {s}; build the grid with multiple_of=dense_multiples(...) or use mode=patch")
+        axes.append(AxisPlan(split, lo, hi, s, o))
+    return SweepPlan("dense", tuple(axes), p)  # type: ignore[arg-type]
+
+
+def dense_multiples(predictor: Predictor, voxel_size_um: Sequence[float], spacing_um: Sequence[float]) -> tuple[int, int, int]:
+    """Per axis the multiple of voxels a dense-mode grid step must be (the output stride, or 1
+    where each grid plane gets its own slab)."""
+    geo = predictor.dense_geometry()
+    out = []
+    for a in range(3):
+        step = max(1, round(float(np.broadcast_to(spacing_um, (3,))[a]) / float(voxel_size_um[a])))
+        split = (a == 0 and geo.plane) or (not geo.plane and step >= predictor.patch_shape[a])
+        out.append(1 if split else int(geo.stride[a]))
+    return tuple(out)  # type: ignore[return-value]
+
+
+# -- masks ---------------------------------------------------------------------------------------
+
+
+def tile_mask(mask: MaskLike, grid: OutputGrid, tile: Tile) -> np.ndarray:
+    """Boolean ``tile.shape`` array: which of the tile's grid points are tissue."""
+    if mask is None:
+        return np.ones(tile.shape, dtype=bool)
+    if isinstance(mask, np.ndarray):
+        if mask.shape != grid.shape:
+            raise InferenceError(f"mask array has shape {mask.shape}, the grid {grid.shape}")
+        return np.asarray(mask[tile.slices], dtype=bool)
+    fn = mask.contains if hasattr(mask, "contains") else mask
+    return np.asarray(fn(grid.points_um(tile.start, tile.stop)), dtype=bool).reshape(tile.shape)
+
+
+def tissue_tiles(tiling: Tiling, grid: OutputGrid, mask: MaskLike) -> list[int]:
+    """Indices of the tiles holding at least one tissue grid point."""
+    return [t.index for t in tiling if tile_mask(mask, grid, t).any()]
+
+
+# -- reading -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Slab:
+    gstart: tuple[int, int, int]  # grid indices [gstart, gstop)
+    gstop: tuple[int, int, int]
+    vstart: tuple[int, int, int]  # input voxels [vstart, vstop)
+    vstop: tuple[int, int, int]
+
+
+def _slabs(plan: SweepPlan, grid: OutputGrid, tile: Tile) -> list[_Slab]:
+    ranges = []
+    for a, ax in enumerate(plan.axes):
+        r = [(g, g + 1) for g in range(tile.start[a], tile.stop[a])] if ax.split else [(tile.start[a], tile.stop[a])]
+        ranges.append(r)
+    out = []
+    for combo in itertools.product(*ranges):
+        gs = tuple(c[0] for c in combo)
+        ge = tuple(c[1] for c in combo)
+        vs = tuple(int(grid.origin_vox[a] + gs[a] * grid.step_vox[a] - plan.axes[a].lo) for a in range(3))
+        ve = tuple(int(grid.origin_vox[a] + (ge[a] - 1) * grid.step_vox[a] + plan.axes[a].hi + 1) for a in range(3))
+        out.append(_Slab(gs, ge, vs, ve))  # type: ignore[arg-type]
+    return out
+
+
+def _identity(block: np.ndarray) -> np.ndarray:
+    return np.asarray(block, dtype=np.float32)
+
+
+def _read_tiles(volume: Any, plan: SweepPlan, grid: OutputGrid, tiles: Iterable[Tile], mask: MaskLike,
+                normalize: Callable[[np.ndarray], np.ndarray]) -> Iterator[tuple[Tile, np.ndarray, list]]:
+    for tile in tiles:
+        m = tile_mask(mask, grid, tile)
+        if not m.any():
+            yield tile, m, []
+            continue
+        slabs = []
+        for sl in _slabs(plan, grid, tile):
+            if not m[tuple(slice(a - t, b - t) for a, b, t in zip(sl.gstart, sl.gstop, tile.start))].any():
+                continue
+            block = volume.read_block(sl.vstart, sl.vstop, fill=0)
+            slabs.append((sl, np.asarray(normalize(block), dtype=np.float32)))
+        yield tile, m, slabs
+
+
+def _prefetch(source: Iterator, depth: int) -> Iterator:
+    """Run ``source`` in a background thread, at most ``depth`` items ahead."""
+    if depth <= 0:
+        yield from source
+        return
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def work() -> None:
+        try:
+            for item in source:
+                while not stop.is_set():
+                    try:
+                        q.put(("item", item), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(("end", done))
+        except BaseException as exc:  # handed to the consumer
+            q.put(("error", exc))
+
+    thread = threading.Thread(target=work, name="xpression-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            kind, item = q.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                thread.join(timeout=0.05)
+
+
+# -- compute -------------------------------------------------------------------------------------
+
+
+def _run_patch(pred: Predictor, plan: SweepPlan, grid: OutputGrid, tile: Tile, m: np.ndarray,
+               slabs: list, batch_size: int, out: np.ndarray) -> None:
+    p = plan.patch_shape
+    half = np.array([q // 2 for q in p])
+    jobs = []  # (slab data, local start of patch, local grid index)
+    for sl, data in slabs:
+        sub = m[tuple(slice(a - t, b - t) for a, b, t in zip(sl.gstart, sl.gstop, tile.start))]
+        idx = np.argwhere(sub) + np.asarray(sl.gstart)
+        starts = np.asarray(grid.origin_vox) + idx * np.asarray(grid.step_vox) - half - np.asarray(sl.vstart)
+        jobs.extend((data, s, i - np.asarray(tile.start)) for s, i in zip(starts, idx))
+    batch = np.empty((min(batch_size, len(jobs)),) + p, dtype=np.float32)
+    for b0 in range(0, len(jobs), batch_size):
+        part = jobs[b0 : b0 + batch_size]
+        for j, (data, s, _) in enumerate(part):
+            batch[j] = data[s[0] : s[0] + p[0], s[1] : s[1] + p[1], s[2] : s[2] + p[2]]
+        res = pred.predict_patches(batch[: len(part)])
+        loc = np.array([i for _, _, i in part])
+        out[:, loc[:, 0], loc[:, 1], loc[:, 2]] = res.T
+
+
+def _run_dense(pred: Predictor, plan: SweepPlan, grid: OutputGrid, tile: Tile, slabs: list,
+               batch_size: int, out: np.ndarray) -> None:
+    for b0 in range(0, len(slabs), batch_size):
+        part = slabs[b0 : b0 + batch_size]
+        res = pred.predict_dense(np.stack([d for _, d in part]))
+        for (sl, _), r in zip(part, res):
+            src, dst = [], []
+            for a, ax in enumerate(plan.axes):
+                n = sl.gstop[a] - sl.gstart[a]
+                first = grid.origin_vox[a] + sl.gstart[a] * grid.step_vox[a] - sl.vstart[a] - ax.offset
+                k0, m = first // ax.stride, grid.step_vox[a] // ax.stride
+                last = k0 + (n - 1) * m
+                if first % ax.stride or last >= r.shape[a + 1] or k0 < 0:
+                    raise InferenceError(
+                        f"dense output {tuple(r.shape[1:])} of an input {tuple(sl_d - sl_s for sl_s, sl_d in zip(sl.vstart, sl.vstop))} "
+                        f"has no position {last} along {'zyx'[a]}; the model's output_stride/offset "
+                        f"({ax.stride}, {ax.offset}) do not match its dense output")
+                src.append(slice(k0, last + 1, m) if n > 1 else slice(k0, k0 + 1))
+                dst.append(slice(sl.gstart[a] - tile.start[a], sl.gstop[a] - tile.start[a]))
+            out[(slice(None),) + tuple(dst)] = r[(slice(None),) + tuple(src)]
+
+
+def sweep_tiles(
+    volume: Any,
+    model: nn.Module | Predictor,
+    grid: OutputGrid,
+    tile_shape: Sequence[int] = (8, 32, 32),
+    mode: str = "dense",
+    overlap: float | None = None,
+    batch_size: int = 64,
+    mask: MaskLike = None,
+    normalize: Callable[[np.ndarray], np.ndarray] | None = None,
+    tiles: Iterable[int] | None = None,
+    prefetch: int = 2,
+    skip_empty: bool = True,
+) -> Iterator[TileResult]:
+    """Predict every grid point of ``grid`` over ``volume``, tile by tile.
+
+    Args:
+        volume: anything with ``read_block(start_vox, stop_vox, fill)`` (a ``Volume``).
+        model: a network (see :mod:`xpression.inference.predictor`) or a :class:`Predictor`.
+        grid: the output points (voxels of ``volume``).
+        tile_shape: grid points per tile (z, y, x); the unit of compute, storage and resumption.
+        mode: ``"patch"`` (one forward per grid point) or ``"dense"``.
+        overlap: dense mode, extra context per side as a fraction of the tile extent; default 0
+            for dense-equivalent networks, 0.25 otherwise.
+        batch_size: patches (patch mode) or input slabs (dense mode) per forward.
+        mask: tissue at grid points: ``None`` (all), a bool array of ``grid.shape``, a callable
+            on ``(N, 3)`` um points, or an object with ``contains`` (a ``TissueMask``).
+        normalize: raw block -> float32 intensities the network was trained on (default: cast).
+        tiles: tile indices to compute (default: all), in this order.
+        prefetch: tiles read ahead in a background thread (0: read inline).
+        skip_empty: do not yield tiles without tissue.
+
+    Yields:
+        :class:`TileResult` per tile, in the order of ``tiles``.
+    """
+    pred = model if isinstance(model, Predictor) else Predictor(model)
+    if overlap is None:
+        overlap = 0.0 if (mode == "patch" or pred.dense_equivalent) else 0.25
+    tiling = Tiling(grid.shape, tuple(int(t) for t in tile_shape))  # type: ignore[arg-type]
+    plan = plan_sweep(pred, grid, mode, overlap, tiling.tile_shape)
+    order = range(len(tiling)) if tiles is None else tiles
+    source = _read_tiles(volume, plan, grid, (tiling.tile(int(i)) for i in order), mask, normalize or _identity)
+    T = pred.num_targets
+    for tile, m, slabs in _prefetch(source, prefetch):
+        voxels = int(np.prod(np.asarray(tile.shape) * np.asarray(grid.step_vox)))
+        n = int(m.sum())
+        if n == 0:
+            if not skip_empty:
+                yield TileResult(tile, np.full((T,) + tile.shape, np.nan, np.float32), 0, voxels, 0.0)
+            continue
+        out = np.full((T,) + tile.shape, np.nan, dtype=np.float32)
+        t0 = time.perf_counter()
+        if plan.mode == "patch":
+            _run_patch(pred, plan, grid, tile, m, slabs, batch_size, out)
+        else:
+            _run_dense(pred, plan, grid, tile, slabs, batch_size, out)
+            out[:, ~m] = np.nan
+        yield TileResult(tile, out, n, voxels, time.perf_counter() - t0)
+
+
+def sweep(volume: Any, model: nn.Module | Predictor, grid: OutputGrid, **kwargs: Any) -> np.ndarray:
+    """All of :func:`sweep_tiles` in memory: ``(T, nz, ny, nx)`` float32, NaN outside the mask.
+
+    For volumes whose output does not fit in memory, stream :func:`sweep_tiles` into a writer.
+    """
+    pred = model if isinstance(model, Predictor) else Predictor(model)
+    out = np.full((pred.num_targets,) + tuple(grid.shape), np.nan, dtype=np.float32)
+    for res in sweep_tiles(volume, pred, grid, **kwargs):
+        out[(slice(None),) + res.tile.slices] = res.values
+    return out
