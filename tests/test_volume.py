@@ -149,6 +149,7 @@ def test_pickle_and_close(files, data):
     np.testing.assert_array_equal(clone[3:6, 10:20, 30:40], data[3:6, 10:20, 30:40])
     with clone:
         pass
+    np.testing.assert_array_equal(clone[1:2, 3:5, 7:9], data[1:2, 3:5, 7:9])  # reopened on demand
     assert open_volume(vol) is vol
     assert "bigtiff" not in repr(vol) and "shape=(40, 96, 96)" in repr(vol)
 

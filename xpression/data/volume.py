@@ -303,7 +303,7 @@ class Volume:
 
     def _backend(self) -> Any:
         # A forked worker must not share the parent's TIFF file handle (shared file offset).
-        if self._tif is not None and os.getpid() != self._pid:
+        if self._arr is None or (self._tif is not None and os.getpid() != self._pid):
             self._open()
         return self._arr
 
@@ -317,10 +317,11 @@ class Volume:
         self._open()
 
     def close(self) -> None:
-        """Release the TIFF file handle, if any (zarr and .npy need no closing)."""
+        """Release the TIFF file handle, if any; a later read reopens the file."""
         if self._tif is not None:
             self._tif.close()
             self._tif = None
+            self._arr = None
 
     def __enter__(self) -> "Volume":
         return self
