@@ -22,13 +22,7 @@ class EMA(nn.Module):
         self.decay = float(decay)
         self.net = copy.deepcopy(net)
         self.net.requires_grad_(False)
-        self.net.eval()
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
-
-    def train(self, mode: bool = True) -> "EMA":
-        super().train(mode)
-        self.net.eval()  # the average is only ever evaluated
-        return self
 
     @torch.no_grad()
     def update(self, net: nn.Module) -> None:

@@ -1,0 +1,191 @@
+"""XPressionModule: overfitting, logging, prediction, EMA, init_from, Hydra configs."""
+
+import math
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from torch.utils.data import DataLoader
+
+from xpression.models import XPressionModule
+from xpression.models.module import cosine_warmup
+from xpression.models.targets import TargetSpec
+
+torch.set_num_threads(1)
+CONF = Path(__file__).resolve().parents[1] / "conf"
+PATCH = (5, 32, 32)
+SPEC = TargetSpec(names=["alveolar", "airway", "vascular"], kind="composition")
+SMALL = {"name": "cnn3d", "widths": [8, 16, 16], "dense_width": 32, "dropout": 0.0}
+
+
+def batches(n=3, b=4, seed=0, spec=SPEC):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        t = torch.rand(b, len(spec.names), generator=g) * 3
+        out.append({"image": torch.rand(b, 1, *PATCH, generator=g),
+                    "target": torch.softmax(t, 1) if spec.kind == "composition" else t,
+                    "index": torch.arange(i * b, (i + 1) * b)})
+    return out
+
+
+def trainer(**kw):
+    kw = {"accelerator": "cpu", "logger": False, "enable_checkpointing": False,
+          "enable_progress_bar": False, "enable_model_summary": False, "max_steps": 5, **kw}
+    return pl.Trainer(**kw)
+
+
+def make(**kw):
+    args = {"backbone": SMALL, "target_spec": SPEC, "patch_shape": PATCH, "lr": 3e-3,
+            "scheduler": "none", "weight_decay": 0.0, **kw}
+    return XPressionModule(**args)
+
+
+def loader(data):
+    return DataLoader(data, batch_size=None)
+
+
+def eval_loss(module, data):
+    module.eval()
+    with torch.no_grad():
+        loss = sum(module.loss_fn(module.eval_net.forward_raw(b["image"]), b["target"])
+                   for b in data).item() / len(data)
+    module.train()
+    return loss
+
+
+def test_overfits_fixed_batches():
+    torch.manual_seed(0)
+    data = batches()
+    m = make()
+    start = eval_loss(m, data)
+    tr = trainer(max_steps=150, limit_val_batches=0)
+    tr.fit(m, loader(data))
+    end = eval_loss(m, data)
+    print(f"overfit: loss {start:.4f} -> {end:.6f}")
+    assert start > 0.05 and end < 0.01 * start + 1e-3, (start, end)
+    assert "train/loss" in tr.callback_metrics and "train/pearson_mean" in tr.callback_metrics
+
+
+def test_logs_metrics_per_split_and_predicts():
+    data = batches()
+    m = make(scheduler="cosine", warmup_steps=2)
+    tr = trainer(max_steps=3, limit_val_batches=2)
+    tr.fit(m, loader(data), loader(data))
+    keys = set(tr.callback_metrics)
+    assert {"val/loss", "val/pearson_mean", "val/pearson/alveolar", "val/r2_mean",
+            "val/jsd_mean", "val/dominant_acc"} <= keys
+    assert math.isfinite(float(tr.callback_metrics["val/pearson_mean"]))
+    tr.test(m, loader(data), verbose=False)
+    assert "test/spearman/airway" in tr.callback_metrics
+    preds = tr.predict(m, loader(data))
+    assert torch.equal(preds[1]["index"], data[1]["index"])
+    assert preds[0]["prediction"].shape == (4, 3)
+    torch.testing.assert_close(preds[0]["prediction"].sum(1), torch.ones(4))
+    assert m.hparams.target_spec == {"names": SPEC.names, "kind": "composition"}
+
+
+def test_cosine_warmup_schedule():
+    assert cosine_warmup(0, 100, 10) == pytest.approx(0.1)
+    assert cosine_warmup(9, 100, 10) == pytest.approx(1.0)
+    assert cosine_warmup(55, 100, 10) == pytest.approx(0.5)
+    assert cosine_warmup(100, 100, 10, 0.1) == pytest.approx(0.1)
+
+
+def test_ema_used_for_eval(tmp_path):
+    data = batches()
+    m = make(ema_decay=0.9)
+    tr = trainer(max_steps=4, limit_val_batches=0)
+    tr.fit(m, loader(data))
+    assert int(m.ema.num_updates) == 4
+    w, e = m.net.head.fc.weight, m.ema.net.head.fc.weight
+    assert not torch.allclose(w, e) and not e.requires_grad
+    x = data[0]["image"]
+    torch.testing.assert_close(m(x), m.ema.net(x))
+
+
+def _checkpoint(tmp_path, **kw):
+    m = make(**kw)
+    tr = trainer(max_steps=2, limit_val_batches=0)
+    tr.fit(m, loader(batches()))
+    path = tmp_path / "src.ckpt"
+    tr.save_checkpoint(path)
+    return m, path
+
+
+def test_init_from_with_frozen_encoder(tmp_path):
+    src, path = _checkpoint(tmp_path)
+    m = make(init_from=str(path), freeze_encoder=True)
+    for a, b in zip(src.net.state_dict().values(), m.net.state_dict().values()):
+        torch.testing.assert_close(a, b)
+    assert not any(p.requires_grad for p in m.net.backbone.parameters())
+    before = {k: v.clone() for k, v in m.net.state_dict().items()}
+    tr = trainer(max_steps=3, limit_val_batches=0)
+    tr.fit(m, loader(batches(seed=1)))
+    after = m.net.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("backbone."))
+    assert not torch.equal(before["head.fc.weight"], after["head.fc.weight"])
+    # the fine-tuned checkpoint reloads on its own (the source file is not needed again)
+    out = tmp_path / "ft.ckpt"
+    tr.save_checkpoint(out)
+    path.unlink()
+    re = XPressionModule.load_from_checkpoint(out)
+    assert re.hparams.init_from is None and re.hparams.init_from_source == str(path)
+    torch.testing.assert_close(re.net.head.fc.weight, m.net.head.fc.weight)
+
+
+def test_init_from_prefers_ema(tmp_path):
+    src, path = _checkpoint(tmp_path, ema_decay=0.5)
+    m = make(init_from=str(path))
+    torch.testing.assert_close(m.net.head.fc.weight, src.ema.net.head.fc.weight)
+
+
+def test_init_from_mismatch_errors(tmp_path):
+    _, path = _checkpoint(tmp_path)
+    other = TargetSpec(names=["alveolar", "airway", "immune"], kind="composition")
+    with pytest.raises(ValueError, match="target sets must match"):
+        make(target_spec=other, init_from=str(path))
+    with pytest.raises(ValueError, match="target sets must match"):
+        make(target_spec=TargetSpec(names=SPEC.names, kind="log_expression"), loss="mse",
+             init_from=str(path))
+    with pytest.raises(ValueError, match="does not match"):
+        make(backbone={**SMALL, "dense_width": 16}, init_from=str(path))
+    with pytest.raises(FileNotFoundError):
+        make(init_from=str(tmp_path / "nope.ckpt"))
+
+
+def test_construction_errors():
+    with pytest.raises(ValueError, match="valid names"):
+        make(backbone={"name": "nope"})
+    with pytest.raises(ValueError, match="valid names"):
+        make(loss="nope")
+    with pytest.raises(ValueError, match="accepts targets of kind"):
+        make(target_spec=TargetSpec(names=["g"], kind="log_expression"), loss="kl")
+    with pytest.raises(ValueError, match="too small"):
+        make(patch_shape=(5, 16, 16))
+
+
+@pytest.mark.parametrize("model", sorted(p.stem for p in (CONF / "model").glob("*.yaml")))
+def test_model_configs_instantiate(model):
+    patch = (8, 32, 32) if model == "cnn3d_paper" else PATCH
+    for loss in ("kl", "mix"):
+        cfg = OmegaConf.create({"model": OmegaConf.load(CONF / "model" / f"{model}.yaml"),
+                                "loss": OmegaConf.load(CONF / "loss" / f"{loss}.yaml")})
+        m = instantiate(cfg.model)(target_spec=SPEC, patch_shape=list(patch), spot_radius_vox=4.3)
+        assert isinstance(m, XPressionModule)
+        assert m.loss_fn.name == loss
+        assert m.hparams.loss == OmegaConf.to_container(cfg.loss)
+    assert m(torch.rand(2, 1, *patch)).shape == (2, 3)
+
+
+@pytest.mark.parametrize("loss", sorted(p.stem for p in (CONF / "loss").glob("*.yaml")))
+def test_loss_configs_build(loss):
+    from xpression.models import build_loss
+
+    kind = {"poisson": "counts"}.get(loss, "composition")
+    fn = build_loss(OmegaConf.to_container(OmegaConf.load(CONF / "loss" / f"{loss}.yaml")), kind)
+    raw, y = torch.randn(4, 3), torch.softmax(torch.randn(4, 3), 1)
+    assert torch.isfinite(fn(raw, y))
