@@ -1,0 +1,134 @@
+"""Map stores: resumable, sharded, protected against mixing runs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from tests._inference_models import TinyValidNet
+from xpression.data.volume import open_volume
+from xpression.inference.predictor import InferenceError, Predictor
+from xpression.inference.sweep import sweep
+from xpression.inference.volume_sweep import infer_volume
+from xpression.inference.writers import downsample2_nanmean, read_maps
+
+torch.set_num_threads(1)
+REPO = Path(__file__).resolve().parents[1]
+SPACING = (6.4, 12.8, 12.8)
+KW = dict(spacing_um=SPACING, tile_vox=(3, 16, 16), progress=False, prefetch=1)
+
+
+def norm(block):
+    return block.astype(np.float32) / 255.0
+
+
+def blob_mask(p):
+    return ((p[:, 1] - 130) ** 2 + (p[:, 2] - 140) ** 2) < 60**2
+
+
+@pytest.fixture(scope="module")
+def volume_path(tmp_path_factory):
+    arr = np.random.default_rng(1).integers(0, 255, size=(12, 44, 48), dtype=np.uint8)
+    path = tmp_path_factory.mktemp("vol") / "v.npy"
+    np.save(path, arr)
+    return path
+
+
+@pytest.fixture
+def volume(volume_path):
+    return open_volume(volume_path, voxel_size_um=6.4)
+
+
+def pred():
+    return Predictor(TinyValidNet(), device="cpu", target_names=["a", "b", "c"])
+
+
+def test_store_matches_in_memory_sweep(volume, tmp_path):
+    res = infer_volume(volume, pred(), tmp_path / "m.ome.zarr", mask=blob_mask, normalize=norm,
+                       identity={"run": "r1"}, **KW)
+    assert res.complete and res.tiles_computed == res.tiles_tissue < res.tiles_total
+    arr, meta = read_maps(res.path)
+    assert arr.dtype == np.float16 and meta["complete"] and meta["targets"] == ["a", "b", "c"]
+    ref = sweep(volume, pred(), res.grid, tile_shape=res.tile_shape, mask=blob_mask, normalize=norm)
+    np.testing.assert_allclose(arr[:].astype(np.float32), ref, atol=2e-3, equal_nan=True)
+    g = zarr.open_group(str(res.path), mode="r")
+    ms = g.attrs["ome"]["multiscales"][0]
+    assert [a["name"] for a in ms["axes"]] == ["c", "z", "y", "x"]
+    assert ms["datasets"][0]["coordinateTransformations"][0]["scale"][1:] == list(res.grid.spacing_um)
+    lv1 = g["1"][:].astype(np.float32)
+    np.testing.assert_allclose(lv1, downsample2_nanmean(arr[:]), atol=2e-3, equal_nan=True)
+
+
+def test_interrupted_sweep_resumes_without_recomputing(volume, tmp_path):
+    out = tmp_path / "m.ome.zarr"
+    seen = []
+
+    def boom(tr):
+        seen.append(tr.tile.index)
+        if len(seen) == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        infer_volume(volume, pred(), out, mask=blob_mask, normalize=norm, identity={"run": "r1"}, on_tile=boom, **KW)
+    again = []
+    res = infer_volume(volume, pred(), out, mask=blob_mask, normalize=norm, identity={"run": "r1"},
+                       on_tile=lambda tr: again.append(tr.tile.index), **KW)
+    assert not set(again) & set(seen) and len(again) == res.tiles_tissue - 3
+    full = infer_volume(volume, pred(), tmp_path / "ref.ome.zarr", mask=blob_mask, normalize=norm,
+                        identity={"run": "r1"}, **KW)
+    a, _ = read_maps(out)
+    b, _ = read_maps(full.path)
+    np.testing.assert_array_equal(a[:], b[:])
+    # Finished: left alone; a different run's maps: a clear error; overwrite replaces.
+    assert infer_volume(volume, pred(), out, normalize=norm, identity={"run": "r1"}, mask=blob_mask, **KW).skipped
+    with pytest.raises(InferenceError, match="different run"):
+        infer_volume(volume, pred(), out, normalize=norm, identity={"run": "r2"}, **KW)
+    with pytest.raises(InferenceError, match="different settings"):
+        infer_volume(volume, pred(), out, normalize=norm, identity={"run": "r1"}, mode="patch", **KW)
+    res = infer_volume(volume, pred(), out, normalize=norm, identity={"run": "r2"}, overwrite=True, **KW)
+    assert res.complete and not res.skipped
+
+
+SHARD_SCRIPT = """
+import sys, numpy as np, torch
+torch.set_num_threads(1)
+from tests._inference_models import TinyValidNet
+from tests.test_inference_store import KW, blob_mask, norm
+from xpression.data.volume import open_volume
+from xpression.inference.predictor import Predictor
+from xpression.inference.shards import dist_rank_world
+from xpression.inference.volume_sweep import infer_volume
+rank, world = dist_rank_world()
+vol = open_volume(sys.argv[1], voxel_size_um=6.4)
+p = Predictor(TinyValidNet(), device="cpu", target_names=["a", "b", "c"])
+r = infer_volume(vol, p, sys.argv[2], mask=blob_mask, normalize=norm, identity={"run": "r1"},
+                 rank=rank, world=world, wait_s=120, **KW)
+print("computed", rank, r.tiles_computed, r.tiles_tissue)
+"""
+
+
+def test_two_processes_match_one(volume_path, volume, tmp_path):
+    out = tmp_path / "sharded.ome.zarr"
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", WORLD_SIZE="2")
+    procs = [subprocess.Popen([sys.executable, "-c", SHARD_SCRIPT, str(volume_path), str(out)], cwd=REPO,
+                              env=dict(env, RANK=str(r)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r in (0, 1)]
+    outs = [p.communicate(timeout=180) for p in procs]
+    for p, (so, se) in zip(procs, outs):
+        assert p.returncode == 0, se[-2000:]
+    counts = [int(so.split()[2]) for so, _ in outs]
+    total = int(outs[0][0].split()[3])
+    assert sum(counts) == total and min(counts) >= total // 2
+    single = infer_volume(volume, pred(), tmp_path / "single.ome.zarr", mask=blob_mask, normalize=norm,
+                          identity={"run": "r1"}, **KW)
+    a, meta = read_maps(out)
+    b, _ = read_maps(single.path)
+    assert meta["complete"]
+    np.testing.assert_array_equal(a[:], b[:])
