@@ -1,0 +1,360 @@
+"""The LightningDataModule: cohort manifest -> batches of (CT patch, target) tensors.
+
+Cheap metadata (``voxel_size_um``, ``patch_shape_vox``, then ``target_spec``) is available
+before any voxel is read. ``setup()`` reads one normalised slab per section (the patch depth
+plus margins, over the spots' extent), caches it in memory, and patches become slices of it.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from xpression.data.augment import Augment
+from xpression.data.geometry import DataError, Plane, SlabGrid
+from xpression.data.registration import SPOT_RADIUS_UM
+from xpression.data.sampling import SpotEpochSampler, SpotSampler
+from xpression.data.sections import Section, load_section
+from xpression.data.splits import SpatialBlocksSplit
+from xpression.data.targets import ObsmTarget, TargetSpec, dominant_index
+
+__all__ = ["XPressionDataModule", "PatchDataset"]
+
+log = logging.getLogger(__name__)
+
+
+def _instantiate(obj: Any, default: Any) -> Any:
+    if obj is None:
+        return default
+    if hasattr(obj, "keys") and "_target_" in obj:
+        from hydra.utils import instantiate
+
+        return instantiate(obj)
+    return obj
+
+
+def _collate(data: Any) -> Any:
+    return data if isinstance(data, dict) else torch.utils.data.default_collate(data)
+
+
+class PatchDataset(Dataset):
+    """Patches sliced from cached slabs. Items are spot-table rows, or ``(row, du_um, dv_um)``
+    for a patch shifted in the section plane. ``__getitems__`` returns a whole batch dict."""
+
+    def __init__(self, slabs: dict[str, tuple[np.ndarray, SlabGrid]], section: np.ndarray, centre_hw: np.ndarray, targets: np.ndarray, patch_shape: Sequence[int]):
+        self.slabs = slabs
+        self.section = np.asarray(section)
+        self.centre_hw = np.asarray(centre_hw, dtype=np.int64)
+        self.targets = torch.from_numpy(np.ascontiguousarray(targets, dtype=np.float32))
+        self.half = np.array([int(p) // 2 for p in patch_shape])
+
+    def __len__(self) -> int:
+        return len(self.section)
+
+    def patch(self, item: Any) -> tuple[np.ndarray, int]:
+        """The raw cached patch (D, H, W) for one item, and its row."""
+        row, du, dv = (item, 0.0, 0.0) if np.isscalar(item) else (item[0], item[1], item[2])
+        row = int(row)
+        data, grid = self.slabs[self.section[row]]
+        h, w = self.centre_hw[row]
+        if du or dv:
+            h += int(np.rint(dv / grid.spacing_um[1]))
+            w += int(np.rint(du / grid.spacing_um[2]))
+        hd, hh, hw = self.half
+        h = int(np.clip(h, hh, data.shape[1] - hh - 1))
+        w = int(np.clip(w, hw, data.shape[2] - hw - 1))
+        c = grid.centre_d
+        return data[c - hd : c + hd + 1, h - hh : h + hh + 1, w - hw : w + hw + 1], row
+
+    def __getitems__(self, items: Sequence[Any]) -> dict[str, torch.Tensor]:
+        patches, rows = zip(*(self.patch(i) for i in items))
+        stack = np.stack(patches)[:, None]
+        image = torch.from_numpy(stack).float()
+        if stack.dtype == np.uint8:
+            image.mul_(1.0 / 255.0)
+        index = torch.as_tensor(rows, dtype=torch.int64)
+        return {"image": image, "target": self.targets[index], "index": index}
+
+    def __getitem__(self, item: Any) -> dict[str, torch.Tensor]:
+        return {k: v[0] for k, v in self.__getitems__([item]).items()}
+
+
+class XPressionDataModule(pl.LightningDataModule):
+    """Spots of one or more ST sections (one or more volumes) as CT-patch batches.
+
+    ``manifest``: path to ``cohort.yaml`` or a loaded ``Cohort``. ``target``, ``sampler``,
+    ``split``: config objects (or Hydra dicts with ``_target_``) from ``xpression.data.targets``,
+    ``.sampling`` and ``.splits``. ``sections``: section ids to use (default all).
+    ``max_residual_um``: landmark residual bound (um); ``max_drop_fraction``: largest share of a
+    section's spots whose patch may leave the volume; ``slab_margin_um``: extra slab depth on
+    each side (um); ``cache_dtype``: ``uint8`` or ``float16``; ``augment``: an :class:`Augment`
+    applied to training batches after transfer to the device (None = default, False = off);
+    ``check_tissue_mask``: fail on an empty tissue mask and log spots off the mask;
+    ``normalizers``: ``{volume_id: IntensityNormalizer | its to_dict()}`` to reuse (e.g. from a
+    checkpoint); others are estimated per volume (robust percentiles -> [0, 1]). After ``setup``,
+    ``.normalizers`` holds the ones used: inference must apply the same to raw blocks.
+    """
+
+    def __init__(
+        self,
+        manifest: str | Path | Any,
+        target: Any = None,
+        sampler: Any = None,
+        split: Any = None,
+        batch_size: int = 16,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        persistent_workers: bool = False,
+        seed: int = 0,
+        sections: Sequence[str] | None = None,
+        augment: Any = None,
+        max_residual_um: float = SPOT_RADIUS_UM,
+        max_drop_fraction: float = 0.5,
+        slab_margin_um: float = 0.0,
+        cache_dtype: str = "uint8",
+        check_tissue_mask: bool = True,
+        normalizers: dict[str, Any] | None = None,
+    ):
+        super().__init__()
+        self.manifest = manifest
+        self.target = _instantiate(target, ObsmTarget())
+        self.sampler = _instantiate(sampler, SpotSampler())
+        self.split = _instantiate(split, SpatialBlocksSplit())
+        aug = _instantiate(augment, Augment())
+        self.augment = None if aug is False else aug
+        self.batch_size, self.num_workers = int(batch_size), int(num_workers)
+        self.pin_memory, self.persistent_workers = bool(pin_memory), bool(persistent_workers) and int(num_workers) > 0
+        self.seed = int(seed)
+        self.section_ids = None if sections is None else [str(s) for s in sections]
+        self.max_residual_um, self.max_drop_fraction = float(max_residual_um), float(max_drop_fraction)
+        self.slab_margin_um, self.cache_dtype = float(slab_margin_um), cache_dtype
+        self.check_tissue_mask = check_tissue_mask
+        self.normalizers: dict[str, Any] = dict(normalizers or {})
+        self._meta: dict | None = None
+        self._prepared: dict | None = None
+        self._datasets: dict[str, PatchDataset] | None = None
+        self._aug_gen: torch.Generator | None = None
+        self._train_sampler: SpotEpochSampler | None = None
+        self._epoch = 0
+
+    # -- cheap metadata ----------------------------------------------------------------------------
+    def _load_meta(self) -> dict:
+        if self._meta is not None:
+            return self._meta
+        from xpression.data.manifest import Cohort, load_manifest
+        from xpression.data.volume import VolumeError, open_volume
+
+        cohort = self.manifest if isinstance(self.manifest, Cohort) else load_manifest(self.manifest)
+        entries = list(cohort.sections)
+        if self.section_ids is not None:
+            unknown = sorted(set(self.section_ids) - {s.id for s in entries})
+            if unknown:
+                raise DataError(cohort.path, f"unknown section ids {unknown}; sections: {[s.id for s in entries]}")
+            entries = [s for s in entries if s.id in self.section_ids]
+        if not entries:
+            raise DataError(cohort.path, "no ST sections to train on")
+        volumes = {}
+        for vid in dict.fromkeys(s.volume_id for s in entries):
+            ventry = cohort.volume(vid)
+            try:
+                volumes[vid] = open_volume(ventry.image, ventry.voxel_size_um)
+            except VolumeError as err:
+                raise DataError(ventry.image, str(err)) from err
+        vs = self.sampler.voxel_size_um
+        first = volumes[entries[0].volume_id].voxel_size_um
+        model_vs = tuple(float(v) for v in (first if vs is None else np.broadcast_to(np.asarray(vs, float), (3,))))
+        shape = self.sampler.geometry.shape_vox(model_vs)
+        self._meta = {"cohort": cohort, "entries": entries, "volumes": volumes, "voxel_size_um": model_vs, "patch_shape": shape}
+        return self._meta
+
+    @property
+    def voxel_size_um(self) -> tuple[float, float, float]:
+        """The model's voxel size (z, y, x) um: ``sampler.voxel_size_um`` or the first volume's."""
+        return self._load_meta()["voxel_size_um"]
+
+    @property
+    def patch_shape_vox(self) -> tuple[int, int, int]:
+        """Patch (D, H, W) voxels at the model voxel size (odd, centred on the spot)."""
+        return self._load_meta()["patch_shape"]
+
+    @property
+    def target_spec(self) -> TargetSpec:
+        """Target names and kind (reads the ST sections and computes targets, no CT voxels)."""
+        return self._prepare()["spec"]
+
+    @property
+    def spots(self) -> pd.DataFrame:
+        """One row per usable spot (batch ``index`` = row number)."""
+        return self._prepare()["spots"]
+
+    # -- sections, targets, spot table, split ---------------------------------------------------------
+    def _grid_for(self, section: Section, volume: Any) -> SlabGrid:
+        vs_vol = np.asarray(volume.voxel_size_um, float)
+        origin = np.asarray(getattr(volume, "origin_um", (0.0, 0.0, 0.0)), float)
+        spacing = np.asarray(self.voxel_size_um, float)
+        plane, anchor = section.plane, (0.0, 0.0)
+        if plane.is_axial and np.allclose(spacing, vs_vol, rtol=1e-6):
+            # Snap the plane and grid to the volume's voxels so the slab is a plain block read.
+            k = np.rint((plane.origin[0] - origin[0]) / vs_vol[0])
+            plane, anchor = Plane.axial(origin[0] + k * vs_vol[0]), (origin[2], origin[1])
+        jitter = float(getattr(self.sampler, "jitter_fraction", 0.0)) * section.spot_radius_um
+        margin = (self.slab_margin_um, self.slab_margin_um + jitter, self.slab_margin_um + jitter)
+        return SlabGrid.around(plane, section.uv_um, self.patch_shape_vox, spacing, margin, anchor)
+
+    def _inside(self, section: Section, grid: SlabGrid, volume: Any) -> np.ndarray:
+        hw = grid.index_of(section.uv_um)
+        vox = volume.to_voxel(grid.patch_corners(hw, self.patch_shape_vox).reshape(-1, 3)).reshape(-1, 8, 3)
+        hi = np.asarray(volume.shape, float) - 1
+        return np.all((vox >= -1e-6) & (vox <= hi + 1e-6), axis=(1, 2))
+
+    def _prepare(self) -> dict:
+        if self._prepared is not None:
+            return self._prepared
+        meta = self._load_meta()
+        sections: dict[str, Section] = {}
+        for entry in meta["entries"]:
+            sections[entry.id] = load_section(entry, max_residual_um=self.max_residual_um)
+        values, spec = self.target.compute({sid: s.adata for sid, s in sections.items()})
+        frames, grids, keep_targets = [], {}, []
+        for sid, sec in sections.items():
+            volume = meta["volumes"][sec.volume_id]
+            grid = self._grid_for(sec, volume)
+            inside = self._inside(sec, grid, volume)
+            lost = int((~inside).sum())
+            if lost:
+                log.info("section %s: %d of %d spots dropped (patch leaves the volume)", sid, lost, len(inside))
+            if lost > self.max_drop_fraction * len(inside):
+                raise DataError(
+                    sec.adata_path,
+                    f"{lost} of {len(inside)} spots lie outside the volume {volume.path} (their patch leaves it; "
+                    f"limit {self.max_drop_fraction:.0%}); check z_um/plane, landmarks and voxel size",
+                )
+            grids[sid] = grid
+            hw = grid.index_of(sec.uv_um)[inside]
+            pts = sec.points_um[inside]
+            vox = volume.to_voxel(pts)
+            frames.append(pd.DataFrame({
+                "section_id": sid, "volume_id": sec.volume_id, "barcode": sec.barcodes[inside],
+                "z_um": pts[:, 0], "y_um": pts[:, 1], "x_um": pts[:, 2],
+                "z_vox": vox[:, 0], "y_vox": vox[:, 1], "x_vox": vox[:, 2],
+                "u_um": sec.uv_um[inside, 0], "v_um": sec.uv_um[inside, 1],
+                "px_x": sec.px[inside, 0], "px_y": sec.px[inside, 1],
+                "spot_radius_um": sec.spot_radius_um, "slab_h": hw[:, 0], "slab_w": hw[:, 1],
+            }))
+            keep_targets.append(values[sid][inside])
+        spots = pd.concat(frames, ignore_index=True)
+        targets = np.concatenate(keep_targets).astype(np.float32)
+        dom = dominant_index(targets, spec.kind)
+        spots["dominant_idx"] = dom
+        spots["dominant"] = np.asarray(spec.names, dtype=object)[dom]
+        if self.check_tissue_mask:
+            self._check_mask(spots, meta)
+        planes = {sid: sections[sid].plane for sid in grids}
+        size_um = self.sampler.geometry.extent_um(self.voxel_size_um)
+        spots["split"] = self.split.assign(spots, planes, size_um, self.seed)
+        self._prepared = {"sections": sections, "spec": spec, "spots": spots, "targets": targets, "grids": grids, "planes": planes}
+        return self._prepared
+
+    def _check_mask(self, spots: pd.DataFrame, meta: dict) -> None:
+        from xpression.data.mask import tissue_mask
+        from xpression.data.volume import VolumeError
+
+        for vid in spots["volume_id"].unique():
+            volume = meta["volumes"][vid]
+            try:
+                mask = tissue_mask(volume)
+            except VolumeError as err:
+                raise DataError(volume.path, f"tissue mask: {err}") from err
+            if not mask.mask.any():
+                raise DataError(volume.path, "the tissue mask is empty (no tissue found in the volume)")
+            rows = spots["volume_id"].to_numpy() == vid
+            off = int((~mask.contains(spots.loc[rows, ["z_um", "y_um", "x_um"]].to_numpy())).sum())
+            if off:
+                log.info("volume %s: %d of %d spots fall outside the CT tissue mask", vid, off, int(rows.sum()))
+
+    # -- heavy reading ---------------------------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        """Read, normalise and cache one slab per section (once), then build the datasets."""
+        if self._datasets is not None:
+            return
+        from xpression.data.intensity import IntensityNormalizer
+
+        prep, meta = self._prepare(), self._load_meta()
+        norms = {k: IntensityNormalizer.from_dict(v) if isinstance(v, dict) else v for k, v in self.normalizers.items()}
+        slabs = {}
+        for sid, grid in prep["grids"].items():
+            vid = prep["sections"][sid].volume_id
+            volume = meta["volumes"][vid]
+            if vid not in norms:
+                norms[vid] = IntensityNormalizer.from_volume(volume, seed=self.seed)
+            slabs[sid] = (grid.read(volume, norms[vid], self.cache_dtype), grid)
+            log.info("section %s: cached slab %s (%s, %.1f MB)", sid, slabs[sid][0].shape, self.cache_dtype, slabs[sid][0].nbytes / 1e6)
+        self.normalizers = norms
+        spots = prep["spots"]
+        full = PatchDataset(slabs, spots["section_id"].to_numpy(), spots[["slab_h", "slab_w"]].to_numpy(), prep["targets"], self.patch_shape_vox)
+        self._datasets = {"all": full}
+        self._aug_gen = torch.Generator().manual_seed(self.seed)
+
+    def _rows(self, split: str) -> np.ndarray:
+        return np.flatnonzero(self.spots["split"].to_numpy() == split)
+
+    def _loader(self, sampler: Any, shuffle_free: bool = True) -> DataLoader:
+        if self._datasets is None:
+            self.setup()
+        return DataLoader(
+            self._datasets["all"], batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
+            pin_memory=self.pin_memory, persistent_workers=self.persistent_workers, collate_fn=_collate,
+        )
+
+    def train_sampler(self) -> SpotEpochSampler:
+        """The training epoch sampler (built from the sampler config and the training rows)."""
+        rows = self._rows("train")
+        if len(rows) == 0:
+            raise DataError(None, "the split left no training spots")
+        spots = self.spots
+        return self.sampler.build(rows, spots["dominant_idx"].to_numpy()[rows], spots["spot_radius_um"].to_numpy()[rows], self.seed)
+
+    def train_dataloader(self) -> DataLoader:
+        self._train_sampler = self.train_sampler()
+        self._train_sampler.set_epoch(self._epoch)
+        return self._loader(self._train_sampler)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Make epoch ``epoch``'s draws and augmentations depend only on (seed, epoch), so a
+        resumed run replays an uninterrupted one."""
+        self._epoch = int(epoch)
+        if self._train_sampler is not None:
+            self._train_sampler.set_epoch(self._epoch)
+        if self._aug_gen is not None:
+            self._aug_gen.manual_seed(self.seed * 1_000_003 + self._epoch)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(SpotEpochSampler(self._rows("val"), shuffle=False))
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(SpotEpochSampler(self._rows("test"), shuffle=False))
+
+    def predict_dataloader(self) -> DataLoader:
+        """Every spot of the table in row order, whatever its split."""
+        return self._loader(SpotEpochSampler(np.arange(len(self.spots)), shuffle=False))
+
+    def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        """Augment training batches on the device they were moved to."""
+        trainer = getattr(self, "trainer", None)
+        if self.augment is not None and trainer is not None and trainer.training:
+            batch = dict(batch)
+            batch["image"] = self.augment(batch["image"], self._aug_gen)
+        return batch
+
+    def apply_augment(self, batch: dict) -> dict:
+        """The training augmentation, for use outside a Trainer (benchmarks, tests)."""
+        if self.augment is None:
+            return batch
+        return {**batch, "image": self.augment(batch["image"], self._aug_gen)}
