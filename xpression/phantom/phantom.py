@@ -161,10 +161,10 @@ class Phantom:
         bbox = (p.min(axis=0), p.max(axis=0))
         _, d_aw = capsule_sd(p, np.asarray(vol["airways"]), reach, bbox)
         _, d_v = capsule_sd(p, np.asarray(vol["vessels"]), reach, bbox)
-        near = _near_lesions(vol["lesions"], bbox, 600.0)
-        sds = [lesion_sd(p, les) for les in near]
+        # every lesion, however far: its logistic/exponential tails never reach exactly 0
+        sds = [lesion_sd(p, les) for les in vol["lesions"]]
         return compose(np.maximum(d_aw, 0.0).astype(np.float64), np.maximum(d_v, 0.0).astype(np.float64),
-                       sds, near, pp)
+                       sds, vol["lesions"], pp)
 
     def spot_programs(self, volume_id: str, centers_yx_um: np.ndarray, z_um: float) -> np.ndarray:
         """Mean programs (S, P) over each spot disk x section thickness of an axial section.
