@@ -9,14 +9,16 @@ from xpression.models.targets import TargetSpec
 
 torch.set_num_threads(1)
 COMP = TargetSpec(names=["alveolar", "airway", "vascular", "immune"], kind="composition")
-PATCH = (5, 32, 32)
+PATCH = (5, 33, 33)  # the data module's default: odd, spot at the centre voxel
 
 CASES = [
     ({"name": "cnn3d"}, PATCH),
     ({"name": "cnn3d_paper"}, (8, 32, 32)),  # the published layers on a reduced input
     ({"name": "timm", "model_name": "resnet18"}, PATCH),
     ({"name": "timm", "model_name": "convnext_atto"}, PATCH),
-    ({"name": "timm", "model_name": "vit_tiny_patch16_224"}, PATCH),
+    ({"name": "timm", "model_name": "vit_tiny_patch16_224", "fit": "resize"}, PATCH),
+    ({"name": "timm", "model_name": "vit_tiny_patch16_224", "model_kwargs": {"patch_size": 11}},
+     PATCH),
     ({"name": "unet", "encoder": "resnet18"}, PATCH),
 ]
 
@@ -61,16 +63,17 @@ def test_cnn3d_dense_equivalent():
     net = build_net({"name": "cnn3d", "dropout": 0.3}, COMP, PATCH).eval()
     assert net.dense_equivalent and net.patch_shape == PATCH
     sz, sy, sx = net.output_stride
-    x = torch.rand(2, 1, 7, 47, 44)
+    assert net.backbone.used_shape == PATCH  # the receptive field is the whole patch
+    x = torch.rand(2, 1, 7, 47, 46)
     dense = net.dense_forward(x)
     d, h, w = dense.shape[2:]
     assert dense.shape[:2] == (2, len(COMP.names))
-    assert (d, h, w) == ((7 - 5) // sz + 1, (47 - 32) // sy + 1, (44 - 32) // sx + 1)
+    assert (d, h, w) == ((7 - 5) // sz + 1, (47 - 33) // sy + 1, (46 - 33) // sx + 1) == (3, 4, 4)
     crops, ref = [], []
     for k in range(d):
         for i in range(h):
             for j in range(w):
-                crops.append(x[:, :, k * sz:k * sz + 5, i * sy:i * sy + 32, j * sx:j * sx + 32])
+                crops.append(x[:, :, k * sz:k * sz + 5, i * sy:i * sy + 33, j * sx:j * sx + 33])
                 ref.append(dense[:, :, k, i, j])
     per_patch = net(torch.cat(crops))
     torch.testing.assert_close(per_patch, torch.cat(ref), atol=1e-4, rtol=0)
@@ -92,7 +95,7 @@ def test_paper_preset_not_dense_equivalent():
 
 
 def test_paper_preset_full_size_builds():
-    bb = create_backbone("cnn3d_paper", patch_shape=(21, 128, 128))
+    bb = create_backbone("cnn3d_paper", patch_shape=(21, 129, 129))
     assert bb.feature_shape == (2, 16, 16)
     assert bb.dense.in_features == 256 * 2 * 16 * 16
 
@@ -114,12 +117,13 @@ def test_bad_patch_fails_at_construction(cfg, patch, match):
         build_net(cfg, COMP, patch, spot_radius_vox=4.3)
 
 
-def test_vit_pad_and_resize():
-    for fit in ("pad", "resize"):
-        net = build_net({"name": "timm", "model_name": "vit_tiny_patch16_224", "fit": fit},
-                        COMP, (5, 30, 30))
-        assert net.backbone.input_size == (32, 32)
-        assert net(torch.rand(2, 1, 5, 30, 30)).shape == (2, 4)
+@pytest.mark.parametrize("fit,hw,size", [("pad", 30, 32), ("resize", 30, 32), ("pad", 33, 48),
+                                         ("resize", 33, 32)])
+def test_vit_pad_and_resize(fit, hw, size):
+    net = build_net({"name": "timm", "model_name": "vit_tiny_patch16_224", "fit": fit},
+                    COMP, (5, hw, hw))
+    assert net.backbone.input_size == (size, size)
+    assert net(torch.rand(2, 1, 5, hw, hw)).shape == (2, 4)
 
 
 def test_timm_local_weights(tmp_path):
@@ -141,9 +145,9 @@ def test_unet_dense_map_and_disk():
     net = build_net({"name": "unet"}, COMP, PATCH, spot_radius_vox=4.3).eval()
     x = torch.rand(2, 1, *PATCH)
     fmap = net.dense_forward(x, raw=True)
-    assert fmap.shape == (2, 4, 32, 32)
+    assert fmap.shape == (2, 4, 33, 33)
     disk = net.backbone.disk
-    yy, xx = np.mgrid[:32, :32] - 15.5  # voxel centres relative to the patch centre
+    yy, xx = np.mgrid[:33, :33] - 16.0  # voxel centres relative to the patch's centre voxel
     assert disk.numpy().tolist() == (yy ** 2 + xx ** 2 <= 4.3 ** 2).tolist()
     # the spot output is the map averaged over the disk (the head is linear)
     torch.testing.assert_close(net.forward_raw(x), fmap[:, :, disk].mean(-1), atol=1e-5, rtol=1e-5)
@@ -161,3 +165,10 @@ def test_timm_has_no_dense_mode():
     assert not net.dense_equivalent
     with pytest.raises(NotImplementedError):
         net.dense_forward(torch.rand(1, 1, 5, 64, 64))
+
+
+def test_cnn3d_warns_when_patch_not_fully_read(caplog):
+    with caplog.at_level("WARNING", logger="xpression.models.backbones.cnn3d"):
+        bb = create_backbone("cnn3d", patch_shape=(5, 32, 32))
+    assert bb.used_shape == (5, 29, 29)
+    assert "reads only" in caplog.text

@@ -11,6 +11,7 @@ sees zero padding at its own border, which a dense run does not: not dense-equiv
 
 from __future__ import annotations
 
+import logging
 from typing import Sequence
 
 import torch
@@ -20,6 +21,7 @@ from torch import nn
 from xpression.models.registry import register_backbone
 
 Triple = tuple[int, int, int]
+log = logging.getLogger(__name__)
 
 
 def _triple(v: int | Sequence[int], what: str) -> Triple:
@@ -70,7 +72,7 @@ class CNN3D(nn.Module):
     """
 
     def __init__(self, patch_shape: Sequence[int], widths: Sequence[int] = (16, 32, 64),
-                 kernel_size: int | Sequence = ((3, 5, 5), (3, 3, 3), (1, 3, 3)),
+                 kernel_size: int | Sequence = ((3, 4, 4), (3, 4, 4), (1, 3, 3)),
                  pool: int | Sequence = (1, 2, 2), padding: str = "valid", dense_width: int = 64,
                  dropout: float = 0.3, in_chans: int = 1) -> None:
         super().__init__()
@@ -95,6 +97,11 @@ class CNN3D(nn.Module):
             stride = [a * b for a, b in zip(stride, p)]
         self.output_stride: Triple = tuple(stride)  # type: ignore[assignment]
         self.feature_shape: Triple = shapes[-1]
+        self.used_shape = self._used_shape(kernels, pools)
+        if self.dense_equivalent and self.used_shape != self.patch_shape:
+            log.warning("cnn3d reads only %s of the %s-voxel patch (pooling drops trailing voxels), "
+                        "so its receptive field is off-centre; choose kernels/pools that fit the patch",
+                        self.used_shape, self.patch_shape)
 
         layers: list[nn.Module] = []
         cin = in_chans
@@ -109,6 +116,17 @@ class CNN3D(nn.Module):
         self.drop = nn.Dropout(dropout)
         self.num_features = int(dense_width)
         self._trunk_channels = cin
+
+    def _used_shape(self, kernels: list[Triple], pools: list[Triple]) -> Triple:
+        """Voxels of the patch (from its start) that reach the output: the receptive field."""
+        if self.padding == "same":
+            return self.patch_shape
+        s = list(self.feature_shape)
+        for i in reversed(range(len(kernels))):
+            s = [a + k - 1 for a, k in zip(s, kernels[i])]
+            if i > 0:
+                s = [a * p for a, p in zip(s, pools[i - 1])]
+        return tuple(s)  # type: ignore[return-value]
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, 1, D, H, W)`` patch -> ``(B, num_features)``."""

@@ -27,15 +27,17 @@ def make_timm(model_name: str, in_chans: int, weights: str | Path | None, **kwar
 
 
 def fit_size(hw: tuple[int, int], divisor: int, fit: str, what: str) -> tuple[int, int]:
-    """In-plane size the model gets: ``hw`` itself, or padded/resized up to a multiple of ``divisor``."""
+    """In-plane size the model gets: ``hw`` itself, or a multiple of ``divisor``: the next one up
+    for ``fit="pad"``, the nearest one for ``fit="resize"``."""
     if all(s % divisor == 0 for s in hw):
         return hw
     if fit == "error":
         raise ValueError(
             f"{what} needs H and W divisible by {divisor}, but the patch is {hw[0]}x{hw[1]} voxels; "
-            f"choose a patch size that is a multiple of {divisor} voxels, a model with another "
-            f"patch size, or fit='pad' / fit='resize'")
-    return tuple(int(math.ceil(s / divisor) * divisor) for s in hw)  # type: ignore[return-value]
+            f"choose a patch size that is a multiple of {divisor} voxels, a model patch size that "
+            f"divides it (model_kwargs: {{patch_size: ...}}), or fit='pad' / fit='resize'")
+    rnd = math.ceil if fit == "pad" else round
+    return tuple(max(divisor, int(rnd(s / divisor)) * divisor) for s in hw)  # type: ignore[return-value]
 
 
 def adapt_input(x: torch.Tensor, size: tuple[int, int], fit: str) -> torch.Tensor:
@@ -73,7 +75,7 @@ class TimmBackbone(nn.Module):
             ``vit_tiny_patch16_224`` (built with ``img_size`` = the in-plane patch size).
         weights: optional local checkpoint file (timm/torch state dict); nothing is downloaded.
         fit: when the model needs H, W divisible by its patch size: ``"error"``, ``"pad"`` (zeros,
-            centred) or ``"resize"`` (bilinear) up to the next multiple.
+            centred, up to the next multiple) or ``"resize"`` (bilinear, to the nearest multiple).
         drop_rate: classifier-input dropout passed to timm.
         model_kwargs: extra keyword arguments for ``timm.create_model``.
     """
