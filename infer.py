@@ -1,0 +1,18 @@
+"""Sweep a trained model over held-out volumes: `python infer.py run=<run folder> [cohort=... | volume=...]`.
+
+See conf/infer.yaml for the options; `python infer.py --help` lists them.
+"""
+
+import hydra
+from omegaconf import DictConfig
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="infer")
+def main(cfg: DictConfig) -> None:
+    from xpression.inference.pipeline import infer
+
+    infer(cfg)
+
+
+if __name__ == "__main__":
+    main()

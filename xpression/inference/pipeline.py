@@ -1,0 +1,211 @@
+"""``infer.py``: a trained run over held-out volumes -> maps, previews, figures, scores.
+
+Order: resolve the run (checkpoint + config), open every volume and check voxel sizes, grids
+and existing outputs (all before any network compute), then per volume: tissue mask,
+normaliser, sweep into ``<output>/<volume_id>/maps.ome.zarr``; rank 0 adds the CT preview,
+optional BigTIFF, figures and, when the cohort has a truth spec, the evaluation table.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from xpression.inference.predictor import InferenceError, Predictor
+from xpression.inference.runs import RunInfo, load_predictor, resolve_run
+from xpression.inference.shards import dist_rank_world
+from xpression.inference.volume_sweep import infer_volume, plan_grid
+from xpression.inference.writers import _read_meta, export_bigtiff, read_maps, write_ct_preview
+
+__all__ = ["infer", "VolumeJob", "plan_jobs"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class VolumeJob:
+    volume_id: str
+    volume: Any
+    section_z_um: float | None  # trained section of this volume (axial), if any
+    out_dir: Path
+
+
+def _plain(cfg: Any) -> dict:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
+
+
+def _open(path: Path, voxel_size_um: Any, model_vs: tuple | None, resample: bool, vid: str) -> Any:
+    from xpression.data.volume import VolumeError, open_volume
+    from xpression.inference.resample import ResampledVolume
+
+    try:
+        vol = open_volume(path, voxel_size_um)
+    except VolumeError as exc:
+        raise InferenceError(f"volume {vid}: {exc}") from exc
+    if model_vs is not None and not np.allclose(vol.voxel_size_um, model_vs, rtol=1e-3):
+        if not resample:
+            raise InferenceError(
+                f"volume {vid} ({path}) has voxels of {list(vol.voxel_size_um)} um but the model was trained at "
+                f"{list(model_vs)} um; pass resample=true to resample it on the fly (trilinear)")
+        vol = ResampledVolume(vol, model_vs)
+    return vol
+
+
+def plan_jobs(cfg: Any, info: RunInfo) -> tuple[list[VolumeJob], Any]:
+    """The volumes to sweep (opened, voxel sizes checked) and the cohort (or None)."""
+    from xpression.data.manifest import load_manifest
+
+    out = Path(cfg.output)
+    model_vs = info.voxel_size_um
+    if cfg.get("volume"):
+        path = Path(cfg.volume)
+        vid = cfg.get("volume_id") or path.name.split(".")[0]
+        vol = _open(path, cfg.get("voxel_size_um"), model_vs, bool(cfg.resample), vid)
+        return [VolumeJob(vid, vol, None, out / vid)], None
+    manifest = cfg.get("cohort") or info.manifest
+    if not manifest:
+        raise InferenceError("nothing to sweep: give cohort=<cohort.yaml> or volume=<path>")
+    cohort = load_manifest(manifest)
+    trained = set(info.trained_sections or [s.id for s in cohort.sections])
+    wanted = cfg.get("volumes")
+    jobs = []
+    for v in cohort.volumes:
+        if wanted and v.id not in wanted:
+            continue
+        z = [s.z_um for s in v.sections if s.id in trained and s.is_axial]
+        vol = _open(v.image, v.voxel_size_um, model_vs, bool(cfg.resample), v.id)
+        jobs.append(VolumeJob(v.id, vol, z[0] if z else None, out / v.id))
+    if wanted and len(jobs) != len(set(wanted)):
+        raise InferenceError(f"volumes {sorted(set(wanted) - {j.volume_id for j in jobs})} not in {cohort.path}")
+    return jobs, cohort
+
+
+def _normalizer(volume: Any, info: RunInfo) -> Any:
+    from xpression.data.intensity import IntensityNormalizer
+
+    base = getattr(volume, "source", volume)
+    norm = IntensityNormalizer.from_volume(base, seed=info.seed)
+    # Training caches normalised slabs as uint8 (round(255 x)) unless data.cache_dtype says otherwise.
+    quantise = (info.config.get("data") or {}).get("cache_dtype", "uint8") == "uint8"
+
+    def apply(block: np.ndarray) -> np.ndarray:
+        x = norm(block)
+        return np.rint(x * 255.0) * np.float32(1 / 255.0) if quantise else x
+
+    return apply, norm.to_dict()
+
+
+def _mask(volume: Any, cfg: Any) -> Any:
+    if not cfg.mask.enabled:
+        return None
+    from xpression.data.mask import tissue_mask
+
+    params = {k: v for k, v in _plain(cfg.mask).items() if k != "enabled"}
+    return tissue_mask(getattr(volume, "source", volume), **params)
+
+
+def _precheck(jobs: list[VolumeJob], pred: Predictor, cfg: Any, identity: dict) -> None:
+    """Grids and existing outputs, for every volume, before any compute."""
+    for job in jobs:
+        plan_grid(job.volume, pred, cfg.spacing_um, cfg.mode, (job.section_z_um, None, None))
+        meta = _read_meta(job.out_dir / "maps.ome.zarr")
+        if meta is not None and not cfg.overwrite and meta.get("identity", {}).get("checkpoint_sha256") != identity["checkpoint_sha256"]:
+            raise InferenceError(
+                f"{job.out_dir / 'maps.ome.zarr'} holds maps of a different run (checkpoint "
+                f"{meta.get('identity', {}).get('checkpoint_sha256', '?')[:12]}, run {meta.get('identity', {}).get('run_dir')}); "
+                "choose another output or pass overwrite=true")
+
+
+def infer(cfg: Any) -> dict:
+    """Run the whole sweep described by the ``conf/infer.yaml`` config; returns a summary."""
+    info = resolve_run(cfg.run, cfg.checkpoint)
+    pred, hp = load_predictor(info, cfg.device, cfg.precision)
+    jobs, cohort = plan_jobs(cfg, info)
+    identity = info.identity()
+    _precheck(jobs, pred, cfg, identity)
+    rank, world = dist_rank_world()
+    meta_common = {"run_config": info.config, "checkpoint": str(info.checkpoint),
+                   "target_kind": (hp.get("target_spec") or {}).get("kind"), "infer_config": _plain(cfg)}
+    summary: dict = {"volumes": {}}
+    for job in jobs:
+        normalize, norm_meta = _normalizer(job.volume, info)
+        mask = _mask(job.volume, cfg)
+        res = infer_volume(
+            job.volume, pred, job.out_dir / "maps.ome.zarr", spacing_um=cfg.spacing_um, mode=cfg.mode,
+            tile_vox=cfg.tile_vox, overlap=cfg.overlap, batch_size=cfg.batch_size, mask=mask,
+            normalize=normalize, identity=identity, anchor_um=(job.section_z_um, None, None),
+            metadata={**meta_common, "volume_id": job.volume_id, "normalizer": norm_meta,
+                      "ct": {"path": str(getattr(job.volume, "path", "")), "preview": "../ct_preview.ome.zarr"}},
+            levels=cfg.levels, overwrite=cfg.overwrite, rank=rank, world=world, prefetch=cfg.prefetch,
+            progress=cfg.progress)
+        for note in res.notes:
+            log.info("%s grid: %s", job.volume_id, note)
+        summary["volumes"][job.volume_id] = {"path": str(res.path), "tiles": res.tiles_computed, "seconds": round(res.seconds, 2),
+                                             "grid": res.grid.to_dict(), "notes": res.notes, "skipped": res.skipped}
+        if rank == 0:
+            _extras(job, res, pred, cfg, meta_common["target_kind"])
+    if rank == 0 and cohort is not None and cohort.truth is not None and cohort.truth.spec and cfg.evaluate:
+        summary["evaluation"] = _evaluate(jobs, cohort, cfg)
+    if rank == 0:
+        Path(cfg.output).mkdir(parents=True, exist_ok=True)
+        (Path(cfg.output) / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    return summary
+
+
+def _extras(job: VolumeJob, res: Any, pred: Predictor, cfg: Any, kind: str | None) -> None:
+    from xpression.inference.figures import plot_depth_proportions, plot_orthoviews
+
+    maps, meta = read_maps(res.path)
+    ct = None
+    if cfg.ct_preview:
+        ct_path = job.out_dir / "ct_preview.ome.zarr"
+        if not ct_path.exists() or cfg.overwrite or res.tiles_computed:
+            write_ct_preview(job.volume, res.grid, ct_path, overwrite=True)
+        import zarr
+
+        ct = zarr.open_group(str(ct_path), mode="r")["0"]
+    if cfg.bigtiff:
+        export_bigtiff(res.path, job.out_dir / "maps.tif", job.out_dir / "ct_preview.ome.zarr" if cfg.ct_preview else None)
+    if cfg.figures:
+        names = list(meta["targets"])
+        plot_orthoviews(maps, res.grid, names, job.out_dir / "figures" / "orthoviews.png", ct=ct, title=job.volume_id)
+        plot_depth_proportions(maps, res.grid, names, job.out_dir / "figures" / "proportions_by_depth.png",
+                               kind=kind or "composition", title=job.volume_id)
+
+
+def _evaluate(jobs: list[VolumeJob], cohort: Any, cfg: Any) -> dict:
+    from rich.console import Console
+    from rich.table import Table
+
+    from xpression.inference.evaluate import plot_accuracy_vs_distance, score_volume, summarise
+    from xpression.phantom import Phantom
+
+    phantom = Phantom.from_spec(cohort.truth.spec)
+    rows = []
+    for job in jobs:
+        maps, meta = read_maps(job.out_dir / "maps.ome.zarr")
+        from xpression.inference.grid import OutputGrid
+
+        rows += score_volume(maps, OutputGrid.from_dict(meta["grid"]), meta["targets"],
+                             lambda p, v=job.volume_id: phantom.programs_at(v, p), phantom.program_names,
+                             job.volume_id, job.section_z_um, cfg.eval_distances_um)
+    df = summarise(rows)
+    out = Path(cfg.output)
+    out.mkdir(parents=True, exist_ok=True)
+    df.to_csv(out / "evaluation.csv", index=False)
+    plot_accuracy_vs_distance(df, out / "accuracy_vs_distance.png")
+    table = Table(title="Pearson r against the phantom truth")
+    cols = ["volume_id", "where", "distance_um", "n"] + [c for c in df.columns if c.startswith("r/")] + ["r_mean"]
+    for c in cols:
+        table.add_column(c.removeprefix("r/"), justify="right")
+    for _, r in df.iterrows():
+        table.add_row(*[f"{r[c]:.3f}" if isinstance(r[c], float) and c not in ("distance_um",) else str(r[c]) for c in cols])
+    Console().print(table)
+    return {"csv": str(out / "evaluation.csv"), "rows": df.to_dict(orient="records")}
