@@ -40,13 +40,14 @@ def worley_f2_minus_f1(points_um: np.ndarray, cell_um: float, key: int) -> np.nd
     dims = ic.max(axis=0) + 2 - lo
     cz, cy, cx = np.meshgrid(*(np.arange(lo[a], lo[a] + dims[a]) for a in range(3)), indexing="ij")
     h = hash_u64(cz.ravel(), cy.ravel(), cx.ravel(), key)
+    del cz, cy, cx
     inv = 1.0 / float(1 << 21)
-    table = [
-        (c.ravel() - lo[a] + ((h >> np.uint64(21 * a)) & _BITS21) * inv).astype(np.float32)
-        for a, c in enumerate((cz, cy, cx))
-    ]
-    local = (g - lo).astype(np.float32)
-    pz, py, px = local[:, 0], local[:, 1], local[:, 2]
+    # jitter in [0, 1) per cell, 21 bits: exact in float32, as are small integers plus it
+    table = [(((h >> np.uint64(21 * a)) & _BITS21) * inv).astype(np.float32) for a in range(3)]
+    # position within the own cell depends on the point only, so results do not depend on
+    # which other points share the call
+    frac = (g - ic).astype(np.float32)
+    pz, py, px = (np.ascontiguousarray(frac[:, a]) for a in range(3))
     rel = ic - lo
     base = (rel[:, 0] * dims[1] + rel[:, 1]) * dims[2] + rel[:, 2]
     n = len(base)
@@ -58,11 +59,11 @@ def worley_f2_minus_f1(points_um: np.ndarray, cell_um: float, key: int) -> np.nd
         for dy in (-1, 0, 1):
             for dx in (-1, 0, 1):
                 idx = base + ((dz * dims[1] + dy) * dims[2] + dx)
-                np.subtract(pz, table[0].take(idx), out=d)
+                np.subtract(pz - np.float32(dz), table[0].take(idx), out=d)
                 np.multiply(d, d, out=d)
-                np.subtract(py, table[1].take(idx), out=t)
+                np.subtract(py - np.float32(dy), table[1].take(idx), out=t)
                 d += t * t
-                np.subtract(px, table[2].take(idx), out=t)
+                np.subtract(px - np.float32(dx), table[2].take(idx), out=t)
                 d += t * t
                 np.maximum(f1, d, out=t)
                 np.minimum(f2, t, out=f2)

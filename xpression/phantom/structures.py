@@ -57,29 +57,32 @@ def capsule_sd(points: np.ndarray, segments: np.ndarray, reach: float,
     keep = np.all((smin <= hi) & (smax >= lo), axis=1)
     if not keep.any():
         return lumen, outer
-    ref = 0.5 * (lo + hi)
     segs = segs[keep]
-    a = (segs[:, 0:3] - ref).astype(np.float32)
-    e = (segs[:, 3:6] - segs[:, 0:3]).astype(np.float32)
-    l2 = (e * e).sum(axis=1)
-    ae = (a * e).sum(axis=1)
-    aa = (a * a).sum(axis=1)
-    r0, dr, wall = (segs[:, 6].astype(np.float32), (segs[:, 7] - segs[:, 6]).astype(np.float32),
-                    segs[:, 8].astype(np.float32))
-    qt = np.ascontiguousarray((p - ref).T, dtype=np.float32)  # (3, N)
-    a_, e_, l2_, ae_, aa_ = a, e, l2[:, None], ae[:, None], aa[:, None]
-    r0_, dr_, wall_ = r0[:, None], dr[:, None], wall[:, None]
+    # Elementwise float32 arithmetic in absolute coordinates (no matmul, no batch-relative
+    # origin): each point's value is bit-identical whatever batch it is evaluated in.
+    f32 = np.float32
+    a = segs[:, 0:3].astype(f32)
+    e = (segs[:, 3:6] - segs[:, 0:3]).astype(f32)
+    inv_l2 = (1.0 / (segs[:, 3:6] - segs[:, 0:3]).__pow__(2).sum(axis=1)).astype(f32)[:, None]
+    r0 = segs[:, 6].astype(f32)[:, None]
+    dr = (segs[:, 7] - segs[:, 6]).astype(f32)[:, None]
+    wall = segs[:, 8].astype(f32)[:, None]
+    q = [np.ascontiguousarray(p[:, k], dtype=f32)[None, :] for k in range(3)]
     step = max(1, 1_000_000 // len(segs))
     for i in range(0, n, step):
-        qb = qt[:, i:i + step]
-        s = e_ @ qb - ae_  # (segments, points): (p - a) . e
-        t = np.clip(s / l2_, 0.0, 1.0)
-        # |p - a - t e|^2 = |p - a|^2 - 2 t (p - a).e + t^2 |e|^2
-        d2 = (qb * qb).sum(axis=0) - 2.0 * (a_ @ qb) + aa_
-        d2 += t * (t * l2_ - 2.0 * s)
-        d = np.sqrt(np.maximum(d2, 0.0)) - (r0_ + t * dr_)
+        diff = [q[k][:, i:i + step] - a[:, k:k + 1] for k in range(3)]  # (segments, points)
+        t = diff[0] * e[:, 0:1]
+        t += diff[1] * e[:, 1:2]
+        t += diff[2] * e[:, 2:3]
+        t *= inv_l2
+        np.clip(t, 0.0, 1.0, out=t)
+        d2 = np.zeros_like(t)
+        for k in range(3):
+            diff[k] -= t * e[:, k:k + 1]
+            d2 += diff[k] * diff[k]
+        d = np.sqrt(d2) - (r0 + t * dr)
         lumen[i:i + step] = d.min(axis=0)
-        outer[i:i + step] = (d - wall_).min(axis=0)
+        outer[i:i + step] = (d - wall).min(axis=0)
     np.minimum(lumen, reach, out=lumen)
     np.minimum(outer, reach, out=outer)
     return lumen, outer
@@ -90,15 +93,15 @@ def lesion_sd(points: np.ndarray, lesion: dict[str, Any]) -> np.ndarray:
     p = np.asarray(points, np.float64) - np.asarray(lesion["center"])
     rot = np.asarray(lesion["rotation"])  # columns: the ellipsoid's axes in (z, y, x)
     radii = np.asarray(lesion["radii_um"], np.float64)
-    local = (p @ rot).T  # (3, N), contiguous rows
+    # explicit sums instead of matmul keep results independent of the batch
+    local = np.stack([p[:, 0] * rot[0, k] + p[:, 1] * rot[1, k] + p[:, 2] * rot[2, k] for k in range(3)])
     m = local / radii[:, None]
     q = np.sqrt(m[0] ** 2 + m[1] ** 2 + m[2] ** 2)
     m /= radii[:, None]
     grad = np.sqrt(m[0] ** 2 + m[1] ** 2 + m[2] ** 2) / np.maximum(q, 1e-9)
     wobble = np.zeros(len(p))
-    pt = p.T
     for kz, ky, kx, phase in lesion["waves"]:
-        wobble += np.sin(np.array([kz, ky, kx]) @ pt + phase)
+        wobble += np.sin(p[:, 0] * kz + p[:, 1] * ky + p[:, 2] * kx + phase)
     if lesion["waves"]:
         wobble *= lesion["noise_amp"] / math.sqrt(len(lesion["waves"]))
     return ((q - 1.0 - wobble) / np.maximum(grad, 1e-12)).astype(np.float32)
