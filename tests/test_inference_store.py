@@ -132,3 +132,28 @@ def test_two_processes_match_one(volume_path, volume, tmp_path):
     b, _ = read_maps(single.path)
     assert meta["complete"]
     np.testing.assert_array_equal(a[:], b[:])
+
+
+def test_bigtiff_export_and_ct_preview(volume, tmp_path):
+    import tifffile
+
+    from xpression.inference.writers import export_bigtiff, write_ct_preview
+
+    res = infer_volume(volume, pred(), tmp_path / "m.ome.zarr", normalize=norm, identity={"run": "r1"}, **KW)
+    ct = write_ct_preview(volume, res.grid, tmp_path / "ct.ome.zarr")
+    ct0 = zarr.open_group(str(ct), mode="r")["0"][:]
+    c = res.grid.centres_vox
+    np.testing.assert_array_equal(ct0, np.load(volume.path)[np.ix_(c(0), c(1), c(2))])
+    tif = export_bigtiff(res.path, tmp_path / "m.tif", ct)
+    data = tifffile.imread(tif)
+    assert data.shape == (res.grid.shape[0], 4) + res.grid.shape[1:]
+    np.testing.assert_allclose(data[:, 1:], np.moveaxis(read_maps(res.path)[0][:].astype(np.float32), 0, 1))
+
+
+def test_resampled_volume_matches_native(volume):
+    from xpression.inference.resample import ResampledVolume
+
+    same = ResampledVolume(volume, volume.voxel_size_um)
+    np.testing.assert_array_equal(same.read_block((2, 3, 4), (6, 20, 30)), volume.read_block((2, 3, 4), (6, 20, 30)))
+    coarse = ResampledVolume(volume, (12.8, 12.8, 12.8))
+    assert coarse.shape == (6, 22, 24) and coarse.read_block((0, 0, 0), (3, 5, 5)).shape == (3, 5, 5)
