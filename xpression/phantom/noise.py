@@ -28,16 +28,22 @@ def hash_u64(iz: np.ndarray, iy: np.ndarray, ix: np.ndarray, key: int) -> np.nda
     return h
 
 
-def worley_f2_minus_f1(points_um: np.ndarray, cell_um: float, key: int) -> np.ndarray:
+def worley_f2_minus_f1(points_um: np.ndarray, cell_um: float, key: int,
+                       bbox: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     """Worley F2 - F1 (um) at points (N, 3) z, y, x, one jittered feature point per cell.
 
     Zero on the bisector between the two nearest feature points (a cell wall), growing
-    towards a cell's centre. Uses the 27 surrounding cells.
+    towards a cell's centre. Uses the 27 surrounding cells. bbox: optional (lo, hi) um
+    bounds of the points, to skip computing them.
     """
     g = np.asarray(points_um, np.float64) / cell_um
     ic = np.floor(g).astype(np.int64)
-    lo = ic.min(axis=0) - 1
-    dims = ic.max(axis=0) + 2 - lo
+    if bbox is None:
+        lo, hi = ic.min(axis=0) - 1, ic.max(axis=0) + 1
+    else:
+        lo = np.floor(np.asarray(bbox[0]) / cell_um).astype(np.int64) - 1
+        hi = np.floor(np.asarray(bbox[1]) / cell_um).astype(np.int64) + 1
+    dims = hi + 1 - lo
     cz, cy, cx = np.meshgrid(*(np.arange(lo[a], lo[a] + dims[a]) for a in range(3)), indexing="ij")
     h = hash_u64(cz.ravel(), cy.ravel(), cx.ravel(), key)
     del cz, cy, cx

@@ -112,22 +112,28 @@ class Phantom:
             for j in range(0, len(yr), tile):
                 for k in range(0, len(xr), tile):
                     sub = (zr[i:i + tile], yr[j:j + tile], xr[k:k + tile])
-                    att = self._attenuation(vol, grid_points(*sub, vox))
+                    bbox = (np.array([r[0] for r in sub]) * vox, np.array([r[-1] for r in sub]) * vox)
+                    att = self._attenuation(vol, grid_points(*sub, vox), bbox)
                     out[i:i + tile, j:j + tile, k:k + tile] = att.reshape([len(r) for r in sub])
         return out
 
-    def _attenuation(self, vol: dict[str, Any], p: np.ndarray) -> np.ndarray:
+    def _attenuation(self, vol: dict[str, Any], p: np.ndarray,
+                     bbox: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
         a = self.spec["attenuation"]
         prm = self.spec["params"]
         so = organ_sd(p, vol["organ"]).astype(np.float64)
         att = np.full(len(p), a["paraffin"])
         inside = so < 8.0
-        if not inside.any():
+        n_in = np.count_nonzero(inside)
+        if n_in == 0:
             return att
-        q = p[inside]
-        so_in = so[inside]
-        bbox = (q.min(axis=0), q.max(axis=0))
-        h = 0.5 * worley_f2_minus_f1(q, prm["alveolus_um"], vol["noise_key"])
+        if n_in == len(p):
+            q, so_in = p, so
+        else:
+            q, so_in = p[inside], so[inside]
+        if bbox is None:
+            bbox = (q.min(axis=0), q.max(axis=0))
+        h = 0.5 * worley_f2_minus_f1(q, prm["alveolus_um"], vol["noise_key"], bbox)
         septum = _soft(h - 0.5 * prm["septum_um"], 1.5)
         cons = np.zeros(len(q))
         for les in _near_lesions(vol["lesions"], bbox, 16.0):
@@ -145,7 +151,10 @@ class Phantom:
         lung += (a["air"] - lung) * _soft(al, 1.5)
         out = a["paraffin"] + (lung - a["paraffin"]) * _soft(so_in, 1.5)
         pleura = 0.6 * np.clip(1.0 - np.abs(so_in) / 5.0, 0.0, 1.0)
-        att[inside] = out + (a["tissue"] - out) * pleura
+        out += (a["tissue"] - out) * pleura
+        if n_in == len(p):
+            return out
+        att[inside] = out
         return att
 
     # ------------------------------------------------------------ programs
