@@ -102,7 +102,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         manifest = _manifest(args.manifest, tmp)
         dm = XPressionDataModule(
-            manifest, sampler=StratifiedSampler(voxel_size_um=args.voxel_size_um), split=SpatialBlocksSplit(block_um=300.0),
+            manifest, sampler=StratifiedSampler(voxel_size_um=args.voxel_size_um), split=SpatialBlocksSplit(),
             batch_size=args.batch_size, num_workers=args.num_workers, seed=0,
         )
         t0 = time.perf_counter()

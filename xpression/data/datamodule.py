@@ -305,7 +305,7 @@ class XPressionDataModule(pl.LightningDataModule):
     def _rows(self, split: str) -> np.ndarray:
         return np.flatnonzero(self.spots["split"].to_numpy() == split)
 
-    def _loader(self, sampler: Any, shuffle_free: bool = True) -> DataLoader:
+    def _loader(self, sampler: Any) -> DataLoader:
         if self._datasets is None:
             self.setup()
         return DataLoader(

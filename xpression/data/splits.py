@@ -15,7 +15,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from xpression.data.geometry import DataError, Plane, count_patch_overlaps
+from xpression.data.geometry import DataError, Plane, count_patch_overlaps, patch_boxes_overlap
 
 __all__ = ["SpatialBlocksSplit", "StratifiedRandomSplit", "LeaveSectionOut", "VolumesSplit", "patch_overlap", "SPLITS"]
 
@@ -52,8 +52,6 @@ def _exclude_overlapping(labels: np.ndarray, spots: pd.DataFrame, planes: Mappin
     vol = spots["volume_id"].to_numpy()
     half = np.asarray(patch_size_um, float) / 2
     hits = cKDTree(pts[held]).query_ball_point(pts[train], r=2 * float(np.linalg.norm(half)))
-    from xpression.data.geometry import patch_boxes_overlap
-
     out = labels.copy()
     for i, near in zip(train, hits):
         near = [held[j] for j in near if vol[held[j]] == vol[i]]
