@@ -6,7 +6,6 @@ import copy
 import csv
 import json
 import time
-from pathlib import Path
 
 import anndata
 import numpy as np
