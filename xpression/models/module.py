@@ -137,17 +137,28 @@ class XPressionModule(pl.LightningModule):
     # -- epoch metrics ------------------------------------------------------------------------
     def _epoch_metrics(self, split: str) -> None:
         outs, self._outputs[split] = self._outputs[split], []
-        if not outs or (self.trainer is not None and self.trainer.sanity_checking):
+        if self.trainer is not None and self.trainer.sanity_checking:
             return
-        pred = torch.cat([o[0] for o in outs])
-        target = torch.cat([o[1] for o in outs])
+        t = len(self.target_spec.names)
+        pred = torch.cat([o[0] for o in outs]) if outs else torch.zeros(0, t)
+        target = torch.cat([o[1] for o in outs]) if outs else torch.zeros(0, t)
         if self.trainer is not None and self.trainer.world_size > 1:
-            pred = self.all_gather(pred.to(self.device)).flatten(0, 1).cpu()
-            target = self.all_gather(target.to(self.device)).flatten(0, 1).cpu()
+            # every rank joins the gather, even one that saw no batch
+            pred, target = self._gather(pred), self._gather(target)
+        if not len(pred):
+            return
         m = regression_metrics(pred.numpy(), target.numpy(), self.target_spec.names,
                                self.target_spec.kind, undefined=0.0)
+        # identical on every rank after the gather; sync_dist only keeps Lightning from warning
         self.log_dict({f"{split}/{k}": float(np.float32(v)) for k, v in m.items()},
-                      batch_size=len(pred))
+                      batch_size=len(pred), sync_dist=self.trainer is not None and self.trainer.world_size > 1)
+
+    def _gather(self, x: torch.Tensor) -> torch.Tensor:
+        """Concatenate ``(N_rank, T)`` from every rank (ranks may hold different ``N``)."""
+        n = self.all_gather(torch.tensor(len(x), device=self.device)).flatten()
+        pad = torch.zeros(int(n.max()) - len(x), *x.shape[1:], dtype=x.dtype)
+        full = self.all_gather(torch.cat([x, pad]).to(self.device))
+        return torch.cat([full[r, : int(n[r])] for r in range(len(n))]).cpu()
 
     def on_train_epoch_start(self) -> None:
         self._outputs["train"] = []
