@@ -1,16 +1,21 @@
 """Backbone families, one module each; importing this package registers them all.
 
-=================  =================  ==================================================
-name               dense-equivalent   dense_forward
-=================  =================  ==================================================
-``cnn3d``          yes (valid pad)    ``(B, T, d, h, w)`` at ``output_stride`` voxels;
-                                      equals the per-patch answer of each crop exactly
-``cnn3d`` same     no                 same grid, differs near each patch's border
-``cnn3d_paper``    no (same pad)      as above; the sweep reports the measured difference
-``unet``           no (approx.)       ``(B, T, H', W')`` central plane, every voxel;
-                                      zero padding at the input border shifts values
-``timm``           no                 not available: per-patch only
-=================  =================  ==================================================
+``XPressionNet.dense_forward`` runs a backbone over an input larger than its patch:
+
+===============  ================  ==========================================================
+name             dense-equivalent  dense output
+===============  ================  ==========================================================
+``cnn3d``        yes (``valid``)   ``(B, T, d, h, w)``; output ``k`` is the patch starting at
+                                   voxel ``k * output_stride``, exactly (within fp rounding)
+``cnn3d``        no (``same``)     same grid; each patch's own zero border is missing, so
+                                   values differ from the per-patch answer near borders
+``cnn3d_paper``  no (``same``)     as above (the published network)
+``unet``         no (approximate)  ``(B, T, H', W')`` central plane at every in-plane voxel;
+                                   ``spot_average=True`` averages over the spot disk (the
+                                   training-time spot value); the encoder's padding and wider
+                                   context make it differ slightly from a patch-by-patch run
+``timm``         no                none: ``NotImplementedError``, predict patch by patch
+===============  ================  ==========================================================
 """
 
 from xpression.models.backbones import cnn3d, timm2d, unet  # noqa: F401
