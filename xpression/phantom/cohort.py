@@ -213,13 +213,14 @@ def _print_summary(console: Console, out: Path, summary: dict[str, Any], seconds
     spots: dict[str, list[str]] = {}
     for vid, _, n in summary["spots"]:
         spots.setdefault(vid, []).append(str(n))
-    table = Table(title=f"{ph.spec['name']} (seed {ph.spec['seed']})")
-    for col in ("volume", "condition", "voxels z,y,x", "voxel um", "size mm z,y,x", "lesions", "spots/section"):
-        table.add_column(col, no_wrap=True)
+    vox = ph.spec["params"]["voxel_um"]
+    table = Table(title=f"{ph.spec['name']} (seed {ph.spec['seed']}), voxel {vox:g} um")
+    for col in ("volume", "condition", "voxels zyx", "mm zyx", "lesions", "spots"):
+        table.add_column(col, overflow="fold")
     for vol in ph.spec["volumes"]:
         size = [(n * v) / 1000 for n, v in zip(vol["shape"], vol["voxel_size_um"])]
         table.add_row(vol["id"], vol["condition"], "x".join(map(str, vol["shape"])),
-                      f"{vol['voxel_size_um'][0]:g}", "x".join(f"{s:.2f}" for s in size),
+                      "x".join(f"{s:.3g}" for s in size),
                       str(len(vol["lesions"])), ", ".join(spots.get(vol["id"], [])))
     console.print(table)
     extra = [k for k in ("tiff", "tomography") if summary[k]]
