@@ -28,6 +28,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+MASK = "truth"
 
 
 class Crop:
@@ -77,6 +78,11 @@ def setup(cohort: Path):
     torch.manual_seed(0)
     pred = Predictor(build_model(vol.voxel_size_um[2]), device="cpu", precision="fp32")
     norm = IntensityNormalizer.from_volume(vol)
+    if MASK == "truth":
+        from xpression.phantom import Phantom
+
+        phantom = Phantom.from_spec(load_manifest(cohort).truth.spec)
+        return vol, pred, norm, lambda p: phantom.organ_sd(entry.id, p) <= 0
     return vol, pred, norm, tissue_mask(vol)
 
 
@@ -111,8 +117,12 @@ def main() -> None:
     ap.add_argument("--patch-tiles", type=int, default=2, help="tiles timed in patch mode")
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--mask", choices=["truth", "otsu"], default="truth",
+                    help="tissue: the phantom's organ (truth) or xpression.data.mask.tissue_mask (otsu)")
     ap.add_argument("--rss-child", type=float, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    global MASK
+    MASK = args.mask
     if args.cohort is None:
         args.cohort = args.out / "cohort.yaml"
         if not args.cohort.exists():
@@ -172,7 +182,7 @@ def main() -> None:
 
     res = []
     for f in (0.5, 1.0):
-        cmd = [sys.executable, __file__, "--cohort", str(args.cohort), "--rss-child", str(f), "--threads", str(args.threads),
+        cmd = [sys.executable, __file__, "--cohort", str(args.cohort), "--rss-child", str(f), "--mask", args.mask, "--threads", str(args.threads),
                "--spacing-um", *map(str, args.spacing_um), "--tile-vox", *map(str, args.tile_vox)]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
         res.append(json.loads(out))

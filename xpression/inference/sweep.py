@@ -19,8 +19,8 @@ Two modes give the same numbers for a dense-equivalent network (within float err
   points never sit near the edge of the network's input (the overlap-tile strategy of the
   U-Net paper, Ronneberger et al. 2015). Each grid point is answered by exactly one tile.
 
-Only tiles with at least one grid point in the tissue mask are computed; points outside the
-mask are NaN. The next tiles' inputs are read and normalised in a background thread while
+Only tiles with at least one grid point in the tissue mask are computed, and each input slab
+is cut to the bounding box of its tissue points; points outside the mask are NaN. The next tiles' inputs are read and normalised in a background thread while
 the network runs. Memory is bounded by the tile size (input block + activations), not by the
 volume.
 """
@@ -151,18 +151,26 @@ class _Slab:
     vstop: tuple[int, int, int]
 
 
-def _slabs(plan: SweepPlan, grid: OutputGrid, tile: Tile) -> list[_Slab]:
+def _slabs(plan: SweepPlan, grid: OutputGrid, tile: Tile, m: np.ndarray) -> list[_Slab]:
+    """Input slabs of a tile: one per grid index along split axes, each shrunk to the bounding
+    box of its tissue points (slabs without tissue are dropped)."""
     ranges = []
     for a, ax in enumerate(plan.axes):
         r = [(g, g + 1) for g in range(tile.start[a], tile.stop[a])] if ax.split else [(tile.start[a], tile.stop[a])]
         ranges.append(r)
     out = []
     for combo in itertools.product(*ranges):
-        gs = tuple(c[0] for c in combo)
-        ge = tuple(c[1] for c in combo)
+        sub = m[tuple(slice(c[0] - t, c[1] - t) for c, t in zip(combo, tile.start))]
+        if not sub.any():
+            continue
+        gs, ge = [], []
+        for a, c in enumerate(combo):
+            hit = np.flatnonzero(sub.any(axis=tuple(b for b in range(3) if b != a)))
+            gs.append(c[0] + int(hit[0]))
+            ge.append(c[0] + int(hit[-1]) + 1)
         vs = tuple(int(grid.origin_vox[a] + gs[a] * grid.step_vox[a] - plan.axes[a].lo) for a in range(3))
         ve = tuple(int(grid.origin_vox[a] + (ge[a] - 1) * grid.step_vox[a] + plan.axes[a].hi + 1) for a in range(3))
-        out.append(_Slab(gs, ge, vs, ve))  # type: ignore[arg-type]
+        out.append(_Slab(tuple(gs), tuple(ge), vs, ve))  # type: ignore[arg-type]
     return out
 
 
@@ -178,9 +186,7 @@ def _read_tiles(volume: Any, plan: SweepPlan, grid: OutputGrid, tiles: Iterable[
             yield tile, m, []
             continue
         slabs = []
-        for sl in _slabs(plan, grid, tile):
-            if not m[tuple(slice(a - t, b - t) for a, b, t in zip(sl.gstart, sl.gstop, tile.start))].any():
-                continue
+        for sl in _slabs(plan, grid, tile, m):
             block = volume.read_block(sl.vstart, sl.vstop, fill=0)
             slabs.append((sl, np.asarray(normalize(block), dtype=np.float32)))
         yield tile, m, slabs
@@ -254,8 +260,11 @@ def _run_patch(pred: Predictor, plan: SweepPlan, grid: OutputGrid, tile: Tile, m
 
 def _run_dense(pred: Predictor, plan: SweepPlan, grid: OutputGrid, tile: Tile, slabs: list,
                batch_size: int, out: np.ndarray) -> None:
-    for b0 in range(0, len(slabs), batch_size):
-        part = slabs[b0 : b0 + batch_size]
+    by_shape: dict[tuple, list] = {}
+    for item in slabs:  # slabs of equal shape share a forward
+        by_shape.setdefault(item[1].shape, []).append(item)
+    batches = [g[b0 : b0 + batch_size] for g in by_shape.values() for b0 in range(0, len(g), batch_size)]
+    for part in batches:
         res = pred.predict_dense(np.stack([d for _, d in part]))
         for (sl, _), r in zip(part, res):
             src, dst = [], []
