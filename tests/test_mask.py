@@ -15,7 +15,7 @@ from xpression.data.volume import VolumeError, open_volume
 VOX = 2.0
 CENTRE_UM = np.array([40.0, 96.0, 80.0])  # voxel (20, 48, 40)
 RADIUS_UM = 50.0
-PARAMS = dict(window_um=12.0, stride_um=8.0, min_object_um2=300.0)
+PARAMS = dict(window_um=12.0, stride_um=8.0, min_object_um2=300.0, feature="mean")
 
 
 def blob(shape=(40, 96, 96), speck=False, seed=0) -> np.ndarray:
@@ -61,7 +61,7 @@ def test_pyramid_level_gives_same_mask(tmp_path, zarr_vol):
 def test_path_input_and_anisotropic_stride(tmp_path):
     np.save(tmp_path / "b.npy", blob())
     tm = tissue_mask(tmp_path / "b.npy", voxel_size_um=VOX, window_um=12.0, stride_um=(4.0, 8.0, 8.0),
-                     min_object_um2=300.0, cache=False)
+                     min_object_um2=300.0, feature="mean", cache=False)
     assert tm.voxel_size_um == (4.0, 8.0, 8.0) and tm.shape == (20, 24, 24)
     assert (tm.mask == truth_for(tm)).mean() > 0.97
 
@@ -69,8 +69,8 @@ def test_path_input_and_anisotropic_stride(tmp_path):
 def test_small_objects_removed(tmp_path):
     np.save(tmp_path / "s.npy", blob(speck=True))
     vol = open_volume(tmp_path / "s.npy", VOX)
-    kept = tissue_mask(vol, window_um=8.0, stride_um=4.0, min_object_um2=0.0, cache=False)
-    dropped = tissue_mask(vol, window_um=8.0, stride_um=4.0, min_object_um2=400.0, cache=False)
+    kept = tissue_mask(vol, window_um=8.0, stride_um=4.0, min_object_um2=0.0, feature="mean", cache=False)
+    dropped = tissue_mask(vol, window_um=8.0, stride_um=4.0, min_object_um2=400.0, feature="mean", cache=False)
     speck_um = np.array([[20.0, 13.0, 173.0]])
     assert kept.contains(speck_um)[0] and not dropped.contains(speck_um)[0]
     assert dropped.contains(CENTRE_UM[None])[0]
@@ -174,3 +174,25 @@ def test_empty_mask_raises(tmp_path):
         tissue_mask(open_volume(tmp_path / "flat.npy", VOX), **PARAMS, threshold=200.0)
     with pytest.raises(ValueError):
         tissue_mask(vol, window_um=0.0)
+
+
+def test_std_feature_finds_porous_tissue_whose_mean_matches_the_medium(tmp_path):
+    """Foam-like tissue (air and septa) averaging to the embedding medium's grey: only texture tells."""
+    rng = np.random.default_rng(1)
+    shape = (40, 96, 96)
+    pos = np.indices(shape).transpose(1, 2, 3, 0) * VOX
+    inside = np.linalg.norm(pos - CENTRE_UM, axis=-1) < RADIUS_UM
+    foam = np.where(rng.random(shape) < 0.5, 30.0, 170.0)  # mean 100, strong texture
+    a = np.where(inside, foam, 100.0) + rng.normal(0, 5, shape)
+    np.save(tmp_path / "foam.npy", a.clip(0, 255).astype(np.uint8))
+    vol = open_volume(tmp_path / "foam.npy", VOX)
+    params = dict(window_um=12.0, stride_um=8.0, min_object_um2=300.0, cache=False)
+    by_std = tissue_mask(vol, feature="std", **params)
+    truth = truth_for(by_std)
+    dice = 2 * (by_std.mask & truth).sum() / (by_std.mask.sum() + truth.sum())
+    assert dice > 0.9
+    by_mean = tissue_mask(vol, feature="mean", **params)
+    dice_mean = 2 * (by_mean.mask & truth).sum() / max(by_mean.mask.sum() + truth.sum(), 1)
+    assert dice_mean < 0.8  # the mean cannot separate them
+    with pytest.raises(ValueError, match="feature"):
+        tissue_mask(vol, feature="median", **params)

@@ -1,8 +1,8 @@
 """Low-resolution tissue mask of a micro-CT volume.
 
-Per axial slice, the mean intensity of ``window_um``-wide square windows is taken on a grid of
-``stride_um`` (the original study: 128 px windows at 16 px stride on 1.6 um voxels, about
-205 um at 25.6 um); one Otsu threshold over all windows of the volume separates tissue from
+Per axial slice, the intensity standard deviation (or, as in the original study, the mean) of
+``window_um``-wide square windows is taken on a grid of ``stride_um`` (the original study: 128 px
+windows at 16 px stride on 1.6 um voxels, about 205 um at 25.6 um); one Otsu threshold over all windows of the volume separates tissue from
 background, and connected components under ``min_object_um2`` are removed slice by slice.
 The result is a boolean grid whose voxel ``j`` is centred at ``origin_um + j * voxel_size_um``
 in the volume's physical frame (um). Masks are cached next to the volume (or in
@@ -26,7 +26,7 @@ from xpression.data.volume import Volume, VolumeError, open_volume
 
 __all__ = ["TissueMask", "tissue_mask"]
 
-_ALGO_VERSION = 1
+_ALGO_VERSION = 2
 
 
 @dataclass
@@ -177,6 +177,15 @@ def _local_means(plane: np.ndarray, cy: np.ndarray, cx: np.ndarray, wy: int, wx:
     return s / np.maximum(area, 1)
 
 
+def _local_feature(plane: np.ndarray, cy: np.ndarray, cx: np.ndarray, wy: int, wx: int, feature: str) -> np.ndarray:
+    """Window mean (``"mean"``) or standard deviation (``"std"``) around each grid point."""
+    mean = _local_means(plane, cy, cx, wy, wx)
+    if feature == "mean":
+        return mean
+    square = _local_means(plane.astype(np.float64) ** 2, cy, cx, wy, wx)
+    return np.sqrt(np.maximum(square - mean**2, 0.0))
+
+
 def _remove_small(mask2d: np.ndarray, min_px: int) -> np.ndarray:
     from skimage.morphology import remove_small_objects
 
@@ -191,7 +200,7 @@ def _remove_small(mask2d: np.ndarray, min_px: int) -> np.ndarray:
 
 
 def _compute(vol: Volume, window_um: float, stride: np.ndarray, min_object_um2: float,
-             threshold: float | None, bright: bool, fill_holes: bool) -> TissueMask:
+             threshold: float | None, bright: bool, fill_holes: bool, feature: str = "std") -> TissueMask:
     from scipy.ndimage import binary_fill_holes
     from skimage.filters import threshold_otsu
 
@@ -209,7 +218,7 @@ def _compute(vol: Volume, window_um: float, stride: np.ndarray, min_object_um2: 
     zs = np.clip(np.rint(centres[0]).astype(int), 0, src.shape[0] - 1)
     means = np.empty(tuple(n_grid), dtype=np.float32)
     for j, z in enumerate(zs):
-        means[j] = _local_means(src[int(z)], centres[1], centres[2], wy, wx)
+        means[j] = _local_feature(src[int(z)], centres[1], centres[2], wy, wx, feature)
     thr = float(threshold) if threshold is not None else float(threshold_otsu(means))
     mask = means > thr if bright else means < thr
     min_px = int(math.ceil(min_object_um2 / (stride[1] * stride[2])))
@@ -221,12 +230,13 @@ def _compute(vol: Volume, window_um: float, stride: np.ndarray, min_object_um2: 
 
 def tissue_mask(
     volume: Volume | str | os.PathLike,
-    window_um: float = 204.8,
+    window_um: float = 102.4,
     stride_um: float | Sequence[float] = 25.6,
     min_object_um2: float = 1.0e5,
+    feature: str = "std",
     threshold: float | None = None,
     bright: bool = True,
-    fill_holes: bool = False,
+    fill_holes: bool = True,
     cache: bool = True,
     cache_dir: str | os.PathLike | None = None,
     voxel_size_um: Any = None,
@@ -235,8 +245,12 @@ def tissue_mask(
 
     ``window_um``: side of the square in-plane window averaged per grid point (um).
     ``stride_um``: mask grid spacing, scalar or ``(z, y, x)`` (um). ``min_object_um2``: smaller
-    connected tissue regions of a slice are dropped (um^2). ``threshold``: fixed intensity
-    threshold instead of Otsu; ``bright``: tissue is brighter than background.
+    connected tissue regions of a slice are dropped (um^2). ``feature``: what is thresholded,
+    the window's standard deviation (``"std"``, default: tissue is textured, embedding medium is
+    not, whatever their mean grey values) or its mean (``"mean"``, the original study's choice
+    with 204.8 um windows, which fails where porous tissue averages to the medium's grey).
+    ``threshold``: fixed threshold instead of Otsu; ``bright``: tissue has the higher feature; ``fill_holes``: count enclosed regions
+    (airway lumens, homogeneous consolidated lesions) as tissue, slice by slice.
     The mask is cached in ``cache_dir`` (default: next to the volume, ``<name>.mask-<hash>.npz``)
     and recomputed if the parameters or the file change. Raises :class:`VolumeError` if no
     tissue is found.
@@ -245,11 +259,14 @@ def tissue_mask(
     stride = np.broadcast_to(np.asarray(stride_um, dtype=float), (3,)).copy()
     if np.any(stride <= 0) or window_um <= 0:
         raise ValueError("tissue_mask: window_um and stride_um must be positive")
+    if feature not in ("std", "mean"):
+        raise ValueError(f"tissue_mask: feature must be 'std' or 'mean', got {feature!r}")
     params = {
         "version": _ALGO_VERSION,
         "window_um": float(window_um),
         "stride_um": stride.tolist(),
         "min_object_um2": float(min_object_um2),
+        "feature": feature,
         "threshold": None if threshold is None else float(threshold),
         "bright": bool(bright),
         "fill_holes": bool(fill_holes),
@@ -275,7 +292,7 @@ def tissue_mask(
                     return tm
             except Exception:  # unreadable cache: recompute
                 pass
-    tm = _compute(vol, float(window_um), stride, float(min_object_um2), threshold, bright, fill_holes)
+    tm = _compute(vol, float(window_um), stride, float(min_object_um2), threshold, bright, fill_holes, feature)
     if not tm.mask.any():
         raise VolumeError(
             base.path,

@@ -145,15 +145,15 @@ DEFAULT_LOSS = {"composition": "kl", "log_expression": "mse", "counts": "poisson
 def build_loss(cfg: str | Mapping[str, Any] | None, kind: str, **kwargs: Any) -> Loss:
     """A loss for targets of ``kind`` from a name or ``{"name": ..., **kwargs}``.
 
-    ``None`` picks the kind's default (kl / mse / poisson). Unknown names and kinds the loss
-    cannot take raise ``ValueError``.
+    ``None`` or the name ``"auto"`` picks the kind's default (kl / mse / poisson). Unknown names
+    and kinds the loss cannot take raise ``ValueError``.
     """
-    if cfg is None:
-        cfg = DEFAULT_LOSS[kind] if kind in DEFAULT_LOSS else "mse"
     if isinstance(cfg, str):
         cfg = {"name": cfg}
-    cfg = {**dict(cfg), **kwargs}
+    cfg = {**dict(cfg or {}), **kwargs}
     name = cfg.pop("name", None)
+    if name in (None, "auto"):
+        name = DEFAULT_LOSS.get(kind, "mse")
     if name not in _LOSSES:
         raise ValueError(f"unknown loss {name!r}; valid names: {', '.join(list_losses())}")
     return _LOSSES[name](kind=kind, **cfg)
