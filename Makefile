@@ -5,6 +5,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DATA_DIR ?= data
 COHORT := $(DATA_DIR)/phantom_default/cohort.yaml
+# Each `make run` writes a new folder; nothing earlier is overwritten.
+RUN_DIR := runs/make_run/$(shell date +%Y-%m-%d_%H-%M-%S)
 
 .PHONY: run test cohort install clean-cohort
 
@@ -25,6 +27,9 @@ cohort: $(COHORT)
 
 run: $(STAMP) $(COHORT)
 	$(PY) -m xpression.data.summary $(COHORT)
+	$(PY) train.py hydra.run.dir=$(RUN_DIR)/train
+	$(PY) infer.py run=$(RUN_DIR)/train output=$(RUN_DIR)/maps
+	@echo "run folder: $(RUN_DIR) (train/: checkpoints, metrics, figures; maps/: OME-Zarr maps, figures, evaluation)"
 
 test: $(STAMP)
 	$(PY) -m pytest tests

@@ -4,7 +4,7 @@
 can be checked without reading voxels (names, the loss against the target kind, the patch
 against the backbone, a checkpoint against the target set) is checked before any CT is read.
 
-A run folder holds: `.hydra/` (the resolved config), `checkpoints/` (best and last), `metrics.json`,
+A run folder holds: `config.yaml` (the resolved config; Hydra's own in `.hydra/`), `checkpoints/` (best and last), `metrics.json`,
 `predictions.csv` (every spot, its split, truth and prediction) and `figures/`.
 """
 
@@ -63,6 +63,8 @@ def train(cfg: DictConfig) -> float | None:
     """
     out_dir = Path(cfg.paths.output_dir) if "paths" in cfg else Path(HydraConfig.get().runtime.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    # The resolved config (paths expanded) lets infer.py rebuild the run without Hydra's runtime.
+    (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved_config(cfg)))
     pl.seed_everything(cfg.seed, workers=True)
 
     datamodule = instantiate(cfg.data, target=cfg.target, sampler=cfg.sampler, split=cfg.split, seed=cfg.seed, _recursive_=False)
@@ -206,5 +208,6 @@ def _optimized_value(cfg: DictConfig, metrics: dict[str, Any]) -> float | None:
 
 
 def resolved_config(cfg: DictConfig) -> dict[str, Any]:
-    """The config as plain data (for metadata of checkpoints and maps)."""
-    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+    """The run's config as plain data, interpolations resolved, without Hydra's own node."""
+    keys = [key for key in cfg if key != "hydra"]
+    return OmegaConf.to_container(OmegaConf.masked_copy(cfg, keys), resolve=True)  # type: ignore[return-value]

@@ -191,11 +191,14 @@ class GenesTarget:
     """Log-normalised expression of ``genes`` (or of the ``n_top`` most variable genes).
 
     Counts are library-size normalised (``target_sum`` per spot, None = median) then log1p.
+    With ``counts=True`` the targets are the raw integer counts instead (kind ``counts``, for
+    count losses such as ``poisson``); genes are still chosen on the normalised data.
     """
 
     genes: Sequence[str] | None = None
     n_top: int | None = None
     target_sum: float | None = 1e4
+    counts: bool = False
 
     def compute(self, adatas: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], TargetSpec]:
         """Per-section (n_spots, T) float32 log1p expression and a ``log_expression`` spec."""
@@ -207,12 +210,18 @@ class GenesTarget:
                 missing = [g for g in genes if g not in a.var_names]
                 if missing:
                     raise DataError(_where(a, sid), f"genes not found: {missing} ({a.n_vars} genes available)")
-        joint = _normalised(_concat(adatas), self.target_sum)
+        raw = _concat(adatas)
+        joint = _normalised(raw, self.target_sum)
         if self.genes is None:
             genes = _top_hvg(joint, int(self.n_top))  # type: ignore[arg-type]
-        x = joint[:, genes].X
+        if self.counts:
+            x = raw[:, genes].X
+            kind = "counts"
+        else:
+            x = joint[:, genes].X
+            kind = "log_expression"
         values = np.asarray(x.toarray() if sp.issparse(x) else x, dtype=np.float32)
-        return _split_rows(joint, values, adatas), TargetSpec(list(genes), "log_expression")
+        return _split_rows(joint, values, adatas), TargetSpec(list(genes), kind)
 
 
 def _morans_top(joint: Any, n_top: int) -> list[str]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -180,9 +181,26 @@ def _extras(job: VolumeJob, res: Any, pred: Predictor, cfg: Any, kind: str | Non
                                kind=kind or "composition", title=job.volume_id)
 
 
+def _evaluation_table(df: Any) -> Any:
+    """Pearson r per target and the mean, one row per (volume, where, distance)."""
+    from rich.table import Table
+
+    table = Table(title="Pearson r against the phantom truth (maps vs 3D truth)", title_justify="left")
+    targets = [c for c in df.columns if c.startswith("r/")]
+    for name in ("volume", "where", "distance (um)", "points"):
+        table.add_column(name, justify="left" if name in ("volume", "where") else "right")
+    for c in targets:
+        table.add_column(c.removeprefix("r/"), justify="right")
+    table.add_column("mean r", justify="right", style="bold")
+    for _, r in df.iterrows():
+        distance = "" if r["distance_um"] != r["distance_um"] else f"{r['distance_um']:.0f}"
+        table.add_row(str(r["volume_id"]), str(r["where"]), distance, str(int(r["n"])),
+                      *[f"{r[c]:.2f}" for c in targets], f"{r['r_mean']:.3f}")
+    return table
+
+
 def _evaluate(jobs: list[VolumeJob], cohort: Any, cfg: Any) -> dict:
     from rich.console import Console
-    from rich.table import Table
 
     from xpression.inference.evaluate import plot_accuracy_vs_distance, score_volume, summarise
     from xpression.phantom import Phantom
@@ -201,11 +219,5 @@ def _evaluate(jobs: list[VolumeJob], cohort: Any, cfg: Any) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     df.to_csv(out / "evaluation.csv", index=False)
     plot_accuracy_vs_distance(df, out / "accuracy_vs_distance.png")
-    table = Table(title="Pearson r against the phantom truth")
-    cols = ["volume_id", "where", "distance_um", "n"] + [c for c in df.columns if c.startswith("r/")] + ["r_mean"]
-    for c in cols:
-        table.add_column(c.removeprefix("r/"), justify="right")
-    for _, r in df.iterrows():
-        table.add_row(*[f"{r[c]:.3f}" if isinstance(r[c], float) and c not in ("distance_um",) else str(r[c]) for c in cols])
-    Console().print(table)
+    Console(width=None if sys.stdout.isatty() else 160).print(_evaluation_table(df))
     return {"csv": str(out / "evaluation.csv"), "rows": df.to_dict(orient="records")}

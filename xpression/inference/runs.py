@@ -1,6 +1,6 @@
 """A training run folder as the sweep needs it: checkpoint, config, model voxel size, identity.
 
-A run folder holds ``.hydra/config.yaml``, ``checkpoints/best.ckpt`` (and ``last.ckpt``) and
+A run folder holds ``config.yaml`` (resolved; else ``.hydra/config.yaml``), ``checkpoints/best.ckpt`` (and ``last.ckpt``) and
 ``metrics.json``. A checkpoint path may be given instead; its config is then looked up in the
 run folder above ``checkpoints/``. Everything is checked before any voxel is read.
 """
@@ -93,7 +93,10 @@ def resolve_run(run: str | Path, checkpoint: str = "best") -> RunInfo:
         if not ckpt.exists():
             found = sorted(p.name for p in (run_dir / "checkpoints").glob("*.ckpt")) if (run_dir / "checkpoints").exists() else []
             raise InferenceError(f"{ckpt} not found in run {run_dir}; checkpoints there: {found or 'none'}")
-    cfg_path = run_dir / ".hydra" / "config.yaml"
+    # train.py writes the resolved config beside the raw Hydra one; older runs have only the latter.
+    cfg_path = run_dir / "config.yaml"
+    if not cfg_path.exists():
+        cfg_path = run_dir / ".hydra" / "config.yaml"
     if not cfg_path.exists():
         raise InferenceError(
             f"checkpoint {ckpt} has no run config: expected {cfg_path}. The sweep needs the training "
