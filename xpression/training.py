@@ -81,7 +81,10 @@ def train(cfg: DictConfig) -> float | None:
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
     started = time.perf_counter()
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    if isinstance(model, pl.LightningModule):
+        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    else:  # a closed-form baseline (model=ridge): fitted once on the training spots, no epochs
+        model.fit(datamodule)
     train_seconds = time.perf_counter() - started
     if not trainer.is_global_zero:
         return None
@@ -101,6 +104,10 @@ def train(cfg: DictConfig) -> float | None:
         patch_shape_vox=list(datamodule.patch_shape_vox),
         voxel_size_um=list(voxel_um),
     )
+    if cfg.get("off_plane") is not None:
+        from xpression.evaluation.generalisation import evaluate_off_plane
+
+        metrics["off_plane"] = evaluate_off_plane(model, datamodule, OmegaConf.to_container(cfg.off_plane, resolve=True))
     predictions.to_csv(out_dir / "predictions.csv", index=False)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, allow_nan=True))
     if cfg.get("figures", True):
