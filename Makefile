@@ -36,3 +36,9 @@ test: $(STAMP)
 
 clean-cohort:
 	rm -rf $(DATA_DIR)/phantom_default
+
+# CPU-sized benchmark on the default cohort: backbones, context, splits and the ridge baseline,
+# then runs/benchmark/<date>/benchmark.md (see README "Benchmark"; settings in the script).
+.PHONY: benchmark
+benchmark: $(STAMP) $(COHORT)
+	PY=$(PY) COHORT=$(COHORT) benchmarks/run_benchmark.sh

@@ -1,0 +1,211 @@
+"""Collect training runs into one benchmark table: ``python -m xpression.evaluation.benchmark DIR...``.
+
+Every folder under the given multirun (or run) folders that holds a ``metrics.json`` is one run.
+Runs are grouped by experiment (the ``experiment=`` override, else the multirun folder's name)
+and, within an experiment, by configuration: the overrides that differ between its runs, the
+seed left out. Each row gives the mean +- sd over seeds (sample sd, n - 1) of
+
+- ``held-out spots``: Pearson r (mean over targets) on the held-out spots of the trained plane
+  (the run's test split, else validation);
+- ``<d> um``: Pearson r on probe planes ``d`` um from the trained sections, against the truth
+  (``metrics["off_plane"]``, see ``xpression.evaluation.generalisation``);
+- ``other volumes``: the same on volumes without a training section;
+
+plus training time (s), epochs and parameters. Writes ``benchmark.csv`` (numbers),
+``benchmark.md`` (the table) and ``accuracy_vs_distance.png`` (one panel per experiment).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+import yaml
+
+__all__ = ["collect_runs", "summarise_runs", "write_report", "main"]
+
+_SCORE_PREFIX = "r/"
+
+
+def _overrides(run: Path) -> list[str]:
+    path = run / ".hydra" / "overrides.yaml"
+    return [str(o) for o in (yaml.safe_load(path.read_text()) or [])] if path.is_file() else []
+
+
+def _split(override: str) -> tuple[str, str]:
+    key, _, value = override.partition("=")
+    return key.lstrip("+~"), value
+
+
+def collect_runs(dirs: Sequence[str | Path]) -> pd.DataFrame:
+    """One row per run: experiment, overrides, seed, scores (``r/...`` columns), cost."""
+    rows = []
+    for root in map(Path, dirs):
+        # job folders in launch order (0, 1, 2, ..., 10), not string order
+        found = sorted(root.rglob("metrics.json"), key=lambda p: [(0, int(s), "") if s.isdigit() else (1, 0, s)
+                                                               for s in p.relative_to(root).parts])
+        for metrics_path in found:
+            run = metrics_path.parent
+            metrics = json.loads(metrics_path.read_text())
+            over = dict(_split(o) for o in _overrides(run))
+            config = yaml.safe_load((run / "config.yaml").read_text()) if (run / "config.yaml").is_file() else {}
+            row: dict[str, Any] = {
+                "experiment": over.get("experiment") or root.name,
+                "run": str(run),
+                "seed": int(over.get("seed", config.get("seed", 0))),
+                "overrides": {k: v for k, v in over.items() if k != "seed"},
+                "model": (config.get("model") or {}).get("backbone", {}).get("name")
+                or str((config.get("model") or {}).get("_target_", "")).rsplit(".", 1)[-1],
+                f"{_SCORE_PREFIX}held-out spots": metrics.get("pearson_mean", math.nan),
+                "train_seconds": metrics.get("train_seconds", math.nan),
+                "epochs": metrics.get("epochs", math.nan),
+                "parameters": metrics.get("parameters", math.nan),
+            }
+            off = metrics.get("off_plane") or {}
+            for key, value in off.items():
+                if isinstance(value, (int, float)):
+                    label = "other volumes" if key == "other_volumes" else f"{float(key):g} um"
+                    row[f"{_SCORE_PREFIX}{label}"] = value
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _labels(runs: pd.DataFrame) -> list[str]:
+    """Per run: the overrides that vary within its experiment (seed excluded), else the model."""
+    labels = [""] * len(runs)
+    for _, group in runs.groupby("experiment", sort=False):
+        keys = sorted({k for o in group["overrides"] for k in o})
+        varying = [k for k in keys if len({o.get(k) for o in group["overrides"]}) > 1]
+        for i, o in zip(group.index, group["overrides"]):
+            labels[runs.index.get_loc(i)] = " ".join(f"{k}={o.get(k)}" for k in varying) or str(runs.at[i, "model"])
+    return labels
+
+
+def _score_columns(frame: pd.DataFrame) -> list[str]:
+    cols = [c for c in frame.columns if c.startswith(_SCORE_PREFIX) and not c.endswith(("_mean", "_sd"))]
+
+    def order(c: str) -> tuple[int, float]:
+        name = c[len(_SCORE_PREFIX):]
+        if name == "held-out spots":
+            return (0, 0.0)
+        if name == "other volumes":
+            return (2, 0.0)
+        return (1, float(name.split()[0]))
+
+    return sorted(dict.fromkeys(cols), key=order)
+
+
+def summarise_runs(runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per (experiment, configuration): ``n_seeds``, ``<score>_mean``/``_sd``, cost."""
+    runs = runs.copy()
+    runs["config"] = _labels(runs)
+    scores = _score_columns(runs)
+    rows = []
+    for (exp, config), g in runs.groupby(["experiment", "config"], sort=False):
+        row: dict[str, Any] = {"experiment": exp, "config": config, "n_seeds": int(g["seed"].nunique())}
+        for c in scores:
+            v = pd.to_numeric(g[c], errors="coerce").dropna() if c in g else pd.Series(dtype=float)
+            row[f"{c}_mean"] = float(v.mean()) if len(v) else math.nan
+            row[f"{c}_sd"] = float(v.std(ddof=1)) if len(v) > 1 else math.nan
+        row["train_seconds"] = float(g["train_seconds"].mean())
+        row["epochs"] = float(g["epochs"].mean())
+        row["parameters"] = int(g["parameters"].max()) if g["parameters"].notna().any() else -1
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _fmt(mean: float, sd: float) -> str:
+    if not np.isfinite(mean):
+        return "-"
+    return f"{mean:.3f}" if not np.isfinite(sd) else f"{mean:.3f} ± {sd:.3f}"
+
+
+def markdown_table(summary: pd.DataFrame) -> str:
+    """The summary as a GitHub markdown table (scores as mean ± sd over seeds)."""
+    scores = [c[: -len("_mean")] for c in summary.columns if c.endswith("_mean")]
+    head = ["experiment", "configuration", "seeds"] + [c[len(_SCORE_PREFIX):] for c in scores] + ["train s", "params"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for _, r in summary.iterrows():
+        cells = [str(r["experiment"]), str(r["config"]), str(r["n_seeds"])]
+        cells += [_fmt(r[f"{c}_mean"], r[f"{c}_sd"]) for c in scores]
+        params = int(r["parameters"])
+        cells += [f"{r['train_seconds']:.0f}", f"{params / 1e6:.2f}M" if params >= 1e4 else str(params)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_accuracy_vs_distance(summary: pd.DataFrame, out: Path) -> Path | None:
+    """Mean r (error bars: sd over seeds) against distance from the trained plane, one line per
+    configuration and one panel per experiment; other volumes as the right-most point."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scores = [c[: -len("_mean")] for c in summary.columns if c.endswith("_mean")]
+    if summary.empty or not scores:
+        return None
+    names = [c[len(_SCORE_PREFIX):] for c in scores]
+    xs = [0.0 if n == "held-out spots" else math.nan if n == "other volumes" else float(n.split()[0]) for n in names]
+    far = max([x for x in xs if np.isfinite(x)] + [0.0])
+    xs = [far + max(far * 0.25, 50.0) if not np.isfinite(x) else x for x in xs]
+    exps = list(dict.fromkeys(summary["experiment"]))
+    fig, axes = plt.subplots(1, len(exps), figsize=(5 * len(exps), 4), squeeze=False, constrained_layout=True)
+    for ax, exp in zip(axes[0], exps):
+        for _, r in summary[summary["experiment"] == exp].iterrows():
+            m = np.array([r[f"{c}_mean"] for c in scores], float)
+            s = np.nan_to_num(np.array([r[f"{c}_sd"] for c in scores], float))
+            ok = np.isfinite(m)
+            ax.errorbar(np.array(xs)[ok], m[ok], yerr=s[ok], marker="o", capsize=3, label=str(r["config"])[:40])
+        ax.set_xticks(xs, ["spots" if n == "held-out spots" else "other\nvolumes" if n == "other volumes" else n.split()[0] for n in names])
+        ax.set_xlabel("distance from the trained plane (um)")
+        ax.set_ylabel("Pearson r (mean over targets)")
+        ax.set_title(exp)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    out = Path(out)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def write_report(dirs: Sequence[str | Path], out: str | Path) -> dict[str, Path]:
+    """Collect the runs under ``dirs`` and write ``benchmark.csv``, ``benchmark.md`` and the
+    accuracy-vs-distance figure into ``out``."""
+    runs = collect_runs(dirs)
+    if runs.empty:
+        raise SystemExit(f"no metrics.json under {', '.join(map(str, dirs))}")
+    summary = summarise_runs(runs)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"csv": out / "benchmark.csv", "md": out / "benchmark.md"}
+    summary.to_csv(paths["csv"], index=False)
+    text = ["# Benchmark", "", f"{len(runs)} runs from: " + ", ".join(f"`{d}`" for d in dirs), "",
+            "Pearson r between predicted and true targets (mean over targets), mean ± sd over seeds. "
+            "`held-out spots`: the test spots of the trained plane; `<d> um`: probe planes at that "
+            "distance from the trained sections, against the phantom truth; `other volumes`: volumes "
+            "without a training section.", "", markdown_table(summary), ""]
+    paths["md"].write_text("\n".join(text))
+    figure = plot_accuracy_vs_distance(summary, out / "accuracy_vs_distance.png")
+    if figure is not None:
+        paths["figure"] = figure
+    return paths
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("dirs", nargs="+", help="multirun or run folders (searched for metrics.json)")
+    parser.add_argument("--out", help="report folder (default: the first folder)")
+    args = parser.parse_args(argv)
+    paths = write_report(args.dirs, args.out or args.dirs[0])
+    print(Path(paths["md"]).read_text())
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+
+
+if __name__ == "__main__":
+    main()
