@@ -27,3 +27,17 @@ def tiny_cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
     manifest = out / "cohort.yaml"
     assert manifest.is_file(), f"no cohort.yaml in {out}"
     return manifest
+
+
+@pytest.fixture(scope="session")
+def default_cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Path to the ``cohort.yaml`` of the default phantom (what `make run` trains on), generated once."""
+    out = tmp_path_factory.mktemp("phantom_default")
+    proc = subprocess.run(
+        [sys.executable, "-m", "xpression.phantom", "--out", str(out), "--preset", "default", "--quiet"],
+        capture_output=True,
+        text=True,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"phantom generation failed:\n{proc.stdout}\n{proc.stderr}")
+    return out / "cohort.yaml"

@@ -37,22 +37,31 @@ _TABLE_METRICS = ("pearson_mean", "spearman_mean", "r2_mean", "mse_mean", "jsd_m
 
 
 class EpochSeed(pl.Callback):
-    """Seed every source of randomness from (seed, epoch) at each epoch start.
+    """Seed every source of randomness from (seed, epoch), so a run resumed from a checkpoint
+    replays exactly what an uninterrupted run would have done.
 
-    Dropout, shuffling and augmentation then depend only on the epoch, so a run resumed from
-    a checkpoint replays exactly what an uninterrupted run would have done.
+    Sampler draws and augmentations use their own generators, reseeded at the epoch start.
+    The global generator (dropout) is reseeded just before the epoch's first training step:
+    Lightning may create the data iterator, which draws from it, before or after the epoch-start
+    hooks depending on whether the run was resumed.
     """
 
     def __init__(self, seed: int):
         self.seed = int(seed)
 
+    def _epoch_seed(self, epoch: int) -> int:
+        return self.seed * 1_000_003 + epoch
+
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        epoch_seed = self.seed * 1_000_003 + trainer.current_epoch
-        torch.manual_seed(epoch_seed)
-        np.random.seed(epoch_seed % 2**32)
         datamodule = getattr(trainer, "datamodule", None)
         if datamodule is not None and hasattr(datamodule, "set_epoch"):
             datamodule.set_epoch(trainer.current_epoch)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        if batch_idx == 0:
+            epoch_seed = self._epoch_seed(trainer.current_epoch)
+            torch.manual_seed(epoch_seed)
+            np.random.seed(epoch_seed % 2**32)
 
 
 def train(cfg: DictConfig) -> float | None:

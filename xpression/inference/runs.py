@@ -111,8 +111,6 @@ def resolve_run(run: str | Path, checkpoint: str = "best") -> RunInfo:
 
 def load_predictor(info: RunInfo, device: str | None = None, precision: str = "auto") -> tuple[Predictor, dict]:
     """The run's network as a :class:`Predictor` and the checkpoint's hyper-parameters."""
-    import torch
-
     from xpression.models import XPressionModule
 
     try:
@@ -123,5 +121,4 @@ def load_predictor(info: RunInfo, device: str | None = None, precision: str = "a
     spec = hp.get("target_spec") or {}
     names = list(spec.get("names", [])) or None
     pred = Predictor(module, device=None if device in (None, "auto") else device, precision=precision, target_names=names)
-    torch.set_grad_enabled(False)
     return pred, hp
