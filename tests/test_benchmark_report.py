@@ -78,3 +78,26 @@ def test_single_seed_has_no_sd(tmp_path):
 def test_no_runs_is_an_error(tmp_path):
     with pytest.raises(SystemExit):
         write_report([tmp_path], tmp_path / "out")
+
+
+def test_findings_answer_the_questions(tmp_path):
+    from xpression.evaluation.benchmark import findings
+
+    def run(exp: str, job: int, label: str, seed: int, spots: float, off: float, model: str, split: str, depth: int) -> None:
+        folder = tmp_path / exp / str(job)
+        _fake_run(folder, [label, f"seed={seed}", f"experiment={exp}"], spots, {"100": off, "200": off})
+        (folder / "config.yaml").write_text(yaml.safe_dump({"seed": seed, "model": {"backbone": {"name": model}},
+                                                            "split": {"_target_": f"x.{split}"}}))
+        m = json.loads((folder / "metrics.json").read_text())
+        (folder / "metrics.json").write_text(json.dumps({**m, "patch_shape_vox": [depth, 33, 33]}))
+
+    for seed in range(3):
+        run("context", seed, "sampler.patch_size_um=[6.4,205,205]", seed, 0.5, 0.30, "cnn3d", "SpatialBlocksSplit", 1)
+        run("context", 3 + seed, "sampler.patch_size_um=[34,205,205]", seed, 0.5, 0.40, "cnn3d", "SpatialBlocksSplit", 5)
+        run("backbones", seed, "model=cnn3d_paper", seed, 0.4, 0.20, "cnn3d_paper", "SpatialBlocksSplit", 5)
+        run("splits", seed, "split=stratified_random", seed, 0.8, 0.35, "cnn3d", "StratifiedRandomSplit", 5)
+        run("splits", 3 + seed, "split=spatial_blocks", seed, 0.5, 0.38, "cnn3d", "SpatialBlocksSplit", 5)
+    notes = findings(summarise_runs(collect_runs([tmp_path / e for e in ("context", "backbones", "splits")])))
+    assert any(n.startswith("3D context beats 2D") and "0.400" in n and "0.300" in n for n in notes)
+    assert any("beats the paper's network" in n for n in notes)
+    assert any("+0.300" in n and "+0.450" in n for n in notes)  # 0.8 - 0.5 and 0.8 - 0.35
