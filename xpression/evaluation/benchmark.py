@@ -172,7 +172,11 @@ def plot_accuracy_vs_distance(summary: pd.DataFrame, out: Path) -> Path | None:
             m = np.array([r[f"{c}_mean"] for c in scores], float)
             s = np.nan_to_num(np.array([r[f"{c}_sd"] for c in scores], float))
             ok = np.isfinite(m)
-            ax.errorbar(np.array(xs)[ok], m[ok], yerr=s[ok], marker="o", capsize=3, label=str(r["config"])[:40])
+            near = ok & np.array([n != "other volumes" for n in names])
+            line = ax.errorbar(np.array(xs)[near], m[near], yerr=s[near], marker="o", capsize=3, label=str(r["config"])[:40])
+            far_ok = ok & ~near  # other volumes: a point of its own, not on the distance axis
+            ax.errorbar(np.array(xs)[far_ok], m[far_ok], yerr=s[far_ok], marker="s", capsize=3, ls="none",
+                        color=line[0].get_color())
         ax.set_xticks(xs, ["spots" if n == "held-out spots" else "other\nvolumes" if n == "other volumes" else n.split()[0] for n in names])
         ax.set_xlabel("distance from the trained plane (um)")
         ax.set_ylabel("Pearson r (mean over targets)")
