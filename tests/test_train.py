@@ -103,3 +103,13 @@ def test_unknown_names_fail_before_training(tiny_cohort, tmp_path):
 def test_kl_on_log_expression_is_refused(tiny_cohort, tmp_path):
     with pytest.raises(Exception, match="(?i)kl.*(composition|log_expression)|(composition|log_expression).*kl"):
         _run(tmp_path, tiny_cohort, "loss=kl", "target=genes")
+
+
+@pytest.mark.parametrize("logger", ["tensorboard", "wandb"])
+def test_other_loggers_work_offline(tiny_cohort, tmp_path, logger, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    _run(tmp_path, tiny_cohort, f"logger={logger}", "figures=false")
+    folder = "tensorboard" if logger == "tensorboard" else "wandb"
+    written = [p for p in (tmp_path / folder).rglob("*") if p.is_file()]
+    assert written, f"{logger} wrote nothing under {tmp_path / folder}"
