@@ -289,3 +289,28 @@ def test_tilted_section_plane(tiny_cohort, tmp_path):
     zs = spots["z_um"].to_numpy()
     np.testing.assert_allclose(zs, z + np.tan(np.radians(3.0)) * spots["x_um"].to_numpy(), atol=1.0)
     assert zs.max() - zs.min() > 20.0
+
+
+def test_histogram_matching_to_a_reference_volume(tiny_cohort):
+    """With intensity_reference, every volume's grey levels are matched to the reference scan
+    before normalisation: the cached slabs' quantiles come together."""
+    from xpression.data.datamodule import volume_intensity_transform
+    from xpression.data.manifest import load_manifest
+    from xpression.data.volume import open_volume
+
+    cohort = load_manifest(tiny_cohort)
+    volumes = {v.id: open_volume(v.image) for v in cohort.volumes}
+    qs = [5, 25, 50, 75, 95]
+
+    def quantile_gap(reference):
+        ref = np.percentile(volume_intensity_transform(volumes["infected_0"], cohort, reference)(volumes["infected_0"][:, :, :]), qs)
+        out = np.percentile(volume_intensity_transform(volumes["mock_0"], cohort, reference)(volumes["mock_0"][:, :, :]), qs)
+        return np.abs(out - ref).max()
+
+    own, matched = quantile_gap(None), quantile_gap("infected_0")
+    assert matched < 0.02 < own
+    dm = make_dm(tiny_cohort, sections=[SECTION], intensity_reference="infected_0", check_tissue_mask=False)
+    dm.setup()
+    assert type(dm.normalizers["mock_0"]).__name__ == "MatchedNormalizer"
+    with pytest.raises(DataError, match="intensity_reference"):
+        make_dm(tiny_cohort, sections=[SECTION], intensity_reference="nope", check_tissue_mask=False).setup()

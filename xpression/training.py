@@ -98,6 +98,9 @@ def train(cfg: DictConfig) -> float | None:
     if not trainer.is_global_zero:
         return None
 
+    last = out_dir / "checkpoints" / "last.ckpt"
+    if not last.exists():  # presets without the checkpoint callbacks: keep the final weights for infer.py
+        trainer.save_checkpoint(last)
     best = _best_checkpoint(trainer)
     if best is not None:
         model = type(model).load_from_checkpoint(best, map_location="cpu", weights_only=False)

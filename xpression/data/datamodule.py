@@ -44,6 +44,28 @@ def _collate(data: Any) -> Any:
     return data if isinstance(data, dict) else torch.utils.data.default_collate(data)
 
 
+def volume_intensity_transform(volume: Any, cohort: Any, reference: str | None, seed: int = 0) -> Any:
+    """The block transform to ~[0, 1] for ``volume``: its own robust range, or, with
+    ``reference`` (a volume id of ``cohort`` or a volume path), histogram matching onto that
+    volume first, as the original study did across animals. Training and the whole-volume sweep
+    both call this, so a volume is normalised the same way in both."""
+    from xpression.data.intensity import intensity_transform
+    from xpression.data.volume import open_volume
+
+    if reference is None:
+        return intensity_transform(volume, seed=seed)
+    ids = [v.id for v in cohort.volumes] if cohort is not None else []
+    if reference in ids:
+        entry = cohort.volume(reference)
+        ref_volume = open_volume(entry.image, entry.voxel_size_um)
+    elif Path(str(reference)).exists():
+        ref_volume = open_volume(reference)
+    else:
+        raise DataError(getattr(cohort, "path", reference),
+                        f"intensity_reference {reference!r} is neither a volume id ({ids}) nor a volume file")
+    return intensity_transform(volume, reference=ref_volume, seed=seed)
+
+
 class PatchDataset(Dataset):
     """Patches sliced from cached slabs. Items are spot-table rows, or ``(row, du_um, dv_um)``
     for a patch shifted in the section plane. ``__getitems__`` returns a whole batch dict."""
@@ -97,6 +119,8 @@ class XPressionDataModule(pl.LightningDataModule):
     each side (um); ``cache_dtype``: ``uint8`` or ``float16``; ``augment``: an :class:`Augment`
     applied to training batches after transfer to the device (None = default, False = off);
     ``check_tissue_mask``: fail on an empty tissue mask and log spots off the mask;
+    ``intensity_reference``: a volume id (or path) whose intensity histogram every volume is
+    matched to before normalisation (default: each volume's own robust range).
     ``normalizers``: ``{volume_id: IntensityNormalizer | its to_dict()}`` to reuse (e.g. from a
     checkpoint); others are estimated per volume (robust percentiles -> [0, 1]). After ``setup``,
     ``.normalizers`` holds the ones used: inference must apply the same to raw blocks.
@@ -121,6 +145,7 @@ class XPressionDataModule(pl.LightningDataModule):
         cache_dtype: str = "uint8",
         check_tissue_mask: bool = True,
         normalizers: dict[str, Any] | None = None,
+        intensity_reference: str | None = None,
     ):
         super().__init__()
         self.manifest = manifest
@@ -137,6 +162,7 @@ class XPressionDataModule(pl.LightningDataModule):
         self.slab_margin_um, self.cache_dtype = float(slab_margin_um), cache_dtype
         self.check_tissue_mask = check_tissue_mask
         self.normalizers: dict[str, Any] = dict(normalizers or {})
+        self.intensity_reference = intensity_reference
         self._meta: dict | None = None
         self._prepared: dict | None = None
         self._datasets: dict[str, PatchDataset] | None = None
@@ -293,7 +319,7 @@ class XPressionDataModule(pl.LightningDataModule):
             vid = prep["sections"][sid].volume_id
             volume = meta["volumes"][vid]
             if vid not in norms:
-                norms[vid] = IntensityNormalizer.from_volume(volume, seed=self.seed)
+                norms[vid] = volume_intensity_transform(volume, meta["cohort"], self.intensity_reference, self.seed)
             slabs[sid] = (grid.read(volume, norms[vid], self.cache_dtype), grid)
             log.info("section %s: cached slab %s (%s, %.1f MB)", sid, slabs[sid][0].shape, self.cache_dtype, slabs[sid][0].nbytes / 1e6)
         self.normalizers = norms

@@ -89,18 +89,25 @@ def plan_jobs(cfg: Any, info: RunInfo) -> tuple[list[VolumeJob], Any]:
 
 
 def _normalizer(volume: Any, info: RunInfo) -> Any:
-    from xpression.data.intensity import IntensityNormalizer
+    """The training run's intensity transform, applied to this volume (same code as training)."""
+    from xpression.data.datamodule import volume_intensity_transform
+    from xpression.data.manifest import load_manifest
 
     base = getattr(volume, "source", volume)
-    norm = IntensityNormalizer.from_volume(base, seed=info.seed)
+    data_cfg = info.config.get("data") or {}
+    reference = data_cfg.get("intensity_reference")
+    # A reference volume id names a volume of the *training* cohort.
+    training_cohort = load_manifest(data_cfg["manifest"]) if reference and data_cfg.get("manifest") else None
+    norm = volume_intensity_transform(base, training_cohort, reference, seed=info.seed)
     # Training caches normalised slabs as uint8 (round(255 x)) unless data.cache_dtype says otherwise.
-    quantise = (info.config.get("data") or {}).get("cache_dtype", "uint8") == "uint8"
+    quantise = data_cfg.get("cache_dtype", "uint8") == "uint8"
 
     def apply(block: np.ndarray) -> np.ndarray:
         x = norm(block)
         return np.rint(x * 255.0) * np.float32(1 / 255.0) if quantise else x
 
-    return apply, norm.to_dict()
+    described = norm.to_dict() if hasattr(norm, "to_dict") else {"reference": str(reference), **norm.normalizer.to_dict()}
+    return apply, described
 
 
 def _mask(volume: Any, cfg: Any) -> Any:

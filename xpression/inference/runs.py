@@ -90,6 +90,8 @@ def resolve_run(run: str | Path, checkpoint: str = "best") -> RunInfo:
         run_dir = path
         name = checkpoint if checkpoint.endswith(".ckpt") else f"{checkpoint}.ckpt"
         ckpt = run_dir / "checkpoints" / name
+        if name == "best.ckpt" and not ckpt.exists() and (run_dir / "checkpoints" / "last.ckpt").exists():
+            ckpt = run_dir / "checkpoints" / "last.ckpt"  # runs without a monitored checkpoint keep only their final weights
         if not ckpt.exists():
             found = sorted(p.name for p in (run_dir / "checkpoints").glob("*.ckpt")) if (run_dir / "checkpoints").exists() else []
             raise InferenceError(f"{ckpt} not found in run {run_dir}; checkpoints there: {found or 'none'}")
