@@ -115,13 +115,12 @@ class RidgeBaseline(nn.Module):
         self.voxel_size_um = tuple(float(v) for v in datamodule.voxel_size_um)
         datamodule.setup("fit")
         train = datamodule.spots["split"].to_numpy() == "train"
-        feats, targets, rows = [], [], []
+        feats, targets = [], []
         for batch in datamodule.predict_dataloader():
             keep = train[batch["index"].numpy()]
             if keep.any():
                 feats.append(self.features(batch["image"][keep, 0].numpy()))
                 targets.append(batch["target"][keep].numpy())
-                rows.append(batch["index"][keep].numpy())
         x, y = np.concatenate(feats), np.concatenate(targets)
         self.model = make_pipeline(StandardScaler(), RidgeCV(alphas=self.alphas)).fit(x, y)
         ridge = self.model[-1]
