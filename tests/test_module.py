@@ -168,7 +168,18 @@ def test_construction_errors():
         make(patch_shape=(5, 16, 16))
 
 
-@pytest.mark.parametrize("model", sorted(p.stem for p in (CONF / "model").glob("*.yaml")))
+NETWORK_CONFIGS = sorted(p.stem for p in (CONF / "model").glob("*.yaml")
+                         if "XPressionModule" in (CONF / "model" / p.name).read_text())
+
+
+def test_every_model_config_is_tested():
+    """Every conf/model entry is a network (tested below) or the ridge baseline (its own tests)."""
+    others = {p.stem for p in (CONF / "model").glob("*.yaml")} - set(NETWORK_CONFIGS)
+    assert others <= {"ridge"}
+    assert {"cnn3d", "cnn3d_paper", "unet"} <= set(NETWORK_CONFIGS)
+
+
+@pytest.mark.parametrize("model", NETWORK_CONFIGS)
 def test_model_configs_instantiate(model):
     patch = (8, 32, 32) if model == "cnn3d_paper" else PATCH
     for loss in ("kl", "mix"):
