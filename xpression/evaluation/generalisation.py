@@ -9,7 +9,7 @@ scored on a fixed random set of tissue points instead:
 
 Each point gets one per-patch forward on a patch cut from the volume with the run's own
 intensity normalisation (the data module's per-volume normalisers, quantised as the training
-cache was), and is compared with the *spot-averaged* truth: the programs the phantom gives
+cache was; other volumes get the same transform the sweep would give them), and is compared with the *spot-averaged* truth: the programs the phantom gives
 for a Visium spot centred there (55 um disk x section thickness), the same quantity the
 training targets are. Scores are Pearson r per target over the pooled points, averaged over
 the targets (``regression_metrics``'s ``pearson_mean``).
@@ -112,7 +112,7 @@ def evaluate_off_plane(model: Any, datamodule: Any, probe: OffPlaneProbe | dict 
     Returns ``{"<distance_um>": r, ..., "other_volumes": r, "n_points": {...}, "truth": ...}``;
     an empty dict when the cohort has no truth spec or no target is a truth program.
     """
-    from xpression.data.intensity import IntensityNormalizer
+    from xpression.data.datamodule import volume_intensity_transform
     from xpression.data.manifest import Cohort, load_manifest
     from xpression.data.mask import tissue_mask
     from xpression.data.volume import open_volume
@@ -141,7 +141,8 @@ def evaluate_off_plane(model: Any, datamodule: Any, probe: OffPlaneProbe | dict 
 
     for ventry in cohort.volumes:
         volume = open_volume(ventry.image, ventry.voxel_size_um)
-        norm = datamodule.normalizers.get(ventry.id) or IntensityNormalizer.from_volume(volume, seed=datamodule.seed)
+        norm = datamodule.normalizers.get(ventry.id) or volume_intensity_transform(
+            volume, cohort, getattr(datamodule, "intensity_reference", None), seed=datamodule.seed)
         view = volume if np.allclose(volume.voxel_size_um, model_vs, rtol=1e-3) else ResampledVolume(volume, model_vs)
         reader = _VolumeReader(view, norm, quantise, datamodule.patch_shape_vox)
         mask = tissue_mask(volume)
