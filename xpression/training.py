@@ -99,8 +99,8 @@ def train(cfg: DictConfig) -> float | None:
         return None
 
     last = out_dir / "checkpoints" / "last.ckpt"
-    if not last.exists():  # presets without the checkpoint callbacks: keep the final weights for infer.py
-        trainer.save_checkpoint(last)
+    if isinstance(model, pl.LightningModule) and not last.exists():
+        trainer.save_checkpoint(last)  # presets without the checkpoint callbacks: keep the final weights for infer.py
     best = _best_checkpoint(trainer)
     if best is not None:
         model = type(model).load_from_checkpoint(best, map_location="cpu", weights_only=False)
