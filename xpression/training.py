@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -124,7 +125,7 @@ def train(cfg: DictConfig) -> float | None:
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, allow_nan=True))
     if cfg.get("figures", True):
         _write_figures(predictions, spec.names, out_dir, loggers)
-    Console().print(metrics_table(metrics))
+    Console(width=None if sys.stdout.isatty() else 160).print(metrics_table(metrics))
     log.info("run folder: %s", out_dir)
     return _optimized_value(cfg, metrics)
 

@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) != 1:
         print("usage: python -m xpression.data.summary COHORT.yaml", file=sys.stderr)
         return 2
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 160)
     try:
         cohort = load_manifest(Path(args[0]))
         console.print(cohort_table(cohort))
