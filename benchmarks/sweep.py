@@ -51,6 +51,9 @@ class Crop:
         return block
 
 
+WIDTHS: list[int] | None = None  # --widths: conv widths instead of conf/model/cnn3d.yaml's
+
+
 def build_model(voxel_um: float, targets: int = 6):
     import yaml
 
@@ -59,6 +62,8 @@ def build_model(voxel_um: float, targets: int = 6):
     from xpression.models.targets import as_target_spec
 
     cfg = yaml.safe_load((REPO / "conf" / "model" / "cnn3d.yaml").read_text())["backbone"]
+    if WIDTHS:
+        cfg["widths"] = list(WIDTHS)
     patch = PatchGeometry().shape_vox((voxel_um,) * 3)
     spec = as_target_spec({"names": [f"p{i}" for i in range(targets)], "kind": "composition"})
     return build_net(cfg, spec, patch).eval()
@@ -119,6 +124,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--mask", choices=["truth", "otsu"], default="truth",
                     help="tissue: the phantom's organ (truth) or xpression.data.mask.tissue_mask (otsu)")
+    ap.add_argument("--widths", type=int, nargs="+", default=None,
+                    help="conv widths, e.g. 32 64 128 for the published network's (default: conf/model/cnn3d.yaml)")
     ap.add_argument("--rss-child", type=float, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     global MASK
@@ -129,6 +136,8 @@ def main() -> None:
             print(f"generating the large-preset phantom cropped to {args.size_um} um in {args.out} ...", flush=True)
             subprocess.run([sys.executable, "-m", "xpression.phantom", "--out", str(args.out), "--preset", "large",
                             "--volumes", "1", "--size-um", *map(str, args.size_um), "--quiet"], check=True)
+    global WIDTHS
+    WIDTHS = args.widths
     if args.rss_child is not None:
         return rss_child(args)
 
@@ -183,6 +192,7 @@ def main() -> None:
     res = []
     for f in (0.5, 1.0):
         cmd = [sys.executable, __file__, "--cohort", str(args.cohort), "--rss-child", str(f), "--mask", args.mask, "--threads", str(args.threads),
+               *(["--widths", *map(str, args.widths)] if args.widths else []),
                "--spacing-um", *map(str, args.spacing_um), "--tile-vox", *map(str, args.tile_vox)]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
         res.append(json.loads(out))
