@@ -28,8 +28,9 @@ def plot_section_maps(
 ) -> list[Path]:
     """Draw, per section, each target's true and predicted value at every spot.
 
-    Rows are targets; columns are truth, prediction and their difference. Held-out spots are
-    outlined in black so the eye can tell interpolation from generalisation.
+    Rows are targets; columns are truth, prediction and their difference. Held-out (val and
+    test) spots are outlined in black so the eye can tell interpolation from generalisation;
+    spots excluded by a split's buffer are drawn plain.
 
     Returns:
         The written PNG paths, one per section.
@@ -41,7 +42,7 @@ def plot_section_maps(
         n = len(target_names)
         fig, axes = plt.subplots(n, 3, figsize=(10.5, 3.0 * n + 0.4), squeeze=False, constrained_layout=True)
         u, v = spots["u_um"].to_numpy(), spots["v_um"].to_numpy()
-        held_out = spots["split"].to_numpy() != "train"
+        held_out = np.isin(spots["split"].to_numpy(), ("val", "test"))
         size = _marker_size(fig, axes[0, 0], u, v, spot_diameter_um)
         for row, name in enumerate(target_names):
             truth = spots[f"true/{name}"].to_numpy()
