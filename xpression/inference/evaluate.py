@@ -135,8 +135,10 @@ def plot_accuracy_vs_distance(df: Any, out: str | Path) -> Path | None:
         for c in tcols:
             ax.plot(g["distance_um"], g[c], color="0.75", lw=0.8)
         ax.plot(g["distance_um"], g["r_mean"], marker="o", lw=2, label=f"{vid} (trained), mean")
-    for _, r in far.iterrows():
-        ax.axhline(r["r_mean"], ls="--", lw=1, label=f"{r['volume_id']} (whole volume), mean")
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for k, (_, r) in enumerate(far.iterrows()):
+        ax.axhline(r["r_mean"], ls="--", lw=1.2, color=colours[(k + 1) % len(colours)],
+                   label=f"{r['volume_id']} (unseen volume), mean")
     ax.set_xlabel("distance from the trained section (um)")
     ax.set_ylabel("Pearson r (grey: per target)")
     ax.set_ylim(-0.2, 1.0)
