@@ -101,3 +101,6 @@ def test_findings_answer_the_questions(tmp_path):
     assert any(n.startswith("3D context beats 2D") and "0.400" in n and "0.300" in n for n in notes)
     assert any("beats the paper's network" in n for n in notes)
     assert any("+0.300" in n and "+0.450" in n for n in notes)  # 0.8 - 0.5 and 0.8 - 0.35
+    summary = summarise_runs(collect_runs([tmp_path / "context"]))
+    summary["r/off-plane mean_sd"] = 0.2  # a 0.1 difference within one sd is no win
+    assert any("is level with" in n for n in findings(summary))
