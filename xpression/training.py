@@ -113,7 +113,7 @@ def train(cfg: DictConfig) -> float | None:
         best_checkpoint=str(best) if best else None,
         epochs=int(trainer.current_epoch),
         train_seconds=round(train_seconds, 2),
-        parameters=int(sum(p.numel() for p in model.parameters())),
+        parameters=int(sum(p.numel() for p in getattr(model, "net", model).parameters())),  # not the EMA copy
         patch_shape_vox=list(datamodule.patch_shape_vox),
         voxel_size_um=list(voxel_um),
     )
