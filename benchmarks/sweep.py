@@ -112,6 +112,24 @@ def rss_child(args) -> None:
     print(json.dumps({"shape": shape, "voxels": int(np.prod(shape)), "rss_mib": rss, "seconds": sec, "tiles": r.tiles_computed}))
 
 
+def flop_ceiling(net, patch_shape, stride, n_out: int = 32) -> float:
+    """Arithmetic ceiling of the dense speed-up: FLOPs of one patch forward over FLOPs per
+    output point of one dense forward over a block of ``n_out`` x ``n_out`` in-plane outputs."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    d, h, w = patch_shape
+    with torch.inference_mode():
+        with FlopCounterMode(display=False) as count:
+            net(torch.zeros(1, 1, d, h, w))
+        per_patch = count.get_total_flops()
+        block = torch.zeros(1, 1, d, h + stride[1] * (n_out - 1), w + stride[2] * (n_out - 1))
+        with FlopCounterMode(display=False) as count:
+            out = net.dense_forward(block)
+        per_point = count.get_total_flops() / (out.shape[-1] * out.shape[-2] * out.shape[-3])
+    return per_patch / per_point
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cohort", type=Path, help="existing cohort.yaml (first volume is used)")
@@ -188,6 +206,8 @@ def main() -> None:
         print(f"{name:48s} {sec:10.2f} {pps:12.1f} {vps:14.3e}")
     print(f"dense / patch speed-up: {dense_rate / patch_rate:.1f}x (same tiles: {(pd_sub / td_sub) / patch_rate:.1f}x); "
           f"max |dense - patch| on those tiles: {diff:.2e}")
+    ceiling = flop_ceiling(pred.net, pred.patch_shape, pred.output_stride)
+    print(f"FLOP ceiling of the speed-up for this network and grid (patch FLOPs / dense FLOPs per point): {ceiling:.1f}x")
 
     res = []
     for f in (0.5, 1.0):
