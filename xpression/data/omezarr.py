@@ -120,7 +120,7 @@ class OmeZarrWriter:
         if self.path.exists():
             if not overwrite:
                 raise VolumeError(self.path, "output exists; pass overwrite=True to replace it")
-            _remove(self.path)
+            remove_path(self.path)
         self.group = zarr.open_group(str(self.path), mode="w-", zarr_format=3)
         attrs = ome_multiscales_metadata(self.voxel_size_um, self.levels, name)
         attrs.update(attributes or {})
@@ -158,10 +158,11 @@ class OmeZarrWriter:
             arr[zk : zk + block.shape[0]] = block
 
 
-def _remove(path: Path) -> None:
+def remove_path(path: Path) -> None:
+    """Delete a file, a link or a whole directory tree; a missing path is fine."""
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path)
-    else:
+    elif path.exists() or path.is_symlink():
         path.unlink()
 
 

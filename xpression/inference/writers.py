@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import time
 import warnings
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from xpression.data.omezarr import remove_path
 from xpression.inference.grid import OutputGrid, Tile, Tiling
 from xpression.inference.predictor import InferenceError
 from xpression.inference.shards import DoneLog, wait_for
@@ -61,13 +61,6 @@ def _ome_attrs(grid: OutputGrid, levels: int, targets: Sequence[str], name: str)
     return {"ome": {"version": "0.5",
                     "multiscales": [{"name": name, "axes": axes, "datasets": datasets, "type": "nanmean"}],
                     "omero": {"name": name, "channels": channels, "rdefs": {"model": "color"}}}}
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    elif path.exists():
-        path.unlink()
 
 
 class MapStore:
@@ -127,7 +120,7 @@ class MapStore:
             store._check(meta)
             return store
         if path.exists() and overwrite:
-            _remove(path)
+            remove_path(path)
         if path.exists():
             if _read_meta(path) is None:
                 raise InferenceError(f"{path} exists and is not an X-Pression map store; choose another "

@@ -9,6 +9,5 @@ from .errors import PhantomError
 from .phantom import Phantom
 from .presets import PRESETS
 from .programs import PROGRAMS
-from .visium import fit_affine
 
-__all__ = ["generate_cohort", "Phantom", "PhantomError", "PRESETS", "PROGRAMS", "fit_affine", "program_field"]
+__all__ = ["generate_cohort", "Phantom", "PhantomError", "PRESETS", "PROGRAMS", "program_field"]

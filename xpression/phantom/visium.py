@@ -38,14 +38,6 @@ def affine_inverse(affine: np.ndarray) -> np.ndarray:
     return np.hstack([lin, -(lin @ a[:, 2])[:, None]])
 
 
-def fit_affine(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
-    """Least-squares 2x3 affine mapping (N, 2) src onto (N, 2) dst (N >= 3)."""
-    src = np.asarray(src, np.float64)
-    design = np.hstack([src, np.ones((len(src), 1))])
-    coef, *_ = np.linalg.lstsq(design, np.asarray(dst, np.float64), rcond=None)
-    return coef.T
-
-
 def spot_grid(sec: dict[str, Any], pitch_um: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Hexagonal spot grid over the ST image: (array_row, array_col, px (N, 2) x, y).
 
