@@ -1,22 +1,12 @@
-"""``TargetSpec`` as the data layer defines it, with a compatible fallback while it is absent."""
+"""Conversions of the data layer's ``TargetSpec`` for models and checkpoints."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Literal, Mapping
+from typing import Any, Mapping
 
-KINDS = ("composition", "log_expression", "counts")
+from xpression.data.targets import KINDS, TargetSpec
 
-try:  # the data layer owns the definition
-    from xpression.data.targets import TargetSpec  # type: ignore[attr-defined]
-except ImportError:  # pragma: no cover - only before xpression.data.targets exists
-
-    @dataclass(frozen=True)
-    class TargetSpec:  # type: ignore[no-redef]
-        """What the model predicts: target ``names`` and their ``kind``."""
-
-        names: list[str]
-        kind: Literal["composition", "log_expression", "counts"]
+__all__ = ["KINDS", "TargetSpec", "as_target_spec", "spec_to_dict"]
 
 
 def as_target_spec(spec: Any) -> Any:
