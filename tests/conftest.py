@@ -1,4 +1,4 @@
-"""Shared fixtures."""
+"""Shared fixtures: synthetic cohorts generated once per test session, through the CLI users run."""
 
 from __future__ import annotations
 
@@ -9,16 +9,10 @@ from pathlib import Path
 import pytest
 
 
-@pytest.fixture(scope="session")
-def tiny_cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Path to the ``cohort.yaml`` of the tiny phantom, generated once per test session."""
-    try:
-        import xpression.phantom  # noqa: F401
-    except ImportError as err:  # pragma: no cover - only while the phantom is missing
-        pytest.skip(f"xpression.phantom not available ({err})")
-    out = tmp_path_factory.mktemp("phantom_tiny")
+def _generate(tmp_path_factory: pytest.TempPathFactory, preset: str) -> Path:
+    out = tmp_path_factory.mktemp(f"phantom_{preset}")
     proc = subprocess.run(
-        [sys.executable, "-m", "xpression.phantom", "--out", str(out), "--preset", "tiny"],
+        [sys.executable, "-m", "xpression.phantom", "--out", str(out), "--preset", preset, "--quiet"],
         capture_output=True,
         text=True,
     )
@@ -30,14 +24,12 @@ def tiny_cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Path to the ``cohort.yaml`` of the tiny phantom."""
+    return _generate(tmp_path_factory, "tiny")
+
+
+@pytest.fixture(scope="session")
 def default_cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Path to the ``cohort.yaml`` of the default phantom (what `make run` trains on), generated once."""
-    out = tmp_path_factory.mktemp("phantom_default")
-    proc = subprocess.run(
-        [sys.executable, "-m", "xpression.phantom", "--out", str(out), "--preset", "default", "--quiet"],
-        capture_output=True,
-        text=True,
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"phantom generation failed:\n{proc.stdout}\n{proc.stderr}")
-    return out / "cohort.yaml"
+    """Path to the ``cohort.yaml`` of the default phantom (what `make run` trains on)."""
+    return _generate(tmp_path_factory, "default")
