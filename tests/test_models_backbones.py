@@ -79,6 +79,32 @@ def test_cnn3d_dense_equivalent():
     torch.testing.assert_close(per_patch, torch.cat(ref), atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("cfg,patch,shape", [
+    ({}, PATCH, (7, 70, 61)),  # the Dense layer takes the stride in y and x, z falls back to it
+    ({"widths": [4, 4, 4, 4], "kernel_size": [[3, 5, 5]] * 3 + [[1, 5, 5]],
+      "pool": [[1, 2, 2], [2, 2, 2], [1, 2, 2]]}, (11, 69, 69), (14, 130, 109)),  # last conv does
+])
+def test_cnn3d_dense_step_computes_only_kept_outputs(cfg, patch, shape):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    bb = create_backbone("cnn3d", patch_shape=patch, **cfg).eval()
+    x = torch.rand(2, 1, *shape)
+    with torch.no_grad():
+        full = bb.dense_features(x)
+        for step in [(1, 2, 2), (2, 3, 1), (1, 1, 5)]:
+            with FlopCounterMode(display=False) as count:
+                part = bb.dense_features(x, step=step)
+            ref = full[:, :, :: step[0], :: step[1], :: step[2]]
+            assert part.shape == ref.shape
+            torch.testing.assert_close(part, ref, atol=1e-5, rtol=0)
+            with FlopCounterMode(display=False) as full_count:
+                bb.dense_features(x)
+            assert count.get_total_flops() < full_count.get_total_flops()
+    with pytest.raises(ValueError, match="step must be >= 1"):
+        bb.dense_features(x, step=(1, 0, 1))
+
+
 def test_paper_preset_not_dense_equivalent():
     net = build_net({"name": "cnn3d_paper"}, COMP, (8, 32, 32)).eval()
     assert not net.dense_equivalent

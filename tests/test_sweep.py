@@ -68,6 +68,25 @@ def test_dense_equals_patch_for_dense_equivalent_net(volume, spacing):
     np.testing.assert_allclose(dense, patch, atol=1e-4, rtol=0)
 
 
+def test_dense_on_a_grid_coarser_than_the_output_stride(volume):
+    """cnn3d asked for every 2nd/3rd output (grid step > output stride) still equals patch mode."""
+    from xpression.models.net import build_net
+    from xpression.models.targets import TargetSpec
+
+    torch.manual_seed(0)
+    spec = TargetSpec(names=["a", "b", "c"], kind="composition")
+    net = build_net({"name": "cnn3d", "widths": [4, 6, 8], "dense_width": 8}, spec, (5, 21, 21)).eval()
+    pred = Predictor(net, device="cpu")
+    assert pred._dense_takes_step and pred.output_stride == (1, 4, 4)
+    grid, _ = make_grid(volume.shape, volume.voxel_size_um, (12.8, 51.2, 76.8), multiple_of=(1, 4, 4))
+    assert grid.step_vox == (2, 8, 12)
+    kw = dict(tile_shape=(3, 2, 2), normalize=norm)
+    dense = sweep(volume, pred, grid, mode="dense", **kw)
+    patch = sweep(volume, pred, grid, mode="patch", **kw)
+    assert np.isfinite(dense).all()
+    np.testing.assert_allclose(dense, patch, atol=1e-4, rtol=0)
+
+
 def test_patch_mode_matches_direct_forward(volume):
     net = TinyValidNet()
     grid, _ = make_grid(volume.shape, volume.voxel_size_um, (32.0, 25.6, 25.6))

@@ -86,15 +86,20 @@ class Predictor:
         if self.channels_last:
             self.net = self.net.to(memory_format=torch.channels_last_3d)
         self._dense_kwargs = self._find_dense_kwargs()
+        self._dense_takes_step = self._accepts_dense_kwarg("step")
         self._geometry: DenseGeometry | None = None
         self.target_names = list(target_names) if target_names is not None else None
 
+    def _accepts_dense_kwarg(self, name: str) -> bool:
+        """Whether the dense path (an ``XPressionNet``'s backbone, or the network) takes ``name``."""
+        fn = getattr(getattr(self.net, "backbone", None), "dense_features", None)
+        if fn is None:
+            fn = getattr(self.net, "dense_forward", None)
+        return fn is not None and name in inspect.signature(fn).parameters
+
     def _find_dense_kwargs(self) -> dict:
         # A plane model's training-time spot value is its map averaged over the spot disk.
-        fn = getattr(getattr(self.net, "backbone", None), "dense_features", None)
-        if fn is not None and "spot_average" in inspect.signature(fn).parameters:
-            return {"spot_average": True}
-        return {}
+        return {"spot_average": True} if self._accepts_dense_kwarg("spot_average") else {}
 
     # -- running -------------------------------------------------------------------------------
     def _autocast(self) -> Any:
@@ -117,15 +122,29 @@ class Predictor:
         return out.float().cpu().numpy()
 
     @torch.inference_mode()
-    def predict_dense(self, blocks: np.ndarray) -> np.ndarray:
+    def predict_dense(self, blocks: np.ndarray, step: Sequence[int] = (1, 1, 1)) -> np.ndarray:
         """``(B, D', H', W')`` normalised blocks -> ``(B, T, d, h, w)`` float32 (``d = 1`` for
-        plane models); see :class:`DenseGeometry` for the positions."""
+        plane models); see :class:`DenseGeometry` for the positions.
+
+        ``step`` (z, y, x, in outputs): keep every ``step``-th output only, so output ``j`` sits
+        where output ``j * step`` would. Networks whose dense path takes ``step`` skip the work
+        (``CNN3D``); for the others the full output is computed and subsampled.
+        """
         if not self.can_dense:
             raise InferenceError(f"{type(self.net).__name__} has no dense mode; use mode=patch")
+        step = tuple(int(m) for m in step)
+        kwargs = dict(self._dense_kwargs)
+        native = self._dense_takes_step and step != (1, 1, 1)
+        if native:
+            kwargs["step"] = step
         with self._autocast():
-            out = self.net.dense_forward(self._tensor(blocks), **self._dense_kwargs)
+            out = self.net.dense_forward(self._tensor(blocks), **kwargs)
         if out.ndim == 4:
+            if step[0] != 1:
+                raise InferenceError(f"a plane model has no depth axis to step along (step {step})")
             out = out[:, :, None]
+        if not native:
+            out = out[:, :, :: step[0], :: step[1], :: step[2]]
         return out.float().cpu().numpy()
 
     @property

@@ -15,7 +15,8 @@ Two modes give the same numbers for a dense-equivalent network (within float err
   the tile is cut into one slab per grid plane (batched, ``batch_size`` slabs per forward)
   instead, since nothing is shared between planes there. Networks that are not
   dense-equivalent (``same`` padding, U-Nets) get ``overlap``: an extra context margin of
-  ``overlap x tile extent`` voxels on every side whose outputs are dropped, so each tile's
+  ``overlap x tile extent`` voxels on every side (of the axes not cut into slabs) whose
+  outputs are dropped, so each tile's
   points never sit near the edge of the network's input (the overlap-tile strategy of the
   U-Net paper, Ronneberger et al. 2015). Each grid point is answered by exactly one tile.
 
@@ -50,13 +51,15 @@ MaskLike = Any  # None | bool array of the grid shape | callable(points_um (N, 3
 class AxisPlan:
     """Per axis: ``split`` (one input slab per grid index), input voxels ``lo`` before the first
     and ``hi`` after the last grid point of a slab, and the dense output ``stride``/``offset``
-    (output ``k`` is centred on input voxel ``offset + k * stride`` of the slab)."""
+    (output ``k`` is centred on input voxel ``offset + k * stride`` of the slab). ``step``:
+    outputs per grid step; only every ``step``-th output is asked of the network."""
 
     split: bool
     lo: int
     hi: int
     stride: int = 1
     offset: int = 0
+    step: int = 1
 
 
 @dataclass(frozen=True)
@@ -96,15 +99,18 @@ def plan_sweep(predictor: Predictor, grid: OutputGrid, mode: str = "dense", over
     for a in range(3):
         s, o, step = geo.stride[a], geo.offset[a], grid.step_vox[a]
         split = (a == 0 and geo.plane) or (not geo.plane and step >= p[a])
-        extra = 0 if (a == 0 and geo.plane) else int(math.ceil(overlap * tile_shape[a] * step))
-        lo = p[a] // 2 + extra
-        lo += (-(lo - o)) % s  # the first grid point must land on an output position
-        hi = p[a] - p[a] // 2 - 1 + extra
+        # a split axis has one grid plane per slab, hence no seams to hide: its slab is the patch
+        extra = 0 if split else int(math.ceil(overlap * tile_shape[a] * step))
         if not split and step % s:
             raise InferenceError(
                 f"grid step {step} voxels along {'zyx'[a]} is not a multiple of the model's output "
                 f"stride {s}; build the grid with multiple_of=dense_multiples(...) or use mode=patch")
-        axes.append(AxisPlan(split, lo, hi, s, o))
+        m = 1 if split else step // s
+        lo = p[a] // 2 + extra
+        # the first grid point must land on an output the network is asked for (every m-th)
+        lo += (-(lo - o)) % (s * m)
+        hi = p[a] - p[a] // 2 - 1 + extra
+        axes.append(AxisPlan(split, lo, hi, s, o, m))
     return SweepPlan("dense", tuple(axes), p)  # type: ignore[arg-type]
 
 
@@ -264,21 +270,21 @@ def _run_dense(pred: Predictor, plan: SweepPlan, grid: OutputGrid, tile: Tile, s
     for item in slabs:  # slabs of equal shape share a forward
         by_shape.setdefault(item[1].shape, []).append(item)
     batches = [g[b0 : b0 + batch_size] for g in by_shape.values() for b0 in range(0, len(g), batch_size)]
+    steps = tuple(ax.step for ax in plan.axes)
     for part in batches:
-        res = pred.predict_dense(np.stack([d for _, d in part]))
+        res = pred.predict_dense(np.stack([d for _, d in part]), step=steps)
         for (sl, _), r in zip(part, res):
             src, dst = [], []
             for a, ax in enumerate(plan.axes):
                 n = sl.gstop[a] - sl.gstart[a]
                 first = grid.origin_vox[a] + sl.gstart[a] * grid.step_vox[a] - sl.vstart[a] - ax.offset
-                k0, m = first // ax.stride, grid.step_vox[a] // ax.stride
-                last = k0 + (n - 1) * m
-                if first % ax.stride or last >= r.shape[a + 1] or k0 < 0:
+                j0 = first // (ax.stride * ax.step)  # index among the outputs returned
+                if first % (ax.stride * ax.step) or j0 < 0 or j0 + n > r.shape[a + 1]:
                     raise InferenceError(
                         f"dense output {tuple(r.shape[1:])} of an input {tuple(sl_d - sl_s for sl_s, sl_d in zip(sl.vstart, sl.vstop))} "
-                        f"has no position {last} along {'zyx'[a]}; the model's output_stride/offset "
+                        f"has no position {j0 + n - 1} along {'zyx'[a]}; the model's output_stride/offset "
                         f"({ax.stride}, {ax.offset}) do not match its dense output")
-                src.append(slice(k0, last + 1, m) if n > 1 else slice(k0, k0 + 1))
+                src.append(slice(j0, j0 + n))
                 dst.append(slice(sl.gstart[a] - tile.start[a], sl.gstop[a] - tile.start[a]))
             out[(slice(None),) + tuple(dst)] = r[(slice(None),) + tuple(src)]
 

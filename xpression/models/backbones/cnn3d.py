@@ -135,20 +135,64 @@ class CNN3D(nn.Module):
         f = self.trunk(x).flatten(1)
         return self.drop(F.relu(self.dense(f)))
 
-    def dense_features(self, x: torch.Tensor) -> torch.Tensor:
+    def dense_features(self, x: torch.Tensor, step: Sequence[int] | None = None) -> torch.Tensor:
         """``(B, 1, D', H', W')`` -> ``(B, num_features, d, h, w)``: the Dense layer as a conv.
 
         Output ``k`` (per axis) is the patch starting at input voxel ``k * output_stride``; only
         patches lying wholly inside the input are returned: ``(L - P) // stride + 1`` per axis.
+        ``step`` (per axis, in outputs): return only every ``step``-th output, i.e. output ``j``
+        is the patch starting at ``j * step * output_stride``. With valid padding the skipped
+        outputs are never computed: the stride goes into the last layer that mixes neighbours
+        along that axis, which is exact (only pointwise layers follow it). A sweep on a grid
+        coarser than ``output_stride`` saves most of its head and last-layer work this way.
         """
         if any(s < p for s, p in zip(x.shape[2:], self.patch_shape)):
             raise ValueError(f"input {tuple(x.shape[2:])} is smaller than the patch {self.patch_shape}")
-        f = self.trunk(x)
-        w = self.dense.weight.view(self.num_features, self._trunk_channels, *self.feature_shape)
-        out = self.drop(F.relu(F.conv3d(f, w, self.dense.bias)))
-        # when pooling drops trailing voxels a patch overhanging the input still has an output
+        step_t = _triple(tuple(step) if step is not None else 1, "step")
+        if min(step_t) < 1:
+            raise ValueError(f"step must be >= 1 per axis, got {step_t}")
         n = [(s - p) // st + 1 for s, p, st in zip(x.shape[2:], self.patch_shape, self.output_stride)]
-        return out[:, :, :n[0], :n[1], :n[2]]
+        n = [(k - 1) // m + 1 for k, m in zip(n, step_t)]  # outputs kept per axis
+        w = self.dense.weight.view(self.num_features, self._trunk_channels, *self.feature_shape)
+        if self.padding != "valid" or step_t == (1, 1, 1):
+            out = F.conv3d(self.trunk(x), w, self.dense.bias)
+            out = out[:, :, :: step_t[0], :: step_t[1], :: step_t[2]]
+        else:
+            out = self._strided_tail(x, w, step_t)
+        out = self.drop(F.relu(out))
+        # when pooling drops trailing voxels a patch overhanging the input still has an output
+        return out[:, :, : n[0], : n[1], : n[2]]
+
+    def _strided_tail(self, x: torch.Tensor, dense_w: torch.Tensor, step: Triple) -> torch.Tensor:
+        """Trunk + Dense-as-conv with outputs only every ``step`` positions (valid padding).
+
+        Per axis the stride goes into the last layer (the Dense conv, then the trunk's
+        convolutions and pools backwards) whose kernel along that axis exceeds 1.
+        """
+        layers: list[tuple[nn.Module | None, Triple]] = []
+        for m in self.trunk:
+            if isinstance(m, nn.Conv3d):
+                layers.append((m, tuple(m.kernel_size)))  # type: ignore[arg-type]
+            elif isinstance(m, nn.MaxPool3d):
+                layers.append((m, _triple(m.kernel_size, "pool")))
+        layers.append((None, tuple(dense_w.shape[2:])))  # the Dense layer
+        extra = [[1, 1, 1] for _ in layers]
+        for a in range(3):
+            at = next((i for i in reversed(range(len(layers))) if layers[i][1][a] > 1), len(layers) - 1)
+            extra[at][a] = step[a]
+        i = 0
+        f = x
+        for m in self.trunk:
+            if isinstance(m, nn.Conv3d):
+                f = F.conv3d(f, m.weight, m.bias, stride=tuple(extra[i]))
+                i += 1
+            elif isinstance(m, nn.MaxPool3d):
+                k = _triple(m.kernel_size, "pool")
+                f = F.max_pool3d(f, k, tuple(a * b for a, b in zip(k, extra[i])))
+                i += 1
+            else:
+                f = m(f)
+        return F.conv3d(f, dense_w, self.dense.bias, stride=tuple(extra[i]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_features(x)
