@@ -191,10 +191,13 @@ def _read_tiles(volume: Any, plan: SweepPlan, grid: OutputGrid, tiles: Iterable[
         if not m.any():
             yield tile, m, []
             continue
-        slabs = []
-        for sl in _slabs(plan, grid, tile, m):
-            block = volume.read_block(sl.vstart, sl.vstop, fill=0)
-            slabs.append((sl, np.asarray(normalize(block), dtype=np.float32)))
+        # One read per tile (its slabs share chunks, e.g. all z-planes of a tile), then views.
+        parts = _slabs(plan, grid, tile, m)
+        lo = np.min([sl.vstart for sl in parts], axis=0)
+        hi = np.max([sl.vstop for sl in parts], axis=0)
+        block = np.asarray(normalize(volume.read_block(tuple(lo), tuple(hi), fill=0)), dtype=np.float32)
+        slabs = [(sl, block[tuple(slice(a - o, b - o) for a, b, o in zip(sl.vstart, sl.vstop, lo))])
+                 for sl in parts]
         yield tile, m, slabs
 
 
