@@ -153,10 +153,7 @@ def markdown_table(summary: pd.DataFrame) -> str:
 def plot_accuracy_vs_distance(summary: pd.DataFrame, out: Path) -> Path | None:
     """Mean r (error bars: sd over seeds) against distance from the trained plane, one line per
     configuration and one panel per experiment; other volumes as the right-most point."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from xpression.plotting import new_figure, save_figure
 
     scores = [c[: -len("_mean")] for c in summary.columns if c.endswith("_mean") and _OFF not in c]
     if summary.empty or not scores:
@@ -166,7 +163,7 @@ def plot_accuracy_vs_distance(summary: pd.DataFrame, out: Path) -> Path | None:
     far = max([x for x in xs if np.isfinite(x)] + [0.0])
     xs = [far + max(far * 0.25, 50.0) if not np.isfinite(x) else x for x in xs]
     exps = list(dict.fromkeys(summary["experiment"]))
-    fig, axes = plt.subplots(1, len(exps), figsize=(5 * len(exps), 4), squeeze=False, constrained_layout=True)
+    fig, axes = new_figure(1, len(exps), figsize=(5 * len(exps), 4), squeeze=False)
     for ax, exp in zip(axes[0], exps):
         for _, r in summary[summary["experiment"] == exp].iterrows():
             m = np.array([r[f"{c}_mean"] for c in scores], float)
@@ -183,10 +180,7 @@ def plot_accuracy_vs_distance(summary: pd.DataFrame, out: Path) -> Path | None:
         ax.set_title(exp)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    out = Path(out)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out)
 
 
 def _r(summary: pd.DataFrame, row: Any, col: str) -> str:

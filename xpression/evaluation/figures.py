@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import pandas as pd
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
+from xpression.plotting import new_figure, save_figure
 
 __all__ = ["plot_section_maps", "plot_training_curves"]
 
@@ -40,7 +40,7 @@ def plot_section_maps(
     written = []
     for section_id, spots in predictions.groupby("section_id", sort=True):
         n = len(target_names)
-        fig, axes = plt.subplots(n, 3, figsize=(10.5, 3.0 * n + 0.4), squeeze=False, constrained_layout=True)
+        fig, axes = new_figure(n, 3, figsize=(10.5, 3.0 * n + 0.4), squeeze=False)
         u, v = spots["u_um"].to_numpy(), spots["v_um"].to_numpy()
         held_out = np.isin(spots["split"].to_numpy(), ("val", "test"))
         size = _marker_size(fig, axes[0, 0], u, v, spot_diameter_um)
@@ -65,14 +65,11 @@ def plot_section_maps(
                 ax.set_yticks([])
                 fig.colorbar(image, ax=ax, shrink=0.8)
         fig.suptitle(f"section {section_id}: black rings = held-out spots", fontsize=10)
-        path = out_dir / f"section_{section_id}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(save_figure(fig, out_dir / f"section_{section_id}.png"))
     return written
 
 
-def _marker_size(fig: plt.Figure, ax: plt.Axes, u: np.ndarray, v: np.ndarray, diameter_um: float) -> float:
+def _marker_size(fig: Figure, ax: Axes, u: np.ndarray, v: np.ndarray, diameter_um: float) -> float:
     """Scatter marker area (points^2) that draws a spot about its physical diameter."""
     extent = max(float(np.ptp(u)), float(np.ptp(v)), diameter_um)
     axis_points = ax.get_position().width * fig.get_figwidth() * 72
@@ -97,7 +94,7 @@ def plot_training_curves(metrics_csv: str | Path, out_path: str | Path) -> Path 
     panels = [(title, cols) for title, cols in panels if cols]
     if not panels:
         return None
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.4), squeeze=False, constrained_layout=True)
+    fig, axes = new_figure(1, len(panels), figsize=(5 * len(panels), 3.4), squeeze=False)
     for ax, (title, cols) in zip(axes[0], panels):
         for col in cols:
             series = per_epoch[col].dropna()
@@ -106,7 +103,4 @@ def plot_training_curves(metrics_csv: str | Path, out_path: str | Path) -> Path 
         ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    out_path = Path(out_path)
-    fig.savefig(out_path, dpi=110)
-    plt.close(fig)
-    return out_path
+    return save_figure(fig, out_path)

@@ -121,21 +121,20 @@ def plot_accuracy_vs_distance(df: Any, out: str | Path) -> Path | None:
     horizontal lines."""
     import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from xpression.plotting import new_figure, save_figure
 
     if df is None or len(df) == 0:
         return None
     near = df[df["where"].isin(["section", "distance"])]
     far = df[df["where"] == "volume"]
-    fig, ax = plt.subplots(figsize=(6, 4), constrained_layout=True)
+    fig, ax = new_figure(figsize=(6, 4))
     tcols = [c for c in df.columns if c.startswith("r/")]
     for vid, g in near.groupby("volume_id"):
         g = g.sort_values("distance_um")
         for c in tcols:
             ax.plot(g["distance_um"], g[c], color="0.75", lw=0.8)
         ax.plot(g["distance_um"], g["r_mean"], marker="o", lw=2, label=f"{vid} (trained), mean")
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colours = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
     for k, (_, r) in enumerate(far.iterrows()):
         ax.axhline(r["r_mean"], ls="--", lw=1.2, color=colours[(k + 1) % len(colours)],
                    label=f"{r['volume_id']} (unseen volume), mean")
@@ -144,7 +143,4 @@ def plot_accuracy_vs_distance(df: Any, out: str | Path) -> Path | None:
     ax.set_ylim(-0.2, 1.0)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    out = Path(out)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out)

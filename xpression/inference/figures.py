@@ -6,13 +6,10 @@ import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from xpression.inference.grid import OutputGrid  # noqa: E402
+from xpression.inference.grid import OutputGrid
+from xpression.plotting import new_figure, save_figure
 
 __all__ = ["plot_orthoviews", "plot_depth_proportions", "depth_profile"]
 
@@ -35,7 +32,7 @@ def plot_orthoviews(maps: Any, grid: OutputGrid, targets: Sequence[str], out: st
     labels = [("x (um)", "y (um)"), ("x (um)", "z (um)"), ("y (um)", "z (um)")]
     ct_views = _views(ct, centre) if ct is not None else None
     n = len(targets)
-    fig, axes = plt.subplots(n, 3, figsize=(12, 3.2 * n + 0.5), squeeze=False, constrained_layout=True)
+    fig, axes = new_figure(n, 3, figsize=(12, 3.2 * n + 0.5), squeeze=False)
     for t, name in enumerate(targets):
         views = _views(_Channel(maps, t), centre)
         finite = np.concatenate([v[np.isfinite(v)] for v in views])
@@ -52,11 +49,7 @@ def plot_orthoviews(maps: Any, grid: OutputGrid, targets: Sequence[str], out: st
         fig.colorbar(im, ax=axes[t, -1], shrink=0.8)
     if title:
         fig.suptitle(title, fontsize=10)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out, dpi=100)
 
 
 class _Channel:
@@ -89,7 +82,7 @@ def plot_depth_proportions(maps: Any, grid: OutputGrid, targets: Sequence[str], 
     """Target proportions per depth through the organ (the study's organ-level plot): stacked
     areas of the per-plane mean composition (``kind="composition"``) or one line per target."""
     z, means, counts = depth_profile(maps, grid)
-    fig, (ax, ax2) = plt.subplots(2, 1, figsize=(7, 5.5), sharex=True, height_ratios=[3, 1], constrained_layout=True)
+    fig, (ax, ax2) = new_figure(2, 1, figsize=(7, 5.5), sharex=True, height_ratios=[3, 1])
     ok = counts > 0
     if kind == "composition":
         with warnings.catch_warnings():
@@ -108,8 +101,4 @@ def plot_depth_proportions(maps: Any, grid: OutputGrid, targets: Sequence[str], 
     ax2.set_xlabel("depth z (um)")
     if title:
         ax.set_title(title, fontsize=10)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out, dpi=100)

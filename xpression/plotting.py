@@ -1,0 +1,31 @@
+"""Figures without pyplot: every PNG the package writes goes through these two functions.
+
+``matplotlib.figure.Figure`` objects are drawn off-screen and need no backend switch, so
+writing figures from a training run, a sweep or a notebook never changes the user's backend
+(``%matplotlib inline`` keeps working) and never leaves figures open in pyplot's registry.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from matplotlib.figure import Figure
+
+__all__ = ["new_figure", "save_figure"]
+
+
+def new_figure(nrows: int = 1, ncols: int = 1, figsize: tuple[float, float] = (6.4, 4.8),
+               **subplots: Any) -> tuple[Figure, Any]:
+    """A constrained-layout figure of ``figsize`` inches and its axes (``Figure.subplots``
+    keywords: ``squeeze``, ``sharex``, ``height_ratios`` ...)."""
+    fig = Figure(figsize=figsize, constrained_layout=True)
+    return fig, fig.subplots(nrows, ncols, **subplots)
+
+
+def save_figure(fig: Figure, out: str | Path, dpi: int = 110) -> Path:
+    """Write ``fig`` to ``out`` (format from the suffix; parent folders created)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=dpi)
+    return out
