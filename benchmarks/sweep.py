@@ -283,8 +283,7 @@ def main() -> None:
         print(f"{name:48s} {sec:10.2f} {pps:12.1f} {vps:14.3e}")
     print(f"dense / patch speed-up: {dense_rate / patch_rate:.1f}x; max |dense - patch| on the patch-mode points: {diff:.2e}"
           f"{'' if pred.dense_equivalent else ' (not dense-equivalent)'}")
-    plan = plan_sweep(pred, grid, "dense", 0.0 if args.overlap is None and pred.dense_equivalent else
-                      (0.25 if args.overlap is None else args.overlap), tile_shape)
+    plan = plan_sweep(pred, grid, "dense", args.overlap, tile_shape)
     ceiling = flop_ceiling(pred.net, pred.patch_shape, plan, tile_shape)
     print(f"FLOP ceiling for these tiles (patch FLOPs / dense FLOPs per grid point): {ceiling:.1f}x; "
           f"overlap bound (patch voxels / voxels per grid point): {overlap_bound(pred.patch_shape, grid):.1f}x")

@@ -16,9 +16,8 @@ Two modes give the same numbers for a dense-equivalent network (within float err
   instead, since nothing is shared between planes there. Networks that are not
   dense-equivalent (``same`` padding, U-Nets) get ``overlap``: an extra context margin of
   ``overlap x tile extent`` voxels on every side (of the axes not cut into slabs) whose
-  outputs are dropped, so each tile's
-  points never sit near the edge of the network's input (the overlap-tile strategy of the
-  U-Net paper, Ronneberger et al. 2015). Each grid point is answered by exactly one tile.
+  outputs are dropped, so each tile's points never sit near the edge of the network's input
+  (the overlap-tile strategy of the U-Net paper, Ronneberger et al. 2015). Each grid point is answered by exactly one tile.
 
 Only tiles with at least one grid point in the tissue mask are computed, and each input slab
 is cut to the bounding box of its tissue points; points outside the mask are NaN. The next tiles' inputs are read and normalised in a background thread while
@@ -42,7 +41,7 @@ from torch import nn
 from xpression.inference.grid import OutputGrid, Tile, Tiling
 from xpression.inference.predictor import InferenceError, Predictor
 
-__all__ = ["AxisPlan", "SweepPlan", "TileResult", "plan_sweep", "sweep", "sweep_tiles", "tile_mask", "tissue_tiles"]
+__all__ = ["AxisPlan", "SweepPlan", "TileResult", "default_overlap", "plan_sweep", "sweep", "sweep_tiles", "tile_mask", "tissue_tiles"]
 
 MaskLike = Any  # None | bool array of the grid shape | callable(points_um (N, 3)) -> bool (N,) | obj.contains
 
@@ -81,13 +80,22 @@ class TileResult:
     seconds: float
 
 
-def plan_sweep(predictor: Predictor, grid: OutputGrid, mode: str = "dense", overlap: float = 0.0,
+def default_overlap(predictor: Predictor, mode: str) -> float:
+    """Context margin per side (fraction of the tile) when none is given: 0 where dense equals
+    patch (patch mode, dense-equivalent networks), 0.25 otherwise."""
+    return 0.0 if (mode == "patch" or predictor.dense_equivalent) else 0.25
+
+
+def plan_sweep(predictor: Predictor, grid: OutputGrid, mode: str = "dense", overlap: float | None = None,
                tile_shape: Sequence[int] = (1, 1, 1)) -> SweepPlan:
     """Input geometry per axis for ``mode`` (``"patch"`` or ``"dense"``); see the module doc.
 
-    ``overlap`` (dense mode only): extra context per side as a fraction of the tile extent.
+    ``overlap`` (dense mode only): extra context per side as a fraction of the tile extent
+    (``None``: :func:`default_overlap`).
     Raises :class:`InferenceError` when the grid does not fall on the model's dense outputs.
     """
+    if overlap is None:
+        overlap = default_overlap(predictor, mode)
     p = predictor.patch_shape
     if mode == "patch":
         axes = tuple(AxisPlan(grid.step_vox[a] >= p[a], p[a] // 2, p[a] - p[a] // 2 - 1) for a in range(3))
@@ -328,8 +336,6 @@ def sweep_tiles(
         :class:`TileResult` per tile, in the order of ``tiles``.
     """
     pred = model if isinstance(model, Predictor) else Predictor(model)
-    if overlap is None:
-        overlap = 0.0 if (mode == "patch" or pred.dense_equivalent) else 0.25
     tiling = Tiling(grid.shape, tuple(int(t) for t in tile_shape))  # type: ignore[arg-type]
     plan = plan_sweep(pred, grid, mode, overlap, tiling.tile_shape)
     order = range(len(tiling)) if tiles is None else tiles

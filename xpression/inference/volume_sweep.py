@@ -18,7 +18,7 @@ import numpy as np
 from xpression.inference.grid import OutputGrid, Tiling, choose_tile_shape, make_grid
 from xpression.inference.predictor import Predictor
 from xpression.inference.shards import shard
-from xpression.inference.sweep import TileResult, dense_multiples, sweep_tiles, tissue_tiles
+from xpression.inference.sweep import TileResult, default_overlap, dense_multiples, sweep_tiles, tissue_tiles
 from xpression.inference.writers import MapStore
 
 __all__ = ["VolumeSweep", "infer_volume", "plan_grid"]
@@ -94,7 +94,7 @@ def infer_volume(
     grid, notes = plan_grid(volume, predictor, spacing_um, mode, anchor_um)
     tile_shape = choose_tile_shape(grid, tile_vox, getattr(volume, "chunks", None))
     if overlap is None:
-        overlap = 0.0 if (mode == "patch" or predictor.dense_equivalent) else 0.25
+        overlap = default_overlap(predictor, mode)
     settings = {"mode": mode, "overlap": float(overlap), "spacing_um": list(grid.spacing_um),
                 "volume_shape": list(volume.shape), "volume_path": str(getattr(volume, "path", ""))}
     ident = dict(identity or {}, model=predictor.identity())

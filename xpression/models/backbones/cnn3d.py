@@ -97,6 +97,15 @@ class CNN3D(nn.Module):
             stride = [a * b for a, b in zip(stride, p)]
         self.output_stride: Triple = tuple(stride)  # type: ignore[assignment]
         self.feature_shape: Triple = shapes[-1]
+        # Layers that mix neighbours, in order (each conv, each pool, the Dense-as-conv) and,
+        # per axis, the last of them whose kernel exceeds 1: where dense_features(step=) strides.
+        mixing: list[Triple] = []
+        for i, k in enumerate(kernels):
+            mixing += [k, pools[i]] if i < len(pools) else [k]
+        mixing.append(self.feature_shape)
+        self._n_mixing = len(mixing)
+        self._stride_at: Triple = tuple(  # type: ignore[assignment]
+            next((i for i in reversed(range(len(mixing))) if mixing[i][a] > 1), len(mixing) - 1) for a in range(3))
         self.used_shape = self._used_shape(kernels, pools)
         if self.dense_equivalent and self.used_shape != self.patch_shape:
             log.warning("cnn3d reads only %s of the %s-voxel patch (pooling drops trailing voxels), "
@@ -164,35 +173,21 @@ class CNN3D(nn.Module):
         return out[:, :, : n[0], : n[1], : n[2]]
 
     def _strided_tail(self, x: torch.Tensor, dense_w: torch.Tensor, step: Triple) -> torch.Tensor:
-        """Trunk + Dense-as-conv with outputs only every ``step`` positions (valid padding).
-
-        Per axis the stride goes into the last layer (the Dense conv, then the trunk's
-        convolutions and pools backwards) whose kernel along that axis exceeds 1.
-        """
-        layers: list[tuple[nn.Module | None, Triple]] = []
-        for m in self.trunk:
-            if isinstance(m, nn.Conv3d):
-                layers.append((m, tuple(m.kernel_size)))  # type: ignore[arg-type]
-            elif isinstance(m, nn.MaxPool3d):
-                layers.append((m, _triple(m.kernel_size, "pool")))
-        layers.append((None, tuple(dense_w.shape[2:])))  # the Dense layer
-        extra = [[1, 1, 1] for _ in layers]
-        for a in range(3):
-            at = next((i for i in reversed(range(len(layers))) if layers[i][1][a] > 1), len(layers) - 1)
-            extra[at][a] = step[a]
-        i = 0
+        """Trunk + Dense-as-conv with outputs only every ``step`` positions (valid padding):
+        per axis the stride goes into layer ``_stride_at`` (only pointwise layers follow it)."""
+        strides = [[1, 1, 1] for _ in range(self._n_mixing)]
+        for a, at in enumerate(self._stride_at):
+            strides[at][a] = step[a]
+        layer = iter(strides)
         f = x
         for m in self.trunk:
             if isinstance(m, nn.Conv3d):
-                f = F.conv3d(f, m.weight, m.bias, stride=tuple(extra[i]))
-                i += 1
+                f = F.conv3d(f, m.weight, m.bias, stride=next(layer))
             elif isinstance(m, nn.MaxPool3d):
-                k = _triple(m.kernel_size, "pool")
-                f = F.max_pool3d(f, k, tuple(a * b for a, b in zip(k, extra[i])))
-                i += 1
+                f = F.max_pool3d(f, m.kernel_size, [s * e for s, e in zip(_triple(m.stride, "pool"), next(layer))])
             else:
                 f = m(f)
-        return F.conv3d(f, dense_w, self.dense.bias, stride=tuple(extra[i]))
+        return F.conv3d(f, dense_w, self.dense.bias, stride=next(layer))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_features(x)
