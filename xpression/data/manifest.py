@@ -125,10 +125,14 @@ class _Checker:
             self.fail(where, f"missing required key {key!r}")
         return value
 
-    def ident(self, value: Any, where: str) -> str | None:
+    def ident(self, value: Any, where: str, kind: str, seen: set[str]) -> str | None:
+        """A valid id of a ``kind`` ("volume", "section") not already in ``seen`` (added to it)."""
         if not isinstance(value, str) or not _ID_PATTERN.match(value):
             self.fail(where, f"id must be a non-empty string of letters, digits, '_', '.', '-'; got {value!r}")
             return None
+        if value in seen:
+            self.fail(f"{kind} {value!r}", f"duplicate {kind} id")
+        seen.add(value)
         return value
 
     def path(self, value: Any, where: str, *, suffixes: tuple[str, ...] = ()) -> Path | None:
@@ -209,12 +213,9 @@ def _volumes(check: _Checker, raw: Any) -> list[VolumeEntry]:
         entry = check.mapping(item, where, _VOLUME_KEYS, {"id", "image"})
         if entry is None:
             continue
-        vid = check.ident(entry.get("id"), f"{where}.id")
+        vid = check.ident(entry.get("id"), f"{where}.id", "volume", volume_ids)
         if vid is not None:
             where = f"volume {vid!r}"
-            if vid in volume_ids:
-                check.fail(where, "duplicate volume id")
-            volume_ids.add(vid)
         image = check.path(entry.get("image"), f"{where}.image", suffixes=_VOLUME_SUFFIXES) if "image" in entry else None
         voxel = None
         if "voxel_size_um" in entry:
@@ -240,12 +241,9 @@ def _sections(check: _Checker, raw: Any, where: str, volume_id: str, seen: set[s
         entry = check.mapping(item, swhere, _SECTION_KEYS, {"id", "adata", "landmarks"})
         if entry is None:
             continue
-        sid = check.ident(entry.get("id"), f"{swhere}.id")
+        sid = check.ident(entry.get("id"), f"{swhere}.id", "section", seen)
         if sid is not None:
             swhere = f"section {sid!r}"
-            if sid in seen:
-                check.fail(swhere, "duplicate section id")
-            seen.add(sid)
         adata = check.path(entry.get("adata"), f"{swhere}.adata", suffixes=(".h5ad",)) if "adata" in entry else None
         landmarks = check.path(entry.get("landmarks"), f"{swhere}.landmarks", suffixes=(".csv",)) if "landmarks" in entry else None
         z_um, plane = None, None
