@@ -207,8 +207,10 @@ def test_matches_scanpy_read_visium(tmp_path):
 
 def test_run_folder_with_outs_and_absent_images(tmp_path):
     truth = make_spaceranger(tmp_path / "run" / "outs", "sr2", images=False)
+    with h5py.File(tmp_path / "run" / "outs" / "filtered_feature_bc_matrix.h5", "r+") as f:
+        del f.attrs["library_ids"]  # then the library is named after the run folder
     adata = read_spaceranger(tmp_path / "run")  # the run folder, not outs/
-    assert adata.uns["spatial"]["lung_A1"]["images"] == {}
+    assert adata.uns["spatial"]["run"]["images"] == {}
     np.testing.assert_array_equal(adata.obsm["spatial"], _expected_xy(truth))
 
 

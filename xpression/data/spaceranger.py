@@ -90,7 +90,8 @@ def read_spaceranger(folder: str | Path, library_id: str | None = None) -> Any:
 
     Only Gene Expression features become genes. Matrix barcodes must all have a position; positions
     of spots not in the matrix (the filtered matrix holds the spots under tissue) are dropped.
-    ``library_id`` defaults to the matrix's ``library_ids`` attribute, else the folder name.
+    ``library_id`` defaults to the matrix's ``library_ids`` attribute, else the folder name (the
+    run folder's for ``outs/``).
 
     Raises:
         DataError: one line naming the file and the problem (missing file, malformed table, ...).
@@ -109,7 +110,8 @@ def read_spaceranger(folder: str | Path, library_id: str | None = None) -> Any:
                        index=pd.Index(barcodes, dtype=object))
     adata = ad.AnnData(X=counts, obs=obs, var=var)
     adata.obsm["spatial"] = positions[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy(np.float64)
-    library = library_id or _library_id(attrs) or files.root.name
+    folder_name = files.root.parent.name if files.root.name == "outs" else files.root.name
+    library = library_id or _library_id(attrs) or folder_name
     metadata = {k: attrs[k] for k in ("chemistry_description", "software_version") if k in attrs}
     adata.uns["spatial"] = {library: {"images": _read_images(files.images),
                                       "scalefactors": _read_scalefactors(files.scalefactors),
