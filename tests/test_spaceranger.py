@@ -273,6 +273,7 @@ def test_malformed_files_are_named(tmp_path):
     (tmp_path / "outs" / "spatial" / "scalefactors_json.json").write_text(json.dumps({"tissue_hires_scalef": 0.2}))
     with pytest.raises(DataError, match=r"scalefactors_json\.json: 'spot_diameter_fullres' must be a positive number"):
         read_spaceranger(tmp_path / "outs")
+    (tmp_path / "outs" / "spatial" / "scalefactors_json.json").write_text(json.dumps(SCALEFACTORS))
     (tmp_path / "outs" / "filtered_feature_bc_matrix.h5").write_bytes(b"not hdf5")
     with pytest.raises(DataError, match=r"filtered_feature_bc_matrix\.h5: cannot read HDF5 file"):
         read_spaceranger(tmp_path / "outs")

@@ -99,8 +99,9 @@ def read_spaceranger(folder: str | Path, library_id: str | None = None) -> Any:
     import anndata as ad
 
     files = find_spaceranger_files(folder)
-    counts, barcodes, var, attrs = _read_matrix(files.matrix)
+    scalefactors = _read_scalefactors(files.scalefactors)  # the small files first
     positions = _read_positions(files.positions)
+    counts, barcodes, var, attrs = _read_matrix(files.matrix)
     missing = pd.Index(barcodes).difference(positions.index)
     if len(missing):
         raise DataError(files.positions, f"{len(missing)} of {len(barcodes)} barcodes of {files.matrix.name} have no "
@@ -114,7 +115,7 @@ def read_spaceranger(folder: str | Path, library_id: str | None = None) -> Any:
     library = library_id or _library_id(attrs) or folder_name
     metadata = {k: attrs[k] for k in ("chemistry_description", "software_version") if k in attrs}
     adata.uns["spatial"] = {library: {"images": _read_images(files.images),
-                                      "scalefactors": _read_scalefactors(files.scalefactors),
+                                      "scalefactors": scalefactors,
                                       "metadata": metadata}}
     return adata
 
