@@ -12,7 +12,7 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-__all__ = ["new_figure", "save_figure"]
+__all__ = ["new_figure", "save_figure", "target_cmap"]
 
 
 def new_figure(nrows: int = 1, ncols: int = 1, figsize: tuple[float, float] = (6.4, 4.8),
@@ -29,3 +29,13 @@ def save_figure(fig: Figure, out: str | Path, dpi: int = 110) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=dpi)
     return out
+
+
+def target_cmap(color: str | None, default: str = "viridis") -> Any:
+    """The colormap of one target's values: dark grey to the target's ``color`` (as Chrysalis draws
+    a compartment), or the ``default`` colormap when the target has no colour."""
+    if color is None:
+        return default
+    from matplotlib.colors import LinearSegmentedColormap
+
+    return LinearSegmentedColormap.from_list(f"to_{color}", ["#2e2e2e", color])

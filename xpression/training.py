@@ -110,6 +110,7 @@ def train(cfg: DictConfig) -> float | None:
     metrics.update(
         target_names=list(spec.names),
         target_kind=spec.kind,
+        target_colors=list(spec.colors) if spec.colors is not None else None,
         best_checkpoint=str(best) if best else None,
         epochs=int(trainer.current_epoch),
         train_seconds=round(train_seconds, 2),
@@ -124,7 +125,7 @@ def train(cfg: DictConfig) -> float | None:
     predictions.to_csv(out_dir / "predictions.csv", index=False)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, allow_nan=True))
     if cfg.get("figures", True):
-        _write_figures(predictions, spec.names, out_dir, loggers)
+        _write_figures(predictions, spec.names, out_dir, loggers, spec.colors)
     Console(width=None if sys.stdout.isatty() else 160).print(metrics_table(metrics))
     log.info("run folder: %s", out_dir)
     return _optimized_value(cfg, metrics)
@@ -208,9 +209,10 @@ def _best_checkpoint(trainer: pl.Trainer) -> Path | None:
     return Path(path) if path and Path(path).exists() else None
 
 
-def _write_figures(predictions: pd.DataFrame, names: list[str], out_dir: Path, loggers: list[Any]) -> None:
+def _write_figures(predictions: pd.DataFrame, names: list[str], out_dir: Path, loggers: list[Any],
+                   colors: list[str] | None = None) -> None:
     figures = out_dir / "figures"
-    plot_section_maps(predictions, list(names), figures)
+    plot_section_maps(predictions, list(names), figures, colors=colors)
     for logger in loggers:
         if isinstance(logger, pl.loggers.CSVLogger):
             csv = Path(logger.log_dir) / "metrics.csv"

@@ -20,6 +20,7 @@ _LAZY = {
     "xpression.data.geometry": ["DataError", "Plane", "PatchGeometry", "SlabGrid", "count_patch_overlaps"],
     "xpression.data.registration": ["AffineFit", "fit_affine", "read_landmarks", "register_section"],
     "xpression.data.sections": ["Section", "load_section", "read_adata"],
+    "xpression.data.spaceranger": ["read_spaceranger"],
     "xpression.data.targets": ["TargetSpec", "ObsmTarget", "GenesTarget", "ProgramsTarget"],
     "xpression.data.sampling": ["SpotSampler", "StratifiedSampler", "JitterSampler", "SpotEpochSampler"],
     "xpression.data.splits": ["SpatialBlocksSplit", "StratifiedRandomSplit", "LeaveSectionOut", "VolumesSplit", "patch_overlap"],

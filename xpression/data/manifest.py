@@ -244,7 +244,7 @@ def _sections(check: _Checker, raw: Any, where: str, volume_id: str, seen: set[s
         sid = check.ident(entry.get("id"), f"{swhere}.id", "section", seen)
         if sid is not None:
             swhere = f"section {sid!r}"
-        adata = check.path(entry.get("adata"), f"{swhere}.adata", suffixes=(".h5ad",)) if "adata" in entry else None
+        adata = _adata_path(check, entry.get("adata"), f"{swhere}.adata") if "adata" in entry else None
         landmarks = check.path(entry.get("landmarks"), f"{swhere}.landmarks", suffixes=(".csv",)) if "landmarks" in entry else None
         z_um, plane = None, None
         if ("z_um" in entry) == ("plane" in entry):
@@ -256,6 +256,28 @@ def _sections(check: _Checker, raw: Any, where: str, volume_id: str, seen: set[s
         if sid and adata and landmarks and (z_um is not None or plane is not None):
             sections.append(SectionEntry(sid, volume_id, adata, landmarks, z_um, plane))
     return sections
+
+
+def _adata_path(check: _Checker, value: Any, where: str) -> Path | None:
+    """An ``.h5ad`` file or a Space Ranger output folder (its required files checked here)."""
+    from xpression.data.geometry import DataError
+    from xpression.data.spaceranger import find_spaceranger_files
+
+    if not isinstance(value, str) or not value:
+        return check.path(value, where)
+    full = Path(value) if Path(value).is_absolute() else check.root / value
+    if full.is_dir():
+        try:
+            find_spaceranger_files(full)
+        except DataError as err:
+            check.fail(where, str(err))
+            return None
+        return full
+    if not full.name.lower().endswith(".h5ad"):
+        missing = "" if full.exists() else f"; not found: {full}"
+        check.fail(where, f"{value!r} is neither an .h5ad file nor a Space Ranger output folder{missing}")
+        return None
+    return check.path(value, where)
 
 
 def _plane(check: _Checker, raw: Any, where: str) -> tuple[tuple[float, float, float], ...] | None:

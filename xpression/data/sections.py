@@ -23,19 +23,18 @@ log = logging.getLogger(__name__)
 
 
 def read_adata(path: str | Path) -> Any:
-    """Read an ``.h5ad`` file or a Space Ranger output folder (``scanpy.read_visium``)."""
+    """Read an ``.h5ad`` file or a Space Ranger output folder (:mod:`xpression.data.spaceranger`)."""
     import anndata as ad
+
+    from xpression.data.spaceranger import read_spaceranger
 
     path = Path(path)
     if not path.exists():
         raise DataError(path, "ST file not found")
     try:
-        if path.is_dir():
-            import scanpy as sc
-
-            adata = sc.read_visium(path)
-        else:
-            adata = ad.read_h5ad(path)
+        adata = read_spaceranger(path) if path.is_dir() else ad.read_h5ad(path)
+    except DataError:
+        raise
     except Exception as err:  # h5py/anndata raise many types for corrupt files
         raise DataError(path, f"cannot read ST data ({type(err).__name__}: {err})") from err
     adata.var_names_make_unique()

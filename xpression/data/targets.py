@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from xpression.data.chrysalis import CHRYSALIS_KEY, compartment_colors, compartment_names
 from xpression.data.geometry import DataError
 
 __all__ = ["TargetSpec", "ObsmTarget", "GenesTarget", "ProgramsTarget", "dominant_index", "to_composition"]
@@ -28,14 +29,21 @@ KINDS = ("composition", "log_expression", "counts")
 
 @dataclass(frozen=True)
 class TargetSpec:
-    """Names of the T target columns and their kind (composition / log_expression / counts)."""
+    """Names of the T target columns, their kind (composition / log_expression / counts) and,
+    optionally, one colour per target (any matplotlib colour) for maps and figures."""
 
     names: list[str]
     kind: TargetKind
+    colors: list[str] | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"TargetSpec.kind must be one of {KINDS}, got {self.kind!r}")
+        if self.colors is not None:
+            from matplotlib.colors import is_color_like
+
+            if len(self.colors) != len(self.names) or not all(is_color_like(c) for c in self.colors):
+                raise ValueError(f"TargetSpec.colors must be {len(self.names)} colours (one per target), got {self.colors!r}")
 
     @property
     def n_targets(self) -> int:
@@ -76,7 +84,11 @@ class ObsmTarget:
 
     ``table``: optional CSV path (``{section}`` is replaced by the section id) whose first
     column holds spot barcodes; used instead of ``obsm`` for scores computed elsewhere.
-    ``renormalize`` scales rows to compositions. ``names`` overrides the column names.
+    ``renormalize`` scales rows to compositions. ``names`` overrides the column names (else
+    DataFrame columns, ``uns['<key>_names']``, ``uns['programs']``; Chrysalis ``chr_aa``:
+    ``compartment_<i>``). ``colors`` gives one colour per target (else ``uns['<key>_colors']``,
+    the scanpy convention; Chrysalis ``chr_aa``: the colours of Chrysalis's own plots).
+    With several sections the first section's colours are used.
     """
 
     key: str = "programs_true"
@@ -84,6 +96,7 @@ class ObsmTarget:
     kind: TargetKind = "composition"
     table: str | None = None
     names: Sequence[str] | None = None
+    colors: Sequence[str] | None = None
 
     def _names(self, adata: Any, n: int, columns: Sequence[str] | None) -> list[str]:
         if self.names is not None:
@@ -94,7 +107,19 @@ class ObsmTarget:
             got = adata.uns.get(k)
             if got is not None and len(got) == n:
                 return [str(x) for x in got]
+        if self.key == CHRYSALIS_KEY:
+            return compartment_names(n)
         return [f"{self.key}_{i}" for i in range(n)]
+
+    def _colors(self, adata: Any, n: int) -> list[str] | None:
+        if self.colors is not None:
+            return [str(c) for c in self.colors]
+        got = adata.uns.get(f"{self.key}_colors")
+        if got is not None and len(got) == n:
+            return [str(c) for c in got]
+        if self.key == CHRYSALIS_KEY:
+            return compartment_colors(n, adata.n_obs)
+        return None
 
     def _from_table(self, adata: Any, sid: str) -> pd.DataFrame:
         path = Path(str(self.table).replace("{section}", sid))
@@ -118,6 +143,7 @@ class ObsmTarget:
         """Per-section target arrays (n_spots, T) float32 and their spec."""
         out: dict[str, np.ndarray] = {}
         names: list[str] | None = None
+        colors: list[str] | None = None
         for sid, adata in adatas.items():
             where = _where(adata, sid)
             columns = None
@@ -143,9 +169,13 @@ class ObsmTarget:
             if names is not None and these != names:
                 raise DataError(where, f"target columns {these} differ from another section's {names}")
             names = these
+            colors = self._colors(adata, values.shape[1]) if colors is None else colors
             out[sid] = values.astype(np.float32)
         kind = "composition" if self.renormalize else self.kind
-        return out, TargetSpec(names or [], kind)
+        try:
+            return out, TargetSpec(names or [], kind, colors)
+        except ValueError as err:
+            raise DataError(f"ObsmTarget {self.key!r}", str(err)) from None
 
 
 def _normalised(adata: Any, target_sum: float | None) -> Any:

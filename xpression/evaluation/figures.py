@@ -7,13 +7,14 @@ Predictions travel as a pandas DataFrame with one row per spot and the columns
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from xpression.plotting import new_figure, save_figure
+from xpression.plotting import new_figure, save_figure, target_cmap
 
 __all__ = ["plot_section_maps", "plot_training_curves"]
 
@@ -25,12 +26,14 @@ def plot_section_maps(
     target_names: list[str],
     out_dir: str | Path,
     spot_diameter_um: float = 55.0,
+    colors: Sequence[str] | None = None,
 ) -> list[Path]:
     """Draw, per section, each target's true and predicted value at every spot.
 
     Rows are targets; columns are truth, prediction and their difference. Held-out (val and
     test) spots are outlined in black so the eye can tell interpolation from generalisation;
-    spots excluded by a split's buffer are drawn plain.
+    spots excluded by a split's buffer are drawn plain. ``colors`` (one per target, e.g.
+    Chrysalis compartment colours) shade each target from dark grey to its colour.
 
     Returns:
         The written PNG paths, one per section.
@@ -45,13 +48,14 @@ def plot_section_maps(
         held_out = np.isin(spots["split"].to_numpy(), ("val", "test"))
         size = _marker_size(fig, axes[0, 0], u, v, spot_diameter_um)
         for row, name in enumerate(target_names):
+            cmap = target_cmap(colors[row] if colors is not None else None)
             truth = spots[f"true/{name}"].to_numpy()
             pred = spots[f"pred/{name}"].to_numpy()
             lo, hi = np.nanpercentile(np.concatenate([truth, pred]), [1, 99])
             diff_lim = max(float(np.nanmax(np.abs(pred - truth))), 1e-6)
             panels = [
-                (truth, "viridis", lo, hi, f"{name}: truth"),
-                (pred, "viridis", lo, hi, f"{name}: prediction"),
+                (truth, cmap, lo, hi, f"{name}: truth"),
+                (pred, cmap, lo, hi, f"{name}: prediction"),
                 (pred - truth, "coolwarm", -diff_lim, diff_lim, f"{name}: prediction - truth"),
             ]
             for col, (values, cmap, vmin, vmax, title) in enumerate(panels):

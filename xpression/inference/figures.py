@@ -9,7 +9,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from xpression.inference.grid import OutputGrid
-from xpression.plotting import new_figure, save_figure
+from xpression.plotting import new_figure, save_figure, target_cmap
 
 __all__ = ["plot_orthoviews", "plot_depth_proportions", "depth_profile"]
 
@@ -21,10 +21,12 @@ def _views(arr: Any, centre: Sequence[int]) -> list[np.ndarray]:
 
 
 def plot_orthoviews(maps: Any, grid: OutputGrid, targets: Sequence[str], out: str | Path,
-                    ct: Any = None, centre: Sequence[int] | None = None, title: str = "") -> Path:
+                    ct: Any = None, centre: Sequence[int] | None = None, title: str = "",
+                    colors: Sequence[str] | None = None) -> Path:
     """One row per target: axial, coronal and sagittal planes through ``centre`` (grid indices;
     default the middle), the target's map over the CT preview (``ct``: same grid, optional).
-    ``maps``: ``(T, nz, ny, nx)`` array-like; only the three planes are read."""
+    ``maps``: ``(T, nz, ny, nx)`` array-like; only the three planes are read. ``colors`` (one
+    per target) shade each map from dark grey to its target's colour instead of magma."""
     centre = tuple(s // 2 for s in grid.shape) if centre is None else tuple(centre)
     ext = [(grid.origin_um[a], grid.origin_um[a] + (grid.shape[a] - 1) * grid.spacing_um[a]) for a in range(3)]
     extents = [(ext[2][0], ext[2][1], ext[1][1], ext[1][0]), (ext[2][0], ext[2][1], ext[0][1], ext[0][0]),
@@ -40,7 +42,7 @@ def plot_orthoviews(maps: Any, grid: OutputGrid, targets: Sequence[str], out: st
         for k, (ax, v) in enumerate(zip(axes[t], views)):
             if ct_views is not None:
                 ax.imshow(ct_views[k], cmap="gray", extent=extents[k], interpolation="nearest")
-            im = ax.imshow(np.ma.masked_invalid(v), cmap="magma", vmin=lo, vmax=max(hi, lo + 1e-6),
+            im = ax.imshow(np.ma.masked_invalid(v), cmap=target_cmap(colors[t] if colors is not None else None, "magma"), vmin=lo, vmax=max(hi, lo + 1e-6),
                            alpha=0.75 if ct_views is not None else 1.0, extent=extents[k], interpolation="nearest")
             ax.set_xlabel(labels[k][0], fontsize=8)
             ax.set_ylabel(labels[k][1], fontsize=8)
@@ -78,9 +80,10 @@ def depth_profile(maps: Any, grid: OutputGrid) -> tuple[np.ndarray, np.ndarray, 
 
 
 def plot_depth_proportions(maps: Any, grid: OutputGrid, targets: Sequence[str], out: str | Path,
-                           kind: str = "composition", title: str = "") -> Path:
+                           kind: str = "composition", title: str = "", colors: Sequence[str] | None = None) -> Path:
     """Target proportions per depth through the organ (the study's organ-level plot): stacked
-    areas of the per-plane mean composition (``kind="composition"``) or one line per target."""
+    areas of the per-plane mean composition (``kind="composition"``) or one line per target,
+    in the targets' ``colors`` when given."""
     z, means, counts = depth_profile(maps, grid)
     fig, (ax, ax2) = new_figure(2, 1, figsize=(7, 5.5), sharex=True, height_ratios=[3, 1])
     ok = counts > 0
@@ -88,12 +91,13 @@ def plot_depth_proportions(maps: Any, grid: OutputGrid, targets: Sequence[str], 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             props = means / np.nansum(means, axis=0, keepdims=True)
-        ax.stackplot(z[ok], np.nan_to_num(props[:, ok]), labels=list(targets), alpha=0.9)
+        ax.stackplot(z[ok], np.nan_to_num(props[:, ok]), labels=list(targets), alpha=0.9,
+                     colors=list(colors) if colors is not None else None)
         ax.set_ylabel("mean proportion")
         ax.set_ylim(0, 1)
     else:
         for t, name in enumerate(targets):
-            ax.plot(z[ok], means[t, ok], label=name)
+            ax.plot(z[ok], means[t, ok], label=name, color=colors[t] if colors is not None else None)
         ax.set_ylabel("mean prediction")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax2.bar(z, counts * np.prod(grid.spacing_um[1:]) / 1e6, width=grid.spacing_um[0] * 0.9, color="0.5")

@@ -139,8 +139,9 @@ def infer(cfg: Any) -> dict:
     identity = info.identity()
     _precheck(jobs, pred, cfg, identity)
     rank, world = dist_rank_world()
-    meta_common = {"run_config": info.config, "checkpoint": str(info.checkpoint),
-                   "target_kind": (hp.get("target_spec") or {}).get("kind"), "infer_config": _plain(cfg)}
+    spec = hp.get("target_spec") or {}
+    meta_common = {"run_config": info.config, "checkpoint": str(info.checkpoint), "target_kind": spec.get("kind"),
+                   "target_colors": spec.get("colors"), "infer_config": _plain(cfg)}
     summary: dict = {"volumes": {}}
     for job in jobs:
         normalize, norm_meta = _normalizer(job.volume, info)
@@ -182,10 +183,11 @@ def _extras(job: VolumeJob, res: Any, pred: Predictor, cfg: Any, kind: str | Non
     if cfg.bigtiff:
         export_bigtiff(res.path, job.out_dir / "maps.tif", job.out_dir / "ct_preview.ome.zarr" if cfg.ct_preview else None)
     if cfg.figures:
-        names = list(meta["targets"])
-        plot_orthoviews(maps, res.grid, names, job.out_dir / "figures" / "orthoviews.png", ct=ct, title=job.volume_id)
+        names, colors = list(meta["targets"]), meta.get("target_colors")
+        plot_orthoviews(maps, res.grid, names, job.out_dir / "figures" / "orthoviews.png", ct=ct, title=job.volume_id,
+                        colors=colors)
         plot_depth_proportions(maps, res.grid, names, job.out_dir / "figures" / "proportions_by_depth.png",
-                               kind=kind or "composition", title=job.volume_id)
+                               kind=kind or "composition", title=job.volume_id, colors=colors)
 
 
 def _evaluation_table(df: Any) -> Any:

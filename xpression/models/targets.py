@@ -10,11 +10,12 @@ __all__ = ["KINDS", "TargetSpec", "as_target_spec", "spec_to_dict"]
 
 
 def as_target_spec(spec: Any) -> Any:
-    """A ``TargetSpec`` from a ``TargetSpec``, or a mapping / object with ``names`` and ``kind``."""
+    """A ``TargetSpec`` from a ``TargetSpec``, or a mapping / object with ``names``, ``kind``
+    and optionally ``colors``."""
     if isinstance(spec, Mapping):
-        names, kind = spec["names"], spec["kind"]
+        names, kind, colors = spec["names"], spec["kind"], spec.get("colors")
     else:
-        names, kind = spec.names, spec.kind
+        names, kind, colors = spec.names, spec.kind, getattr(spec, "colors", None)
     names = [str(n) for n in names]
     if kind not in KINDS:
         raise ValueError(f"unknown target kind {kind!r}; valid kinds: {', '.join(KINDS)}")
@@ -22,9 +23,12 @@ def as_target_spec(spec: Any) -> Any:
         raise ValueError("a TargetSpec needs at least one target name")
     if isinstance(spec, TargetSpec):
         return spec
-    return TargetSpec(names=names, kind=kind)
+    return TargetSpec(names=names, kind=kind, colors=None if colors is None else [str(c) for c in colors])
 
 
 def spec_to_dict(spec: Any) -> dict:
-    """Plain ``{"names": [...], "kind": ...}`` (for hyper-parameters and checkpoints)."""
-    return {"names": [str(n) for n in spec.names], "kind": str(spec.kind)}
+    """Plain ``{"names": [...], "kind": ...[, "colors": [...]]}`` (for hyper-parameters and checkpoints)."""
+    out = {"names": [str(n) for n in spec.names], "kind": str(spec.kind)}
+    if getattr(spec, "colors", None) is not None:
+        out["colors"] = [str(c) for c in spec.colors]
+    return out
