@@ -49,7 +49,7 @@ def placement_problem(section: Any, volume: Any, patch_inside: np.ndarray, patch
     edge = centre_in & ~patch_inside
     n, lost = len(pts), int((~patch_inside).sum())
     head = f"section {section.id}: {lost} of {n} spots unusable (limit {limit:.0%})"
-    box = ", ".join(f"{a} {l:.0f}..{h:.0f}" for a, l, h in zip("zyx", lo, hi))
+    box = ", ".join(f"{a} {round(l, 1):g}..{round(h, 1):g}" for a, l, h in zip("zyx", lo, hi))
     counts = {"z": int(off_z.sum()), "yx": int(off_yx.sum()), "edge": int(edge.sum())}
     cause = max(counts, key=counts.get)
     if cause == "z":
