@@ -53,11 +53,14 @@ def write_bigwarp_csv(path: Path, names, active, moving, fixed) -> Path:
     return path
 
 
-def write_bigwarp_json(path: Path, names, active, moving, fixed, nested: bool = True) -> Path:
-    """Gson with ``serializeSpecialFloatingPointValues``: Infinity stays a bare token."""
+def write_bigwarp_json(path: Path, names, active, moving, fixed, nest: str = "transform") -> Path:
+    """``LandmarkTableModel.toJson`` (Gson with ``serializeSpecialFloatingPointValues``: Infinity stays
+    a bare token), alone (``nest="table"``), in ``TransformWriterJson.write``'s object (``"transform"``)
+    or under ``"Transform"`` of a ``BigwarpSettings`` file (``"settings"``)."""
     table = {"type": "BigWarpLandmarks", "numDimensions": len(moving[0]), "movingPoints": np.asarray(moving).tolist(),
              "fixedPoints": np.asarray(fixed).tolist(), "active": list(map(bool, active)), "names": list(names)}
-    doc = {"type": "Thin Plate Spline", "landmarks": table} if nested else table
+    transform = {"type": "Thin Plate Spline", "landmarks": table}
+    doc = {"table": table, "transform": transform, "settings": {"Bookmarks": {}, "Transform": transform}}[nest]
     path.write_text(json.dumps(doc))
     return path
 

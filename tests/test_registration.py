@@ -6,7 +6,7 @@ import re
 import numpy as np
 import pytest
 
-from tests._bigwarp import SECTION, VOXEL_UM, write_bigwarp_csv, write_study
+from tests._bigwarp import SECTION, VOXEL_UM, write_bigwarp_csv, write_bigwarp_json, write_study
 from xpression.data import load_manifest
 from xpression.data.bigwarp import read_landmarks
 from xpression.data.geometry import DataError
@@ -70,6 +70,13 @@ def test_3d_export_checked_against_a_given_plane(tmp_path):
 def test_json_landmarks(tmp_path):
     study = write_study(tmp_path, ndim=3, fmt="json")
     assert _max_error_um(_load(study), study) < 5.0
+    names, active, moving, fixed = _table(tmp_path)
+    for nest in ("table", "transform", "settings"):
+        path = write_bigwarp_json(tmp_path / f"{nest}.json", names, active, moving, fixed, nest=nest)
+        assert "Infinity" in path.read_text()
+        lm = read_landmarks(path)
+        np.testing.assert_array_equal(lm.fixed, fixed)
+        assert lm.used().names == tuple(names[:3])
 
 
 # -- a wrong declaration fails with the pitch check, naming the fix ----------------------------------

@@ -9,8 +9,8 @@ BigWarp (Fiji) saves its landmark table (``LandmarkTableModel.save``) as a CSV t
 ``1.0E-4``, ``Infinity``). A point not yet placed on one side is ``Infinity`` and its row is
 inactive. Newer BigWarp versions read an integer ``Id`` column after ``active`` (7 / 9
 columns) and also keep the table as JSON (``{"type": "BigWarpLandmarks", "numDimensions",
-"movingPoints", "fixedPoints", "active", "names"}``, on its own or under ``"landmarks"`` of a
-transform file). All of these are read here, quoted or not, with or without a header row.
+"movingPoints", "fixedPoints", "active", "names"}``, on its own, under ``"landmarks"`` of a
+transform file, or under ``"Transform"`` of a settings file). All of these are read here, quoted or not, with or without a header row.
 Which side is the ST image and in which units is the manifest's business (see
 :mod:`xpression.data.registration`).
 """
@@ -119,11 +119,14 @@ def _read_json(path: Path) -> BigWarpLandmarks:
         doc = json.loads(path.read_text(encoding="utf-8"))  # Python's json reads Gson's Infinity/NaN
     except ValueError as err:
         raise DataError(path, f"not valid JSON ({err})") from None
-    table = doc.get("landmarks", doc) if isinstance(doc, dict) else None
+    table = doc
+    for key in ("Transform", "landmarks"):  # a settings file > its transform > the landmark table
+        if isinstance(table, dict) and isinstance(table.get(key), dict):
+            table = table[key]
     keys = ("numDimensions", "movingPoints", "fixedPoints", "active", "names")
     if not isinstance(table, dict) or any(k not in table for k in keys):
         raise DataError(path, f"not a BigWarp landmark JSON: expected the keys {', '.join(keys)} "
-                              "(on their own or under 'landmarks')")
+                              "(on their own, under 'landmarks' or under 'Transform' > 'landmarks')")
     ndim = table["numDimensions"]
     n = len(table["names"])
     try:
