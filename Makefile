@@ -26,10 +26,10 @@ $(COHORT): | $(STAMP)
 cohort: $(COHORT)
 
 run: $(STAMP) $(COHORT)
-	$(PY) -m xpression.data.summary $(COHORT)
+	$(PY) -m xpression.data.check $(COHORT) --out $(RUN_DIR)/check
 	$(PY) train.py hydra.run.dir=$(RUN_DIR)/train
 	$(PY) infer.py run=$(RUN_DIR)/train output=$(RUN_DIR)/maps
-	@echo "run folder: $(RUN_DIR) (train/: checkpoints, metrics, figures; maps/: OME-Zarr maps, figures, evaluation)"
+	@echo "run folder: $(RUN_DIR) (check/: registration overlays; train/: checkpoints, metrics, figures; maps/: OME-Zarr maps, figures, evaluation)"
 
 test: $(STAMP)
 	$(PY) -m pytest tests

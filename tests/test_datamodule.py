@@ -236,12 +236,15 @@ def test_bad_spot_ids(tiny_cohort, tmp_path):
     _raises(tiny_cohort, "spot ids do not match", target=ObsmTarget(table=str(tmp_path / "{section}.csv")))
 
 
-def test_bad_spots_outside_volume(bad):
-    _raises(bad("adata", None, z_um=5000.0), "spots lie outside the volume")
+def test_bad_plane_outside_volume_at_manifest_load(bad):
+    from xpression.data import ManifestError
+
+    with pytest.raises(ManifestError, match=r"section 'mock_0_s0'.z_um: 5000 um lies outside volume 'mock_0' \(z -3.2..252.8 um"):
+        make_dm(bad("adata", None, z_um=5000.0), sections=[SECTION]).target_spec
 
 
 def test_bad_landmarks(bad):
-    _raises(bad("landmarks", lambda lines: lines[:2]), "too few enabled landmarks: 2")
+    _raises(bad("landmarks", lambda lines: lines[:2]), "too few active landmarks: 2")
     _raises(bad("landmarks", lambda lines: [l.replace('"true"', '"false"') for l in lines[2:]] + lines[:2]), "too few")
 
     def collinear(lines):
@@ -253,12 +256,12 @@ def test_bad_landmarks(bad):
 
     _raises(bad("landmarks", collinear), "collinear")
 
-    def shift(lines):
+    def shift(lines):  # the first landmark's ST x (moving, first pair) clicked 200 px off
         f = lines[0].split(",")
         f[2] = f'"{float(f[2].strip(chr(34))) + 200.0}"'
         return [",".join(f)] + lines[1:]
 
-    _raises(bad("landmarks", shift), r"landmarks\.csv: landmark residual too large")
+    _raises(bad("landmarks", shift), r"landmarks\.csv: section mock_0_s0: landmark residual too large: 'Pt-0'")
 
 
 def test_bad_voxel_size_and_empty_mask(tiny_cohort, tmp_path):

@@ -78,7 +78,7 @@ def test_every_problem_is_listed_at_once(tmp_path):
     assert "file not found" in text and "missing.ome.zarr" in text
     assert "voxel_size_um[1]: must be positive" in text
     assert "voxel_size_um[2]: expected a number" in text
-    assert "exactly one of 'z_um'" in text
+    assert "'plane' (3+ points [z, y, x] in um), not both" in text
     assert "unknown key 'thickness'" in text
     assert len(problems) == 6
 

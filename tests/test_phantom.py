@@ -150,11 +150,14 @@ def test_programs_follow_marker_genes(manifest):
 
 
 def _read_landmarks(path):
+    """BigWarp's layout: every field quoted, no header, name, active, moving x, y, fixed x, y."""
+    text = path.read_text()
+    assert text.startswith('"Pt-0","true","') and text.endswith('"\n') and "\r" not in text
     with open(path, newline="") as fh:
         rows = list(csv.reader(fh))
     assert all(len(r) == 6 and r[1] == "true" for r in rows)
     arr = np.array([[float(v) for v in r[2:]] for r in rows])
-    return arr[:, 0:2], arr[:, 2:4]  # fixed (CT u, v um), moving (ST px)
+    return arr[:, 2:4], arr[:, 0:2]  # fixed (CT u, v um), moving (ST px)
 
 
 def test_landmark_affine_maps_spots_within_a_radius(manifest):
@@ -163,6 +166,11 @@ def test_landmark_affine_maps_spots_within_a_radius(manifest):
         fixed, moving = _read_landmarks(path.parent / sec["landmarks"])
         assert 10 <= len(fixed) <= 20
         ad = anndata.read_h5ad(path.parent / sec["adata"])
+        # moving = the ST image (BigWarp practice): the true CT -> ST affine maps fixed onto moving
+        st_affine = np.asarray(ad.uns["phantom"]["st_affine"])
+        scale = np.sqrt(abs(np.linalg.det(st_affine[:, :2])))
+        mapped = fixed @ st_affine[:, :2].T + st_affine[:, 2]
+        assert np.median(np.linalg.norm(mapped - moving, axis=1)) < 4 * 5.0 * scale
         # tiny least squares: [x, y, 1] @ coef = [u, v]
         design = np.hstack([moving, np.ones((len(moving), 1))])
         coef, *_ = np.linalg.lstsq(design, fixed, rcond=None)

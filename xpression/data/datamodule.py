@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from xpression.data.augment import Augment
 from xpression.data.geometry import DataError, Plane, SlabGrid
+from xpression.data.placement import check_patch_fits, placement_problem
 from xpression.data.registration import SPOT_RADIUS_UM
 from xpression.data.sampling import SpotEpochSampler, SpotSampler
 from xpression.data.sections import Section, load_section
@@ -197,6 +198,9 @@ class XPressionDataModule(pl.LightningDataModule):
         first = volumes[entries[0].volume_id].voxel_size_um
         model_vs = tuple(float(v) for v in (first if vs is None else np.broadcast_to(np.asarray(vs, float), (3,))))
         shape = self.sampler.geometry.shape_vox(model_vs)
+        patch_um = tuple(float(n * v) for n, v in zip(shape, model_vs))
+        for vid, volume in volumes.items():
+            check_patch_fits(volume, patch_um, vid)
         self._meta = {"cohort": cohort, "entries": entries, "volumes": volumes, "voxel_size_um": model_vs, "patch_shape": shape}
         return self._meta
 
@@ -246,7 +250,8 @@ class XPressionDataModule(pl.LightningDataModule):
         meta = self._load_meta()
         sections: dict[str, Section] = {}
         for entry in meta["entries"]:
-            sections[entry.id] = load_section(entry, max_residual_um=self.max_residual_um)
+            voxel = meta["volumes"][entry.volume_id].voxel_size_um
+            sections[entry.id] = load_section(entry, max_residual_um=self.max_residual_um, voxel_size_um=voxel)
         values, spec = self.target.compute({sid: s.adata for sid, s in sections.items()})
         frames, grids, keep_targets = [], {}, []
         for sid, sec in sections.items():
@@ -257,11 +262,8 @@ class XPressionDataModule(pl.LightningDataModule):
             if lost:
                 log.info("section %s: %d of %d spots dropped (patch leaves the volume)", sid, lost, len(inside))
             if lost > self.max_drop_fraction * len(inside):
-                raise DataError(
-                    sec.adata_path,
-                    f"{lost} of {len(inside)} spots lie outside the volume {volume.path} (their patch leaves it; "
-                    f"limit {self.max_drop_fraction:.0%}); check z_um/plane, landmarks and voxel size",
-                )
+                patch_um = np.asarray(self.patch_shape_vox) * np.asarray(self.voxel_size_um)
+                raise placement_problem(sec, volume, inside, patch_um, self.max_drop_fraction)
             grids[sid] = grid
             hw = grid.index_of(sec.uv_um)[inside]
             pts = sec.points_um[inside]

@@ -21,7 +21,13 @@ _ID_PATTERN = re.compile(r"^[A-Za-z0-9_.-]+$")
 _VOLUME_SUFFIXES = (".zarr", ".tif", ".tiff", ".npy")
 _TOP_KEYS = {"name", "volumes", "truth", "description"}
 _VOLUME_KEYS = {"id", "image", "voxel_size_um", "condition", "sections"}
-_SECTION_KEYS = {"id", "adata", "landmarks", "z_um", "plane"}
+_SECTION_KEYS = {"id", "adata", "landmarks", "z_um", "plane", "landmarks_moving", "landmarks_st_space",
+                 "landmarks_ct_units", "spot_pitch_um"}
+# How a BigWarp landmark table was made (defaults first): see xpression.data.registration.
+LANDMARKS_MOVING = ("st", "ct")
+LANDMARKS_ST_SPACE = ("fullres", "hires", "lowres")
+LANDMARKS_CT_UNITS = ("um", "px")
+VISIUM_PITCH_UM = 100.0
 _TRUTH_KEYS = {"spec", "programs", "fields"}
 
 
@@ -39,8 +45,10 @@ class ManifestError(ValueError):
 class SectionEntry:
     """One ST section cut from a volume.
 
-    Exactly one of `z_um` (an axial plane, um from the centre of slice 0) and `plane`
-    (three or more (z, y, x) points in um on a tilted plane) is set.
+    At most one of `z_um` (an axial plane, um from the centre of slice 0) and `plane`
+    (three or more (z, y, x) points in um on a tilted plane) is set; neither when the
+    landmark table is 3D (the plane is then fitted to its CT points). `landmarks_*` declare how
+    the BigWarp table was made; `spot_pitch_um` is the platform's spot pitch (None: no check).
     """
 
     id: str
@@ -49,6 +57,10 @@ class SectionEntry:
     landmarks: Path
     z_um: float | None = None
     plane: tuple[tuple[float, float, float], ...] | None = None
+    landmarks_moving: str = "st"
+    landmarks_st_space: str = "fullres"
+    landmarks_ct_units: str = "um"
+    spot_pitch_um: float | None = VISIUM_PITCH_UM
 
     @property
     def is_axial(self) -> bool:
@@ -157,6 +169,12 @@ class _Checker:
             return None
         return float(value)
 
+    def choice(self, value: Any, where: str, options: tuple[str, ...]) -> str | None:
+        if value not in options:
+            self.fail(where, f"expected one of {', '.join(options)}, got {value!r}")
+            return None
+        return value
+
     def triple(self, value: Any, where: str, *, positive: bool = False) -> tuple[float, float, float] | None:
         if not isinstance(value, (list, tuple)) or len(value) != 3:
             self.fail(where, f"expected a list of 3 numbers [z, y, x], got {value!r}")
@@ -226,6 +244,8 @@ def _volumes(check: _Checker, raw: Any) -> list[VolumeEntry]:
         if condition is not None and not isinstance(condition, str):
             check.fail(f"{where}.condition", f"expected a string, got {condition!r}")
         sections = _sections(check, entry.get("sections", []), where, vid or "?", section_ids)
+        if image is not None:
+            _planes_in_volume(check, image, voxel, sections)
         if image is not None and vid is not None:
             volumes.append(VolumeEntry(vid, image, voxel, condition, tuple(sections)))
     return volumes
@@ -245,16 +265,28 @@ def _sections(check: _Checker, raw: Any, where: str, volume_id: str, seen: set[s
         if sid is not None:
             swhere = f"section {sid!r}"
         adata = _adata_path(check, entry.get("adata"), f"{swhere}.adata") if "adata" in entry else None
-        landmarks = check.path(entry.get("landmarks"), f"{swhere}.landmarks", suffixes=(".csv",)) if "landmarks" in entry else None
-        z_um, plane = None, None
-        if ("z_um" in entry) == ("plane" in entry):
-            check.fail(swhere, "give exactly one of 'z_um' (axial plane) and 'plane' (3+ points [z, y, x] in um)")
+        landmarks = check.path(entry.get("landmarks"), f"{swhere}.landmarks", suffixes=(".csv", ".json")) if "landmarks" in entry else None
+        z_um, plane, placed = None, None, True
+        if "z_um" in entry and "plane" in entry:
+            check.fail(swhere, "give one of 'z_um' (axial plane) and 'plane' (3+ points [z, y, x] in um), not both")
+            placed = False
         elif "z_um" in entry:
             z_um = check.number(entry["z_um"], f"{swhere}.z_um")
-        else:
+            placed = z_um is not None
+        elif "plane" in entry:
             plane = _plane(check, entry["plane"], f"{swhere}.plane")
-        if sid and adata and landmarks and (z_um is not None or plane is not None):
-            sections.append(SectionEntry(sid, volume_id, adata, landmarks, z_um, plane))
+            placed = plane is not None
+        elif landmarks is not None:
+            placed = _landmarks_are_3d(check, landmarks, swhere)
+        declared = {key: check.choice(entry.get(f"landmarks_{key}", options[0]), f"{swhere}.landmarks_{key}", options)
+                    for key, options in (("moving", LANDMARKS_MOVING), ("st_space", LANDMARKS_ST_SPACE), ("ct_units", LANDMARKS_CT_UNITS))}
+        pitch, pitch_ok = entry.get("spot_pitch_um", VISIUM_PITCH_UM), True
+        if pitch is not None:  # null: the platform has no regular spot grid, no pitch check
+            pitch = check.number(pitch, f"{swhere}.spot_pitch_um", positive=True)
+            pitch_ok = pitch is not None
+        if sid and adata and landmarks and placed and pitch_ok and None not in declared.values():
+            sections.append(SectionEntry(sid, volume_id, adata, landmarks, z_um, plane,
+                                         *(declared[k] for k in ("moving", "st_space", "ct_units")), pitch))
     return sections
 
 
@@ -278,6 +310,57 @@ def _adata_path(check: _Checker, value: Any, where: str) -> Path | None:
         check.fail(where, f"{value!r} is neither an .h5ad file nor a Space Ranger output folder{missing}")
         return None
     return check.path(value, where)
+
+
+def _landmarks_are_3d(check: _Checker, path: Path, where: str) -> bool:
+    """Whether a section without z_um/plane may take its plane from its landmarks (a 3D table)."""
+    from xpression.data.bigwarp import read_landmarks
+    from xpression.data.geometry import DataError
+
+    try:
+        ndim = read_landmarks(path).ndim
+    except DataError as err:
+        check.fail(f"{where}.landmarks", err.problem)
+        return False
+    if ndim != 3:
+        check.fail(where, "give 'z_um' or 'plane': the 2D landmark table carries no CT z "
+                          "(only a 3D table lets the plane be fitted to the landmarks)")
+        return False
+    return True
+
+
+def _planes_in_volume(check: _Checker, image: Path, voxel: tuple[float, float, float] | None,
+                      sections: list[SectionEntry]) -> None:
+    """Each section's z_um / plane must cross the volume (only the volume's metadata is read)."""
+    if not any(s.z_um is not None or s.plane is not None for s in sections):
+        return
+    import numpy as np
+
+    from xpression.data.geometry import DataError, Plane
+    from xpression.data.volume import VolumeError, open_volume
+
+    try:
+        volume = open_volume(image, voxel)
+    except (VolumeError, OSError, ValueError):
+        return  # an unreadable volume is reported where it is read
+    vs = np.asarray(volume.voxel_size_um)
+    lo = np.asarray(volume.origin_um) - vs / 2  # the voxels' footprint, (z, y, x) um
+    hi = lo + np.asarray(volume.shape) * vs
+    box = ", ".join(f"{a} {l:g}..{h:g}" for a, l, h in zip("zyx", lo, hi))
+    for s in sections:
+        if s.z_um is not None and not lo[0] <= s.z_um <= hi[0]:
+            check.fail(f"section {s.id!r}.z_um", f"{s.z_um:g} um lies outside volume {s.volume_id!r} "
+                                                 f"(z {lo[0]:g}..{hi[0]:g} um: {volume.shape[0]} slices of {vs[0]:g} um)")
+        elif s.plane is not None:
+            try:
+                plane = Plane.from_points(s.plane)
+            except DataError as err:
+                check.fail(f"section {s.id!r}.plane", err.problem)
+                continue
+            corners = np.array([[a, b, c] for a in (lo[0], hi[0]) for b in (lo[1], hi[1]) for c in (lo[2], hi[2])])
+            side = (corners - plane.origin) @ plane.n
+            if side.min() > 0 or side.max() < 0:
+                check.fail(f"section {s.id!r}.plane", f"the plane does not cross volume {s.volume_id!r} ({box} um)")
 
 
 def _plane(check: _Checker, raw: Any, where: str) -> tuple[tuple[float, float, float], ...] | None:

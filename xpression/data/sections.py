@@ -9,13 +9,14 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import scipy.sparse as sp
 
 from xpression.data.geometry import DataError, Plane
-from xpression.data.registration import SPOT_RADIUS_UM, AffineFit, register_section
+from xpression.data.registration import (SPOT_RADIUS_UM, VISIUM_PITCH_UM, AffineFit, Declaration, Registration,
+                                         register_section)
 
 __all__ = ["Section", "read_adata", "check_counts", "load_section"]
 
@@ -57,12 +58,20 @@ def check_counts(adata: Any, where: object) -> None:
         raise DataError(where, f"counts contain negative values (min {data.min():g})")
 
 
+def scalefactors(adata: Any) -> dict | None:
+    """The first library's ``uns['spatial'][lib]['scalefactors']``, or None if absent."""
+    try:
+        lib = next(iter(adata.uns["spatial"].values()))
+        return dict(lib["scalefactors"])
+    except (KeyError, StopIteration, TypeError, AttributeError, ValueError):
+        return None
+
+
 def spot_diameter_px(adata: Any) -> float | None:
     """``spot_diameter_fullres`` from ``uns['spatial']`` (ST px), or None if absent."""
     try:
-        lib = next(iter(adata.uns["spatial"].values()))
-        return float(lib["scalefactors"]["spot_diameter_fullres"])
-    except (KeyError, StopIteration, TypeError, AttributeError):
+        return float(scalefactors(adata)["spot_diameter_fullres"])  # type: ignore[index]
+    except (KeyError, TypeError, ValueError):
         return None
 
 
@@ -71,7 +80,8 @@ class Section:
     """One registered ST section placed in its volume.
 
     ``uv_um`` (N, 2) in-plane positions; ``points_um`` (N, 3) (z, y, x) um; ``px`` (N, 2) ST
-    full-resolution pixels (x, y); ``spot_radius_um`` from the scale factors and affine.
+    full-resolution pixels (x, y); ``spot_radius_um`` from the scale factors and affine;
+    ``registration`` the landmark fit (residuals per landmark, spot pitch, warnings).
     """
 
     id: str
@@ -84,16 +94,20 @@ class Section:
     points_um: np.ndarray
     spot_radius_um: float
     adata_path: Path
+    registration: Registration | None = None
 
     @property
     def barcodes(self) -> np.ndarray:
         return np.asarray(self.adata.obs_names)
 
 
-def load_section(entry: Any, max_residual_um: float = SPOT_RADIUS_UM, only_in_tissue: bool = True) -> Section:
+def load_section(entry: Any, max_residual_um: float = SPOT_RADIUS_UM, only_in_tissue: bool = True,
+                 voxel_size_um: Sequence[float] | None = None) -> Section:
     """Read, validate and register one manifest ``SectionEntry``.
 
-    Spots with ``obs['in_tissue'] == 0`` are dropped when ``only_in_tissue``.
+    Spots with ``obs['in_tissue'] == 0`` are dropped when ``only_in_tissue``. ``voxel_size_um``:
+    the volume's (z, y, x) voxel size, needed when the landmarks' CT side is in voxels.
+    Registration checks (spot pitch, residual) raise :class:`DataError` before anything is trained.
     """
     adata = read_adata(entry.adata)
     check_counts(adata, entry.adata)
@@ -104,14 +118,21 @@ def load_section(entry: Any, max_residual_um: float = SPOT_RADIUS_UM, only_in_ti
         if not keep.all():
             log.info("%s: %d spots outside the tissue (in_tissue == 0) dropped", entry.id, int((~keep).sum()))
             adata = adata[keep].copy()
-    fit = register_section(entry.landmarks, max_residual_um=max_residual_um)
-    if entry.z_um is not None:
-        plane = Plane.axial(float(entry.z_um))
-    else:
-        plane = Plane.from_points(entry.plane, where=f"section {entry.id}")
     px = np.asarray(adata.obsm["spatial"], dtype=float)[:, :2]
     if not np.all(np.isfinite(px)):
         raise DataError(entry.adata, "obsm['spatial'] contains NaN or inf")
+    if entry.z_um is not None:
+        plane, where_plane = Plane.axial(float(entry.z_um)), f"z_um ({entry.z_um:g})"
+    elif entry.plane is not None:
+        plane, where_plane = Plane.from_points(entry.plane, where=f"section {entry.id}"), "plane"
+    else:
+        plane, where_plane = None, "z_um/plane"  # a 3D landmark table: fitted to its CT points
+    reg = register_section(
+        entry.landmarks, px, Declaration.of(entry), plane=plane, scalefactors=scalefactors(adata),
+        voxel_size_um=voxel_size_um, spot_pitch=getattr(entry, "spot_pitch_um", VISIUM_PITCH_UM),
+        max_residual_um=max_residual_um, where_plane=where_plane, section_id=entry.id,
+    )
+    fit = reg.affine
     uv = fit.apply(px)
     diam = spot_diameter_px(adata)
     radius = SPOT_RADIUS_UM if diam is None else 0.5 * diam * fit.um_per_px
@@ -119,11 +140,12 @@ def load_section(entry: Any, max_residual_um: float = SPOT_RADIUS_UM, only_in_ti
         id=entry.id,
         volume_id=entry.volume_id,
         adata=adata,
-        plane=plane,
+        plane=reg.plane,
         affine=fit,
         px=px,
         uv_um=uv,
-        points_um=plane.to_world(uv),
+        points_um=reg.plane.to_world(uv),
         spot_radius_um=float(radius),
         adata_path=Path(entry.adata),
+        registration=reg,
     )

@@ -33,7 +33,8 @@ def cohort_table(cohort: Cohort) -> Table:
                 table.add_row(volume.id, volume.condition or "", str(vol.shape), voxel, extent, "-", "", "", "")
                 continue
             adata = ad.read_h5ad(section.adata, backed="r")
-            plane = f"z = {section.z_um:.1f} um" if section.is_axial else f"tilted ({len(section.plane)} points)"
+            plane = (f"z = {section.z_um:.1f} um" if section.is_axial else
+                     f"tilted ({len(section.plane)} points)" if section.plane else "from 3D landmarks")
             table.add_row(
                 volume.id, volume.condition or "", str(vol.shape), voxel, extent,
                 section.id, plane, str(adata.n_obs), str(adata.n_vars),

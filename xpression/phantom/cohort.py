@@ -177,8 +177,11 @@ def _build(root: Path, params: dict[str, Any], seed: int, preset: str, tiff: boo
                 res = simulate_section(ph, vid, sec, rng_for(seed, vol["index"], TAG_VISIUM, k))
                 res.adata.write_h5ad(root / "sections" / f"{sec['id']}.h5ad")
                 write_landmarks(root / "sections" / f"{sec['id']}_landmarks.csv", res.landmarks)
-                sections.append({"id": sec["id"], "adata": f"sections/{sec['id']}.h5ad",
-                                 "landmarks": f"sections/{sec['id']}_landmarks.csv", "z_um": sec["z_um"]})
+                listed = {"id": sec["id"], "adata": f"sections/{sec['id']}.h5ad",
+                         "landmarks": f"sections/{sec['id']}_landmarks.csv", "z_um": sec["z_um"]}
+                if params["spot_pitch_um"] != 100.0:  # the manifest's default is Visium's pitch
+                    listed["spot_pitch_um"] = params["spot_pitch_um"]
+                sections.append(listed)
                 rows.append((vid, sec["id"], res.adata.n_obs))
                 bar.advance(task)
             entry = {"id": vid, "image": f"volumes/{vid}.ome.zarr", "voxel_size_um": list(vox),

@@ -22,7 +22,7 @@ STAIN_RGB = np.array([168.0, 72.0, 150.0])  # dense eosin/haematoxylin mix
 @dataclass
 class SectionResult:
     adata: "anndata.AnnData"
-    landmarks: list[list[Any]]  # BigWarp rows: name, enabled, fixed_x, fixed_y, moving_x, moving_y
+    landmarks: list[list[Any]]  # BigWarp rows: name, active, moving x, y (ST full-res px), fixed x, y (CT um)
 
 
 def affine_apply(affine: np.ndarray, xy: np.ndarray) -> np.ndarray:
@@ -109,7 +109,7 @@ def _landmarks(ph: "Phantom", vid: str, sec: dict[str, Any], rng: np.random.Gene
     true = cand[chosen]
     fixed = true + rng.normal(0.0, prm["landmark_error_um"], true.shape)
     moving = affine_apply(sec["st_affine"], true) + rng.normal(0.0, 0.5, true.shape)
-    return [[f"Pt-{i}", "true", *map(float, fixed[i]), *map(float, moving[i])] for i in range(len(true))]
+    return [[f"Pt-{i}", True, *map(float, moving[i]), *map(float, fixed[i])] for i in range(len(true))]
 
 
 def simulate_section(ph: "Phantom", vid: str, sec: dict[str, Any], rng: np.random.Generator) -> SectionResult:
@@ -170,11 +170,32 @@ def simulate_section(ph: "Phantom", vid: str, sec: dict[str, Any], rng: np.rando
     return SectionResult(ad, _landmarks(ph, vid, sec, rng))
 
 
+def java_double(value: float) -> str:
+    """``value`` as Java's ``Double.toString`` prints it (``812.8``, ``1.0E-4``, ``Infinity``)."""
+    from decimal import Decimal
+
+    v = float(value)
+    if math.isnan(v):
+        return "NaN"
+    if math.isinf(v):
+        return "Infinity" if v > 0 else "-Infinity"
+    if v == 0.0:
+        return "-0.0" if math.copysign(1.0, v) < 0 else "0.0"
+    if 1e-3 <= abs(v) < 1e7:
+        text = repr(v)  # shortest round-trip digits, plain notation in this range
+        return text if "." in text else f"{text}.0"
+    sign, digits, exponent = Decimal(repr(v)).normalize().as_tuple()
+    mantissa = "".join(map(str, digits))
+    return f"{'-' if sign else ''}{mantissa[0]}.{mantissa[1:] or '0'}E{exponent + len(mantissa) - 1}"
+
+
 def write_landmarks(path, rows: list[list[Any]]) -> None:
-    """BigWarp landmark CSV: quoted fields, no header (as BigWarp writes it)."""
+    """A BigWarp landmark CSV as ``LandmarkTableModel.save`` writes it: opencsv's default
+    ``CSVWriter`` (every field quoted, ``\n`` line ends), no header, ``name, active, moving x, y,
+    fixed x, y``, numbers as Java prints doubles."""
     lines = []
-    for name, enabled, fx, fy, mx, my in rows:
-        vals = [name, enabled] + [f"{v:.4f}" for v in (fx, fy, mx, my)]
-        lines.append(",".join(f'"{v}"' for v in vals))
+    for name, active, *coords in rows:
+        fields = [str(name), "true" if active else "false", *map(java_double, coords)]
+        lines.append(",".join('"' + f.replace('"', '""') + '"' for f in fields))
     with open(path, "w", newline="") as fh:
-        fh.write("\n".join(lines) + "\n")
+        fh.write("".join(line + "\n" for line in lines))
