@@ -178,7 +178,8 @@ def _build(root: Path, params: dict[str, Any], seed: int, preset: str, tiff: boo
                 res.adata.write_h5ad(root / "sections" / f"{sec['id']}.h5ad")
                 write_landmarks(root / "sections" / f"{sec['id']}_landmarks.csv", res.landmarks)
                 sections.append({"id": sec["id"], "adata": f"sections/{sec['id']}.h5ad",
-                                 "landmarks": f"sections/{sec['id']}_landmarks.csv", "z_um": sec["z_um"]})
+                                 "landmarks": f"sections/{sec['id']}_landmarks.csv",
+                                 "z_um": sec.get("z_recorded_um", sec["z_um"])})
                 rows.append((vid, sec["id"], res.adata.n_obs))
                 bar.advance(task)
             entry = {"id": vid, "image": f"volumes/{vid}.ome.zarr", "voxel_size_um": list(vox),
