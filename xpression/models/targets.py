@@ -10,11 +10,14 @@ __all__ = ["KINDS", "TargetSpec", "as_target_spec", "spec_to_dict"]
 
 
 def as_target_spec(spec: Any) -> Any:
-    """A ``TargetSpec`` from a ``TargetSpec``, or a mapping / object with ``names`` and ``kind``."""
+    """A ``TargetSpec`` from a ``TargetSpec``, or a mapping / object with ``names`` and ``kind``
+    (and optionally ``reference`` / ``reference_r``, the match of fitted programs to known ones)."""
     if isinstance(spec, Mapping):
         names, kind = spec["names"], spec["kind"]
+        reference, reference_r = spec.get("reference"), spec.get("reference_r")
     else:
         names, kind = spec.names, spec.kind
+        reference, reference_r = getattr(spec, "reference", None), getattr(spec, "reference_r", None)
     names = [str(n) for n in names]
     if kind not in KINDS:
         raise ValueError(f"unknown target kind {kind!r}; valid kinds: {', '.join(KINDS)}")
@@ -22,9 +25,16 @@ def as_target_spec(spec: Any) -> Any:
         raise ValueError("a TargetSpec needs at least one target name")
     if isinstance(spec, TargetSpec):
         return spec
-    return TargetSpec(names=names, kind=kind)
+    return TargetSpec(names=names, kind=kind,
+                      reference=None if reference is None else {str(k): str(v) for k, v in dict(reference).items()},
+                      reference_r=None if reference_r is None else {str(k): float(v) for k, v in dict(reference_r).items()})
 
 
 def spec_to_dict(spec: Any) -> dict:
-    """Plain ``{"names": [...], "kind": ...}`` (for hyper-parameters and checkpoints)."""
-    return {"names": [str(n) for n in spec.names], "kind": str(spec.kind)}
+    """Plain ``{"names": [...], "kind": ...}`` (for hyper-parameters and checkpoints), with
+    ``reference`` / ``reference_r`` when the targets were matched to known programs."""
+    out = {"names": [str(n) for n in spec.names], "kind": str(spec.kind)}
+    if getattr(spec, "reference", None):
+        out["reference"] = {str(k): str(v) for k, v in spec.reference.items()}
+        out["reference_r"] = {str(k): float(v) for k, v in (spec.reference_r or {}).items()}
+    return out
