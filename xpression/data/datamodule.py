@@ -51,11 +51,9 @@ def volume_intensity_transform(volume: Any, cohort: Any, reference: str | None, 
     volume first, as the original study did across animals; ``intensity='divide255'`` scales
     by 1/255 instead of the robust range (8-bit volumes). Training and the whole-volume sweep
     both call this, so a volume is normalised the same way in both."""
-    from xpression.data.intensity import SCALINGS, intensity_transform
+    from xpression.data.intensity import intensity_transform
     from xpression.data.volume import open_volume
 
-    if intensity not in SCALINGS:
-        raise DataError(getattr(cohort, "path", None), f"data.intensity must be one of {', '.join(SCALINGS)}, got {intensity!r}")
     try:
         if reference is None:
             return intensity_transform(volume, seed=seed, scaling=intensity)
