@@ -317,3 +317,12 @@ def test_histogram_matching_to_a_reference_volume(tiny_cohort):
     assert type(dm.normalizers["mock_0"]).__name__ == "MatchedNormalizer"
     with pytest.raises(DataError, match="intensity_reference"):
         make_dm(tiny_cohort, sections=[SECTION], intensity_reference="nope", check_tissue_mask=False).setup()
+
+
+def test_bad_intensity_and_turning_copies_fail_before_reading(tiny_cohort):
+    with pytest.raises(DataError, match="data.intensity must be one of robust, divide255, got 'per_slice'"):
+        make_dm(tiny_cohort, sections=[SECTION], intensity="per_slice")
+    from xpression.data.sampling import StratifiedSampler
+
+    sampler = StratifiedSampler(patch_size_um=[6.4, 100.0, 205.0], copy_transforms=["rot90", "rot180", "flip", "zflip"])
+    _raises(tiny_cohort, r"copy_transforms \['rot90'\] would turn the 15 x 33 voxel patch", sampler=sampler)

@@ -22,7 +22,7 @@ def test_group_configs_instantiate(group):
         assert type(obj).__module__.startswith("xpression.data."), f
 
 
-@pytest.mark.parametrize("name", ["phantom_tiny", "phantom_default"])
+@pytest.mark.parametrize("name", ["phantom_tiny", "phantom_default", "phantom_benchmark"])
 def test_data_config_builds_module(name, tiny_cohort):
     root = OmegaConf.create({
         "seed": 3,

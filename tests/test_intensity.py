@@ -115,3 +115,19 @@ def test_histogram_match_lut_and_transform(ref_vol):
     pickle.loads(pickle.dumps(t))  # travels to data-loader workers
     plain = intensity_transform(vol)
     assert isinstance(plain, IntensityNormalizer)
+
+
+def test_divide255_scaling(ref_vol, tmp_path):
+    a, vol = ref_vol
+    t = intensity_transform(vol, scaling="divide255")
+    assert t == IntensityNormalizer(0.0, 255.0)
+    np.testing.assert_allclose(t(np.array([0, 51, 255], np.uint8)), [0.0, 0.2, 1.0], atol=1e-7)
+    # with a reference: matched onto it first, then / 255 (not the reference's robust range)
+    b = (20 + 150 * scan(2) ** 1.4).astype(np.uint8)
+    matched = intensity_transform(b, reference=vol, scaling="divide255")
+    np.testing.assert_allclose(matched(b), histogram_match(b, vol)(b) / 255.0, rtol=1e-6)
+    wide = open_volume(write_omezarr((scan(1) * 4000).astype(np.uint16), tmp_path / "wide.ome.zarr", 2.0))
+    with pytest.raises(ValueError, match="divide255 needs 8-bit volumes.*uint16"):
+        intensity_transform(wide, scaling="divide255")
+    with pytest.raises(ValueError, match="robust, divide255"):
+        intensity_transform(vol, scaling="per_slice")

@@ -1,6 +1,7 @@
 """Samplers (spot, stratified, jitter) and batched dihedral augmentations."""
 
 import numpy as np
+import pytest
 import torch
 
 from xpression.data.augment import Augment, dihedral
@@ -80,3 +81,47 @@ def test_augment_batched_is_per_sample_symmetry_and_deterministic():
     z = Augment(dihedral=False, z_flip=False, intensity_scale=0.1, intensity_shift=0.05)(x, torch.Generator().manual_seed(0))
     ratio = (z - z.mean(dim=(2, 3, 4), keepdim=True)) / (x - x.mean(dim=(2, 3, 4), keepdim=True))
     assert torch.allclose(ratio.flatten(1).std(1), torch.zeros(16), atol=1e-3)  # affine per sample
+
+
+def test_transform_patch_is_dihedral_and_zflip():
+    from xpression.data.augment import TRANSFORM_NAMES, transform_patch
+
+    x = np.arange(3 * 5 * 5, dtype=np.float32).reshape(3, 5, 5)
+    for k, name in enumerate(TRANSFORM_NAMES[:8]):
+        np.testing.assert_array_equal(transform_patch(x, name), dihedral(torch.from_numpy(x), k).numpy())
+    np.testing.assert_array_equal(transform_patch(x, "zflip"), x[::-1])
+    assert len({transform_patch(x, n).tobytes() for n in TRANSFORM_NAMES}) == 9
+
+
+def test_stratified_copies_get_distinct_fixed_symmetries():
+    from xpression.data.sampling import PAPER_COPY_TRANSFORMS
+
+    labels = np.array([0] * 100 + [1] * 30 + [2] * 5)
+    s = StratifiedSampler(cap=4, copy_transforms=list(PAPER_COPY_TRANSFORMS)).build(np.arange(135) + 7, labels, np.full(135, 27.5), seed=0)
+    epochs = []
+    for epoch in range(2):
+        s.set_epoch(epoch)
+        draws = {}
+        for row, du, dv, k in s:
+            draws.setdefault(row, []).append(k)
+        epochs.append(draws)
+    extra = stratified_extra_draws(labels, cap=4)
+    for i, row in enumerate(np.arange(135) + 7):
+        ks = epochs[0][row]
+        assert len(ks) == 1 + extra[i] and ks.count(0) == 1 and len(set(ks)) == len(ks)
+        assert sorted(ks) == sorted(epochs[1][row])  # the same copies every epoch
+    assert len({tuple(sorted(epochs[0][r])) for r in range(137, 142)}) > 1  # spots differ in their copies
+    plain = StratifiedSampler(cap=4).build(np.arange(135), labels, np.full(135, 27.5), seed=0)
+    plain.set_epoch(0)
+    assert all(isinstance(r, int) for r in plain)
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(cap=4, copy_transforms=["rot90", "flip", "zflip"]), "cap = 4"),
+    (dict(copy_transforms=["rot90", "spin"]), "spin"),
+    (dict(copy_transforms=["identity", "rot90"]), "identity"),
+    (dict(cap=2, copy_transforms=["rot90", "rot90"]), "no repeats"),
+])
+def test_copy_transforms_checked_at_configuration(kwargs, words):
+    with pytest.raises(ValueError, match=words):
+        StratifiedSampler(**kwargs)

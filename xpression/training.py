@@ -111,6 +111,8 @@ def train(cfg: DictConfig) -> float | None:
         target_names=list(spec.names),
         target_kind=spec.kind,
         target_colors=list(spec.colors) if spec.colors is not None else None,
+        target_reference=spec.reference,  # fitted programs -> the known programs they were matched to
+        target_reference_r=spec.reference_r,
         best_checkpoint=str(best) if best else None,
         epochs=int(trainer.current_epoch),
         train_seconds=round(train_seconds, 2),

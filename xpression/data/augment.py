@@ -3,15 +3,42 @@
 In-plane: the 8 rotations/flips of the square (dihedral group D4) on the last two axes (H, W);
 z-flip (axis D); intensity jitter ``x * scale + shift``. Each sample draws its own transform
 from a ``torch.Generator`` on the CPU, so the result does not depend on the device.
+
+``TRANSFORMS`` names the same symmetries for fixed, per-item use (:func:`transform_patch`, on
+numpy patches): the sampler can ask for a given one, e.g. each oversampled copy of a spot a
+distinct one, as the original study precomputed its copies.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-__all__ = ["dihedral", "Augment"]
+__all__ = ["dihedral", "Augment", "TRANSFORMS", "TRANSFORM_NAMES", "transform_patch", "keeps_shape"]
+
+# name: (element k of D4 as in `dihedral`, flip along z)
+TRANSFORMS: dict[str, tuple[int, bool]] = {
+    "identity": (0, False), "rot90": (1, False), "rot180": (2, False), "rot270": (3, False),
+    "flip": (4, False), "flip_rot90": (5, False), "flip_rot180": (6, False), "flip_rot270": (7, False),
+    "zflip": (0, True),
+}
+TRANSFORM_NAMES: tuple[str, ...] = tuple(TRANSFORMS)
+
+
+def transform_patch(patch: np.ndarray, name: str) -> np.ndarray:
+    """The named symmetry of a ``(..., D, H, W)`` numpy patch: ``dihedral``'s element on
+    (H, W), then a flip of D for ``zflip``."""
+    k, zflip = TRANSFORMS[name]
+    out = patch[..., ::-1] if k >= 4 else patch
+    out = np.rot90(out, k % 4, axes=(-2, -1)) if k % 4 else out
+    return out[..., ::-1, :, :] if zflip else out
+
+
+def keeps_shape(name: str, height: int, width: int) -> bool:
+    """Whether the named symmetry maps an H x W patch onto its own shape."""
+    return height == width or TRANSFORMS[name][0] % 2 == 0
 
 
 def dihedral(x: torch.Tensor, k: int) -> torch.Tensor:

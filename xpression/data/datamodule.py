@@ -17,7 +17,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from xpression.data.augment import Augment
+from xpression.data.augment import TRANSFORM_NAMES, Augment, keeps_shape, transform_patch
 from xpression.data.geometry import DataError, Plane, SlabGrid
 from xpression.data.placement import check_patch_fits, placement_problem
 from xpression.data.registration import SPOT_RADIUS_UM
@@ -45,31 +45,40 @@ def _collate(data: Any) -> Any:
     return data if isinstance(data, dict) else torch.utils.data.default_collate(data)
 
 
-def volume_intensity_transform(volume: Any, cohort: Any, reference: str | None, seed: int = 0) -> Any:
+def volume_intensity_transform(volume: Any, cohort: Any, reference: str | None, seed: int = 0,
+                               intensity: str = "robust") -> Any:
     """The block transform to ~[0, 1] for ``volume``: its own robust range, or, with
     ``reference`` (a volume id of ``cohort`` or a volume path), histogram matching onto that
-    volume first, as the original study did across animals. Training and the whole-volume sweep
+    volume first, as the original study did across animals; ``intensity='divide255'`` scales
+    by 1/255 instead of the robust range (8-bit volumes). Training and the whole-volume sweep
     both call this, so a volume is normalised the same way in both."""
     from xpression.data.intensity import intensity_transform
     from xpression.data.volume import open_volume
 
-    if reference is None:
-        return intensity_transform(volume, seed=seed)
-    ids = [v.id for v in cohort.volumes] if cohort is not None else []
-    if reference in ids:
-        entry = cohort.volume(reference)
-        ref_volume = open_volume(entry.image, entry.voxel_size_um)
-    elif Path(str(reference)).exists():
-        ref_volume = open_volume(reference)
-    else:
-        raise DataError(getattr(cohort, "path", reference),
-                        f"intensity_reference {reference!r} is neither a volume id ({ids}) nor a volume file")
-    return intensity_transform(volume, reference=ref_volume, seed=seed)
+    try:
+        if reference is None:
+            return intensity_transform(volume, seed=seed, scaling=intensity)
+        ids = [v.id for v in cohort.volumes] if cohort is not None else []
+        if reference in ids:
+            entry = cohort.volume(reference)
+            ref_volume = open_volume(entry.image, entry.voxel_size_um)
+        elif Path(str(reference)).exists():
+            ref_volume = open_volume(reference)
+        else:
+            raise DataError(getattr(cohort, "path", reference),
+                            f"intensity_reference {reference!r} is neither a volume id ({ids}) nor a volume file")
+        return intensity_transform(volume, reference=ref_volume, seed=seed, scaling=intensity)
+    except ValueError as err:
+        if isinstance(err, DataError):
+            raise
+        raise DataError(None, str(err)) from err
 
 
 class PatchDataset(Dataset):
-    """Patches sliced from cached slabs. Items are spot-table rows, or ``(row, du_um, dv_um)``
-    for a patch shifted in the section plane. ``__getitems__`` returns a whole batch dict."""
+    """Patches sliced from cached slabs. Items are spot-table rows, ``(row, du_um, dv_um)``
+    for a patch shifted in the section plane, or ``(row, du_um, dv_um, transform)`` for a patch
+    under a fixed symmetry (index into ``augment.TRANSFORM_NAMES``). ``__getitems__`` returns a
+    whole batch dict."""
 
     def __init__(self, slabs: dict[str, tuple[np.ndarray, SlabGrid]], section: np.ndarray, centre_hw: np.ndarray, targets: np.ndarray, patch_shape: Sequence[int]):
         self.slabs = slabs
@@ -82,8 +91,9 @@ class PatchDataset(Dataset):
         return len(self.section)
 
     def patch(self, item: Any) -> tuple[np.ndarray, int]:
-        """The raw cached patch (D, H, W) for one item, and its row."""
+        """The raw cached patch (D, H, W) for one item (under its symmetry, if any), and its row."""
         row, du, dv = (item, 0.0, 0.0) if np.isscalar(item) else (item[0], item[1], item[2])
+        transform = 0 if np.isscalar(item) or len(item) < 4 else int(item[3])
         row = int(row)
         data, grid = self.slabs[self.section[row]]
         h, w = self.centre_hw[row]
@@ -94,7 +104,8 @@ class PatchDataset(Dataset):
         h = int(np.clip(h, hh, data.shape[1] - hh - 1))
         w = int(np.clip(w, hw, data.shape[2] - hw - 1))
         c = grid.centre_d
-        return data[c - hd : c + hd + 1, h - hh : h + hh + 1, w - hw : w + hw + 1], row
+        patch = data[c - hd : c + hd + 1, h - hh : h + hh + 1, w - hw : w + hw + 1]
+        return (transform_patch(patch, TRANSFORM_NAMES[transform]) if transform else patch), row
 
     def __getitems__(self, items: Sequence[Any]) -> dict[str, torch.Tensor]:
         patches, rows = zip(*(self.patch(i) for i in items))
@@ -122,6 +133,8 @@ class XPressionDataModule(pl.LightningDataModule):
     ``check_tissue_mask``: fail on an empty tissue mask and log spots off the mask;
     ``intensity_reference``: a volume id (or path) whose intensity histogram every volume is
     matched to before normalisation (default: each volume's own robust range).
+    ``intensity``: ``robust`` (robust percentile range -> [0, 1]) or ``divide255`` (8-bit
+    values / 255, as the original study).
     ``normalizers``: ``{volume_id: IntensityNormalizer | its to_dict()}`` to reuse (e.g. from a
     checkpoint); others are estimated per volume (robust percentiles -> [0, 1]). After ``setup``,
     ``.normalizers`` holds the ones used: inference must apply the same to raw blocks.
@@ -147,6 +160,7 @@ class XPressionDataModule(pl.LightningDataModule):
         check_tissue_mask: bool = True,
         normalizers: dict[str, Any] | None = None,
         intensity_reference: str | None = None,
+        intensity: str = "robust",
     ):
         super().__init__()
         self.manifest = manifest
@@ -164,6 +178,11 @@ class XPressionDataModule(pl.LightningDataModule):
         self.check_tissue_mask = check_tissue_mask
         self.normalizers: dict[str, Any] = dict(normalizers or {})
         self.intensity_reference = intensity_reference
+        from xpression.data.intensity import SCALINGS
+
+        if intensity not in SCALINGS:
+            raise DataError(None, f"data.intensity must be one of {', '.join(SCALINGS)}, got {intensity!r}")
+        self.intensity = str(intensity)
         self._meta: dict | None = None
         self._prepared: dict | None = None
         self._datasets: dict[str, PatchDataset] | None = None
@@ -201,6 +220,10 @@ class XPressionDataModule(pl.LightningDataModule):
         patch_um = tuple(float(n * v) for n, v in zip(shape, model_vs))
         for vid, volume in volumes.items():
             check_patch_fits(volume, patch_um, vid)
+        turning = [n for n in getattr(self.sampler, "copy_transforms", None) or [] if not keeps_shape(n, shape[1], shape[2])]
+        if turning:
+            raise DataError(cohort.path, f"sampler.copy_transforms {turning} would turn the {shape[1]} x {shape[2]} voxel "
+                                         "patch on its side; use a square patch or shape-keeping symmetries")
         self._meta = {"cohort": cohort, "entries": entries, "volumes": volumes, "voxel_size_um": model_vs, "patch_shape": shape}
         return self._meta
 
@@ -321,7 +344,8 @@ class XPressionDataModule(pl.LightningDataModule):
             vid = prep["sections"][sid].volume_id
             volume = meta["volumes"][vid]
             if vid not in norms:
-                norms[vid] = volume_intensity_transform(volume, meta["cohort"], self.intensity_reference, self.seed)
+                norms[vid] = volume_intensity_transform(volume, meta["cohort"], self.intensity_reference, self.seed,
+                                                        self.intensity)
             slabs[sid] = (grid.read(volume, norms[vid], self.cache_dtype), grid)
             log.info("section %s: cached slab %s (%s, %.1f MB)", sid, slabs[sid][0].shape, self.cache_dtype, slabs[sid][0].nbytes / 1e6)
         self.normalizers = norms

@@ -23,7 +23,12 @@ __all__ = [
     "histogram_match",
     "intensity_transform",
     "MatchedNormalizer",
+    "SCALINGS",
 ]
+
+# How intensities reach ~[0, 1]: each volume's robust percentile range, or the 8-bit range
+# (x / 255) as the original study did after its histogram matching.
+SCALINGS = ("robust", "divide255")
 
 VolumeLike = Any  # Volume or np.ndarray (any shape; a 1D array is taken as a sample)
 
@@ -182,12 +187,29 @@ def intensity_transform(
     percentiles: Sequence[float] = (0.5, 99.5),
     sample: int = 1_000_000,
     seed: int = 0,
+    scaling: str = "robust",
 ) -> Callable[[np.ndarray], np.ndarray]:
     """Per-block transform to about [0, 1] float32: robust-range normalisation of ``volume``,
-    or, with a ``reference``, histogram matching onto it followed by the reference's range."""
+    or, with a ``reference``, histogram matching onto it followed by the reference's range.
+
+    ``scaling='divide255'`` maps [0, 255] to [0, 1] instead of the robust range (8-bit
+    volumes only; with a reference, after matching onto it).
+    """
+    if scaling not in SCALINGS:
+        raise ValueError(f"intensity scaling must be one of {', '.join(SCALINGS)}, got {scaling!r}")
+    if scaling == "divide255":
+        for v in (volume, reference):
+            dtype = getattr(v, "dtype", None)
+            if v is not None and dtype is not None and np.dtype(dtype) != np.uint8:
+                raise ValueError(f"intensity scaling divide255 needs 8-bit volumes; "
+                                 f"{getattr(v, 'path', 'the volume')} is {np.dtype(dtype)}")
     if reference is None:
+        if scaling == "divide255":
+            return IntensityNormalizer(0.0, 255.0)
         return IntensityNormalizer.from_volume(volume, percentiles, sample, seed)
     matcher = histogram_match(volume, reference, sample, seed=seed)
+    if scaling == "divide255":
+        return MatchedNormalizer(matcher, IntensityNormalizer(0.0, 255.0))
     norm = IntensityNormalizer.from_volume(reference, percentiles, sample, seed)
     return MatchedNormalizer(matcher, norm)
 

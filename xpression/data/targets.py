@@ -2,13 +2,15 @@
 
 Every target is a small config object (Hydra ``_target_``) whose ``compute(adatas)`` takes
 ``{section_id: AnnData}`` and returns ``({section_id: float32 (n_spots, T)}, TargetSpec)``.
-Programs are fitted jointly over all the sections given, so they share one set of names.
+Programs are fitted on the ``fit_sections`` (default: all given) and applied to the others, so
+every section shares one set of names; with ``reference`` the fitted programs are matched to
+known programs (e.g. a phantom's truth) by :func:`match_programs`, and the spec records it.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
@@ -19,7 +21,8 @@ import scipy.sparse as sp
 from xpression.data.chrysalis import CHRYSALIS_KEY, compartment_colors, compartment_names
 from xpression.data.geometry import DataError
 
-__all__ = ["TargetSpec", "ObsmTarget", "GenesTarget", "ProgramsTarget", "dominant_index", "to_composition"]
+__all__ = ["TargetSpec", "ObsmTarget", "GenesTarget", "ProgramsTarget", "FittedPrograms", "match_programs",
+           "dominant_index", "to_composition"]
 
 log = logging.getLogger(__name__)
 
@@ -30,11 +33,18 @@ KINDS = ("composition", "log_expression", "counts")
 @dataclass(frozen=True)
 class TargetSpec:
     """Names of the T target columns, their kind (composition / log_expression / counts) and,
-    optionally, one colour per target (any matplotlib colour) for maps and figures."""
+    optionally, one colour per target (any matplotlib colour) for maps and figures.
+
+    ``reference``: for programs fitted from counts and matched to known programs,
+    ``{target name: reference program name}`` (matched targets only); ``reference_r``: the
+    Pearson r of each match over the spots it was made on.
+    """
 
     names: list[str]
     kind: TargetKind
     colors: list[str] | None = None
+    reference: dict[str, str] | None = field(default=None, hash=False)
+    reference_r: dict[str, float] | None = field(default=None, hash=False)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -48,6 +58,11 @@ class TargetSpec:
     @property
     def n_targets(self) -> int:
         return len(self.names)
+
+    def reference_name(self, name: str) -> str:
+        """The reference program a target was matched to, else the target's own name (so
+        targets read from the reference itself, e.g. ``programs_true``, map to themselves)."""
+        return (self.reference or {}).get(name, name)
 
 
 def _where(adata: Any, sid: str) -> str:
@@ -269,14 +284,20 @@ def _morans_top(joint: Any, n_top: int) -> list[str]:
     return [str(g) for g in joint.var_names[order[: min(n_top, joint.n_vars)]]]
 
 
-def _archetypes(x: np.ndarray, k: int, rng: np.random.Generator, n_iter: int = 30) -> np.ndarray:
-    """Archetypal analysis (alternating constrained least squares); returns (N, k) compositions."""
+def _simplex_weights(basis: np.ndarray, rows: np.ndarray, weight: float = 200.0) -> np.ndarray:
+    """Non-negative weights summing to ~1 (a heavily weighted sum row) that best rebuild each
+    row of ``rows`` from the rows of ``basis``: (N, k)."""
     from scipy.optimize import nnls
 
-    def simplex_ls(basis: np.ndarray, y: np.ndarray, weight: float = 200.0) -> np.ndarray:
-        aug = np.vstack([basis, np.full((1, basis.shape[1]), weight)])
-        return nnls(aug, np.append(y, weight))[0]
+    aug = np.vstack([basis.T, np.full((1, basis.shape[0]), weight)])
+    return np.array([nnls(aug, np.append(r, weight))[0] for r in rows])
 
+
+def _archetypes(x: np.ndarray, k: int, rng: np.random.Generator, n_iter: int = 30) -> tuple[np.ndarray, np.ndarray]:
+    """Archetypal analysis (alternating constrained least squares).
+
+    Returns the (N, k) compositions and the k archetypes (k, D) in the units of ``x``.
+    """
     # Furthest-sum initialisation picks extreme spots.
     idx = [int(rng.integers(len(x)))]
     for _ in range(k):
@@ -287,12 +308,83 @@ def _archetypes(x: np.ndarray, k: int, rng: np.random.Generator, n_iter: int = 3
     scale = np.abs(x).max() + 1e-12
     xs, zs = x / scale, z / scale
     for _ in range(n_iter):
-        a = np.array([simplex_ls(zs.T, row) for row in xs])
+        a = _simplex_weights(zs, xs)
         target = np.linalg.lstsq(a, xs, rcond=None)[0]
-        b = np.array([simplex_ls(xs.T, t) for t in target])
+        b = _simplex_weights(xs, target)
         zs = b @ xs
-    a = np.array([simplex_ls(zs.T, row) for row in xs])
-    return a / a.sum(axis=1, keepdims=True)
+    a = _simplex_weights(zs, xs)
+    return a / a.sum(axis=1, keepdims=True), zs * scale
+
+
+def match_programs(fitted: np.ndarray, reference: np.ndarray) -> list[tuple[int, int, float]]:
+    """Pair fitted program columns with reference columns (Hungarian matching maximising the
+    summed Pearson r over the same spots, ``scipy.optimize.linear_sum_assignment``).
+
+    fitted: (N, k_fit); reference: (N, k_ref), rows the same spots. Returns
+    ``min(k_fit, k_ref)`` triples ``(fitted column, reference column, r)`` sorted by fitted
+    column; a constant column correlates as 0.
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    f = np.asarray(fitted, np.float64)
+    g = np.asarray(reference, np.float64)
+    if f.ndim != 2 or g.ndim != 2 or len(f) != len(g):
+        raise ValueError(f"match_programs: need (N, k) arrays over the same spots, got {f.shape} and {g.shape}")
+    fc, gc = f - f.mean(axis=0), g - g.mean(axis=0)
+    norm = np.outer(np.linalg.norm(fc, axis=0), np.linalg.norm(gc, axis=0))
+    r = np.divide(fc.T @ gc, norm, out=np.zeros((f.shape[1], g.shape[1])), where=norm > 1e-12)
+    rows, cols = linear_sum_assignment(-r)
+    return sorted((int(i), int(j), float(r[i, j])) for i, j in zip(rows, cols))
+
+
+@dataclass
+class FittedPrograms:
+    """Programs fitted on some sections, applicable to any section with the same genes.
+
+    Counts are library-size normalised to ``target_sum`` and log1p-transformed per spot, then
+    restricted to ``genes``. ``nmf``: ``components`` (k, genes) are NMF's H and a spot's
+    programs are its non-negative least-squares weights on them. ``archetypes``: spots are
+    projected on the PCA (``pca_mean``, ``pca_components``) and weighted on the archetypes
+    ``components`` (k, PCs) with weights >= 0 summing to 1, in units of ``scale`` (the fit's
+    largest PC score). Either way rows are scaled to 1.
+    """
+
+    method: str
+    genes: list[str]
+    components: np.ndarray
+    fit_sections: list[str]
+    target_sum: float = 1e4
+    pca_mean: np.ndarray | None = None
+    pca_components: np.ndarray | None = None
+    scale: float = 1.0
+
+    @property
+    def names(self) -> list[str]:
+        return [f"program_{i}" for i in range(len(self.components))]
+
+    def features(self, adata: Any, sid: str = "") -> np.ndarray:
+        """Normalised log expression of ``genes`` (N, G) float64."""
+        missing = [g for g in self.genes if g not in adata.var_names]
+        if missing:
+            raise DataError(_where(adata, sid), f"{len(missing)} genes used by the fitted programs are missing, "
+                                                f"e.g. {missing[:5]}")
+        x = _normalised(adata, self.target_sum)[:, self.genes].X
+        return np.asarray(x.toarray() if sp.issparse(x) else x, dtype=np.float64)
+
+    def weights(self, x: np.ndarray) -> np.ndarray:
+        """Program compositions (N, k) of feature rows ``x`` (from :meth:`features`)."""
+        from scipy.optimize import nnls
+
+        if self.method == "nmf":
+            w = np.array([nnls(self.components.T, row)[0] for row in x]) + 1e-9
+        else:
+            pcs = (x - self.pca_mean) @ self.pca_components.T
+            w = np.clip(_simplex_weights(self.components / self.scale, pcs / self.scale), 1e-9, None)
+        return w / w.sum(axis=1, keepdims=True)
+
+    def transform(self, adata: Any, sid: str = "") -> np.ndarray:
+        """Program compositions (N, k) float32 of a section's spots."""
+        return self.weights(self.features(adata, sid)).astype(np.float32)
 
 
 @dataclass
@@ -303,6 +395,13 @@ class ProgramsTarget:
     autocorrelated (``'moran'``, Moran's I on a 6-nearest-spot graph) after library-size
     normalisation and log1p. ``method='nmf'`` factorises those genes with NMF;
     ``'archetypes'`` runs archetypal analysis on ``n_pcs`` principal components (as Chrysalis).
+
+    ``fit_sections``: the sections genes and programs are fitted on (default: every section
+    given); every other section gets the fitted programs applied to its counts
+    (:class:`FittedPrograms`), so held-out sections never shape the labels. ``reference``: an
+    ``obsm`` key of known programs (the phantom's ``programs_true``): the fitted programs are
+    matched to them on the fit sections' spots only (:func:`match_programs`) and the spec
+    records the match (``TargetSpec.reference``), so predictions can be scored against them.
     """
 
     n_programs: int = 8
@@ -311,9 +410,24 @@ class ProgramsTarget:
     gene_selection: Literal["hvg", "moran"] = "hvg"
     n_pcs: int = 20
     seed: int = 0
+    fit_sections: Sequence[str] | None = None
+    reference: str | None = None
 
-    def compute(self, adatas: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], TargetSpec]:
-        """Per-section (n_spots, n_programs) float32 compositions and a ``composition`` spec."""
+    def _fit_ids(self, adatas: Mapping[str, Any]) -> list[str]:
+        if self.fit_sections is None:
+            return list(adatas)
+        ids = [str(s) for s in self.fit_sections]
+        missing = [s for s in ids if s not in adatas]
+        if missing or not ids:
+            raise DataError(None, f"ProgramsTarget.fit_sections {ids}: {missing or 'none'} not among the sections "
+                                  f"{list(adatas)}")
+        return ids
+
+    def fit(self, adatas: Mapping[str, Any]) -> tuple[FittedPrograms, dict[str, np.ndarray]]:
+        """Fit genes and programs on every section of ``adatas``; returns the fitted programs
+        and each section's compositions from the fit itself (float32)."""
+        if self.method not in ("nmf", "archetypes"):
+            raise ValueError(f"ProgramsTarget.method must be 'nmf' or 'archetypes', got {self.method!r}")
         joint = _normalised(_concat(adatas), 1e4)
         genes = _top_hvg(joint, self.n_genes) if self.gene_selection == "hvg" else _morans_top(joint, self.n_genes)
         x = joint[:, genes].X
@@ -324,17 +438,38 @@ class ProgramsTarget:
         if self.method == "nmf":
             from sklearn.decomposition import NMF
 
-            w = NMF(n_components=k, init="nndsvda", random_state=self.seed, max_iter=500).fit_transform(x)
-            w = w + 1e-9
+            nmf = NMF(n_components=k, init="nndsvda", random_state=self.seed, max_iter=500)
+            w = nmf.fit_transform(x) + 1e-9
             comp = w / w.sum(axis=1, keepdims=True)
-        elif self.method == "archetypes":
+            fitted = FittedPrograms("nmf", list(genes), nmf.components_.copy(), list(adatas))
+        else:
             from sklearn.decomposition import PCA
 
             n_pcs = max(k, min(int(self.n_pcs), min(x.shape) - 1))
-            pcs = PCA(n_components=n_pcs, random_state=self.seed).fit_transform(x)
-            comp = _archetypes(pcs, k, np.random.default_rng(self.seed))
-        else:
-            raise ValueError(f"ProgramsTarget.method must be 'nmf' or 'archetypes', got {self.method!r}")
-        names = [f"program_{i}" for i in range(k)]
-        log.info("programs: %s on %d genes x %d spots -> %d programs", self.method, len(genes), x.shape[0], k)
-        return _split_rows(joint, comp.astype(np.float32), adatas), TargetSpec(names, "composition")
+            pca = PCA(n_components=n_pcs, random_state=self.seed).fit(x)
+            pcs = pca.transform(x)
+            comp, archetypes = _archetypes(pcs, k, np.random.default_rng(self.seed))
+            fitted = FittedPrograms("archetypes", list(genes), archetypes, list(adatas), pca_mean=pca.mean_.copy(),
+                                    pca_components=pca.components_.copy(), scale=float(np.abs(pcs).max() + 1e-12))
+        log.info("programs: %s on %d genes x %d spots of %s -> %d programs", self.method, len(genes), x.shape[0],
+                 ", ".join(adatas), k)
+        return fitted, _split_rows(joint, comp.astype(np.float32), adatas)
+
+    def compute(self, adatas: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], TargetSpec]:
+        """Per-section (n_spots, n_programs) float32 compositions and a ``composition`` spec."""
+        fit_ids = self._fit_ids(adatas)
+        fitted, values = self.fit({sid: adatas[sid] for sid in fit_ids})
+        for sid, adata in adatas.items():
+            if sid not in values:
+                values[sid] = fitted.transform(adata, sid)
+        names = fitted.names
+        if self.reference is None:
+            return {sid: values[sid] for sid in adatas}, TargetSpec(names, "composition")
+        ref_values, ref_spec = ObsmTarget(self.reference).compute({sid: adatas[sid] for sid in fit_ids})
+        pairs = match_programs(np.concatenate([values[s] for s in fit_ids]),
+                               np.concatenate([ref_values[s] for s in fit_ids]))
+        reference = {names[i]: ref_spec.names[j] for i, j, _ in pairs}
+        reference_r = {names[i]: round(r, 4) for i, _, r in pairs}
+        log.info("programs matched to %r on %s: %s", self.reference, ", ".join(fit_ids),
+                 ", ".join(f"{n} -> {reference[n]} (r {reference_r[n]:.2f})" for n in reference))
+        return {sid: values[sid] for sid in adatas}, TargetSpec(names, "composition", reference=reference, reference_r=reference_r)

@@ -125,13 +125,14 @@ def evaluate_off_plane(model: Any, datamodule: Any, probe: OffPlaneProbe | dict 
         log.info("off-plane evaluation skipped: the cohort has no truth spec")
         return {}
     phantom = Phantom.from_spec(cohort.truth.spec)
-    names = [n for n in datamodule.target_spec.names if n in phantom.program_names]
-    if not names:
-        log.info("off-plane evaluation skipped: no target is a truth program")
+    spec = datamodule.target_spec  # fitted programs are scored as the truth program they were matched to
+    cols = [j for j, n in enumerate(spec.names) if spec.reference_name(n) in phantom.program_names]
+    if not cols:
+        log.info("off-plane evaluation skipped: no target is (or was matched to) a truth program")
         return {}
-    cols = [list(datamodule.target_spec.names).index(n) for n in names]
-    prog = [phantom.program_names.index(n) for n in names]
-    kind = datamodule.target_spec.kind
+    prog = [phantom.program_names.index(spec.reference_name(spec.names[j])) for j in cols]
+    names = [phantom.program_names[i] for i in prog]
+    kind = spec.kind
     datamodule.setup("predict")
     trained = set(datamodule.spots["section_id"])
     model_vs = np.asarray(datamodule.voxel_size_um, float)
@@ -142,7 +143,8 @@ def evaluate_off_plane(model: Any, datamodule: Any, probe: OffPlaneProbe | dict 
     for ventry in cohort.volumes:
         volume = open_volume(ventry.image, ventry.voxel_size_um)
         norm = datamodule.normalizers.get(ventry.id) or volume_intensity_transform(
-            volume, cohort, getattr(datamodule, "intensity_reference", None), seed=datamodule.seed)
+            volume, cohort, getattr(datamodule, "intensity_reference", None), seed=datamodule.seed,
+            intensity=getattr(datamodule, "intensity", "robust"))
         view = volume if np.allclose(volume.voxel_size_um, model_vs, rtol=1e-3) else ResampledVolume(volume, model_vs)
         reader = _VolumeReader(view, norm, quantise, datamodule.patch_shape_vox)
         mask = tissue_mask(volume)

@@ -98,7 +98,8 @@ def _normalizer(volume: Any, info: RunInfo) -> Any:
     reference = data_cfg.get("intensity_reference")
     # A reference volume id names a volume of the *training* cohort.
     training_cohort = load_manifest(data_cfg["manifest"]) if reference and data_cfg.get("manifest") else None
-    norm = volume_intensity_transform(base, training_cohort, reference, seed=info.seed)
+    norm = volume_intensity_transform(base, training_cohort, reference, seed=info.seed,
+                                      intensity=data_cfg.get("intensity", "robust"))
     # Training caches normalised slabs as uint8 (round(255 x)) unless data.cache_dtype says otherwise.
     quantise = data_cfg.get("cache_dtype", "uint8") == "uint8"
 

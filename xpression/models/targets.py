@@ -10,12 +10,14 @@ __all__ = ["KINDS", "TargetSpec", "as_target_spec", "spec_to_dict"]
 
 
 def as_target_spec(spec: Any) -> Any:
-    """A ``TargetSpec`` from a ``TargetSpec``, or a mapping / object with ``names``, ``kind``
-    and optionally ``colors``."""
+    """A ``TargetSpec`` from a ``TargetSpec``, or a mapping / object with ``names``, ``kind`` and
+    optionally ``colors`` and ``reference`` / ``reference_r`` (the match of fitted programs to known ones)."""
     if isinstance(spec, Mapping):
         names, kind, colors = spec["names"], spec["kind"], spec.get("colors")
+        reference, reference_r = spec.get("reference"), spec.get("reference_r")
     else:
         names, kind, colors = spec.names, spec.kind, getattr(spec, "colors", None)
+        reference, reference_r = getattr(spec, "reference", None), getattr(spec, "reference_r", None)
     names = [str(n) for n in names]
     if kind not in KINDS:
         raise ValueError(f"unknown target kind {kind!r}; valid kinds: {', '.join(KINDS)}")
@@ -23,12 +25,18 @@ def as_target_spec(spec: Any) -> Any:
         raise ValueError("a TargetSpec needs at least one target name")
     if isinstance(spec, TargetSpec):
         return spec
-    return TargetSpec(names=names, kind=kind, colors=None if colors is None else [str(c) for c in colors])
+    return TargetSpec(names=names, kind=kind, colors=None if colors is None else [str(c) for c in colors],
+                      reference=None if reference is None else {str(k): str(v) for k, v in dict(reference).items()},
+                      reference_r=None if reference_r is None else {str(k): float(v) for k, v in dict(reference_r).items()})
 
 
 def spec_to_dict(spec: Any) -> dict:
-    """Plain ``{"names": [...], "kind": ...[, "colors": [...]]}`` (for hyper-parameters and checkpoints)."""
+    """Plain ``{"names": [...], "kind": ...}`` (for hyper-parameters and checkpoints), with
+    ``colors`` when set and ``reference`` / ``reference_r`` when the targets were matched to known programs."""
     out = {"names": [str(n) for n in spec.names], "kind": str(spec.kind)}
     if getattr(spec, "colors", None) is not None:
         out["colors"] = [str(c) for c in spec.colors]
+    if getattr(spec, "reference", None):
+        out["reference"] = {str(k): str(v) for k, v in spec.reference.items()}
+        out["reference_r"] = {str(k): float(v) for k, v in (spec.reference_r or {}).items()}
     return out

@@ -26,9 +26,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--voxel-um", type=float, help="isotropic voxel size in um")
     p.add_argument("--spot-pitch-um", type=float)
     p.add_argument("--spot-diameter-um", type=float)
+    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="any preset parameter (YAML value), e.g. --param fixed_calibration=true; repeatable")
     p.add_argument("--workers", type=int, help="threads (default: up to 2)")
     p.add_argument("--quiet", action="store_true", help="no progress bars or summary")
     return p
+
+
+def parse_params(items: list[str]) -> dict:
+    """``KEY=VALUE`` strings as a dict, each value read as YAML (true, 20, [600, 2500, 2500])."""
+    import yaml
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise PhantomError(f"--param {item!r}: expected KEY=VALUE")
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise PhantomError(f"--param {item!r}: cannot read the value ({exc.problem})") from exc
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,12 +55,13 @@ def main(argv: list[str] | None = None) -> int:
     from .cohort import generate_cohort
 
     try:
+        params = parse_params(args.param)
         generate_cohort(
             args.out, preset=args.preset, seed=args.seed, overwrite=args.overwrite, tiff=args.tiff,
             tomography=args.tomography, progress=not args.quiet, workers=args.workers,
             volumes=args.volumes, sections_per_volume=args.sections_per_volume,
             size_um=list(args.size_um) if args.size_um else None, voxel_um=args.voxel_um,
-            spot_pitch_um=args.spot_pitch_um, spot_diameter_um=args.spot_diameter_um)
+            spot_pitch_um=args.spot_pitch_um, spot_diameter_um=args.spot_diameter_um, **params)
     except PhantomError as exc:
         err.print(f"[bold red]error:[/] {exc}", highlight=False)
         return 2

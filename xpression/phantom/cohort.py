@@ -178,7 +178,7 @@ def _build(root: Path, params: dict[str, Any], seed: int, preset: str, tiff: boo
                 res.adata.write_h5ad(root / "sections" / f"{sec['id']}.h5ad")
                 write_landmarks(root / "sections" / f"{sec['id']}_landmarks.csv", res.landmarks)
                 listed = {"id": sec["id"], "adata": f"sections/{sec['id']}.h5ad",
-                         "landmarks": f"sections/{sec['id']}_landmarks.csv", "z_um": sec["z_um"]}
+                         "landmarks": f"sections/{sec['id']}_landmarks.csv", "z_um": sec.get("z_recorded_um", sec["z_um"])}
                 if params["spot_pitch_um"] != 100.0:  # the manifest's default is Visium's pitch
                     listed["spot_pitch_um"] = params["spot_pitch_um"]
                 sections.append(listed)

@@ -12,7 +12,7 @@ import numpy as np
 
 from .errors import PhantomError
 from .noise import blockwise, worley_f2_minus_f1
-from .programs import compose
+from .programs import compose, unexplained_factor
 from .spec import SPEC_FORMAT
 from .structures import capsule_sd, lesion_sd, organ_sd
 
@@ -172,8 +172,10 @@ class Phantom:
         _, d_v = capsule_sd(p, np.asarray(vol["vessels"]), reach, bbox)
         # every lesion, however far: its logistic/exponential tails never reach exactly 0
         sds = [lesion_sd(p, les) for les in vol["lesions"]]
+        field = vol.get("expression_field")
+        factor = unexplained_factor(p, field) if field else None
         return compose(np.maximum(d_aw, 0.0).astype(np.float64), np.maximum(d_v, 0.0).astype(np.float64),
-                       sds, vol["lesions"], pp)
+                       sds, vol["lesions"], pp, factor)
 
     def spot_programs(self, volume_id: str, centers_yx_um: np.ndarray, z_um: float) -> np.ndarray:
         """Mean programs (S, P) over each spot disk x section thickness of an axial section.

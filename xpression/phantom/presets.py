@@ -33,7 +33,16 @@ _BASE: dict[str, Any] = {
     "lowres_px": 200,
     "truth_spacing_um": 25.6,
     "tomo_angles": 0,  # 0: derived from the slice size
+    # Realism options (docs/phantom.md, "Realism options"); all off except in `benchmark`.
+    "fixed_calibration": False,  # one scanner calibration for every volume (else one per animal)
+    "z_error_um": 0.0,  # recorded section z_um = true plane + U(-e, e) um
+    "deformation_um": 0.0,  # smooth non-affine section warp: at most this many um per in-plane axis
+    "unexplained_sd": 0.0,  # sd of a smooth log-normal factor per program, invisible in the CT
+    "unexplained_length_um": 150.0,  # correlation length of that factor (um)
+    "lesion_placement": "off_plane",  # off_plane: first lesion 60-150 um from every section; uniform
 }
+
+LESION_PLACEMENTS = ("off_plane", "uniform")
 
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(_BASE),
@@ -56,6 +65,17 @@ PRESETS: dict[str, dict[str, Any]] = {
         "lowres_px": 600,
         "truth_spacing_um": 51.2,
     },
+}
+# The benchmark cohort: the default block, two animals per condition (mock_0, infected_0,
+# vaccinated_0, mock_1, infected_1, vaccinated_1), every realism option on, lesions placed
+# without regard to the sections.
+PRESETS["benchmark"] = {
+    **PRESETS["default"],
+    "volumes": 6,
+    "z_error_um": 20.0,
+    "deformation_um": 8.0,
+    "unexplained_sd": 0.35,
+    "lesion_placement": "uniform",
 }
 
 
@@ -95,8 +115,19 @@ def validate_params(params: dict[str, Any]) -> None:
             raise PhantomError(f"size_um[{name}] must be a positive number of um, got {s!r}")
     params["size_um"] = [float(s) for s in size]
     for key in ("voxel_um", "alveolus_um", "septum_um", "psf_sigma_um", "spot_diameter_um",
-                "spot_pitch_um", "section_thickness_um", "library_size", "truth_spacing_um"):
+                "spot_pitch_um", "section_thickness_um", "library_size", "truth_spacing_um",
+                "unexplained_length_um"):
         _positive(params, key)
+    for key in ("z_error_um", "deformation_um", "unexplained_sd"):
+        value = params[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+            raise PhantomError(f"{key} must be a number >= 0, got {value!r}")
+        params[key] = float(value)
+    if not isinstance(params["fixed_calibration"], bool):
+        raise PhantomError(f"fixed_calibration must be true or false, got {params['fixed_calibration']!r}")
+    if params["lesion_placement"] not in LESION_PLACEMENTS:
+        raise PhantomError(f"lesion_placement must be one of {', '.join(LESION_PLACEMENTS)}, "
+                           f"got {params['lesion_placement']!r}")
     for key in ("volumes", "sections_per_volume", "chunk", "n_genes", "n_landmarks",
                 "hires_px", "lowres_px"):
         _positive(params, key, integer=True)
@@ -120,5 +151,9 @@ def validate_params(params: dict[str, Any]) -> None:
         raise PhantomError(
             f"size_um[z] = {z} um leaves no room for a section with "
             f"section_margin_um = {params['section_margin_um']} um above and below")
+    if params["section_margin_um"] - params["z_error_um"] < half_patch:
+        raise PhantomError(
+            f"z_error_um = {params['z_error_um']} um could put a recorded section plane closer than "
+            f"{half_patch} um to the volume's face (section_margin_um = {params['section_margin_um']} um)")
     if not isinstance(params["tomo_angles"], int) or params["tomo_angles"] < 0:
         raise PhantomError(f"tomo_angles must be a non-negative integer, got {params['tomo_angles']!r}")

@@ -34,12 +34,32 @@ def _decay(d: np.ndarray, length: float, reach: float) -> np.ndarray:
     return np.clip((np.exp(-d / length) - tail) / (1.0 - tail), 0.0, 1.0)
 
 
+def unexplained_factor(points: np.ndarray, field: dict) -> np.ndarray:
+    """Multiplicative factor (N, P) exp(sd * g_p - sd^2 / 2) of a smooth unit-variance Gaussian
+    field g_p per program (random Fourier modes), independent of every tissue structure.
+
+    Elementwise sums (no matmul) keep each point's value independent of its batch.
+    """
+    p = np.asarray(points, np.float64)
+    sd = float(field["sd"])
+    out = np.empty((len(p), len(field["modes"])), np.float64)
+    for j, modes in enumerate(field["modes"]):
+        g = np.zeros(len(p))
+        for kz, ky, kx, phase in modes:
+            g += np.cos(p[:, 0] * kz + p[:, 1] * ky + p[:, 2] * kx + phase)
+        g *= np.sqrt(2.0 / len(modes))
+        out[:, j] = np.exp(sd * g - 0.5 * sd * sd)
+    return out
+
+
 def compose(d_airway: np.ndarray, d_vessel: np.ndarray, lesion_sd: list[np.ndarray],
-            lesions: list[dict], params: dict) -> np.ndarray:
+            lesions: list[dict], params: dict, factor: np.ndarray | None = None) -> np.ndarray:
     """Program compositions (N, P) float32 from distances in um.
 
     d_airway, d_vessel: distance to the nearest airway / vessel outer surface, >= 0.
     lesion_sd: one signed distance array per lesion (negative inside).
+    factor: optional (N, P) multiplier of the affinities (before the floor), e.g.
+    :func:`unexplained_factor`.
     """
     n = len(d_airway)
     aff = np.zeros((n, len(PROGRAMS)), np.float64)
@@ -59,5 +79,7 @@ def compose(d_airway: np.ndarray, d_vessel: np.ndarray, lesion_sd: list[np.ndarr
     aff[:, 3] *= pi["weight"]
     aff[:, 4] = pm["weight"] * aff[:, 4] + pm["perivascular_weight"] * _decay(d_vessel, pm["perivascular_um"], reach)
     aff[:, 5] *= pr["weight"]
+    if factor is not None:
+        aff *= factor
     aff += params["floor"]
     return (aff / aff.sum(axis=1, keepdims=True)).astype(np.float32)

@@ -212,8 +212,9 @@ def make_lesion(rng: np.random.Generator, center: np.ndarray, radius: float, den
 
 
 def make_lesions(rng: np.random.Generator, condition: str, organ: dict[str, Any],
-                 size_um: list[float], section_z: list[float]) -> list[dict[str, Any]]:
-    """Lesions for a condition; the first is centred 60-150 um away from every section."""
+                 size_um: list[float], section_z: list[float], off_plane: bool = True) -> list[dict[str, Any]]:
+    """Lesions for a condition, centres uniform over the organ; with `off_plane` the first is
+    centred 60-150 um away from every section (a lesion a 2D model cannot see)."""
     (nmin, nmax), (rmin, rmax), dens, inf, imm, rem = LESION_KINDS[condition]
     z, y, x = size_um
     scale = min(1.0, min(y, x) / 2500.0)
@@ -223,7 +224,7 @@ def make_lesions(rng: np.random.Generator, condition: str, organ: dict[str, Any]
         radius = max(30.0, rng.uniform(rmin, rmax) * scale)
         for _ in range(200):
             c = np.array([rng.uniform(0, z), rng.uniform(0, y), rng.uniform(0, x)])
-            if i == 0:
+            if i == 0 and off_plane:
                 c[0] = _off_plane_z(rng, z, section_z)
             if organ_sd(c[None], organ)[0] < -0.5 * radius:
                 break

@@ -38,6 +38,42 @@ def affine_inverse(affine: np.ndarray) -> np.ndarray:
     return np.hstack([lin, -(lin @ a[:, 2])[:, None]])
 
 
+def displacement(modes: list[list[float]], uv: np.ndarray) -> np.ndarray:
+    """The section's smooth in-plane warp (N, 2) um at CT plane points (u, v) = (x, y) um."""
+    uv = np.asarray(uv, np.float64)
+    out = np.zeros_like(uv)
+    for ku, kv, phase, amp_u, amp_v in modes:
+        c = np.cos(uv[:, 0] * ku + uv[:, 1] * kv + phase)
+        out[:, 0] += amp_u * c
+        out[:, 1] += amp_v * c
+    return out
+
+
+def st_from_ct(sec: dict[str, Any], uv: np.ndarray) -> np.ndarray:
+    """ST full-res px (x, y) of the tissue at CT plane points (u, v) um: the section's affine
+    after its non-affine warp (none unless the preset sets deformation_um)."""
+    uv = np.asarray(uv, np.float64)
+    modes = sec.get("deformation") or []
+    return affine_apply(sec["st_affine"], uv + displacement(modes, uv) if modes else uv)
+
+
+def ct_from_st(sec: dict[str, Any], px: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`st_from_ct`: CT plane points (u, v) um of ST px (x, y).
+
+    The warp is a contraction (gradient well below 1), so the fixed-point iteration
+    uv = s - displacement(uv) converges to machine precision in a few steps.
+    """
+    s = affine_apply(affine_inverse(sec["st_affine"]), px)
+    modes = sec.get("deformation") or []
+    uv = s
+    for _ in range(50 if modes else 0):
+        new = s - displacement(modes, uv)
+        if np.abs(new - uv).max(initial=0.0) < 1e-9:
+            return new
+        uv = new
+    return uv
+
+
 def spot_grid(sec: dict[str, Any], pitch_um: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Hexagonal spot grid over the ST image: (array_row, array_col, px (N, 2) x, y).
 
@@ -70,13 +106,13 @@ def section_density(ph: "Phantom", vid: str, z_um: float) -> np.ndarray:
     return dens.reshape(ny, nx)
 
 
-def render_st_image(density: np.ndarray, vox: list[float], affine: np.ndarray,
+def render_st_image(density: np.ndarray, vox: list[float], sec: dict[str, Any],
                     size_px: list[int], scalef: float) -> np.ndarray:
     """H&E-like RGB uint8 image of the section in ST image space at scalef x full-res."""
     w, h = (max(1, int(math.ceil(s * scalef))) for s in size_px)
     yy, xx = np.meshgrid(np.arange(h) + 0.5, np.arange(w) + 0.5, indexing="ij")
     full = np.column_stack([xx.ravel(), yy.ravel()]) / scalef
-    uv = affine_apply(affine_inverse(affine), full)
+    uv = ct_from_st(sec, full)
     d = map_coordinates(density, [uv[:, 1] / vox[1], uv[:, 0] / vox[2]], order=1, cval=0.0)
     rgb = SLIDE_RGB - d[:, None] * (SLIDE_RGB - STAIN_RGB)
     return np.rint(rgb).astype(np.uint8).reshape(h, w, 3)
@@ -108,7 +144,7 @@ def _landmarks(ph: "Phantom", vid: str, sec: dict[str, Any], rng: np.random.Gene
         dist = np.minimum(dist, np.linalg.norm(cand - cand[i], axis=1))
     true = cand[chosen]
     fixed = true + rng.normal(0.0, prm["landmark_error_um"], true.shape)
-    moving = affine_apply(sec["st_affine"], true) + rng.normal(0.0, 0.5, true.shape)
+    moving = st_from_ct(sec, true) + rng.normal(0.0, 0.5, true.shape)
     return [[f"Pt-{i}", True, *map(float, moving[i]), *map(float, fixed[i])] for i in range(len(true))]
 
 
@@ -125,7 +161,7 @@ def simulate_section(ph: "Phantom", vid: str, sec: dict[str, Any], rng: np.rando
     radius = 0.5 * prm["spot_diameter_um"]
     rows, cols, px = spot_grid(sec, prm["spot_pitch_um"], rng)
     px = np.rint(px)
-    uv = affine_apply(affine_inverse(sec["st_affine"]), px)
+    uv = ct_from_st(sec, px)
     inside = (uv[:, 0] >= radius) & (uv[:, 0] <= ext[2] - radius) & (uv[:, 1] >= radius) & (uv[:, 1] <= ext[1] - radius)
     rows, cols, px, uv = rows[inside], cols[inside], px[inside], uv[inside]
     ct = np.column_stack([np.full(len(uv), z), uv[:, 1], uv[:, 0]])
@@ -157,8 +193,8 @@ def simulate_section(ph: "Phantom", vid: str, sec: dict[str, Any], rng: np.rando
     ad.obsm["ct_position_um"] = ct.astype(np.float64)
     ad.uns["programs"] = np.array(ph.program_names, dtype=object)
     ad.uns["spatial"] = {lib_id: {
-        "images": {"hires": render_st_image(dens, vox, sec["st_affine"], size, hires_f),
-                   "lowres": render_st_image(dens, vox, sec["st_affine"], size, lowres_f)},
+        "images": {"hires": render_st_image(dens, vox, sec, size, hires_f),
+                   "lowres": render_st_image(dens, vox, sec, size, lowres_f)},
         "scalefactors": {"spot_diameter_fullres": float(prm["spot_diameter_um"] * scale),
                          "fiducial_diameter_fullres": float(1.6 * prm["spot_diameter_um"] * scale),
                          "tissue_hires_scalef": float(hires_f),
@@ -166,6 +202,7 @@ def simulate_section(ph: "Phantom", vid: str, sec: dict[str, Any], rng: np.rando
         "metadata": {"chemistry_description": "Spatial 3' (simulated)", "software_version": "xpression-phantom"},
     }}
     ad.uns["phantom"] = {"volume_id": vid, "section_id": lib_id, "z_um": z,
+                         "z_recorded_um": float(sec.get("z_recorded_um", z)),
                          "st_affine": np.asarray(sec["st_affine"], np.float64)}
     return SectionResult(ad, _landmarks(ph, vid, sec, rng))
 
