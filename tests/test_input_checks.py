@@ -187,7 +187,7 @@ def test_every_shipped_config_passes_the_checks(tmp_path):
     assert len(options) >= 10
     GlobalHydra.instance().clear()
     with initialize(version_base="1.3", config_path="../conf"):
-        for group in ("model", "sampler", "split", "target", "loss", "trainer", "callbacks"):
+        for group in ("data", "debug", "model", "sampler", "split", "target", "loss", "trainer", "callbacks", "logger"):
             for path in sorted((ROOT / "conf" / group).glob("*.yaml")):
                 check_train_config(compose(config_name="train", overrides=[f"{group}={path.stem}"]))
         for path in sorted((ROOT / "conf" / "experiment").glob("*.yaml")):
