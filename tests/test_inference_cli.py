@@ -83,3 +83,20 @@ def test_clear_errors_before_compute(run, cohort, tmp_path):
     infer(config(run=str(run), output=str(out), volumes=["mock_0"], figures=False, evaluate=False, ct_preview=False))
     with pytest.raises(InferenceError, match="different run"):
         infer(config(run=str(other), output=str(out), volumes=["mock_0"]))
+
+
+def test_unwritable_output_fails_before_the_model_loads(run, tmp_path, monkeypatch):
+    import xpression.inference.pipeline as pipeline
+    from xpression.config import ConfigError
+
+    def load_predictor(*args, **kwargs):
+        raise AssertionError("the model was loaded before the output was checked")
+
+    monkeypatch.setattr(pipeline, "load_predictor", load_predictor)
+    blocker = tmp_path / "results"
+    blocker.write_text("a file where the output folder should go")
+    with pytest.raises(ConfigError, match=r"output: .*results/maps cannot be created: .*results is a file"):
+        infer(config(run=str(run), output=str(blocker / "maps")))
+    with pytest.raises(ConfigError, match=r"batch_size: must be a positive integer, got 0"):
+        infer(config(run=str(run), output=str(tmp_path / "ok"), batch_size=0))
+    assert blocker.read_text() == "a file where the output folder should go" and not (tmp_path / "ok").exists()

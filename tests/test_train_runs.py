@@ -1,4 +1,4 @@
-"""Training behaviour that needs several epochs: resume, overfit, and beating the mean."""
+"""Training behaviour that needs several epochs: overfit, and beating the mean (resume: test_resume.py)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,6 @@ import json
 from pathlib import Path
 
 import pandas as pd
-import pytest
-import pytorch_lightning as pl
 import torch
 
 from tests.test_train import _cfg
@@ -28,33 +26,6 @@ def _train(tmp_path: Path, manifest: Path, *overrides: str) -> dict:
     torch.set_num_threads(1)
     train(_cfg(tmp_path, manifest, [*FAST, *overrides]))
     return json.loads((tmp_path / "metrics.json").read_text())
-
-
-class Crash(pl.Callback):
-    """Kills a run at the start of epoch `epoch`, as a cluster pre-emption would."""
-
-    def __init__(self, epoch: int):
-        self.epoch = epoch
-
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.current_epoch == self.epoch:
-            raise SystemExit("simulated crash")
-
-
-def test_resumed_run_ends_like_an_uninterrupted_one(tiny_cohort, tmp_path):
-    """Killed at the start of epoch 2, restarted in the same folder from last.ckpt: same end as one go."""
-    whole = _train(tmp_path / "whole", tiny_cohort, "trainer.max_epochs=3")
-    with pytest.raises(SystemExit, match="simulated crash"):
-        _train(tmp_path / "run", tiny_cohort, "trainer.max_epochs=3",
-               "+callbacks.crash._target_=tests.test_train_runs.Crash", "+callbacks.crash.epoch=2")
-    assert not (tmp_path / "run" / "metrics.json").exists()
-    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
-    assert last.is_file()
-    resumed = _train(tmp_path / "run", tiny_cohort, "trainer.max_epochs=3", f"ckpt_path={last}")
-    assert resumed["epochs"] == whole["epochs"] == 3
-    for split in whole["splits"]:
-        for key, value in whole["splits"][split].items():
-            assert resumed["splits"][split][key] == pytest.approx(value, rel=1e-5, abs=1e-6), (split, key)
 
 
 def test_overfit_preset_drives_training_loss_near_zero(tiny_cohort, tmp_path):

@@ -3,6 +3,9 @@
 `${phantom:DIR,PRESET}` is the `cohort.yaml` of the synthetic cohort in DIR, generated with
 that preset (seed 0) the first time it is needed, so `python train.py debug=smoke` works on a
 fresh clone without a separate generation step. An existing cohort is never regenerated.
+`${run_dir:RESUME,DEFAULT}` and `${hydra_output_subdir:DIR,RESUME}` place Hydra's run folder and its
+saved config (conf/hydra/default.yaml) so that a resumed run continues in, and never
+overwrites, its folder. The entry points import this module before Hydra composes.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-__all__ = ["ensure_phantom", "register_resolvers"]
+__all__ = ["ensure_phantom", "hydra_output_subdir", "register_resolvers", "run_dir"]
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +31,23 @@ def ensure_phantom(out_dir: str, preset: str = "tiny", seed: int = 0) -> str:
     return str(manifest)
 
 
+def run_dir(resume: str | None, default: str) -> str:
+    """Hydra's run folder: the run being continued (`resume=RUN`), else `default`."""
+    return str(resume) if resume else default
+
+
+def hydra_output_subdir(output_dir: str, resume: str | None = None) -> str | None:
+    """Where Hydra saves the composed config in a run folder: `.hydra`, or nowhere (None) when
+    the run is resumed (its own config is restored, not the composed one) or the folder already
+    holds a run (`config.yaml`, written by train.py when training starts)."""
+    return None if resume or (Path(output_dir) / "config.yaml").exists() else ".hydra"
+
+
 def register_resolvers() -> None:
     """Register the resolvers above with OmegaConf (idempotent)."""
     if not OmegaConf.has_resolver("phantom"):
         OmegaConf.register_new_resolver("phantom", ensure_phantom, use_cache=True)
+    if not OmegaConf.has_resolver("run_dir"):
+        OmegaConf.register_new_resolver("run_dir", run_dir)
+    if not OmegaConf.has_resolver("hydra_output_subdir"):
+        OmegaConf.register_new_resolver("hydra_output_subdir", hydra_output_subdir)

@@ -5,7 +5,8 @@ can be checked without reading voxels (names, the loss against the target kind, 
 against the backbone, a checkpoint against the target set) is checked before any CT is read.
 
 A run folder holds: `config.yaml` (the resolved config; Hydra's own in `.hydra/`), `checkpoints/` (best and last), `metrics.json`,
-`predictions.csv` (every spot, its split, truth and prediction) and `figures/`.
+`predictions.csv` (every spot, its split, truth and prediction) and `figures/`; a resumed run
+adds `config.resumed-<n>.yaml` (`xpression.resume`).
 """
 
 from __future__ import annotations
@@ -21,14 +22,16 @@ import numpy as np
 import pandas as pd
 import pytorch_lightning as pl
 import torch
-from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
+from xpression.config import check_train_config
+from xpression.data.splits import check_split_counts
 from xpression.evaluation.figures import plot_section_maps, plot_training_curves
 from xpression.evaluation.metrics import regression_metrics
+from xpression.resume import RecordRunConfig, continue_metrics_history, start_run, write_run_config
 
 __all__ = ["EpochSeed", "evaluate_spots", "train"]
 
@@ -71,10 +74,10 @@ def train(cfg: DictConfig) -> float | None:
     Returns:
         The value of `cfg.optimized_metric` (for hyper-parameter sweepers), or None.
     """
-    out_dir = Path(cfg.paths.output_dir) if "paths" in cfg else Path(HydraConfig.get().runtime.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    # The resolved config (paths expanded) lets infer.py rebuild the run without Hydra's runtime.
-    (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved_config(cfg)))
+    cfg, start = start_run(cfg)  # resume=RUN: the run's own config; a checkpoint must match its config
+    check_train_config(cfg)
+    out_dir = start.out_dir
+    config = resolved_config(cfg)
     pl.seed_everything(cfg.seed, workers=True)
 
     datamodule = instantiate(cfg.data, target=cfg.target, sampler=cfg.sampler, split=cfg.split, seed=cfg.seed, _recursive_=False)
@@ -83,13 +86,18 @@ def train(cfg: DictConfig) -> float | None:
     # Backbone, loss-vs-kind and patch-size checks that need no target values run first ...
     model_factory = instantiate(cfg.model)
     spec = datamodule.target_spec  # reads the ST sections (no CT voxels)
+    check_split_counts(datamodule.spots["split"], datamodule.split)
     # ... then the model proper, whose construction also checks init_from against the targets.
     model = model_factory(target_spec=spec, patch_shape=datamodule.patch_shape_vox, spot_radius_vox=spot_radius_vox)
 
-    callbacks = [EpochSeed(cfg.seed), *_instantiate_all(cfg.get("callbacks"))]
+    callbacks = [EpochSeed(cfg.seed), RecordRunConfig(config), *_instantiate_all(cfg.get("callbacks"))]
     loggers = _instantiate_all(cfg.get("logger"))
+    continue_metrics_history(loggers, start)
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
+    # Written once every check has passed: the resolved config (paths expanded) lets infer.py
+    # rebuild the run without Hydra's runtime; a folder with one holds a run (xpression.resume).
+    write_run_config(start, config)
     started = time.perf_counter()
     if isinstance(model, pl.LightningModule):
         trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))

@@ -107,6 +107,11 @@ class PatchGeometry:
 
     size_um: tuple[float, float, float] = PAPER_PATCH_UM
 
+    def __post_init__(self) -> None:
+        size = np.asarray(self.size_um, dtype=float)
+        if size.shape != (3,) or not np.all(np.isfinite(size)) or np.any(size <= 0):
+            raise ValueError(f"patch size must be 3 positive numbers (depth, height, width) in um, got {list(self.size_um)}")
+
     def shape_vox(self, voxel_size_um: Sequence[float]) -> tuple[int, int, int]:
         """Odd voxel counts (D, H, W) nearest to ``size_um / voxel_size_um`` so the spot is the centre."""
         out = []

@@ -15,10 +15,12 @@ from typing import Any
 
 import yaml
 
+from xpression.data.volume import TIFF_SUFFIXES, ZARR_SUFFIXES
+
 __all__ = ["Cohort", "ManifestError", "SectionEntry", "TruthEntry", "VolumeEntry", "load_manifest"]
 
 _ID_PATTERN = re.compile(r"^[A-Za-z0-9_.-]+$")
-_VOLUME_SUFFIXES = (".zarr", ".tif", ".tiff", ".npy")
+_VOLUME_SUFFIXES = (*ZARR_SUFFIXES, *TIFF_SUFFIXES, ".npy")  # what the volume reader opens
 _TOP_KEYS = {"name", "volumes", "truth", "description"}
 _VOLUME_KEYS = {"id", "image", "voxel_size_um", "condition", "sections"}
 _SECTION_KEYS = {"id", "adata", "landmarks", "z_um", "plane", "landmarks_moving", "landmarks_st_space",

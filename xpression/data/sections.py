@@ -41,6 +41,9 @@ def read_adata(path: str | Path) -> Any:
     adata.var_names_make_unique()
     if "spatial" not in adata.obsm:
         raise DataError(path, f"no obsm['spatial'] spot positions; obsm keys: {sorted(adata.obsm.keys())}")
+    spatial_shape = np.shape(adata.obsm["spatial"])
+    if len(spatial_shape) != 2 or spatial_shape[1] < 2:
+        raise DataError(path, f"obsm['spatial'] has shape {spatial_shape}; expected (n_spots, 2): each spot's x, y in image pixels")
     if adata.n_obs == 0:
         raise DataError(path, "no spots")
     if adata.obs_names.has_duplicates:

@@ -17,7 +17,7 @@ import pandas as pd
 
 from xpression.data.geometry import DataError, Plane, count_patch_overlaps, patch_boxes_overlap
 
-__all__ = ["SpatialBlocksSplit", "StratifiedRandomSplit", "LeaveSectionOut", "VolumesSplit", "patch_overlap", "SPLITS"]
+__all__ = ["SpatialBlocksSplit", "StratifiedRandomSplit", "LeaveSectionOut", "VolumesSplit", "check_split_counts", "patch_overlap", "SPLITS"]
 
 log = logging.getLogger(__name__)
 
@@ -197,6 +197,24 @@ class VolumesSplit:
         inner = SpatialBlocksSplit(self.block_um, (1 - self.val_fraction, 0.0, self.val_fraction))
         test = list(self.test_volumes) or [sorted(spots["volume_id"].unique())[-1]]
         return _held_out_by("volume_id", spots, list(self.val_volumes), test, inner, planes, patch_size_um, seed)
+
+
+def check_split_counts(labels: Sequence[str], split: object) -> dict[str, int]:
+    """Spots per split; raise :class:`DataError` before any training when one that a run needs
+    is empty: training spots, validation spots (checkpoint selection and early stopping monitor
+    them) and test spots (the held-out scores), unless the split's test fraction is 0 on purpose."""
+    labels = np.asarray(labels).astype(str)
+    counts = {name: int((labels == name).sum()) for name in (*SPLITS, "excluded")}
+    fractions = getattr(split, "fractions", None)
+    test_optional = fractions is not None and len(fractions) == 3 and float(fractions[2]) == 0.0
+    empty = [name for name in SPLITS if counts[name] == 0 and not (name == "test" and test_optional)]
+    if empty:
+        hint = ("the sections hold too few blocks of split.block_um to share out: lower split.block_um or "
+                "train on more sections (data.sections)") if hasattr(split, "block_um") else \
+            "change the split's settings or train on more sections (data.sections)"
+        found = ", ".join(f"{name} {n}" for name, n in counts.items())
+        raise DataError(None, f"the {type(split).__name__} split leaves no {' and no '.join(empty)} spots ({found}); {hint}")
+    return counts
 
 
 def _log_counts(name: str, labels: np.ndarray) -> None:

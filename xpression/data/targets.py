@@ -70,9 +70,25 @@ def _where(adata: Any, sid: str) -> str:
     return f"{path} (section {sid})" if path else f"section {sid}"
 
 
+COMPOSITION_SUM_TOLERANCE = 1e-3  # |row sum - 1| accepted as a composition (float32 scores round)
+
+
+def _refuse_negative(values: np.ndarray, where: object, what: str, hint: str) -> None:
+    """Raise :class:`DataError` for negative entries beyond float round-off (1e-6 of the largest value)."""
+    tolerance = 1e-6 * float(np.abs(values).max(initial=0.0))
+    negative = values < -tolerance
+    if negative.any():
+        rows = int(negative.any(axis=1).sum())
+        raise DataError(where, f"{what}: {rows} of {len(values)} spots have negative values (min {values.min():.4g}); {hint}")
+
+
 def to_composition(values: np.ndarray, where: object = None) -> np.ndarray:
-    """Clip at 0 and scale rows to sum to 1; rows that sum to 0 raise :class:`DataError`."""
-    v = np.clip(np.asarray(values, dtype=np.float64), 0.0, None)
+    """Scale rows to sum to 1. Negative entries (beyond round-off, which is clipped to 0) and
+    rows that sum to 0 raise :class:`DataError`: clipping signed scores would invent proportions."""
+    v = np.asarray(values, dtype=np.float64)
+    _refuse_negative(v, where, "cannot renormalise the target to compositions",
+                     "signed scores are not proportions: set target.renormalize=false with target.kind=log_expression")
+    v = np.clip(v, 0.0, None)
     s = v.sum(axis=1, keepdims=True)
     if np.any(s <= 0):
         raise DataError(where, f"{int((s <= 0).sum())} spots have all-zero target values; cannot renormalise")
@@ -87,6 +103,22 @@ def dominant_index(values: np.ndarray, kind: str) -> np.ndarray:
     return v.argmax(axis=1).astype(np.int64)
 
 
+def _check_declared_kind(values: np.ndarray, kind: str, where: object, key: str) -> None:
+    """Targets used as they are (``renormalize=false``) must be what ``kind`` says: compositions
+    non-negative with rows summing to 1, counts non-negative."""
+    what = f"target {key!r} declared kind={kind} with renormalize=false"
+    if kind == "composition":
+        _refuse_negative(values, where, what, "proportions cannot be negative: for signed scores use target.kind=log_expression")
+        off = np.abs(values.sum(axis=1) - 1.0) > COMPOSITION_SUM_TOLERANCE
+        if off.any():
+            sums = values.sum(axis=1)[off]
+            raise DataError(where, f"{what}, but {int(off.sum())} of {len(values)} spots' values do not sum to 1 "
+                            f"(sums from {sums.min():.4g} to {sums.max():.4g}); set target.renormalize=true to scale "
+                            "each spot to proportions, or target.kind=log_expression")
+    elif kind == "counts":
+        _refuse_negative(values, where, what, "counts cannot be negative; use target.kind=log_expression")
+
+
 def _check_finite(values: np.ndarray, where: object, what: str) -> np.ndarray:
     if not np.all(np.isfinite(values)):
         raise DataError(where, f"{what} contains NaN or inf")
@@ -99,11 +131,12 @@ class ObsmTarget:
 
     ``table``: optional CSV path (``{section}`` is replaced by the section id) whose first
     column holds spot barcodes; used instead of ``obsm`` for scores computed elsewhere.
-    ``renormalize`` scales rows to compositions. ``names`` overrides the column names (else
-    DataFrame columns, ``uns['<key>_names']``, ``uns['programs']``; Chrysalis ``chr_aa``:
-    ``compartment_<i>``). ``colors`` gives one colour per target (else ``uns['<key>_colors']``,
-    the scanpy convention; Chrysalis ``chr_aa``: the colours of Chrysalis's own plots).
-    With several sections the first section's colours are used.
+    ``renormalize`` scales rows to compositions (negative scores are refused, not clipped);
+    without it the values must already be what ``kind`` says (compositions: rows summing to 1).
+    ``names`` overrides the column names (else DataFrame columns, ``uns['<key>_names']``,
+    ``uns['programs']``; Chrysalis ``chr_aa``: ``compartment_<i>``). ``colors`` gives one colour
+    per target (else ``uns['<key>_colors']``, the scanpy convention; Chrysalis ``chr_aa``: the
+    colours of Chrysalis's own plots). With several sections the first section's colours are used.
     """
 
     key: str = "programs_true"
@@ -180,6 +213,8 @@ class ObsmTarget:
             _check_finite(values, where, f"target {self.key!r}")
             if self.renormalize:
                 values = to_composition(values, where)
+            else:
+                _check_declared_kind(values, self.kind, where, self.key)
             these = self._names(adata, values.shape[1], columns)
             if names is not None and these != names:
                 raise DataError(where, f"target columns {these} differ from another section's {names}")

@@ -229,6 +229,26 @@ def _kind_of(path: Path) -> str:
     )
 
 
+def _refuse_non_finite(block: np.ndarray, path: Path) -> None:
+    """Raise :class:`VolumeError` if a block read from a float volume holds NaN or inf.
+
+    NaN has no agreed meaning in a CT (outside the reconstructed field, masked by another tool,
+    a failed slice), and any fill value would shift the intensity normalisation and the tissue
+    mask's threshold, so the volume is refused rather than guessed at.
+    """
+    finite = np.isfinite(block)
+    if finite.all():
+        return
+    n_nan = int(np.isnan(block).sum())
+    n_inf = int(block.size - finite.sum()) - n_nan
+    found = " and ".join(f"{n:,} {what}" for n, what in ((n_nan, "NaN"), (n_inf, "infinite")) if n)
+    raise VolumeError(
+        path,
+        f"{found} voxel(s) among the {block.size:,} read (block {' x '.join(map(str, block.shape))}); "
+        "the CT must hold finite intensities: replace them (e.g. with the background value) and save the volume again",
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 
 
@@ -373,7 +393,10 @@ class Volume:
             key = key + (slice(None),) * (3 - len(key))
             it = iter(key)
             key = tuple(0 if ax in self._drop else next(it) for ax in range(len(self._drop) + 3))
-        return np.asarray(self._backend()[key])
+        block = np.asarray(self._backend()[key])
+        if block.dtype.kind in "fc":
+            _refuse_non_finite(block, self.path)
+        return block
 
     def read_block(self, start_vox: Sequence[int], stop_vox: Sequence[int], fill: float = 0) -> np.ndarray:
         """Read voxels ``[start, stop)`` per axis (z, y, x); parts outside the volume get ``fill``.

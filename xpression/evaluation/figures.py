@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from xpression.plotting import new_figure, save_figure, target_cmap
 
@@ -104,6 +105,7 @@ def plot_training_curves(metrics_csv: str | Path, out_path: str | Path) -> Path 
             series = per_epoch[col].dropna()
             ax.plot(series.index, series.to_numpy(), marker="o", ms=3, label=col)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)

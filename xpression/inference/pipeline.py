@@ -1,7 +1,8 @@
 """``infer.py``: a trained run over held-out volumes -> maps, previews, figures, scores.
 
-Order: resolve the run (checkpoint + config), open every volume and check voxel sizes, grids
-and existing outputs (all before any network compute), then per volume: tissue mask,
+Order: check the config's values, resolve the run (checkpoint + config), check that the output
+folder can be written, open every volume and check voxel sizes, grids and existing outputs (all
+before any network compute), then per volume: tissue mask,
 normaliser, sweep into ``<output>/<volume_id>/maps.ome.zarr``; rank 0 adds the CT preview,
 optional BigTIFF, figures and, when the cohort has a truth spec, the evaluation table.
 """
@@ -134,7 +135,11 @@ def _precheck(jobs: list[VolumeJob], pred: Predictor, cfg: Any, identity: dict) 
 
 def infer(cfg: Any) -> dict:
     """Run the whole sweep described by the ``conf/infer.yaml`` config; returns a summary."""
+    from xpression.config import check_infer_config, check_output_writable
+
+    check_infer_config(cfg)
     info = resolve_run(cfg.run, cfg.checkpoint)
+    check_output_writable(cfg.output)  # before the model loads
     pred, hp = load_predictor(info, cfg.device, cfg.precision)
     jobs, cohort = plan_jobs(cfg, info)
     identity = info.identity()

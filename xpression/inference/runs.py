@@ -1,6 +1,7 @@
 """A training run folder as the sweep needs it: checkpoint, config, model voxel size, identity.
 
-A run folder holds ``config.yaml`` (resolved; else ``.hydra/config.yaml``), ``checkpoints/best.ckpt`` (and ``last.ckpt``) and
+A run folder holds ``config.yaml`` (resolved; else ``.hydra/config.yaml``; a resumed run's last
+``config.resumed-<n>.yaml`` wins), ``checkpoints/best.ckpt`` (and ``last.ckpt``) and
 ``metrics.json``. A checkpoint path may be given instead; its config is then looked up in the
 run folder above ``checkpoints/``. Everything is checked before any voxel is read.
 """
@@ -95,10 +96,11 @@ def resolve_run(run: str | Path, checkpoint: str = "best") -> RunInfo:
         if not ckpt.exists():
             found = sorted(p.name for p in (run_dir / "checkpoints").glob("*.ckpt")) if (run_dir / "checkpoints").exists() else []
             raise InferenceError(f"{ckpt} not found in run {run_dir}; checkpoints there: {found or 'none'}")
-    # train.py writes the resolved config beside the raw Hydra one; older runs have only the latter.
-    cfg_path = run_dir / "config.yaml"
-    if not cfg_path.exists():
-        cfg_path = run_dir / ".hydra" / "config.yaml"
+    # train.py writes the resolved config beside the raw Hydra one (older runs have only the
+    # latter), and a resumed run one per restart: the last one trained the final weights.
+    from xpression.resume import run_config_path
+
+    cfg_path = run_config_path(run_dir)
     if not cfg_path.exists():
         raise InferenceError(
             f"checkpoint {ckpt} has no run config: expected {cfg_path}. The sweep needs the training "

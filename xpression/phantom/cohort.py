@@ -23,7 +23,7 @@ from .phantom import Phantom
 from .presets import resolve_params
 from .spec import build_spec, rng_for
 from .visium import simulate_section, write_landmarks
-from .writers import chunk_grid, create_volume, downsample_level, write_manifest, write_program_field, write_tiff
+from .writers import chunk_grid, create_volume, downsample_level, write_h5ad, write_manifest, write_program_field, write_tiff
 
 TAG_VISIUM = 5
 
@@ -175,7 +175,7 @@ def _build(root: Path, params: dict[str, Any], seed: int, preset: str, tiff: boo
             sections = []
             for k, sec in enumerate(vol["sections"]):
                 res = simulate_section(ph, vid, sec, rng_for(seed, vol["index"], TAG_VISIUM, k))
-                res.adata.write_h5ad(root / "sections" / f"{sec['id']}.h5ad")
+                write_h5ad(res.adata, root / "sections" / f"{sec['id']}.h5ad")
                 write_landmarks(root / "sections" / f"{sec['id']}_landmarks.csv", res.landmarks)
                 listed = {"id": sec["id"], "adata": f"sections/{sec['id']}.h5ad",
                          "landmarks": f"sections/{sec['id']}_landmarks.csv", "z_um": sec.get("z_recorded_um", sec["z_um"])}

@@ -1,4 +1,4 @@
-"""File writers: OME-Zarr 0.5 volumes and pyramids, program-field truth, BigTIFF, manifest."""
+"""File writers: OME-Zarr 0.5 volumes and pyramids, program-field truth, BigTIFF, AnnData, manifest."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import yaml
 import zarr
 
@@ -109,6 +110,24 @@ def write_tiff(path: Path, array: zarr.Array, voxel: list[float], slab: int = 64
         photometric="minisblack", resolution=(1.0 / voxel[2], 1.0 / voxel[1]),
         resolutionunit="MICROMETER",
         metadata={"axes": "ZYX", "spacing": voxel[0], "unit": "um", "voxel_size_um": list(voxel)})
+
+
+def write_h5ad(adata: Any, path: Path) -> None:
+    """Write an AnnData as ``.h5ad`` with its string indices and columns as object arrays.
+
+    Under pandas 3 (or pandas 2 with ``future.infer_string``) strings default to pandas' string
+    dtype, which anndata refuses to write unless ``allow_write_nullable_strings`` is set (and
+    anndata < 0.11 cannot read). Object arrays of str are written as every anndata version reads
+    them. The AnnData is changed in place (same values, object dtype).
+    """
+    for axis in ("obs", "var"):
+        frame = getattr(adata, axis)
+        if isinstance(frame.index.dtype, pd.StringDtype):
+            setattr(adata, f"{axis}_names", frame.index.astype(object))
+        for column in frame.columns:
+            if isinstance(frame[column].dtype, pd.StringDtype):
+                frame[column] = frame[column].astype(object)
+    adata.write_h5ad(path)
 
 
 def write_manifest(path: Path, manifest: dict[str, Any]) -> None:
