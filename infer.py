@@ -1,6 +1,8 @@
 """Sweep a trained model over held-out volumes: `python infer.py run=<run folder> [cohort=... | volume=...]`.
 
-See conf/infer.yaml for the options; `python infer.py --help` lists them.
+Then, for a cohort with a truth spec (the synthetic ones), score the maps against it with the
+baselines without CT beside the model (`evaluate=false` skips it). See conf/infer.yaml for the
+options; `python infer.py --help` lists them.
 """
 
 import hydra
@@ -9,9 +11,13 @@ from omegaconf import DictConfig
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="infer")
 def main(cfg: DictConfig) -> None:
+    from xpression.evaluation.maps import evaluate_inference
     from xpression.inference.pipeline import infer
+    from xpression.inference.shards import dist_rank_world
 
-    infer(cfg)
+    summary = infer(cfg)
+    if dist_rank_world()[0] == 0:
+        evaluate_inference(cfg, summary)
 
 
 if __name__ == "__main__":
