@@ -34,12 +34,12 @@ COMMON=("data.manifest=$COHORT" "data.sections=$SECTIONS" data.num_workers=0 dat
 NET=("trainer.max_epochs=$EPOCHS" +trainer.enable_progress_bar=false "~callbacks.progress_bar"
      "~callbacks.model_summary" model.warmup_steps=20)
 
-run() {  # run <experiment> <folder> [overrides...]
+run() {  # run <experiment> <folder> [overrides...]; wall and CPU seconds go to <folder>.time
     local name=$1 dir=$2; shift 2
-    local t0; t0=$(date +%s)
-    "$PY" train.py -m "experiment=$name" "hydra.sweep.dir=$OUT/$dir" "${COMMON[@]}" "$@" > "$OUT/$dir.log" 2>&1 \
-        || { echo "experiment $name failed; see $OUT/$dir.log" >&2; return 1; }
-    echo "$(date +%T) $dir done in $(( $(date +%s) - t0 )) s"
+    local TIMEFORMAT="%R s wall, %U s user, %S s sys"
+    { time "$PY" train.py -m "experiment=$name" "hydra.sweep.dir=$OUT/$dir" "${COMMON[@]}" "$@" > "$OUT/$dir.log" 2>&1 ; } \
+        2> "$OUT/$dir.time" || { echo "experiment $name failed; see $OUT/$dir.log" >&2; return 1; }
+    echo "$(date +%T) $dir done: $(cat "$OUT/$dir.time")"
 }
 
 # The paper's network is the costliest row: it gets a stream of its own on the CPU budget.

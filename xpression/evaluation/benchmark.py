@@ -101,6 +101,7 @@ def collect_runs(dirs: Sequence[str | Path]) -> tuple[pd.DataFrame, pd.DataFrame
                 "split": str((config.get("split") or {}).get("_target_", "")).rsplit(".", 1)[-1],
                 "excluded": list((metrics.get("off_plane") or {}).get("excluded") or []),
                 "max_patch_um": (metrics.get("off_plane") or {}).get("probe", {}).get("max_patch_um"),
+                "probe_digest": (metrics.get("off_plane") or {}).get("digest"),
             })
             held_out = metrics.get("held_out_split", "test")
             for r in metrics["scores"]:
@@ -508,6 +509,13 @@ def write_report(dirs: Sequence[str | Path], out: str | Path) -> dict[str, Path]
     text += ["## Probe set", "",
              "One probe set for all rows: the same points for every configuration and seed, drawn where the "
              f"largest patch ({', '.join(f'{v:g}' for v in probe[0]) if probe else '?'} µm, depth x height x width) fits.", ""]
+    digests = runs["probe_digest"].dropna().unique()
+    if len(digests) == 1:
+        text += [f"- every run with a probe was scored on the same points (probe set {digests[0]}, "
+                 f"{int(runs['probe_digest'].notna().sum())} runs)"]
+    elif len(digests) > 1:
+        text += [f"- WARNING: the runs were scored on {len(digests)} different probe sets ({', '.join(digests)}): "
+                 "their probe columns are not comparable"]
     text += [f"- {e}" for e in excluded] or ["- nothing excluded"]
     paths["md"].write_text("\n".join(text) + "\n")
     pd.DataFrame(comparisons).to_csv(paths["comparisons"], index=False)

@@ -26,6 +26,7 @@ Scores are per volume (``xpression.evaluation.scores`` rows), never pooled.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import zlib
 from dataclasses import asdict, dataclass, field
@@ -37,7 +38,7 @@ import pandas as pd
 from xpression.evaluation.baselines import KNN_K, TrainingSpots, baseline_predictions
 from xpression.evaluation.scores import score_rows
 
-__all__ = ["OffPlaneProbe", "ProbePlane", "evaluate_off_plane", "probe_points", "probe_set"]
+__all__ = ["OffPlaneProbe", "ProbePlane", "evaluate_off_plane", "probe_digest", "probe_points", "probe_set"]
 
 log = logging.getLogger(__name__)
 
@@ -200,6 +201,16 @@ def _predict(predictor: Any, patches: np.ndarray, batch_size: int) -> np.ndarray
                            for i in range(0, len(patches), batch_size)])
 
 
+def probe_digest(planes: Sequence[ProbePlane]) -> str:
+    """A short fingerprint of a probe set (volumes, places and points to 0.01 um): runs with the
+    same digest were scored on the same points."""
+    h = hashlib.sha1()
+    for p in planes:
+        h.update(f"{p.volume_id}|{p.where}|{p.distance_um:g}|".encode())
+        h.update(np.round(np.asarray(p.points_um, float), 2).tobytes())
+    return h.hexdigest()[:12]
+
+
 def _spot_table(spots: pd.DataFrame, names: Sequence[str]) -> TrainingSpots:
     missing = [f"true/{n}" for n in names if f"true/{n}" not in spots]
     if missing:
@@ -214,8 +225,8 @@ def evaluate_off_plane(model: Any, datamodule: Any, spots: pd.DataFrame, probe: 
 
     ``spots``: the run's spot table with ``split`` and ``true/<target>`` labels (the training
     rows feed the baselines). Returns ``{"scores": [score rows], "n_points": {...},
-    "excluded": [notes], "probe": settings, "truth": ...}``; an empty dict when the cohort has
-    no truth spec or no target is a truth program.
+    "excluded": [notes], "digest": probe_digest, "probe": settings, "truth": ...}``; an empty
+    dict when the cohort has no truth spec or no target is a truth program.
     """
     from xpression.data.datamodule import volume_intensity_transform
     from xpression.data.manifest import Cohort, load_manifest
@@ -270,6 +281,6 @@ def evaluate_off_plane(model: Any, datamodule: Any, spots: pd.DataFrame, probe: 
         truth = joined.pop("truth")
         rows += score_rows(joined, truth, names, kind, volume_id=vid, condition=conditions.get(vid), where=where, distance_um=d)
         counts[f"{vid} {'volume' if where == 'volume' else f'{d:g} um'}"] = int(len(truth))
-    return {"scores": rows, "n_points": counts, "excluded": notes, "probe": {**asdict(probe), "max_patch_um": list(probe.max_patch_um),
-            "distances_um": list(probe.distances_um)},
+    return {"scores": rows, "n_points": counts, "excluded": notes, "digest": probe_digest(planes),
+            "probe": {**asdict(probe), "max_patch_um": list(probe.max_patch_um), "distances_um": list(probe.distances_um)},
             "truth": "spot-averaged phantom programs (spot disk x section thickness) at each probe point"}
