@@ -103,6 +103,9 @@ def test_findings_carry_intervals(context):
     assert "[134.4,205,205]" in best and "+0.100 [+0.100, +0.100]" in best
     ridge = [n for n in notes if "ridge" in n and "probe planes" in n][0]
     assert "beats" in ridge  # 0.515 vs 0.45
+    # unseen animals: one of a trained condition (animal shift alone) apart from one of another condition
+    assert any("unseen animals of a trained condition" in n for n in notes)
+    assert any("condition not trained on" in n for n in notes)
 
 
 def test_split_findings(tmp_path):

@@ -22,6 +22,7 @@ Extrusion and kNN need a training section in the point's volume; elsewhere they 
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -29,7 +30,9 @@ import numpy as np
 import pandas as pd
 from scipy.spatial import cKDTree
 
-from xpression.data.geometry import Plane
+from xpression.data.geometry import DataError, Plane
+
+log = logging.getLogger(__name__)
 
 __all__ = ["KNN_K", "BASELINES", "TrainingSpots", "baseline_predictions"]
 
@@ -65,7 +68,11 @@ class TrainingSpots:
             out = []
             for sid in dict.fromkeys(self.section_ids[self.volume_ids == volume_id]):
                 rows = self.section_ids == sid
-                plane = Plane.from_points(self.points_um[rows], where=f"training spots of section {sid}")
+                try:
+                    plane = Plane.from_points(self.points_um[rows], where=f"training spots of section {sid}")
+                except DataError as err:  # fewer than 3 or collinear training spots: no plane to extrude
+                    log.warning("no extrusion or kNN baseline from section %s: %s", sid, err)
+                    continue
                 uv = plane.to_uvw(self.points_um[rows])[:, :2]
                 out.append((plane, cKDTree(uv), self.labels[rows]))
             self._sections[volume_id] = out

@@ -46,6 +46,8 @@ _BESIDE = (("extrusion", "pearson_mean", "2D extrusion r", "Δr vs extrusion"),
            ("ridge", "pearson_mean", "ridge r (same patch)", "Δr vs ridge"),
            ("animal_mean", "r2_mean", "animal mean R²", "ΔR² vs animal mean"))
 _KEY = ["volume_id", "place", "distance_um"]
+UNSEEN_SAME = "unseen animal, trained condition"
+UNSEEN_OTHER = "unseen condition"
 
 
 def _overrides(run: Path) -> list[str]:
@@ -119,7 +121,17 @@ def collect_runs(dirs: Sequence[str | Path]) -> tuple[pd.DataFrame, pd.DataFrame
     scores_df = pd.DataFrame(scores)
     if len(scores_df):
         scores_df["distance_um"] = scores_df["distance_um"].where(scores_df["place"] == "plane", math.nan)
+        scores_df["group"] = _groups(scores_df)
     return runs_df, scores_df
+
+
+def _groups(scores: pd.DataFrame) -> list[str]:
+    """Per score row: its place, with unseen volumes split into animals of a condition the run
+    trained on (animal shift alone) and animals of another condition (condition shift too)."""
+    trained = {run: {c for c in g.loc[g["place"] != "volume", "condition"] if isinstance(c, str)}
+               for run, g in scores.groupby("run_id")}
+    return [(UNSEEN_SAME if isinstance(c, str) and c in trained.get(run, set()) else UNSEEN_OTHER) if p == "volume" else p
+            for run, p, c in zip(scores["run_id"], scores["place"], scores["condition"])]
 
 
 def _labels(runs: pd.DataFrame) -> list[str]:
@@ -258,16 +270,18 @@ def summarise_scores(runs: pd.DataFrame, scores: pd.DataFrame) -> pd.DataFrame:
 
 # -- findings ---------------------------------------------------------------------------------------
 def _run_mean(runs: pd.DataFrame, scores: pd.DataFrame, exp: str, config: str, predictor: str, metric: str,
-              place: str) -> dict[int, float]:
-    """Per seed: the mean over volumes (and distances) of one place's per-volume scores."""
+              group: str) -> dict[int, float]:
+    """Per seed: the mean over volumes (and distances) of one place group's per-volume scores
+    (``held-out spots``, ``plane``, ``UNSEEN_SAME`` or ``UNSEEN_OTHER``)."""
     ids = runs[(runs["experiment"] == exp) & (runs["config"] == config)].set_index("run_id")["seed"]
-    part = scores[scores["run_id"].isin(ids.index) & (scores["predictor"] == predictor) & (scores["place"] == place)]
+    part = scores[scores["run_id"].isin(ids.index) & (scores["predictor"] == predictor) & (scores["group"] == group)]
     return {int(ids[i]): float(np.nanmean(g[metric])) if g[metric].notna().any() else math.nan
             for i, g in part.groupby("run_id")}
 
 
 _PLACE_WORDS = {"plane": "on the probe planes (mean over trained animals and distances)",
-                "volume": "on unseen animals (mean over volumes)",
+                UNSEEN_SAME: "on unseen animals of a trained condition (mean over volumes)",
+                UNSEEN_OTHER: "on animals of a condition not trained on (mean over volumes)",
                 "held-out spots": "on held-out spots (mean over trained animals)"}
 _VERB = {"higher": "beats", "lower": "loses to", "level": "is level with", "n<2": "(one seed) vs", "n/a": "vs"}
 
@@ -304,7 +318,7 @@ def findings(runs: pd.DataFrame, scores: pd.DataFrame, comparisons: list[dict] |
         if len(same_width) > 1:
             flat, deep = same_width.index[0], same_width.index[-1]
             fd, dd = same_width.loc[flat, "depth_um"], same_width.loc[deep, "depth_um"]
-            for place in ("plane", "volume"):
+            for place in ("plane", UNSEEN_SAME, UNSEEN_OTHER):
                 compare(("context", deep), ("context", flat), "pearson_mean", place,
                         f"The {dd:g} µm deep patch ({deep})", f"the {fd:g} µm one ({flat})")
             for mid in same_width.index[1:-1]:
@@ -329,14 +343,15 @@ def findings(runs: pd.DataFrame, scores: pd.DataFrame, comparisons: list[dict] |
         name = f"The best network off the plane ({best[0]}: {best[1]})"
         compare(best, "extrusion", "pearson_mean", "plane", name, "2D extrusion")
         compare(best, "ridge", "pearson_mean", "plane", name, "the ridge on its patch")
-        compare(best, "ridge", "pearson_mean", "volume", name, "the ridge on its patch")
-        compare(best, "animal_mean", "r2_mean", "volume", name, "the training mean")
+        for group in (UNSEEN_SAME, UNSEEN_OTHER):
+            compare(best, "ridge", "pearson_mean", group, name, "the ridge on its patch")
+            compare(best, "animal_mean", "r2_mean", group, name, "the training mean")
     backbones = cfg.loc["backbones"] if "backbones" in cfg.index.get_level_values(0) else None
     if backbones is not None:
         paper = [c for c in backbones.index if backbones.loc[c, "model"] == "cnn3d_paper"]
         small = [c for c in backbones.index if backbones.loc[c, "model"] == "cnn3d"]
         if paper and small:
-            for place in ("plane", "volume"):
+            for place in ("plane", UNSEEN_SAME, UNSEEN_OTHER):
                 compare(("backbones", paper[0]), ("backbones", small[0]), "pearson_mean", place,
                         "The paper's network (cnn3d_paper)", "the small 3D CNN (cnn3d)")
     splits = cfg.loc["splits"] if "splits" in cfg.index.get_level_values(0) else None
@@ -425,36 +440,40 @@ def plot_accuracy_vs_distance(runs: pd.DataFrame, scores: pd.DataFrame, out: Pat
                             yerr=[p[1] for p in pts], marker="o", ms=3, capsize=2, ls="none")
             ax.set_xticks(range(len(unseen)), unseen, fontsize=7, rotation=20)
             ax.set_ylabel("Pearson r (mean over programs)", fontsize=8)
-            ax.set_title(f"{exp}: unseen animals (no CT-free baseline exists)", fontsize=9)
+            ax.set_title(f"{exp}: unseen animals (the training mean has no r)", fontsize=9)
             ax.axhline(0, color="0.6", lw=0.6)
             ax.grid(alpha=0.3)
-        axes[i, 0].legend(fontsize=6, loc="lower left")
+        axes[i, 0].legend(fontsize=6, loc="best")
     fig.suptitle("Per-volume accuracy against the truth (error bars: 95 % t interval over seeds)", fontsize=10)
     return save_figure(fig, out)
 
 
 # -- report -------------------------------------------------------------------------------------------
 def baselines_table(runs: pd.DataFrame, scores: pd.DataFrame, comparisons: list[dict] | None = None) -> str:
-    """Each configuration against its own baselines, averaged over places: r on the probe planes
-    (mean over trained animals and distances) and on unseen animals (mean over volumes)."""
-    head = ["experiment", "configuration", "planes r", "Δr vs extrusion", "Δr vs ridge", "unseen r", "Δr vs ridge (unseen)",
-            "unseen R²", "ΔR² vs training mean (unseen)"]
+    """Each configuration against its own baselines, averaged per run over a place group: r on the
+    probe planes (mean over trained animals and distances) and on unseen animals (mean over
+    volumes, animals of a trained condition apart from those of another condition)."""
+    columns: list[tuple[str, str | None, str, str]] = [("plane", None, "pearson_mean", "planes r"),
+                                                       ("plane", "extrusion", "pearson_mean", "Δr vs extrusion"),
+                                                       ("plane", "ridge", "pearson_mean", "Δr vs ridge")]
+    for group, short in ((UNSEEN_SAME, "unseen animal"), (UNSEEN_OTHER, "unseen condition")):
+        if (scores["group"] == group).any():
+            columns += [(group, None, "pearson_mean", f"{short} r"), (group, "ridge", "pearson_mean", f"{short}: Δr vs ridge"),
+                        (group, "animal_mean", "r2_mean", f"{short}: ΔR² vs training mean")]
+    head = ["experiment", "configuration"] + [c[3] for c in columns]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for exp, config in _configs(runs):
         cells = [exp, config]
-        for place, predictor, metric in (("plane", None, "pearson_mean"), ("plane", "extrusion", "pearson_mean"),
-                                         ("plane", "ridge", "pearson_mean"), ("volume", None, "pearson_mean"),
-                                         ("volume", "ridge", "pearson_mean"), ("volume", None, "r2_mean"),
-                                         ("volume", "animal_mean", "r2_mean")):
-            model = _run_mean(runs, scores, exp, config, "model", metric, place)
+        for group, predictor, metric, _ in columns:
+            model = _run_mean(runs, scores, exp, config, "model", metric, group)
             if predictor is None:
                 cells.append(_fmt(model))
                 continue
-            base = _run_mean(runs, scores, exp, config, predictor, metric, place)
+            base = _run_mean(runs, scores, exp, config, predictor, metric, group)
             diff = paired_difference(model, base)
             cells.append(diff.text() if base else "-")
             if comparisons is not None and base:
-                comparisons.append(_comparison(f"{exp}: {config}", predictor, metric, "mean", place, math.nan, diff))
+                comparisons.append(_comparison(f"{exp}: {config}", predictor, metric, "mean", group, math.nan, diff))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -499,7 +518,8 @@ def write_report(dirs: Sequence[str | Path], out: str | Path) -> dict[str, Path]
         text += ["## What it shows", ""] + [f"- {n}" for n in notes] + [""]
     text += ["## Every configuration against its own baselines", "",
              "Per-volume scores averaged per run over the trained animals' probe planes (all distances) and over the "
-             "unseen animals, then compared seed by seed.", "", baselines_table(runs, scores, comparisons), ""]
+             "unseen animals (those of a trained condition apart from those of another), then compared seed by seed.", "",
+             baselines_table(runs, scores, comparisons), ""]
     text += ["## Per volume", ""]
     for vid, place, d in _places(scores):
         text += [f"### {_place_title(scores, vid, place, d)}", "", place_table(runs, scores, vid, place, d, comparisons), ""]
