@@ -159,3 +159,20 @@ def test_paired_difference_on_a_constructed_example():
     one = paired_difference({0: 0.5}, {0: 0.4})
     assert one.n == 1 and one.verdict == "n<2" and np.isnan(one.lo)
     assert paired_difference({0: np.nan}, {0: 0.4}).n == 0
+
+
+def test_section_extrusion_uses_every_spot_and_never_scores_the_section_itself():
+    rng = np.random.default_rng(7)
+    table = _section("v0", 300.0, rng)
+    for n in NAMES:
+        table[f"pred/{n}"] = table[f"true/{n}"]
+    labels = [f"true/{n}" for n in NAMES]
+    train = TrainingSpots.from_table(table, labels)
+    section = TrainingSpots.from_table(table, labels, split=None)
+    held = table[table["split"] != "train"]
+    pts = np.column_stack([np.full(len(held), 450.0), held["y_um"], held["x_um"]])
+    pred = baseline_predictions(train, "v0", pts, section=section)
+    np.testing.assert_allclose(pred["section_extrusion"], held[labels].to_numpy())  # held-out labels copied up
+    assert not np.allclose(pred["extrusion"], held[labels].to_numpy())  # training spots only: not exact
+    result = evaluate_spots(table, NAMES, "composition")
+    assert "section_extrusion" not in {r["predictor"] for r in result["scores"]}

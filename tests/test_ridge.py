@@ -84,7 +84,8 @@ def test_off_plane_probe(ridge, datamodule):
     assert any("30 um not probed" in e for e in first["excluded"])
     assert any("5000" in e for e in first["excluded"])
     by = {(r["volume_id"], r["distance_um"], r["predictor"]): r for r in rows}
-    assert {"model", "extrusion", "knn", "animal_mean", "train_mean"} == {p for v, d, p in by if v == "mock_0" and d == 50.0}
+    assert {"model", "extrusion", "knn", "animal_mean", "train_mean", "section_extrusion"} == {
+        p for v, d, p in by if v == "mock_0" and d == 50.0}
     assert {"model", "animal_mean", "train_mean"} == {p for v, _, p in by if v == "vaccinated_0"}
     assert by[("mock_0", 50.0, "model")]["n"] == first["n_points"]["mock_0 50 um"] > 10
     assert np.isfinite(by[("mock_0", 50.0, "model")]["pearson_mean"])

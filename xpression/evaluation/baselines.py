@@ -16,6 +16,10 @@ how the truth was made.
   far the volume's average composition alone gets). For a volume with no training section it
   is the mean over all training spots, the same as ``train_mean``.
 - **training mean** (``train_mean``): the mean label of all training spots, everywhere.
+- **section extrusion** (``section_extrusion``, away from the section only): 2D extrusion from
+  *every* spot of the section, held-out ones included: what copying the whole measured section
+  gives, with labels the model never trained on. It is a reference, not a paired baseline (on
+  the section's own spots it would copy their labels).
 
 Extrusion and kNN need a training section in the point's volume; elsewhere they are absent.
 """
@@ -37,7 +41,7 @@ log = logging.getLogger(__name__)
 __all__ = ["KNN_K", "BASELINES", "TrainingSpots", "baseline_predictions"]
 
 KNN_K = 6
-BASELINES = ("extrusion", "knn", "animal_mean", "train_mean")
+BASELINES = ("extrusion", "knn", "animal_mean", "train_mean", "section_extrusion")
 
 
 @dataclass
@@ -52,10 +56,10 @@ class TrainingSpots:
     _sections: dict = field(default_factory=dict, init=False, repr=False)
 
     @classmethod
-    def from_table(cls, table: pd.DataFrame, label_columns: Sequence[str], split: str = "train") -> "TrainingSpots":
+    def from_table(cls, table: pd.DataFrame, label_columns: Sequence[str], split: str | None = "train") -> "TrainingSpots":
         """The rows of a spot table (columns ``split``, ``section_id``, ``volume_id``, ``z_um``,
-        ``y_um``, ``x_um`` and ``label_columns``) whose split is ``split``."""
-        rows = table[table["split"] == split]
+        ``y_um``, ``x_um`` and ``label_columns``) whose split is ``split`` (None: every row)."""
+        rows = table if split is None else table[table["split"] == split]
         if rows.empty:
             raise ValueError(f"no {split!r} spots in the spot table: the baselines need training spots")
         return cls(rows[["z_um", "y_um", "x_um"]].to_numpy(float), rows[list(label_columns)].to_numpy(float),
@@ -104,9 +108,10 @@ class TrainingSpots:
 
 
 def baseline_predictions(train: TrainingSpots, volume_id: str, points_um: np.ndarray,
-                         k: int = KNN_K) -> dict[str, np.ndarray]:
+                         k: int = KNN_K, section: TrainingSpots | None = None) -> dict[str, np.ndarray]:
     """Every baseline's prediction ``(M, T)`` at points of one volume (``BASELINES`` order;
-    ``extrusion`` and ``knn`` only where the volume has a training section)."""
+    ``extrusion`` and ``knn`` only where the volume has a training section;
+    ``section_extrusion`` only with ``section``, every spot of the sections)."""
     pts = np.asarray(points_um, float).reshape(-1, 3)
     out: dict[str, np.ndarray] = {}
     ext = train.in_plane_mean(volume_id, pts, 1)
@@ -115,4 +120,7 @@ def baseline_predictions(train: TrainingSpots, volume_id: str, points_um: np.nda
         out["knn"] = train.in_plane_mean(volume_id, pts, k)
     out["animal_mean"] = np.broadcast_to(train.animal_mean(volume_id)[0], (len(pts), train.labels.shape[1]))
     out["train_mean"] = np.broadcast_to(train.labels.mean(0), (len(pts), train.labels.shape[1]))
+    whole = None if section is None else section.in_plane_mean(volume_id, pts, 1)
+    if whole is not None:
+        out["section_extrusion"] = whole
     return out

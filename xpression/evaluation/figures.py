@@ -21,7 +21,8 @@ __all__ = ["plot_section_maps", "plot_training_curves", "plot_run_scores", "PRED
 
 _HELD_OUT_EDGES = {"val": "k", "test": "#e6007e"}  # black rings: validation, magenta rings: test (in no colour map used)
 PREDICTOR_STYLE = {"model": ("k", "-", "o"), "ridge": ("#ff7f0e", "-.", "v"), "extrusion": ("#1f77b4", "--", "s"),
-                   "knn": ("#2ca02c", ":", "^"), "animal_mean": ("#d62728", "--", "D"), "train_mean": ("0.5", ":", "x")}
+                   "knn": ("#2ca02c", ":", "^"), "animal_mean": ("#d62728", "--", "D"), "train_mean": ("0.5", ":", "x"),
+                   "section_extrusion": ("#9467bd", "--", "P")}
 
 
 def plot_section_maps(

@@ -250,6 +250,7 @@ def evaluate_off_plane(model: Any, datamodule: Any, spots: pd.DataFrame, probe: 
     prog = [phantom.program_names.index(n) for n in names]
     kind = datamodule.target_spec.kind
     train = _spot_table(spots, datamodule.target_spec.names)
+    section = TrainingSpots.from_table(spots, [f"true/{n}" for n in datamodule.target_spec.names], split=None)
     datamodule.setup("predict")
     planes, notes = probe_set(cohort, sorted(set(datamodule.spots["section_id"])), probe)
     quantise = getattr(datamodule, "cache_dtype", "uint8") == "uint8"
@@ -269,7 +270,7 @@ def evaluate_off_plane(model: Any, datamodule: Any, spots: pd.DataFrame, probe: 
             preds = {"model": _predict(predictor, patches, probe.batch_size)[:, cols]}
             if ridge is not None:
                 preds["ridge"] = _predict(ridge, patches, probe.batch_size)[:, cols]
-            preds.update({b: v[:, cols] for b, v in baseline_predictions(train, ventry.id, plane.points_um, k).items()})
+            preds.update({b: v[:, cols] for b, v in baseline_predictions(train, ventry.id, plane.points_um, k, section).items()})
             preds["truth"] = phantom.spot_programs(ventry.id, plane.points_um[:, 1:], plane.z_um)[:, prog]
             pooled.setdefault((ventry.id, plane.where, plane.distance_um), []).append(preds)
 

@@ -13,7 +13,8 @@ Points are the grid points inside the tissue mask (finite predictions), about
 ``max_points`` (50 000) per row at most: beyond that a seeded uniform subsample, so memory and
 time stay bounded on large volumes. Truth is the phantom's program composition at each point. The baselines are
 built from the run's training spots and their labels (``predictions.csv``): 2D extrusion and kNN
-in the trained volume, the per-animal mean everywhere (the training mean in other volumes).
+in the trained volume, the per-animal mean everywhere (the training mean in other volumes), and
+extrusion from every spot of the section (held-out ones included) as a reference.
 """
 
 from __future__ import annotations
@@ -108,7 +109,8 @@ def score_volume(
     return rows
 
 
-def _training_spots(run_dir: Path, targets: Sequence[str]) -> TrainingSpots | None:
+def _training_spots(run_dir: Path, targets: Sequence[str]) -> tuple[TrainingSpots, TrainingSpots] | None:
+    """The run's training spots and every spot of its sections, with their labels."""
     path = run_dir / "predictions.csv"
     if not path.is_file():
         log.info("no %s: maps scored without the baselines", path)
@@ -118,7 +120,7 @@ def _training_spots(run_dir: Path, targets: Sequence[str]) -> TrainingSpots | No
     if not set(labels) <= set(table.columns):
         log.info("%s lacks the labels of %s: maps scored without the baselines", path, list(targets))
         return None
-    return TrainingSpots.from_table(table, labels)
+    return TrainingSpots.from_table(table, labels), TrainingSpots.from_table(table, labels, split=None)
 
 
 def _spot_rows(run_dir: Path) -> list[dict]:
@@ -154,7 +156,7 @@ def evaluate_maps(run_dir: str | Path, output: str | Path, volumes: Mapping[str,
         targets = list(meta["targets"])
         if train is None:
             train = _training_spots(run_dir, targets)
-        base = None if train is None else (lambda p, v=vid: baseline_predictions(train, v, p, k))
+        base = None if train is None else (lambda p, v=vid: baseline_predictions(train[0], v, p, k, train[1]))
         truth = lambda p, v=vid: phantom.programs_at(v, p)  # noqa: E731
         z = job.get("section_z_um")
         rows += score_volume(maps, grid, targets, truth, phantom.program_names, vid, kind, z, distances_um, base,

@@ -28,9 +28,11 @@ __all__ = ["PREDICTORS", "PREDICTOR_LABELS", "score_rows", "evaluate_spots", "sc
 
 PREDICTORS = ("model", "ridge", *BASELINES)
 PREDICTOR_LABELS = {"model": "model", "ridge": "ridge (same patch)", "extrusion": "2D extrusion",
-                    "knn": f"kNN (k={KNN_K})", "animal_mean": "animal mean", "train_mean": "training mean"}
+                    "knn": f"kNN (k={KNN_K})", "animal_mean": "animal mean", "train_mean": "training mean",
+                    "section_extrusion": "2D extrusion, all section spots"}
 _WHERE_ORDER = {"train spots": 0, "val spots": 1, "test spots": 2, "section plane": 3, "plane": 4, "volume": 5}
-_SHORT = {"model": "model", "ridge": "ridge", "extrusion": "extr.", "knn": "kNN", "animal_mean": "mean"}
+_SHORT = {"model": "model", "ridge": "ridge", "extrusion": "extr.", "knn": "kNN", "animal_mean": "mean",
+          "section_extrusion": "all-spot extr."}
 
 
 def score_rows(predictions: Mapping[str, np.ndarray], truth: np.ndarray, names: Sequence[str], kind: str,
@@ -82,8 +84,8 @@ def evaluate_spots(predictions: pd.DataFrame, names: Sequence[str], kind: str, k
                 continue
             preds = {"model": part[[f"pred/{n}" for n in names]].to_numpy(float)}
             for name in ("ridge", *BASELINES):
-                if split == "train" and name in ("extrusion", "knn"):
-                    continue  # on training spots they would copy the spot's own label
+                if name == "section_extrusion" or (split == "train" and name in ("extrusion", "knn")):
+                    continue  # on the section's own spots they would copy the spot's own label
                 cols = [f"{name}/{n}" for n in names]
                 if all(c in part for c in cols) and np.isfinite(part[cols].to_numpy(float)).all():
                     preds[name] = part[cols].to_numpy(float)
@@ -132,7 +134,8 @@ def scores_table(rows: Iterable[Mapping[str, Any]], title: str, wheres: Sequence
     for p in present:
         if p != "animal_mean":
             columns.append((p, "pearson_mean", f"{_SHORT[p]} r"))
-        columns.append((p, "r2_mean", f"{_SHORT[p]} R²"))
+        if p != "section_extrusion":
+            columns.append((p, "r2_mean", f"{_SHORT[p]} R²"))
         if p == "model":
             columns += [(p, m, {"jsd_mean": "JSD", "macro_auc": "AUC"}[m]) for m in extra]
     for name in ("volume", "condition", "where", "µm", "points"):
@@ -150,6 +153,7 @@ def scores_table(rows: Iterable[Mapping[str, Any]], title: str, wheres: Sequence
     table.caption = (f"r: Pearson, R²: coefficient of determination, mean over programs, per volume. ridge: features + "
                      f"ridge on the same patch; extr.: 2D extrusion (nearest training spot in the section plane, copied "
                      f"along the normal); kNN: mean of the {KNN_K} nearest training spots in-plane; mean: the animal's "
-                     "training-spot mean (the training mean for an animal without a section).")
+                     "training-spot mean (the training mean for an animal without a section); all-spot extr.: extrusion "
+                     "from every spot of the section, held-out ones included (a reference with labels the model never saw).")
     table.caption_justify = "left"
     return table
