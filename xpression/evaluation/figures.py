@@ -131,7 +131,7 @@ def _x_positions(df: pd.DataFrame) -> tuple[dict[str, float], list[tuple[float, 
     far = max(planes + [100.0])
     others = sorted({str(v) for v in df.loc[df["where"] == "volume", "volume_id"]})
     pos = {"spots": 0.0, **{f"plane {d:g}": d for d in planes}}
-    step = max(far * 0.2, 50.0)
+    step = max(far * 0.3, 80.0)
     pos.update({f"volume {v}": far + step * (i + 1) for i, v in enumerate(others)})
     ticks = [(0.0, "held-out\nspots")] + [(d, f"{d:g}") for d in planes] + [(far + step * (i + 1), f"{v}\n(unseen)") for i, v in enumerate(others)]
     return pos, ticks
@@ -166,8 +166,9 @@ def plot_run_scores(df: pd.DataFrame, out: str | Path, title: str = "") -> Path 
                 line = part[(part["volume_id"] == vid) & (part["where"] != "volume")].sort_values("x")
                 y = pd.to_numeric(line[metric], errors="coerce")
                 if y.notna().any():
+                    name = PREDICTOR_LABELS[predictor] + (" (training mean on unseen animals)" if predictor == "animal_mean" else "")
                     ax.plot(line["x"], y, color=colour, ls=ls, marker=marker, ms=4, lw=1.6 if predictor == "model" else 1.1,
-                            label=f"{PREDICTOR_LABELS[predictor]}" + (f", {vid}" if len(trained) > 1 else ""))
+                            label=name + (f", {vid}" if len(trained) > 1 else ""))
             far = part[part["where"] == "volume"]
             y = pd.to_numeric(far[metric], errors="coerce")
             ax.scatter(far["x"][y.notna()], y[y.notna()], color=colour, marker=marker, s=28, zorder=3,
