@@ -35,9 +35,9 @@ def plot_section_maps(
     """Draw, per section, each target's true and predicted value at every spot.
 
     Rows are targets; columns are truth, prediction and their difference, on the section
-    plane (u, v in um, scale bar). Held-out spots are ringed (blue: validation, red: test) so
-    the eye can tell interpolation from generalisation; spots excluded by a split's buffer are
-    drawn plain. Colour bars are labelled with the target and ``value_label``.
+    plane (u, v in um, scale bar). Held-out spots are ringed (black: validation, magenta: test)
+    so the eye can tell interpolation from generalisation; spots excluded by a split's buffer
+    are drawn faded. Colour bars are labelled with the target and ``value_label``.
 
     Returns:
         The written PNG paths, one per section.
@@ -64,7 +64,10 @@ def plot_section_maps(
             ]
             for col, (values, cmap, vmin, vmax, title, bar_label) in enumerate(panels):
                 ax = axes[row, col]
-                image = ax.scatter(u, v, c=values, s=size, cmap=cmap, vmin=vmin, vmax=vmax, linewidths=0)
+                faded = split == "excluded"
+                image = ax.scatter(u[~faded], v[~faded], c=values[~faded], s=size, cmap=cmap, vmin=vmin, vmax=vmax, linewidths=0)
+                ax.scatter(u[faded], v[faded], c=values[faded], s=size, cmap=cmap, vmin=vmin, vmax=vmax, linewidths=0,
+                           alpha=0.3, label=f"buffer-excluded (n={counts['excluded']})" if counts["excluded"] else None)
                 for which, colour in _HELD_OUT_EDGES.items():
                     ring = split == which
                     ax.scatter(u[ring], v[ring], s=size, facecolors="none", edgecolors=colour, linewidths=0.6,
@@ -79,10 +82,9 @@ def plot_section_maps(
                 bar.set_label(bar_label, fontsize=7)
                 bar.ax.tick_params(labelsize=6)
         handles, labels = axes[0, 0].get_legend_handles_labels()
-        fig.legend(handles, labels, loc="outside upper right", fontsize=8, ncols=2, frameon=False)
-        plain = f"{counts['train']} training" + (f" and {counts['excluded']} buffer-excluded" if counts["excluded"] else "")
-        fig.suptitle(f"section {section_id}: {plain} spots unringed; rings: held-out spots "
-                     "(black validation, magenta test)", fontsize=10, x=0.02, ha="left")
+        fig.legend(handles, labels, loc="outside lower center", fontsize=8, ncols=3, frameon=False)
+        fig.suptitle(f"section {section_id}: {counts['train']} training spots (plain), held-out spots ringed "
+                     "(black: validation, magenta: test)", fontsize=10)
         written.append(save_figure(fig, out_dir / f"section_{section_id}.png"))
     return written
 
