@@ -6,10 +6,14 @@
 #
 # BUDGET=cpu (default): sized for a 2-core CPU in under 45 minutes: 5 seeds, 8 epochs, the four
 #   patch depths and two fields of view of `context`, the paper's network, the small 3D CNN and
-#   the UNet of `backbones`, both `splits`. Two streams run side by side with one thread each.
+#   the UNet of `backbones`, both `splits`. Two streams run side by side with one thread each; the
+#   paper's network (the costliest row, about 520 CPU s per seed against about 385 for all the
+#   others together) is split between them by seed so both end together.
 # BUDGET=gpu: one GPU: 10 seeds, 30 epochs, every backbone, the paper's end-to-end recipe
 #   (`experiment=paper`), 300 probe points per distance; one stream.
-# Every setting below can be overridden from the environment, e.g. EPOCHS=20 SEEDS=0,1,2,3,4,5,6.
+# Every setting below can be overridden from the environment, e.g. EPOCHS=20 SEEDS=0,1,2,3,4,5,6;
+# EXTRA adds overrides to every run (EPOCHS=1 EXTRA="++trainer.limit_train_batches=2" on the tiny
+# cohort checks the wiring in minutes).
 set -euo pipefail
 PY=${PY:-.venv/bin/python}
 COHORT=${COHORT:-data/phantom_default/cohort.yaml}
@@ -30,27 +34,41 @@ if [ "$TRAINER" = cpu ]; then export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} MKL_N
 mkdir -p "$OUT"
 COMMON=("data.manifest=$COHORT" "data.sections=$SECTIONS" data.num_workers=0 data.persistent_workers=false
         data.pin_memory=false figures=false "trainer=$TRAINER" "off_plane.n_points=$POINTS"
-        "off_plane.max_patch_um=$MAX_PATCH_UM" "hydra.sweeper.params.seed=\"$SEEDS\"")
-NET=("trainer.max_epochs=$EPOCHS" +trainer.enable_progress_bar=false "~callbacks.progress_bar"
+        "off_plane.max_patch_um=$MAX_PATCH_UM")
+read -r -a EXTRA_ARGS <<< "${EXTRA:-}"
+COMMON+=("${EXTRA_ARGS[@]}")
+NET=("trainer.max_epochs=$EPOCHS" ++trainer.enable_progress_bar=false "~callbacks.progress_bar"
      "~callbacks.model_summary" model.warmup_steps=20)
 
-run() {  # run <experiment> <folder> [overrides...]; wall and CPU seconds go to <folder>.time
-    local name=$1 dir=$2; shift 2
+run() {  # run <experiment> <folder> <seeds> [overrides...]; wall and CPU seconds go to <folder>.time
+    local name=$1 dir=$2 seeds=$3; shift 3
     local TIMEFORMAT="%R s wall, %U s user, %S s sys"
-    { time "$PY" train.py -m "experiment=$name" "hydra.sweep.dir=$OUT/$dir" "${COMMON[@]}" "$@" > "$OUT/$dir.log" 2>&1 ; } \
+    { time "$PY" train.py -m "experiment=$name" "hydra.sweep.dir=$OUT/$dir" "${COMMON[@]}" \
+        "hydra.sweeper.params.seed=\"$seeds\"" "$@" > "$OUT/$dir.log" 2>&1 ; } \
         2> "$OUT/$dir.time" || { echo "experiment $name failed; see $OUT/$dir.log" >&2; return 1; }
     echo "$(date +%T) $dir done: $(cat "$OUT/$dir.time")"
 }
 
-# The paper's network is the costliest row: it gets a stream of its own on the CPU budget.
-stream_a() { run backbones backbones_paper "${NET[@]}" hydra.sweeper.params.model=cnn3d_paper; }
-stream_b() {
-    run context context "${NET[@]}" \
-    && run backbones backbones "${NET[@]}" "hydra.sweeper.params.model=\"$BACKBONES\"" \
-    && run splits splits "${NET[@]}" \
-    && if [ "$PAPER_RECIPE" = 1 ]; then run paper paper; fi
+# The paper's network: its first seeds in stream A with `splits`, the rest in stream B with
+# `context` and the other backbones (about 4 / 5 of its seeds in A balances the two on a CPU).
+IFS=, read -r -a SEED_LIST <<< "$SEEDS"
+n_a=$(( (4 * ${#SEED_LIST[@]} + 4) / 5 ))
+[ "$STREAMS" -ge 2 ] || n_a=${#SEED_LIST[@]}
+PAPER_A=$(IFS=,; echo "${SEED_LIST[*]:0:n_a}")
+PAPER_B=$(IFS=,; echo "${SEED_LIST[*]:n_a}")
+PAPER_NET=(backbones "${NET[@]}" hydra.sweeper.params.model=cnn3d_paper)
+stream_a() {
+    run "${PAPER_NET[0]}" backbones_paper_a "$PAPER_A" "${PAPER_NET[@]:1}" \
+    && run splits splits "$SEEDS" "${NET[@]}"
 }
-FOLDERS=(context backbones_paper backbones splits)
+stream_b() {
+    { [ -z "$PAPER_B" ] || run "${PAPER_NET[0]}" backbones_paper_b "$PAPER_B" "${PAPER_NET[@]:1}"; } \
+    && run context context "$SEEDS" "${NET[@]}" \
+    && run backbones backbones "$SEEDS" "${NET[@]}" "hydra.sweeper.params.model=\"$BACKBONES\"" \
+    && if [ "$PAPER_RECIPE" = 1 ]; then run paper paper "$SEEDS"; fi
+}
+FOLDERS=(backbones_paper_a context backbones splits)
+[ -n "$PAPER_B" ] && FOLDERS+=(backbones_paper_b)
 [ "$PAPER_RECIPE" = 1 ] && FOLDERS+=(paper)
 
 started=$(date +%s)

@@ -54,7 +54,8 @@ def test_resumed_run_ends_like_an_uninterrupted_one(tiny_cohort, tmp_path):
     assert resumed["epochs"] == whole["epochs"] == 3
     for split in whole["splits"]:
         for key, value in whole["splits"][split].items():
-            assert resumed["splits"][split][key] == pytest.approx(value, rel=1e-5, abs=1e-6), (split, key)
+            # n/a (NaN) where a program hardly varies in a volume's held-out spots: NaN in both runs
+            assert resumed["splits"][split][key] == pytest.approx(value, rel=1e-5, abs=1e-6, nan_ok=True), (split, key)
 
 
 def test_overfit_preset_drives_training_loss_near_zero(tiny_cohort, tmp_path):

@@ -193,7 +193,7 @@ def _predictor(model: Any) -> Any:
         return model
     from xpression.inference.predictor import Predictor
 
-    return Predictor(model, device="cpu", precision="fp32")
+    return Predictor(model, device=None, precision="fp32")  # a GPU when there is one, full precision
 
 
 def _predict(predictor: Any, patches: np.ndarray, batch_size: int) -> np.ndarray:
