@@ -432,6 +432,8 @@ def plot_accuracy_vs_distance(runs: pd.DataFrame, scores: pd.DataFrame, out: Pat
             ax.set_ylabel("Pearson r (mean over programs)", fontsize=8)
             ax.set_title(f"{exp}: {vid} (trained animal)", fontsize=9)
             ax.grid(alpha=0.3)
+            lo, hi = ax.get_ylim()
+            ax.set_ylim(max(lo, -1.05), min(hi, 1.05))  # r lies in [-1, 1]; wider intervals are cut
         if unseen:
             ax = axes[i, -1]
             width = 0.8 / max(len(configs), 1)
@@ -445,6 +447,9 @@ def plot_accuracy_vs_distance(runs: pd.DataFrame, scores: pd.DataFrame, out: Pat
             ax.set_title(f"{exp}: unseen animals (the training mean has no r)", fontsize=9)
             ax.axhline(0, color="0.6", lw=0.6)
             ax.grid(alpha=0.3)
+            lo, hi = ax.get_ylim()
+            ax.set_ylim(max(lo, -1.05), min(hi, 1.05))
+            ax.set_xlim(-0.6, len(unseen) - 0.4)
         axes[i, 0].legend(fontsize=6, loc="best")
     fig.suptitle("Per-volume accuracy against the truth (error bars: 95 % t interval over seeds)", fontsize=10)
     return save_figure(fig, out)
