@@ -37,8 +37,10 @@ test: $(STAMP)
 clean-cohort:
 	rm -rf $(DATA_DIR)/phantom_default
 
-# CPU-sized benchmark on the default cohort: backbones, context, splits and the ridge baseline,
+# The benchmark: context, backbones and splits, every row scored per volume beside its baselines,
 # then runs/benchmark/<date>/benchmark.md (see README "Benchmark"; settings in the script).
+# BUDGET=cpu (default: a 2-core CPU, under 45 min) or BUDGET=gpu (one GPU, more seeds/epochs/rows).
+BUDGET ?= cpu
 .PHONY: benchmark
 benchmark: $(STAMP) $(COHORT)
-	PY=$(PY) COHORT=$(COHORT) benchmarks/run_benchmark.sh
+	PY=$(PY) COHORT=$(COHORT) BUDGET=$(BUDGET) benchmarks/run_benchmark.sh

@@ -1,6 +1,8 @@
 """Sweep a trained model over held-out volumes: `python infer.py run=<run folder> [cohort=... | volume=...]`.
 
-See conf/infer.yaml for the options; `python infer.py --help` lists them.
+Then, for a cohort with a truth spec (the synthetic ones), score the maps against it with the
+baselines without CT beside the model (`evaluate=false` skips it). See conf/infer.yaml for the
+options; `python infer.py --help` lists them.
 """
 
 import hydra
@@ -12,9 +14,16 @@ import xpression  # noqa: F401  (registers the resolvers conf/ uses, before Hydr
 @hydra.main(version_base="1.3", config_path="conf", config_name="infer")
 def main(cfg: DictConfig) -> None:
     from xpression.cli import run_reporting_input_errors
+    from xpression.evaluation.maps import evaluate_inference
     from xpression.inference.pipeline import infer
+    from xpression.inference.shards import dist_rank_world
 
-    run_reporting_input_errors(infer, cfg)
+    def infer_and_score(cfg: DictConfig) -> None:
+        summary = infer(cfg)
+        if dist_rank_world()[0] == 0:
+            evaluate_inference(cfg, summary)
+
+    run_reporting_input_errors(infer_and_score, cfg)
 
 
 if __name__ == "__main__":

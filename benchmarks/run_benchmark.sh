@@ -1,39 +1,86 @@
 #!/usr/bin/env bash
-# `make benchmark`: CPU-sized `backbones`, `context` and `splits` experiments plus the ridge
-# baseline on one cohort, then the report (benchmark.md / .csv / accuracy_vs_distance.png).
-# Two streams run side by side with one thread each (2-core machine), about equally long: the
-# paper's network (the costliest backbone) | the other backbones, context, splits, ridge.
-# Every setting below can be overridden from the environment, e.g. EPOCHS=20 SEEDS=0,1,2,3,4.
+# `make benchmark [BUDGET=cpu|gpu]`: the `context`, `backbones` and `splits` experiments on one
+# cohort, every run scored per volume with its baselines (2D extrusion, kNN, per-animal mean,
+# features + ridge on the same patch) on one probe set, then the report (benchmark.md / .csv,
+# comparisons.csv, accuracy_vs_distance.png; see xpression/evaluation/benchmark.py).
+#
+# BUDGET=cpu (default): sized for a 2-core CPU in under 45 minutes: 5 seeds, 8 epochs, the four
+#   patch depths and two fields of view of `context`, the paper's network, the small 3D CNN and
+#   the UNet of `backbones`, both `splits`. Two streams run side by side with one thread each; the
+#   paper's network (the costliest row, about 520 CPU s per seed against about 385 for all the
+#   others together) is split between them by seed so both end together.
+# BUDGET=gpu: one GPU: 10 seeds, 30 epochs, every backbone, the paper's end-to-end recipe
+#   (`experiment=paper`), 300 probe points per distance; one stream.
+# Every setting below can be overridden from the environment, e.g. EPOCHS=20 SEEDS=0,1,2,3,4,5,6;
+# EXTRA adds overrides to every run (EPOCHS=1 EXTRA="++trainer.limit_train_batches=2" on the tiny
+# cohort checks the wiring in minutes).
 set -euo pipefail
 PY=${PY:-.venv/bin/python}
 COHORT=${COHORT:-data/phantom_default/cohort.yaml}
 OUT=${OUT:-runs/benchmark/$(date +%Y-%m-%d_%H-%M-%S)}
-EPOCHS=${EPOCHS:-8}             # same budget for every network
-SEEDS=${SEEDS:-0,1,2}
-POINTS=${POINTS:-150}           # probe points per distance per trained section
-SECTIONS=${SECTIONS:-[mock_0_s0,infected_0_s0]}  # trained sections; other volumes are held out
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} MKL_NUM_THREADS=${MKL_NUM_THREADS:-1}
+BUDGET=${BUDGET:-cpu}
+SECTIONS=${SECTIONS:-[mock_0_s0,infected_0_s0]}  # trained sections; every other volume is an unseen animal
+MAX_PATCH_UM=${MAX_PATCH_UM:-[134.4,400,400]}   # largest patch of any row: fixes the probe set for all rows
+case "$BUDGET" in
+  cpu) : "${EPOCHS:=8}" "${SEEDS:=0,1,2,3,4}" "${POINTS:=150}" "${TRAINER:=cpu}" "${STREAMS:=2}" "${PAPER_RECIPE:=0}"
+       : "${BACKBONES:=cnn3d,unet}" ;;
+  gpu) : "${EPOCHS:=30}" "${SEEDS:=0,1,2,3,4,5,6,7,8,9}" "${POINTS:=300}" "${TRAINER:=gpu}" "${STREAMS:=1}" "${PAPER_RECIPE:=1}"
+       : "${BACKBONES:=cnn3d,timm_resnet18,timm_convnext_atto,timm_vit_tiny,unet}" ;;
+  *) echo "BUDGET must be cpu or gpu, got '$BUDGET'" >&2; exit 2 ;;
+esac
+[ -f "$COHORT" ] || { echo "cohort manifest $COHORT not found (COHORT=...)" >&2; exit 2; }
+if [ "$TRAINER" = cpu ]; then export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} MKL_NUM_THREADS=${MKL_NUM_THREADS:-1}; fi
 
 mkdir -p "$OUT"
 COMMON=("data.manifest=$COHORT" "data.sections=$SECTIONS" data.num_workers=0 data.persistent_workers=false
-        data.pin_memory=false figures=false "off_plane.n_points=$POINTS" "hydra.sweeper.params.seed=\"$SEEDS\"")
-NET=("trainer.max_epochs=$EPOCHS" +trainer.enable_progress_bar=false "~callbacks.progress_bar"
+        data.pin_memory=false figures=false "trainer=$TRAINER" "off_plane.n_points=$POINTS"
+        "off_plane.max_patch_um=$MAX_PATCH_UM")
+read -r -a EXTRA_ARGS <<< "${EXTRA:-}"
+COMMON+=("${EXTRA_ARGS[@]}")
+NET=("trainer.max_epochs=$EPOCHS" ++trainer.enable_progress_bar=false "~callbacks.progress_bar"
      "~callbacks.model_summary" model.warmup_steps=20)
 
-run() {  # run <experiment> <folder> [overrides...]
-    local name=$1 dir=$2; shift 2
-    "$PY" train.py -m "experiment=$name" "hydra.sweep.dir=$OUT/$dir" "${COMMON[@]}" "$@" > "$OUT/$dir.log" 2>&1 \
-        || { echo "experiment $name failed; see $OUT/$dir.log" >&2; return 1; }
-    echo "$(date +%T) $dir done"
+run() {  # run <experiment> <folder> <seeds> [overrides...]; wall and CPU seconds go to <folder>.time
+    local name=$1 dir=$2 seeds=$3; shift 3
+    local TIMEFORMAT="%R s wall, %U s user, %S s sys"
+    { time "$PY" train.py -m "experiment=$name" "hydra.sweep.dir=$OUT/$dir" "${COMMON[@]}" \
+        "hydra.sweeper.params.seed=\"$seeds\"" "$@" > "$OUT/$dir.log" 2>&1 ; } \
+        2> "$OUT/$dir.time" || { echo "experiment $name failed; see $OUT/$dir.log" >&2; return 1; }
+    echo "$(date +%T) $dir done: $(cat "$OUT/$dir.time")"
 }
 
+# The paper's network: its first seeds in stream A with `splits`, the rest in stream B with
+# `context` and the other backbones (about 4 / 5 of its seeds in A balances the two on a CPU).
+IFS=, read -r -a SEED_LIST <<< "$SEEDS"
+n_a=$(( (4 * ${#SEED_LIST[@]} + 4) / 5 ))
+[ "$STREAMS" -ge 2 ] || n_a=${#SEED_LIST[@]}
+PAPER_A=$(IFS=,; echo "${SEED_LIST[*]:0:n_a}")
+PAPER_B=$(IFS=,; echo "${SEED_LIST[*]:n_a}")
+PAPER_NET=(backbones "${NET[@]}" hydra.sweeper.params.model=cnn3d_paper)
+stream_a() {
+    run "${PAPER_NET[0]}" backbones_paper_a "$PAPER_A" "${PAPER_NET[@]:1}" \
+    && run splits splits "$SEEDS" "${NET[@]}"
+}
+stream_b() {
+    { [ -z "$PAPER_B" ] || run "${PAPER_NET[0]}" backbones_paper_b "$PAPER_B" "${PAPER_NET[@]:1}"; } \
+    && run context context "$SEEDS" "${NET[@]}" \
+    && run backbones backbones "$SEEDS" "${NET[@]}" "hydra.sweeper.params.model=\"$BACKBONES\"" \
+    && if [ "$PAPER_RECIPE" = 1 ]; then run paper paper "$SEEDS"; fi
+}
+FOLDERS=(backbones_paper_a context backbones splits)
+[ -n "$PAPER_B" ] && FOLDERS+=(backbones_paper_b)
+[ "$PAPER_RECIPE" = 1 ] && FOLDERS+=(paper)
+
 started=$(date +%s)
-run backbones backbones_paper "${NET[@]}" hydra.sweeper.params.model=cnn3d_paper & a=$!
-( run backbones backbones "${NET[@]}" 'hydra.sweeper.params.model="cnn3d,timm_resnet18,timm_convnext_atto,timm_vit_tiny,unet"' \
-  && run context context "${NET[@]}" && run splits splits "${NET[@]}" && run ridge ridge ) & b=$!
-status=0
-wait $a || status=1
-wait $b || status=1
-[ $status -eq 0 ] || exit 1
-"$PY" -m xpression.evaluation.benchmark "$OUT/backbones_paper" "$OUT/backbones" "$OUT/context" "$OUT/splits" "$OUT/ridge" --out "$OUT"
-echo "benchmark wall time: $(( $(date +%s) - started )) s; report in $OUT"
+if [ "$STREAMS" -ge 2 ]; then
+    stream_a & a=$!
+    stream_b & b=$!
+    status=0
+    wait $a || status=1
+    wait $b || status=1
+    [ $status -eq 0 ] || exit 1
+else
+    stream_a && stream_b
+fi
+"$PY" -m xpression.evaluation.benchmark "${FOLDERS[@]/#/$OUT/}" --out "$OUT" > "$OUT/report.log"
+echo "benchmark ($BUDGET budget) wall time: $(( $(date +%s) - started )) s; report in $OUT/benchmark.md"

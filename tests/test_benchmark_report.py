@@ -1,4 +1,4 @@
-"""The benchmark report on fake run folders with known numbers."""
+"""The benchmark report on fake run folders with known per-volume scores."""
 
 from __future__ import annotations
 
@@ -10,97 +10,118 @@ import pandas as pd
 import pytest
 import yaml
 
-from xpression.evaluation.benchmark import collect_runs, main, summarise_runs, write_report
+from xpression.evaluation.benchmark import collect_runs, findings, main, summarise_scores, write_report
 
 
-def _fake_run(folder: Path, overrides: list[str], held_out: float, off: dict, seconds: float = 10.0) -> None:
+def _row(vid: str, cond: str, where: str, d: float | None, predictor: str, r: float, r2: float) -> dict:
+    return {"volume_id": vid, "condition": cond, "where": where, "distance_um": d, "predictor": predictor, "n": 100,
+            "pearson_mean": r, "r2_mean": r2, "spearman_mean": r, "mse_mean": 0.01, "jsd_mean": 0.1,
+            "dominant_acc": 0.5, "macro_auc": 0.7}
+
+
+def _fake_run(folder: Path, overrides: list[str], model_r: float, extrusion_r: float, ridge_r: float,
+              depth: int = 5, split: str = "SpatialBlocksSplit", unseen_r: float = 0.2, spots_r: float | None = None) -> None:
     (folder / ".hydra").mkdir(parents=True)
     (folder / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
     seed = int([o for o in overrides if o.startswith("seed=")][0].split("=")[1])
-    (folder / "config.yaml").write_text(yaml.safe_dump({"seed": seed, "model": {"backbone": {"name": "cnn3d"}}}))
-    metrics = {"pearson_mean": held_out, "train_seconds": seconds, "epochs": 3, "parameters": 12345,
-               "off_plane": {**off, "n_points": {k: 10 for k in off}, "truth": "spot-averaged"}}
+    (folder / "config.yaml").write_text(yaml.safe_dump({"seed": seed, "model": {"backbone": {"name": "cnn3d"}},
+                                                        "split": {"_target_": f"x.{split}"}}))
+    scores = []
+    for predictor, r in (("model", model_r), ("extrusion", extrusion_r), ("ridge", ridge_r), ("animal_mean", np.nan)):
+        scores.append(_row("infected_0", "infected", "test spots", 0.0, predictor, spots_r if spots_r is not None and predictor == "model" else r, 0.1))
+        scores.append(_row("infected_0", "infected", "val spots", 0.0, predictor, 0.99, 0.9))  # not the held-out split
+        for d in (150.0, 200.0):
+            scores.append(_row("infected_0", "infected", "plane", d, predictor, r, 0.1 if predictor == "model" else -0.2))
+    for vid, cond in (("infected_1", "infected"), ("mock_0", "mock")):
+        scores.append(_row(vid, cond, "volume", None, "model", unseen_r, 0.05))
+        scores.append(_row(vid, cond, "volume", None, "ridge", unseen_r - 0.1, 0.0))
+        scores.append(_row(vid, cond, "volume", None, "animal_mean", np.nan, -0.3))
+    metrics = {"scores": scores, "held_out_split": "test", "pearson_mean": model_r, "train_seconds": 10.0 + seed,
+               "epochs": 3, "parameters": 12345, "patch_shape_vox": [depth, 33, 33], "voxel_size_um": [6.4, 6.4, 6.4],
+               "off_plane": {"excluded": ["distances 100 um not probed: closer than the deepest patch"],
+                             "digest": "abc123", "probe": {"max_patch_um": [134.4, 400.0, 400.0]}}}
     (folder / "metrics.json").write_text(json.dumps(metrics))
 
 
 @pytest.fixture
-def multirun(tmp_path: Path) -> Path:
-    root = tmp_path / "backbones"
-    values = {"cnn3d": [0.5, 0.6, 0.7], "unet": [0.2, 0.3, 0.4]}
+def context(tmp_path: Path) -> Path:
+    root = tmp_path / "context"
     job = 0
-    for model, scores in values.items():
-        for seed, s in enumerate(scores):
-            _fake_run(root / str(job), [f"model={model}", f"seed={seed}", "experiment=backbones", "debug=smoke"],
-                      held_out=s, off={"100": s - 0.1, "200": s - 0.2, "other_volumes": s - 0.3}, seconds=10.0 + seed)
-            job += 1
+    for seed in range(4):
+        # 2D: level with extrusion (differences +0.01, -0.01, ...); 3D: 0.1 above extrusion every seed
+        _fake_run(root / str(job), ["sampler.patch_size_um=[6.4,205,205]", f"seed={seed}", "experiment=context"],
+                  model_r=0.40 + (0.01 if seed % 2 else -0.01), extrusion_r=0.40, ridge_r=0.45, depth=1, unseen_r=0.1)
+        _fake_run(root / str(job + 1), ["sampler.patch_size_um=[134.4,205,205]", f"seed={seed}", "experiment=context"],
+                  model_r=0.50 + 0.01 * seed, extrusion_r=0.40 + 0.01 * seed, ridge_r=0.45, depth=21, unseen_r=0.3 + 0.01 * seed)
+        job += 2
     return root
 
 
-def test_mean_and_sd_over_seeds(multirun):
-    runs = collect_runs([multirun])
-    assert len(runs) == 6 and set(runs["experiment"]) == {"backbones"}
-    summary = summarise_runs(runs).set_index("config")
-    assert list(summary.index) == ["model=cnn3d", "model=unet"]  # launch order, varying override only
-    row = summary.loc["model=cnn3d"]
-    assert row["n_seeds"] == 3
-    assert row["r/held-out spots_mean"] == pytest.approx(0.6)
-    assert row["r/held-out spots_sd"] == pytest.approx(0.1)  # sample sd of 0.5, 0.6, 0.7
-    assert row["r/100 um_mean"] == pytest.approx(0.5)
-    assert row["r/200 um_mean"] == pytest.approx(0.4)
-    assert row["r/other volumes_mean"] == pytest.approx(0.3)
-    assert row["train_seconds"] == pytest.approx(11.0)
-    assert summary.loc["model=unet", "r/held-out spots_mean"] == pytest.approx(0.3)
+def test_collect_runs_per_volume(context):
+    runs, scores = collect_runs([context])
+    assert len(runs) == 8 and list(dict.fromkeys(runs["config"])) == ["sampler.patch_size_um=[6.4,205,205]",
+                                                                      "sampler.patch_size_um=[134.4,205,205]"]
+    assert set(scores["place"]) == {"held-out spots", "plane", "volume"}  # val spots are not the held-out split
+    assert set(scores.loc[scores["place"] == "volume", "volume_id"]) == {"infected_1", "mock_0"}
+    summary = summarise_scores(runs, scores)
+    row = summary[(summary["config"] == "sampler.patch_size_um=[134.4,205,205]") & (summary["place"] == "plane")
+                  & (summary["distance_um"] == 150.0) & (summary["predictor"] == "model")].iloc[0]
+    assert row["n_seeds"] == 4 and row["pearson_mean_mean"] == pytest.approx(0.515)
 
 
-def test_report_files(multirun, tmp_path, capsys):
+def test_report_tables_and_paired_baselines(context, tmp_path, capsys):
     out = tmp_path / "report"
-    main([str(multirun), "--out", str(out)])
-    table = pd.read_csv(out / "benchmark.csv")
-    assert len(table) == 2
+    main([str(context), "--out", str(out)])
     md = (out / "benchmark.md").read_text()
-    header = [line for line in md.splitlines() if line.startswith("| experiment")][0]
-    # columns in order: plane, distances ascending, other volumes
-    assert header.index("held-out spots") < header.index("100 um") < header.index("200 um") < header.index("other volumes")
-    assert "0.600 ± 0.100" in md and "0.300 ± 0.100" in md
+    assert "### infected_0 (infected, trained animal): probe planes 150 µm from its section" in md
+    assert "### infected_0 (infected, trained animal): held-out spots of its section" in md
+    assert "### infected_1 (infected, unseen animal of a trained condition): whole volume" in md
+    assert "### mock_0 (mock, unseen animal, condition not trained on): whole volume" in md
+    assert md.index("infected_1 (infected") < md.index("mock_0 (mock")  # same condition first
+    table = md.split("probe planes 150 µm from its section")[1].split("###")[0]
+    deep = [line for line in table.splitlines() if "[134.4,205,205]" in line][0]
+    assert "+0.100 [+0.100, +0.100] higher" in deep  # exactly 0.1 above its extrusion on every seed
+    assert "0.515 ± 0.013" in deep  # mean ± sd over seeds 0.50 .. 0.53
+    flat = [line for line in table.splitlines() if "[6.4,205,205]" in line][0]
+    assert "level" in flat.split("|")[10]  # Δr vs extrusion: +-0.01 around 0
+    assert "ΔR² vs animal mean" in table
+    unseen = md.split("whole volume")[1].split("###")[0]
+    assert "training mean R²" in unseen and "2D extrusion" not in unseen  # no section of this animal
+    assert "same points (probe set abc123" in md and "100 um not probed" in md
+    comparisons = pd.read_csv(out / "comparisons.csv")
+    assert {"extrusion", "ridge", "animal_mean"} <= set(comparisons["b"])
     assert (out / "accuracy_vs_distance.png").stat().st_size > 0
     assert "benchmark.md" in capsys.readouterr().out
 
 
-def test_single_seed_has_no_sd(tmp_path):
-    _fake_run(tmp_path / "ridge" / "0", ["seed=0", "experiment=ridge"], 0.42, {"100": 0.3})
-    summary = summarise_runs(collect_runs([tmp_path / "ridge"]))
-    assert summary.loc[0, "n_seeds"] == 1 and np.isnan(summary.loc[0, "r/held-out spots_sd"])
-    assert summary.loc[0, "config"] == "cnn3d"  # nothing varies: the model names the row
-    paths = write_report([tmp_path / "ridge"], tmp_path / "out")
-    assert "| 0.420 |" in paths["md"].read_text()
+def test_findings_carry_intervals(context):
+    runs, scores = collect_runs([context])
+    notes = findings(runs, scores)
+    deep_vs_flat = [n for n in notes if n.startswith("The 134.4 µm deep patch") and "probe planes" in n][0]
+    assert "beats" in deep_vs_flat and "higher" in deep_vs_flat
+    best = [n for n in notes if n.startswith("The best network off the plane") and "2D extrusion" in n][0]
+    assert "[134.4,205,205]" in best and "+0.100 [+0.100, +0.100]" in best
+    ridge = [n for n in notes if "ridge" in n and "probe planes" in n][0]
+    assert "beats" in ridge  # 0.515 vs 0.45
+    # unseen animals: one of a trained condition (animal shift alone) apart from one of another condition
+    assert any("unseen animals of a trained condition" in n for n in notes)
+    assert any("condition not trained on" in n for n in notes)
 
 
-def test_no_runs_is_an_error(tmp_path):
+def test_split_findings(tmp_path):
+    for seed in range(3):
+        _fake_run(tmp_path / "splits" / str(seed), ["split=stratified_random", f"seed={seed}", "experiment=splits"],
+                  0.45 + 0.01 * seed, 0.3, 0.3, split="StratifiedRandomSplit", spots_r=0.80 + 0.01 * seed)
+        _fake_run(tmp_path / "splits" / str(3 + seed), ["split=spatial_blocks", f"seed={seed}", "experiment=splits"],
+                  0.44 + 0.01 * seed, 0.3, 0.3, spots_r=0.50)
+    notes = findings(*collect_runs([tmp_path / "splits"]))
+    flatter = [n for n in notes if n.startswith("What the random split flatters")][0]
+    # (0.80 + s - 0.45 - s) - (0.50 - 0.44 - s) = 0.29 + s: mean 0.30
+    assert "+0.300" in flatter
+
+
+def test_runs_without_scores_are_an_error(tmp_path):
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "metrics.json").write_text(json.dumps({"pearson_mean": 0.4}))
     with pytest.raises(SystemExit):
         write_report([tmp_path], tmp_path / "out")
-
-
-def test_findings_answer_the_questions(tmp_path):
-    from xpression.evaluation.benchmark import findings
-
-    def run(exp: str, job: int, label: str, seed: int, spots: float, off: float, model: str, split: str, depth: int) -> None:
-        folder = tmp_path / exp / str(job)
-        _fake_run(folder, [label, f"seed={seed}", f"experiment={exp}"], spots, {"100": off, "200": off})
-        (folder / "config.yaml").write_text(yaml.safe_dump({"seed": seed, "model": {"backbone": {"name": model}},
-                                                            "split": {"_target_": f"x.{split}"}}))
-        m = json.loads((folder / "metrics.json").read_text())
-        (folder / "metrics.json").write_text(json.dumps({**m, "patch_shape_vox": [depth, 33, 33]}))
-
-    for seed in range(3):
-        run("context", seed, "sampler.patch_size_um=[6.4,205,205]", seed, 0.5, 0.30, "cnn3d", "SpatialBlocksSplit", 1)
-        run("context", 3 + seed, "sampler.patch_size_um=[34,205,205]", seed, 0.5, 0.40, "cnn3d", "SpatialBlocksSplit", 5)
-        run("backbones", seed, "model=cnn3d_paper", seed, 0.4, 0.20, "cnn3d_paper", "SpatialBlocksSplit", 5)
-        run("splits", seed, "split=stratified_random", seed, 0.8, 0.35, "cnn3d", "StratifiedRandomSplit", 5)
-        run("splits", 3 + seed, "split=spatial_blocks", seed, 0.5, 0.38, "cnn3d", "SpatialBlocksSplit", 5)
-    notes = findings(summarise_runs(collect_runs([tmp_path / e for e in ("context", "backbones", "splits")])))
-    assert any(n.startswith("3D context beats 2D") and "0.400" in n and "0.300" in n for n in notes)
-    assert any("beats the paper's network" in n for n in notes)
-    assert any("+0.300" in n and "+0.450" in n for n in notes)  # 0.8 - 0.5 and 0.8 - 0.35
-    summary = summarise_runs(collect_runs([tmp_path / "context"]))
-    summary["r/off-plane mean_sd"] = 0.2  # a 0.1 difference within one sd is no win
-    assert any("is level with" in n for n in findings(summary))

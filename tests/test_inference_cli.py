@@ -6,12 +6,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import json
+
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from omegaconf import OmegaConf
 
 from tests._inference_models import make_run
+from xpression.evaluation.maps import evaluate_inference
 from xpression.inference.grid import GridError
 from xpression.inference.pipeline import infer
 from xpression.inference.predictor import InferenceError
@@ -46,7 +50,8 @@ def config(**over):
 
 def test_cohort_sweep_end_to_end(run, tmp_path):
     out = tmp_path / "o"
-    summary = infer(config(run=str(run), output=str(out)))
+    cfg = config(run=str(run), output=str(out))
+    summary = infer(cfg)
     assert set(summary["volumes"]) == {"mock_0", "infected_0"}
     maps, meta = read_maps(out / "mock_0" / "maps.ome.zarr")
     assert meta["complete"] and meta["grid"]["step_vox"] == [5, 4, 4] and meta["identity"]["checkpoint_sha256"]
@@ -56,8 +61,13 @@ def test_cohort_sweep_end_to_end(run, tmp_path):
     for name in ("orthoviews.png", "proportions_by_depth.png"):
         assert (out / "mock_0" / "figures" / name).exists()
     assert (out / "mock_0" / "ct_preview.ome.zarr").exists()
-    csv = (out / "evaluation.csv").read_text()
-    assert "section" in csv and "distance" in csv and (out / "accuracy_vs_distance.png").exists()
+    assert not (out / "evaluation.csv").exists()  # scoring against the truth is the evaluation layer's
+    evaluate_inference(cfg, summary)
+    scores = pd.read_csv(out / "evaluation.csv")
+    assert {"section plane", "plane"} <= set(scores["where"]) and set(scores["volume_id"]) == {"mock_0", "infected_0"}
+    assert set(scores["predictor"]) == {"model"}  # the fake run has no predictions.csv: no baselines
+    assert (out / "accuracy_vs_distance.png").exists() and (out / "mock_0" / "figures" / "truth_vs_prediction.png").exists()
+    assert json.loads((out / "summary.json").read_text())["evaluation"]["rows"]
     # The reference mode on the same grid agrees (cnn3d with valid padding is dense-equivalent).
     out_p = tmp_path / "p"
     infer(config(run=str(run), output=str(out_p), mode="patch", volumes=["mock_0"], figures=False, evaluate=False,

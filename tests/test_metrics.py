@@ -73,3 +73,37 @@ def test_shape_errors():
         regression_metrics(np.zeros((3, 2)), np.zeros((3, 2)), ["a"])
     with pytest.raises(ValueError, match=r"\(N, T\)"):
         regression_metrics(np.zeros((3, 2)), np.zeros((3, 3)), ["a", "b"])
+
+
+def test_macro_auc_against_sklearn():
+    from sklearn.metrics import roc_auc_score
+
+    from xpression.evaluation import macro_auc
+
+    rng = np.random.default_rng(5)
+    y = rng.dirichlet(np.ones(4) * 0.7, size=300)
+    p = np.round(0.6 * y + 0.4 * rng.dirichlet(np.ones(4), size=300), 2)  # rounding makes ties
+    dom = y.argmax(1)
+    ref = np.mean([roc_auc_score(dom == k, p[:, k]) for k in range(4) if 0 < (dom == k).sum() < 300])
+    assert macro_auc(p, y) == pytest.approx(ref, abs=1e-12)
+    m = regression_metrics(p, y, NAMES, kind="composition")
+    assert m["macro_auc"] == pytest.approx(ref, abs=1e-12)
+    assert np.isnan(macro_auc(p, np.tile([0.7, 0.1, 0.1, 0.1], (300, 1))))  # one program dominates everywhere
+
+
+def test_flat_truth_has_no_correlation():
+    """A program whose truth sd is below the threshold is n/a for r, rho and R^2, not a number."""
+    from xpression.evaluation import MIN_TRUTH_SD, format_score
+
+    rng = np.random.default_rng(6)
+    y = rng.normal(size=(100, 3))
+    y[:, 1] = 0.3 + rng.normal(scale=MIN_TRUTH_SD / 4, size=100)  # hardly varies
+    p = y + rng.normal(scale=0.1, size=y.shape)
+    m = regression_metrics(p, y, ["a", "b", "c"])
+    for key in ("pearson", "spearman", "r2"):
+        assert np.isnan(m[f"{key}/b"]) and np.isfinite(m[f"{key}/a"])
+    assert np.isfinite(m["mse/b"])
+    assert m["pearson_mean"] == pytest.approx(np.mean([m["pearson/a"], m["pearson/c"]]))
+    loose = regression_metrics(p, y, ["a", "b", "c"], min_truth_sd=0.0)
+    assert np.isfinite(loose["pearson/b"])  # a number, but one that measures noise
+    assert format_score(m["pearson/b"]) == "n/a" and format_score(0.51234) == "0.512"

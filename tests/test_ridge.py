@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from xpression.models.ridge import RidgeBaseline, patch_features
@@ -40,6 +41,7 @@ def test_ridge_beats_the_training_mean(ridge, datamodule):
     for split, values in metrics["splits"].items():
         assert np.isfinite(values["pearson_mean"]) and np.isfinite(values["mse_mean"])
     assert metrics["splits"]["train"]["mse_mean"] < metrics["baseline_train_mean"]["train"]["mse_mean"]
+    assert {r["volume_id"] for r in metrics["scores"]} == {"mock_0", "infected_0"}  # per volume
     assert metrics["splits"]["train"]["pearson_mean"] > 0.2
     assert sum(p.numel() for p in ridge.parameters()) > 0
 
@@ -51,17 +53,67 @@ def test_compositions_stay_compositions(ridge, datamodule):
     assert (pred >= 0).all() and np.allclose(pred.sum(1), 1.0, atol=1e-5)
 
 
+class _Constant:
+    """A model that predicts the same composition everywhere (probe tests need no network)."""
+
+    def __init__(self, t: int):
+        self.t = t
+
+    def predict_patches(self, patches: np.ndarray) -> np.ndarray:
+        return np.full((len(patches), self.t), 1.0 / self.t, np.float32)
+
+
+PROBE = {"n_points": 40, "distances_um": [30.0, 50.0, 100.0, 5000.0], "other_planes": 2, "max_patch_um": [40.0, 220.0, 220.0]}
+
+
 def test_off_plane_probe(ridge, datamodule):
     from xpression.evaluation.generalisation import evaluate_off_plane
+    from xpression.training import predict_spots
 
-    probe = {"n_points": 40, "distances_um": [50.0, 100.0, 5000.0], "other_planes": 2}
-    first = evaluate_off_plane(ridge, datamodule, probe)
-    assert {"50", "100", "other_volumes"} <= set(first)
-    assert "5000" not in first  # outside the volume on both sides
-    assert all(np.isfinite(first[k]) for k in ("50", "100", "other_volumes"))
-    assert first["n_points"]["other_volumes"] > 10
-    again = evaluate_off_plane(ridge, datamodule, probe)
-    assert again["100"] == first["100"]  # fixed probe points
+    spots = predict_spots(ridge, datamodule)
+    first = evaluate_off_plane(ridge, datamodule, spots, PROBE)
+    rows = first["scores"]
+    places = {(r["volume_id"], r["where"], r["distance_um"]) for r in rows if r["predictor"] == "model"}
+    # tiny sections at z 137.4 (mock_0) and 157.3 (infected_0) in a 256 um volume; a 40 um patch
+    # fits for centres in [20, 236] um: 50 um fits both sides, 100 um one side, 5000 none, and
+    # 30 um is closer than the patch depth
+    assert {("mock_0", "plane", 50.0), ("mock_0", "plane", 100.0), ("infected_0", "plane", 50.0),
+            ("infected_0", "plane", 100.0)} <= places
+    assert not any(d in (30.0, 5000.0) for _, _, d in places)
+    assert any(v == "vaccinated_0" and w == "volume" for v, w, _ in places)
+    assert any("30 um not probed" in e for e in first["excluded"])
+    assert any("5000" in e for e in first["excluded"])
+    by = {(r["volume_id"], r["distance_um"], r["predictor"]): r for r in rows}
+    assert {"model", "extrusion", "knn", "animal_mean", "train_mean", "section_extrusion"} == {
+        p for v, d, p in by if v == "mock_0" and d == 50.0}
+    assert {"model", "animal_mean", "train_mean"} == {p for v, _, p in by if v == "vaccinated_0"}
+    assert by[("mock_0", 50.0, "model")]["n"] == first["n_points"]["mock_0 50 um"] > 10
+    assert np.isfinite(by[("mock_0", 50.0, "model")]["pearson_mean"])
+    again = evaluate_off_plane(ridge, datamodule, spots, PROBE)
+    assert again["digest"] == first["digest"]
+    assert [r["pearson_mean"] for r in again["scores"]] == [r["pearson_mean"] for r in rows]  # fixed probe points
+
+
+def test_probe_set_is_the_same_for_every_patch_depth(tiny_cohort, datamodule):
+    """Runs with 1-, 5- and 7-slice patches are scored on the same points; a patch deeper than the
+    probe allows is refused."""
+    from xpression.data import XPressionDataModule
+    from xpression.data.sampling import SpotSampler
+    from xpression.evaluation.generalisation import evaluate_off_plane
+    from xpression.training import predict_spots
+
+    digests, counts = set(), []
+    for depth in (6.4, 32.0, 44.8):
+        dm = XPressionDataModule(tiny_cohort, sections=["mock_0_s0", "infected_0_s0"], seed=0,
+                                 sampler=SpotSampler(patch_size_um=[depth, 96.0, 96.0]))
+        model = _Constant(len(dm.target_spec.names))
+        out = evaluate_off_plane(model, dm, predict_spots(RidgeBaseline(dm.target_spec, dm.patch_shape_vox, 4.3).fit(dm), dm), PROBE)
+        digests.add(out["digest"])
+        counts.append(out["n_points"])
+    assert len(digests) == 1 and counts[0] == counts[1] == counts[2]
+    deep = XPressionDataModule(tiny_cohort, sections=["mock_0_s0"], seed=0, sampler=SpotSampler(patch_size_um=[64.0, 96.0, 96.0]))
+    with pytest.raises(ValueError, match="max_patch_um"):
+        evaluate_off_plane(_Constant(6), deep, pd.DataFrame(), PROBE)
 
 
 def test_unfitted_ridge_says_so(datamodule):

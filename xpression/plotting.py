@@ -12,7 +12,7 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-__all__ = ["new_figure", "save_figure", "target_cmap"]
+__all__ = ["new_figure", "save_figure", "target_cmap", "add_scale_bar"]
 
 
 def new_figure(nrows: int = 1, ncols: int = 1, figsize: tuple[float, float] = (6.4, 4.8),
@@ -39,3 +39,18 @@ def target_cmap(color: str | None, default: str = "viridis") -> Any:
     from matplotlib.colors import LinearSegmentedColormap
 
     return LinearSegmentedColormap.from_list(f"to_{color}", ["#2e2e2e", color])
+
+
+def add_scale_bar(ax: Any, extent_um: float, loc: str = "lower right") -> None:
+    """A labelled scale bar on an axis whose data units are um: a round length near a fifth of
+    ``extent_um`` (the axis width in um), black on a translucent white box (legible on any
+    image)."""
+    from mpl_toolkits.axes_grid1.anchored_artists import AnchoredSizeBar
+
+    target = max(float(extent_um) / 5.0, 1e-9)
+    length = max(m * 10.0 ** e for e in range(-1, 6) for m in (1, 2, 5) if m * 10.0 ** e <= target) if target >= 0.1 else target
+    label = f"{length / 1000:g} mm" if length >= 1000 else f"{length:g} µm"
+    bar = AnchoredSizeBar(ax.transData, length, label, loc, pad=0.2, borderpad=0.3, sep=2, color="k", frameon=True,
+                          size_vertical=max(float(extent_um) / 150.0, 1e-9), fontproperties={"size": 6})
+    bar.patch.set(alpha=0.65, facecolor="white", edgecolor="none")
+    ax.add_artist(bar)

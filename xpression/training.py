@@ -25,19 +25,16 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
-from rich.table import Table
 
 from xpression.config import check_train_config
 from xpression.data.splits import check_split_counts
 from xpression.evaluation.figures import plot_section_maps, plot_training_curves
-from xpression.evaluation.metrics import regression_metrics
+from xpression.evaluation.scores import evaluate_spots, scores_table
 from xpression.resume import RecordRunConfig, continue_metrics_history, start_run, write_run_config
 
 __all__ = ["EpochSeed", "evaluate_spots", "train"]
 
 log = logging.getLogger(__name__)
-
-_TABLE_METRICS = ("pearson_mean", "spearman_mean", "r2_mean", "mse_mean", "jsd_mean", "dominant_acc")
 
 
 class EpochSeed(pl.Callback):
@@ -89,6 +86,10 @@ def train(cfg: DictConfig) -> float | None:
     check_split_counts(datamodule.spots["split"], datamodule.split)
     # ... then the model proper, whose construction also checks init_from against the targets.
     model = model_factory(target_spec=spec, patch_shape=datamodule.patch_shape_vox, spot_radius_vox=spot_radius_vox)
+    if cfg.get("off_plane") is not None:  # a patch larger than the probe set allows fails now, not after training
+        from xpression.evaluation.generalisation import OffPlaneProbe
+
+        OffPlaneProbe.of(OmegaConf.to_container(cfg.off_plane, resolve=True)).check_patch(datamodule.patch_shape_vox, voxel_um)
 
     callbacks = [EpochSeed(cfg.seed), RecordRunConfig(config), *_instantiate_all(cfg.get("callbacks"))]
     loggers = _instantiate_all(cfg.get("logger"))
@@ -114,7 +115,7 @@ def train(cfg: DictConfig) -> float | None:
     if best is not None:
         model = type(model).load_from_checkpoint(best, map_location="cpu", weights_only=False)
     predictions = predict_spots(model, datamodule)
-    metrics = evaluate_spots(predictions, spec.names, spec.kind)
+    metrics, predictions = _evaluate(cfg, model, datamodule, predictions)
     metrics.update(
         target_names=list(spec.names),
         target_kind=spec.kind,
@@ -128,15 +129,12 @@ def train(cfg: DictConfig) -> float | None:
         patch_shape_vox=list(datamodule.patch_shape_vox),
         voxel_size_um=list(voxel_um),
     )
-    if cfg.get("off_plane") is not None:
-        from xpression.evaluation.generalisation import evaluate_off_plane
-
-        metrics["off_plane"] = evaluate_off_plane(model, datamodule, OmegaConf.to_container(cfg.off_plane, resolve=True))
     predictions.to_csv(out_dir / "predictions.csv", index=False)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, allow_nan=True))
     if cfg.get("figures", True):
         _write_figures(predictions, spec.names, out_dir, loggers, spec.colors)
-    Console(width=None if sys.stdout.isatty() else 160).print(metrics_table(metrics))
+    Console(width=None if sys.stdout.isatty() else 160).print(
+        scores_table(metrics["scores"], "held-out accuracy per volume (best checkpoint; baselines beside the model)"))
     log.info("run folder: %s", out_dir)
     return _optimized_value(cfg, metrics)
 
@@ -165,46 +163,15 @@ def predict_spots(model: pl.LightningModule, datamodule: pl.LightningDataModule,
     return table
 
 
-def evaluate_spots(predictions: pd.DataFrame, names: list[str], kind: str) -> dict[str, Any]:
-    """Metrics per split, plus what predicting the training mean would score on each split.
+def _evaluate(cfg: DictConfig, model: Any, datamodule: Any, predictions: pd.DataFrame) -> tuple[dict[str, Any], pd.DataFrame]:
+    """Per-volume scores of the model and its baselines (``xpression.evaluation.run_scores``)."""
+    from xpression.evaluation.baselines import KNN_K
+    from xpression.evaluation.run_scores import evaluate_run
 
-    The top-level `pearson_mean` is the test split's (held-out spots), falling back to val.
-    """
-    true_cols, pred_cols = [f"true/{n}" for n in names], [f"pred/{n}" for n in names]
-    splits = predictions["split"].to_numpy()
-    train_mean = predictions.loc[splits == "train", true_cols].to_numpy().mean(axis=0)
-    result: dict[str, Any] = {"splits": {}, "baseline_train_mean": {}}
-    for split in ("train", "val", "test"):
-        rows = splits == split
-        if not rows.any():
-            continue
-        y = predictions.loc[rows, true_cols].to_numpy()
-        p = predictions.loc[rows, pred_cols].to_numpy()
-        result["splits"][split] = {"n_spots": int(rows.sum()), **regression_metrics(p, y, names, kind=kind)}
-        baseline = np.broadcast_to(train_mean, y.shape)
-        result["baseline_train_mean"][split] = {"n_spots": int(rows.sum()), **regression_metrics(baseline, y, names, kind=kind, undefined=0.0)}
-    held_out = "test" if "test" in result["splits"] else "val"
-    result["held_out_split"] = held_out
-    result["pearson_mean"] = result["splits"].get(held_out, {}).get("pearson_mean", float("nan"))
-    return result
-
-
-def metrics_table(metrics: dict[str, Any]) -> Table:
-    """A small table: one column per split, one row per headline metric, with the mean baseline."""
-    table = Table(title="held-out accuracy (best checkpoint)", title_justify="left")
-    splits = list(metrics["splits"])
-    table.add_column("metric")
-    for split in splits:
-        table.add_column(f"{split} (n={metrics['splits'][split]['n_spots']})", justify="right")
-    held_out = metrics["held_out_split"]
-    table.add_column(f"train-mean baseline, {held_out}", justify="right")
-    for key in _TABLE_METRICS:
-        if key not in metrics["splits"][splits[0]]:
-            continue
-        row = [f"{metrics['splits'][s][key]:.3f}" for s in splits]
-        row.append(f"{metrics['baseline_train_mean'][held_out][key]:.3f}")
-        table.add_row(key, *row)
-    return table
+    probe = OmegaConf.to_container(cfg.off_plane, resolve=True) if cfg.get("off_plane") is not None else None
+    baselines = cfg.get("baselines") or {}
+    return evaluate_run(model, datamodule, predictions, off_plane=probe, ridge=bool(baselines.get("ridge", True)),
+                        k=int(baselines.get("knn_k", KNN_K)))
 
 
 def _instantiate_all(group: DictConfig | None) -> list[Any]:

@@ -1,7 +1,9 @@
-"""Evaluation: metrics (``metrics``); benchmark tables and figures live beside it."""
+"""Evaluation: metrics (``metrics``), baselines without CT (``baselines``), per-volume scores of
+a run (``scores``, ``generalisation``, ``maps``), the benchmark report and its figures."""
 
-from xpression.evaluation.metrics import (js_divergence, mse_per_target, pearson_per_target,
-                                          r2_per_target, regression_metrics, spearman_per_target)
+from xpression.evaluation.metrics import (MIN_TRUTH_SD, format_score, js_divergence, macro_auc, mse_per_target,
+                                          pearson_per_target, r2_per_target, regression_metrics,
+                                          spearman_per_target)
 
 __all__ = ["regression_metrics", "pearson_per_target", "spearman_per_target", "r2_per_target",
-           "mse_per_target", "js_divergence"]
+           "mse_per_target", "js_divergence", "macro_auc", "format_score", "MIN_TRUTH_SD"]

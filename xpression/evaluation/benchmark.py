@@ -1,36 +1,54 @@
-"""Collect training runs into one benchmark table: ``python -m xpression.evaluation.benchmark DIR...``.
+"""Collect training runs into the benchmark report: ``python -m xpression.evaluation.benchmark DIR...``.
 
-Every folder under the given multirun (or run) folders that holds a ``metrics.json`` is one run.
-Runs are grouped by experiment (the ``experiment=`` override, else the multirun folder's name)
-and, within an experiment, by configuration: the overrides that differ between its runs, the
-seed left out. Each row gives the mean +- sd over seeds (sample sd, n - 1) of
+Every folder under the given multirun (or run) folders that holds a ``metrics.json`` with score
+rows (``xpression.evaluation.scores``) is one run. Runs are grouped by experiment (the
+``experiment=`` override, else the multirun folder's name) and, within an experiment, by
+configuration: the overrides that differ between its runs, the seed left out.
 
-- ``held-out spots``: Pearson r (mean over targets) on the held-out spots of the trained plane
-  (the run's test split, else validation);
-- ``<d> um``: Pearson r on probe planes ``d`` um from the trained sections, against the truth
-  (``metrics["off_plane"]``, see ``xpression.evaluation.generalisation``);
-- ``other volumes``: the same on volumes without a training section;
+Scores are per volume, never pooled across animals. ``benchmark.md`` holds one table per volume
+and place: the held-out spots of a trained animal (its test split, else validation), probe
+planes at each distance from its section, and every volume without a training section (an
+unseen animal, of a trained condition or not). Every configuration's row carries its own
+baselines beside it, from the same runs: 2D extrusion (Pearson r), the features + ridge
+baseline on the same patch (r) and the per-animal mean (R^2, its r being n/a), each as the mean
+paired difference over seeds with its 95 % t interval (``xpression.evaluation.stats``); a
+difference whose interval contains 0 reads "level". Then the findings the benchmark asks for,
+each with its interval, the cost of each configuration and the probe's exclusions.
 
-plus training time (s), epochs and parameters. Writes ``benchmark.csv`` (numbers),
-``benchmark.md`` (the table) and ``accuracy_vs_distance.png`` (one panel per experiment).
+Also written: ``benchmark.csv`` (mean and sd over seeds of every metric, per experiment,
+configuration, volume, place and predictor), ``comparisons.csv`` (every paired difference in
+the tables and findings) and ``accuracy_vs_distance.png``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import pandas as pd
 import yaml
 
-__all__ = ["collect_runs", "summarise_runs", "write_report", "main"]
+from xpression.evaluation.metrics import MIN_TRUTH_SD, format_score
+from xpression.evaluation.stats import PairedDifference, paired_difference
 
-_SCORE_PREFIX = "r/"
-_OFF = "off-plane mean"  # mean over the distance columns of one run
+__all__ = ["collect_runs", "summarise_scores", "write_report", "findings", "main"]
+
+log = logging.getLogger(__name__)
+
+_METRICS = ("pearson_mean", "spearman_mean", "r2_mean", "mse_mean", "jsd_mean", "dominant_acc", "macro_auc")
+# (baseline, metric) beside every row: extrusion and ridge on r, the per-animal mean on R^2 (its r is n/a)
+_BESIDE = (("extrusion", "pearson_mean", "2D extrusion r", "Δr vs extrusion"),
+           ("section_extrusion", "pearson_mean", "all-spot extrusion r", "Δr vs all-spot extrusion"),
+           ("ridge", "pearson_mean", "ridge r (same patch)", "Δr vs ridge"),
+           ("animal_mean", "r2_mean", "animal mean R²", "ΔR² vs animal mean"))
+_KEY = ["volume_id", "place", "distance_um"]
+UNSEEN_SAME = "unseen animal, trained condition"
+UNSEEN_OTHER = "unseen condition"
 
 
 def _overrides(run: Path) -> list[str]:
@@ -43,9 +61,18 @@ def _split(override: str) -> tuple[str, str]:
     return key.lstrip("+~"), value
 
 
-def collect_runs(dirs: Sequence[str | Path]) -> pd.DataFrame:
-    """One row per run: experiment, overrides, seed, scores (``r/...`` columns), cost."""
-    rows = []
+def _place(row: dict, held_out: str) -> str | None:
+    where = row.get("where")
+    if where == f"{held_out} spots":
+        return "held-out spots"
+    return where if where in ("plane", "volume") else None
+
+
+def collect_runs(dirs: Sequence[str | Path]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``(runs, scores)``: one row per run (experiment, configuration label, seed, model, split,
+    patch, cost, probe notes) and one row per (run, volume, place, distance, predictor) with
+    every metric. Runs without score rows (an older ``metrics.json``) are skipped with a note."""
+    runs, scores = [], []
     for root in map(Path, dirs):
         # job folders in launch order (0, 1, 2, ..., 10), not string order
         found = sorted(root.rglob("metrics.json"), key=lambda p: [(0, int(s), "") if s.isdigit() else (1, 0, s)
@@ -53,33 +80,59 @@ def collect_runs(dirs: Sequence[str | Path]) -> pd.DataFrame:
         for metrics_path in found:
             run = metrics_path.parent
             metrics = json.loads(metrics_path.read_text())
+            if not metrics.get("scores"):
+                log.warning("%s has no per-volume score rows (written before they existed); skipped", metrics_path)
+                continue
             over = dict(_split(o) for o in _overrides(run))
             config = yaml.safe_load((run / "config.yaml").read_text()) if (run / "config.yaml").is_file() else {}
-            row: dict[str, Any] = {
+            shape = metrics.get("patch_shape_vox") or [math.nan] * 3
+            voxel = metrics.get("voxel_size_um") or [math.nan] * 3
+            run_id = len(runs)
+            runs.append({
+                "run_id": run_id,
                 "experiment": over.get("experiment") or root.name,
                 "run": str(run),
                 "seed": int(over.get("seed", config.get("seed", 0))),
                 "overrides": {k: v for k, v in over.items() if k != "seed"},
                 "model": (config.get("model") or {}).get("backbone", {}).get("name")
                 or str((config.get("model") or {}).get("_target_", "")).rsplit(".", 1)[-1],
-                f"{_SCORE_PREFIX}held-out spots": metrics.get("pearson_mean", math.nan),
                 "train_seconds": metrics.get("train_seconds", math.nan),
                 "epochs": metrics.get("epochs", math.nan),
                 "parameters": metrics.get("parameters", math.nan),
-                "depth_vox": (metrics.get("patch_shape_vox") or [math.nan])[0],
-                "width_vox": (metrics.get("patch_shape_vox") or [math.nan] * 3)[-1],
+                "depth_vox": shape[0], "width_vox": shape[-1],
+                "depth_um": float(shape[0]) * float(voxel[0]), "width_um": float(shape[-1]) * float(voxel[-1]),
                 "split": str((config.get("split") or {}).get("_target_", "")).rsplit(".", 1)[-1],
-            }
-            off = metrics.get("off_plane") or {}
-            for key, value in off.items():
-                if isinstance(value, (int, float)):
-                    label = "other volumes" if key == "other_volumes" else f"{float(key):g} um"
-                    row[f"{_SCORE_PREFIX}{label}"] = value
-            planes = [v for k, v in off.items() if k != "other_volumes" and isinstance(v, (int, float))]
-            if planes:
-                row[f"{_SCORE_PREFIX}{_OFF}"] = float(np.nanmean(planes))
-            rows.append(row)
-    return pd.DataFrame(rows)
+                "excluded": list((metrics.get("off_plane") or {}).get("excluded") or []),
+                "max_patch_um": (metrics.get("off_plane") or {}).get("probe", {}).get("max_patch_um"),
+                "probe_digest": (metrics.get("off_plane") or {}).get("digest"),
+            })
+            held_out = metrics.get("held_out_split", "test")
+            for r in metrics["scores"]:
+                place = _place(r, held_out)
+                if place is None:
+                    continue
+                d = r.get("distance_um")
+                scores.append({"run_id": run_id, "volume_id": str(r["volume_id"]), "condition": r.get("condition"),
+                               "place": place, "distance_um": float(d) if d is not None else math.nan,
+                               "predictor": r["predictor"], "n": r.get("n"),
+                               **{m: (math.nan if r.get(m) is None else float(r[m])) for m in _METRICS}})
+    runs_df = pd.DataFrame(runs)
+    if len(runs_df):
+        runs_df["config"] = _labels(runs_df)
+    scores_df = pd.DataFrame(scores)
+    if len(scores_df):
+        scores_df["distance_um"] = scores_df["distance_um"].where(scores_df["place"] == "plane", math.nan)
+        scores_df["group"] = _groups(scores_df)
+    return runs_df, scores_df
+
+
+def _groups(scores: pd.DataFrame) -> list[str]:
+    """Per score row: its place, with unseen volumes split into animals of a condition the run
+    trained on (animal shift alone) and animals of another condition (condition shift too)."""
+    trained = {run: {c for c in g.loc[g["place"] != "volume", "condition"] if isinstance(c, str)}
+               for run, g in scores.groupby("run_id")}
+    return [(UNSEEN_SAME if isinstance(c, str) and c in trained.get(run, set()) else UNSEEN_OTHER) if p == "volume" else p
+            for run, p, c in zip(scores["run_id"], scores["place"], scores["condition"])]
 
 
 def _labels(runs: pd.DataFrame) -> list[str]:
@@ -93,185 +146,410 @@ def _labels(runs: pd.DataFrame) -> list[str]:
     return labels
 
 
-def _score_columns(frame: pd.DataFrame) -> list[str]:
-    cols = [c for c in frame.columns if c.startswith(_SCORE_PREFIX) and not c.endswith(("_mean", "_sd"))]
-
-    def order(c: str) -> tuple[int, float]:
-        name = c[len(_SCORE_PREFIX):]
-        if name == "held-out spots":
-            return (0, 0.0)
-        if name == _OFF:
-            return (1, math.inf)
-        if name == "other volumes":
-            return (2, 0.0)
-        return (1, float(name.split()[0]))
-
-    return sorted(dict.fromkeys(cols), key=order)
+def _configs(runs: pd.DataFrame) -> list[tuple[str, str]]:
+    return list(dict.fromkeys(zip(runs["experiment"], runs["config"])))
 
 
-def summarise_runs(runs: pd.DataFrame) -> pd.DataFrame:
-    """One row per (experiment, configuration): ``n_seeds``, ``<score>_mean``/``_sd``, cost."""
-    runs = runs.copy()
-    runs["config"] = _labels(runs)
-    scores = _score_columns(runs)
-    rows = []
-    for (exp, config), g in runs.groupby(["experiment", "config"], sort=False):
-        row: dict[str, Any] = {"experiment": exp, "config": config, "n_seeds": int(g["seed"].nunique())}
-        for c in scores:
-            v = pd.to_numeric(g[c], errors="coerce").dropna() if c in g else pd.Series(dtype=float)
-            row[f"{c}_mean"] = float(v.mean()) if len(v) else math.nan
-            row[f"{c}_sd"] = float(v.std(ddof=1)) if len(v) > 1 else math.nan
-        row["train_seconds"] = float(g["train_seconds"].mean())
-        row["epochs"] = float(g["epochs"].mean())
-        row["parameters"] = int(g["parameters"].max()) if g["parameters"].notna().any() else -1
-        for key in ("model", "split", "depth_vox", "width_vox"):
-            row[key] = g[key].iloc[0]
-        rows.append(row)
-    return pd.DataFrame(rows)
+def _per_seed(runs: pd.DataFrame, scores: pd.DataFrame, exp: str, config: str, predictor: str, metric: str,
+              where: dict[str, Any] | None = None, reduce: Callable[[pd.Series], float] | None = None) -> dict[int, float]:
+    """``{seed: value}`` of one configuration's ``predictor`` ``metric``; ``where`` selects the
+    score rows (column -> value); several rows per run are averaged (``reduce``, NaN-skipping)."""
+    ids = runs[(runs["experiment"] == exp) & (runs["config"] == config)].set_index("run_id")["seed"]
+    part = scores[scores["run_id"].isin(ids.index) & (scores["predictor"] == predictor)]
+    for col, value in (where or {}).items():
+        part = part[part[col].isna()] if isinstance(value, float) and math.isnan(value) else part[part[col] == value]
+    out: dict[int, float] = {}
+    for run_id, g in part.groupby("run_id"):
+        v = pd.to_numeric(g[metric], errors="coerce").dropna()
+        out[int(ids[run_id])] = float(reduce(v) if reduce else v.mean()) if len(v) else math.nan
+    return out
 
 
-def _fmt(mean: float, sd: float) -> str:
-    if not np.isfinite(mean):
-        return "-"
-    return f"{mean:.3f}" if not np.isfinite(sd) else f"{mean:.3f} ± {sd:.3f}"
+def _mean_sd(values: dict[int, float]) -> tuple[float, float, int]:
+    v = np.array([x for x in values.values() if np.isfinite(x)], float)
+    if not len(v):
+        return math.nan, math.nan, 0
+    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else math.nan, len(v)
 
 
-def markdown_table(summary: pd.DataFrame) -> str:
-    """The summary as a GitHub markdown table (scores as mean ± sd over seeds)."""
-    scores = [c[: -len("_mean")] for c in summary.columns if c.endswith("_mean")]
-    head = ["experiment", "configuration", "seeds"] + [c[len(_SCORE_PREFIX):] for c in scores] + ["train s", "params"]
+def _fmt(values: dict[int, float]) -> str:
+    mean, sd, n = _mean_sd(values)
+    if n == 0:
+        return "n/a" if values else "-"
+    return format_score(mean) if not np.isfinite(sd) else f"{mean:.3f} ± {sd:.3f}"
+
+
+def _places(scores: pd.DataFrame) -> list[tuple[str, str, float]]:
+    """(volume, place, distance) in report order: trained animals' held-out spots and planes,
+    then unseen volumes (of a trained condition first)."""
+    keys = scores[_KEY].drop_duplicates()
+    trained = sorted(set(keys.loc[keys["place"] != "volume", "volume_id"]))
+    unseen = sorted(set(keys.loc[keys["place"] == "volume", "volume_id"]) - set(trained))
+    conditions = _conditions(scores)
+    trained_conditions = {conditions.get(v) for v in trained}
+    out = []
+    for vid in trained:
+        mine = keys[keys["volume_id"] == vid]
+        if (mine["place"] == "held-out spots").any():
+            out.append((vid, "held-out spots", math.nan))
+        out += [(vid, "plane", float(d)) for d in sorted(mine.loc[mine["place"] == "plane", "distance_um"])]
+    unseen.sort(key=lambda v: (conditions.get(v) not in trained_conditions, v))
+    return out + [(vid, "volume", math.nan) for vid in unseen]
+
+
+def _conditions(scores: pd.DataFrame) -> dict[str, str | None]:
+    return {str(v): (c if isinstance(c, str) else None) for v, c in zip(scores["volume_id"], scores["condition"])}
+
+
+def _place_title(scores: pd.DataFrame, vid: str, place: str, d: float) -> str:
+    conditions = _conditions(scores)
+    cond = conditions.get(vid)
+    trained = set(scores.loc[scores["place"] != "volume", "volume_id"])
+    if place == "held-out spots":
+        return f"{vid} ({cond or 'no condition'}, trained animal): held-out spots of its section"
+    if place == "plane":
+        return f"{vid} ({cond or 'no condition'}, trained animal): probe planes {d:g} µm from its section"
+    seen = cond is not None and cond in {conditions.get(v) for v in trained}
+    kind = "unseen animal of a trained condition" if seen else "unseen animal, condition not trained on"
+    return f"{vid} ({cond or 'no condition'}, {kind}): whole volume"
+
+
+def place_table(runs: pd.DataFrame, scores: pd.DataFrame, vid: str, place: str, d: float,
+                comparisons: list[dict] | None = None) -> str:
+    """The markdown table of one (volume, place, distance): one row per configuration with its
+    baselines beside it. Paired differences are appended to ``comparisons``."""
+    where = {"volume_id": vid, "place": place, "distance_um": d}
+    head = ["experiment", "configuration", "seeds", "points", "r", "R²", "JSD", "AUC"]
+    beside_cols: list[tuple[str, str, str, str]] = []
+    for base, metric, label, delta in _BESIDE:
+        if (scores.loc[(scores["volume_id"] == vid) & (scores["place"] == place), "predictor"] == base).any():
+            if base == "animal_mean" and place == "volume":  # no section of this animal: the training mean stands in
+                label, delta = "training mean R²", "ΔR² vs training mean"
+            beside_cols.append((base, metric, label, delta))
+            head += [label, delta]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for _, r in summary.iterrows():
-        cells = [str(r["experiment"]), str(r["config"]), str(r["n_seeds"])]
-        cells += [_fmt(r[f"{c}_mean"], r[f"{c}_sd"]) for c in scores]
-        params = int(r["parameters"])
-        cells += [f"{r['train_seconds']:.0f}", f"{params / 1e6:.2f}M" if params >= 1e4 else str(params)]
+    for exp, config in _configs(runs):
+        r = _per_seed(runs, scores, exp, config, "model", "pearson_mean", where)
+        if not r:
+            continue
+        ids = runs[(runs["experiment"] == exp) & (runs["config"] == config)]["run_id"]
+        npts = scores[scores["run_id"].isin(ids) & (scores["predictor"] == "model") & (scores["volume_id"] == vid)
+                      & (scores["place"] == place) & ((scores["distance_um"] == d) | (np.isnan(d) & scores["distance_um"].isna()))]["n"]
+        cells = [exp, config, str(len(r)), f"{npts.mean():.0f}" if len(npts) else "-",
+                 _fmt(r), _fmt(_per_seed(runs, scores, exp, config, "model", "r2_mean", where)),
+                 _fmt(_per_seed(runs, scores, exp, config, "model", "jsd_mean", where)),
+                 _fmt(_per_seed(runs, scores, exp, config, "model", "macro_auc", where))]
+        for base, metric, _, _ in beside_cols:
+            b = _per_seed(runs, scores, exp, config, base, metric, where)
+            m = _per_seed(runs, scores, exp, config, "model", metric, where)
+            diff = paired_difference(m, b)
+            cells += [_fmt(b), diff.text() if b else "-"]
+            if comparisons is not None and b:
+                comparisons.append(_comparison(f"{exp}: {config}", base, metric, vid, place, d, diff))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def plot_accuracy_vs_distance(summary: pd.DataFrame, out: Path) -> Path | None:
-    """Mean r (error bars: sd over seeds) against distance from the trained plane, one line per
-    configuration and one panel per experiment; other volumes as the right-most point."""
-    from xpression.plotting import new_figure, save_figure
-
-    scores = [c[: -len("_mean")] for c in summary.columns if c.endswith("_mean") and _OFF not in c]
-    if summary.empty or not scores:
-        return None
-    names = [c[len(_SCORE_PREFIX):] for c in scores]
-    xs = [0.0 if n == "held-out spots" else math.nan if n == "other volumes" else float(n.split()[0]) for n in names]
-    far = max([x for x in xs if np.isfinite(x)] + [0.0])
-    xs = [far + max(far * 0.25, 50.0) if not np.isfinite(x) else x for x in xs]
-    exps = list(dict.fromkeys(summary["experiment"]))
-    fig, axes = new_figure(1, len(exps), figsize=(5 * len(exps), 4), squeeze=False)
-    for ax, exp in zip(axes[0], exps):
-        for _, r in summary[summary["experiment"] == exp].iterrows():
-            m = np.array([r[f"{c}_mean"] for c in scores], float)
-            s = np.nan_to_num(np.array([r[f"{c}_sd"] for c in scores], float))
-            ok = np.isfinite(m)
-            near = ok & np.array([n != "other volumes" for n in names])
-            line = ax.errorbar(np.array(xs)[near], m[near], yerr=s[near], marker="o", capsize=3, label=str(r["config"])[:40])
-            far_ok = ok & ~near  # other volumes: a point of its own, not on the distance axis
-            ax.errorbar(np.array(xs)[far_ok], m[far_ok], yerr=s[far_ok], marker="s", capsize=3, ls="none",
-                        color=line[0].get_color())
-        ax.set_xticks(xs, ["spots" if n == "held-out spots" else "other\nvolumes" if n == "other volumes" else n.split()[0] for n in names])
-        ax.set_xlabel("distance from the trained plane (um)")
-        ax.set_ylabel("Pearson r (mean over targets)")
-        ax.set_title(exp)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    return save_figure(fig, out)
+def _comparison(a: str, b: str, metric: str, vid: str, place: str, d: float, diff: PairedDifference) -> dict:
+    return {"a": a, "b": b, "metric": metric, "volume_id": vid, "place": place, "distance_um": d,
+            "mean_difference": diff.mean, "ci_low": diff.lo, "ci_high": diff.hi, "seeds": diff.n, "verdict": diff.verdict}
 
 
-def _r(summary: pd.DataFrame, row: Any, col: str) -> str:
-    return _fmt(row[f"{_SCORE_PREFIX}{col}_mean"], row[f"{_SCORE_PREFIX}{col}_sd"])
+def summarise_scores(runs: pd.DataFrame, scores: pd.DataFrame) -> pd.DataFrame:
+    """Mean and sd over seeds of every metric, per (experiment, configuration, volume, place,
+    distance, predictor), with the number of seeds."""
+    merged = scores.merge(runs[["run_id", "experiment", "config", "seed"]], on="run_id")
+    keys = ["experiment", "config", "volume_id", "condition", "place", "distance_um", "predictor"]
+    merged["condition"] = merged["condition"].fillna("")
+    merged["distance_um"] = merged["distance_um"].fillna(-1.0)  # groupby drops NaN keys
+    agg = merged.groupby(keys, sort=False).agg(
+        n_seeds=("seed", "nunique"), points=("n", "mean"),
+        **{f"{m}_mean": (m, "mean") for m in _METRICS}, **{f"{m}_sd": (m, "std") for m in _METRICS}).reset_index()
+    agg["distance_um"] = agg["distance_um"].where(agg["distance_um"] >= 0, math.nan)
+    return agg
 
 
-def _compare(summary: pd.DataFrame, a: Any, b: Any, col: str = _OFF) -> str:
-    """"beats" / "does not beat", or "is level with" when the means differ by less than the
-    larger of the two sds over seeds."""
-    ma, mb = a[f"{_SCORE_PREFIX}{col}_mean"], b[f"{_SCORE_PREFIX}{col}_mean"]
-    sd = np.nanmax([a[f"{_SCORE_PREFIX}{col}_sd"], b[f"{_SCORE_PREFIX}{col}_sd"], 0.0])
-    if abs(ma - mb) < sd:
-        return "is level with (within one sd)"
-    return "beats" if ma > mb else "does not beat"
+# -- findings ---------------------------------------------------------------------------------------
+def _run_mean(runs: pd.DataFrame, scores: pd.DataFrame, exp: str, config: str, predictor: str, metric: str,
+              group: str) -> dict[int, float]:
+    """Per seed: the mean over volumes (and distances) of one place group's per-volume scores
+    (``held-out spots``, ``plane``, ``UNSEEN_SAME`` or ``UNSEEN_OTHER``)."""
+    ids = runs[(runs["experiment"] == exp) & (runs["config"] == config)].set_index("run_id")["seed"]
+    part = scores[scores["run_id"].isin(ids.index) & (scores["predictor"] == predictor) & (scores["group"] == group)]
+    return {int(ids[i]): float(np.nanmean(g[metric])) if g[metric].notna().any() else math.nan
+            for i, g in part.groupby("run_id")}
 
 
-def findings(summary: pd.DataFrame) -> list[str]:
-    """Plain-language answers, with the numbers, to the questions the benchmark asks (where
-    its rows exist): 3D vs 2D away from the plane, the best model vs the ridge baseline and the
-    paper's network, and how much the stratified random split flatters the held-out score."""
-    off, spots = f"{_SCORE_PREFIX}{_OFF}_mean", f"{_SCORE_PREFIX}held-out spots_mean"
-    if off not in summary:
-        return []
-    out = []
-    ctx = summary[(summary["experiment"] == "context") & summary[off].notna()]
-    flat = ctx[ctx["depth_vox"] == 1]
-    if len(flat):
-        f = flat.iloc[0]
-        deep = ctx[(ctx["depth_vox"] > 1) & (ctx["width_vox"] == f["width_vox"])]  # same field of view
-    if len(flat) and len(deep):
-        d = deep.loc[deep[off].idxmax()]
-        verdict = _compare(summary, d, f)
-        out.append(f"3D context {verdict} 2D away from the trained plane: best 3D patch ({d['config']}) "
-                   f"{_r(summary, d, _OFF)} vs 2D ({f['config']}) {_r(summary, f, _OFF)} off-plane mean r.")
-    ridge = summary[summary["model"] == "RidgeBaseline"]
-    nets = summary[(summary["model"] != "RidgeBaseline") & summary[off].notna()]
-    if len(nets):
-        best = nets.loc[nets[off].idxmax()]
-        name = f"{best['experiment']}: {best['config']}"
-        if len(ridge):
-            rb = ridge.iloc[0]
-            verdict = _compare(summary, best, rb)
-            text = (f"The best network ({name}) {verdict} the features + ridge baseline off the plane: "
-                    f"{_r(summary, best, _OFF)} vs {_r(summary, rb, _OFF)}; on held-out spots "
-                    f"{_r(summary, best, 'held-out spots')} vs {_r(summary, rb, 'held-out spots')}")
-            if "other volumes_mean" in "".join(summary.columns):
-                text += f"; on other volumes {_r(summary, best, 'other volumes')} vs {_r(summary, rb, 'other volumes')}"
-            out.append(text + ".")
-        paper = nets[nets["model"] == "cnn3d_paper"]
-        if len(paper):
-            pb = paper.iloc[0]
-            verdict = _compare(summary, best, pb)
-            if best.name == pb.name:
-                verdict = "is"
-            out.append(f"The best network ({name}) {verdict} the paper's network ({pb['experiment']}: {pb['config']}): "
-                       f"{_r(summary, best, _OFF)} vs {_r(summary, pb, _OFF)} off-plane mean r.")
-    splits = summary[summary["experiment"] == "splits"]
-    strat = splits[splits["split"] == "StratifiedRandomSplit"]
-    blocks = splits[splits["split"] == "SpatialBlocksSplit"]
-    if len(strat) and len(blocks):
-        a, b = strat.iloc[0], blocks.iloc[0]
-        out.append(f"The paper's stratified random split reports {_r(summary, a, 'held-out spots')} on held-out spots, "
-                   f"spatial blocks {_r(summary, b, 'held-out spots')} (difference {a[spots] - b[spots]:+.3f}); "
-                   f"off the plane, where nothing leaks, the same models score {_r(summary, a, _OFF)} and "
-                   f"{_r(summary, b, _OFF)} (difference {a[off] - b[off]:+.3f}); held-out minus off-plane score: "
-                   f"stratified {a[spots] - a[off]:+.3f}, spatial blocks {b[spots] - b[off]:+.3f}.")
+_PLACE_WORDS = {"plane": "on the probe planes (mean over trained animals and distances)",
+                UNSEEN_SAME: "on unseen animals of a trained condition (mean over volumes)",
+                UNSEEN_OTHER: "on animals of a condition not trained on (mean over volumes)",
+                "held-out spots": "on held-out spots (mean over trained animals)"}
+_VERB = {"higher": "beats", "lower": "loses to", "level": "is level with", "n<2": "(one seed) vs", "n/a": "vs"}
+
+
+def _sentence(a_name: str, b_name: str, diff: PairedDifference, metric: str, place: str) -> str:
+    label = "r" if metric == "pearson_mean" else "R²"
+    return f"{a_name} {_VERB.get(diff.verdict, 'vs')} {b_name} {_PLACE_WORDS[place]}: Δ{label} {diff.text()}."
+
+
+def findings(runs: pd.DataFrame, scores: pd.DataFrame, comparisons: list[dict] | None = None) -> list[str]:
+    """Plain-language answers, each a paired difference with its 95 % interval over seeds, to the
+    questions the benchmark asks, where its rows exist: 3D context vs 2D, field of view, the
+    networks against their baselines (2D extrusion, same-patch ridge, per-animal mean), the
+    paper's network against the small 3D CNN, and what the paper's random split flatters."""
+    out: list[str] = []
+
+    def compare(a: tuple[str, str], b: tuple[str, str] | str, metric: str, place: str, a_name: str, b_name: str) -> None:
+        x = _run_mean(runs, scores, *a, "model", metric, place)
+        y = _run_mean(runs, scores, *(b if isinstance(b, tuple) else a), "model" if isinstance(b, tuple) else b, metric, place)
+        if not x or not y:
+            return
+        diff = paired_difference(x, y)
+        if diff.n == 0:
+            return
+        out.append(_sentence(a_name, b_name, diff, metric, place))
+        if comparisons is not None:
+            comparisons.append(_comparison(a_name, b_name, metric, "mean", place, math.nan, diff))
+
+    cfg = runs.drop_duplicates(["experiment", "config"]).set_index(["experiment", "config"])
+    ctx = cfg.loc["context"] if "context" in cfg.index.get_level_values(0) else None
+    if ctx is not None and len(ctx) > 1:
+        base_width = ctx["width_vox"].mode().iloc[0]
+        same_width = ctx[ctx["width_vox"] == base_width].sort_values("depth_vox")
+        if len(same_width) > 1:
+            flat, deep = same_width.index[0], same_width.index[-1]
+            fd, dd = same_width.loc[flat, "depth_um"], same_width.loc[deep, "depth_um"]
+            for place in ("plane", UNSEEN_SAME, UNSEEN_OTHER):
+                compare(("context", deep), ("context", flat), "pearson_mean", place,
+                        f"The {dd:g} µm deep patch ({deep})", f"the {fd:g} µm one ({flat})")
+            for mid in same_width.index[1:-1]:
+                compare(("context", mid), ("context", flat), "pearson_mean", "plane",
+                        f"The {same_width.loc[mid, 'depth_um']:g} µm deep patch ({mid})", f"the {fd:g} µm one")
+        ref = ctx[(ctx["width_vox"] == base_width)]
+        for other in ctx[ctx["width_vox"] != base_width].index:
+            match = ref[ref["depth_vox"] == ctx.loc[other, "depth_vox"]]
+            if len(match):
+                compare(("context", other), ("context", match.index[0]), "pearson_mean", "plane",
+                        f"A {ctx.loc[other, 'width_um']:g} µm field of view ({other})",
+                        f"{ctx.loc[match.index[0], 'width_um']:g} µm ({match.index[0]})")
+    # the best network (probe planes) against its own baselines
+    nets = [(e, c) for e, c in _configs(runs) if cfg.loc[(e, c), "model"] != "RidgeBaseline"]
+    def planes_r(key: tuple[str, str]) -> float:
+        v = [x for x in _run_mean(runs, scores, *key, "model", "pearson_mean", "plane").values() if np.isfinite(x)]
+        return float(np.mean(v)) if v else -math.inf
+
+    ranked = sorted(nets, key=lambda k: -planes_r(k))
+    if ranked and np.isfinite(planes_r(ranked[0])):
+        best = ranked[0]
+        name = f"The best network off the plane ({best[0]}: {best[1]})"
+        compare(best, "extrusion", "pearson_mean", "plane", name, "2D extrusion")
+        compare(best, "section_extrusion", "pearson_mean", "plane", name, "2D extrusion from every section spot")
+        compare(best, "ridge", "pearson_mean", "plane", name, "the ridge on its patch")
+        for group in (UNSEEN_SAME, UNSEEN_OTHER):
+            compare(best, "ridge", "pearson_mean", group, name, "the ridge on its patch")
+            compare(best, "animal_mean", "r2_mean", group, name, "the training mean")
+    backbones = cfg.loc["backbones"] if "backbones" in cfg.index.get_level_values(0) else None
+    if backbones is not None:
+        paper = [c for c in backbones.index if backbones.loc[c, "model"] == "cnn3d_paper"]
+        small = [c for c in backbones.index if backbones.loc[c, "model"] == "cnn3d"]
+        if paper and small:
+            for place in ("plane", UNSEEN_SAME, UNSEEN_OTHER):
+                compare(("backbones", paper[0]), ("backbones", small[0]), "pearson_mean", place,
+                        "The paper's network (cnn3d_paper)", "the small 3D CNN (cnn3d)")
+    splits = cfg.loc["splits"] if "splits" in cfg.index.get_level_values(0) else None
+    if splits is not None:
+        strat = [c for c in splits.index if splits.loc[c, "split"] == "StratifiedRandomSplit"]
+        blocks = [c for c in splits.index if splits.loc[c, "split"] == "SpatialBlocksSplit"]
+        if strat and blocks:
+            a, b = ("splits", strat[0]), ("splits", blocks[0])
+            compare(a, b, "pearson_mean", "held-out spots", "The stratified random split", "spatial blocks")
+            compare(a, b, "pearson_mean", "plane", "Trained under the stratified random split, the model", "under spatial blocks")
+            gap = {}
+            for key in (a, b):
+                spots = _run_mean(runs, scores, *key, "model", "pearson_mean", "held-out spots")
+                planes = _run_mean(runs, scores, *key, "model", "pearson_mean", "plane")
+                gap[key] = {s: spots[s] - planes[s] for s in set(spots) & set(planes)}
+            diff = paired_difference(gap[a], gap[b])
+            if diff.n:
+                out.append(f"What the random split flatters: held-out-spot r minus probe-plane r is {diff.text()} larger "
+                           "under the stratified random split than under spatial blocks (paired by seed).")
+                if comparisons is not None:
+                    comparisons.append(_comparison("stratified: spots - planes", "blocks: spots - planes", "pearson_mean",
+                                                   "mean", "held-out spots - plane", math.nan, diff))
     return out
 
 
+# -- figure -----------------------------------------------------------------------------------------
+def _ci(values: dict[int, float]) -> tuple[float, float]:
+    from scipy import stats
+
+    v = np.array([x for x in values.values() if np.isfinite(x)], float)
+    if len(v) < 2:
+        return (float(v.mean()) if len(v) else math.nan), 0.0
+    return float(v.mean()), float(stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v)))
+
+
+def plot_accuracy_vs_distance(runs: pd.DataFrame, scores: pd.DataFrame, out: Path) -> Path | None:
+    """Pearson r (mean over seeds, 95 % interval) against distance from the trained section, one
+    row of panels per experiment and one panel per trained animal (held-out spots at 0), with
+    the 2D extrusion and kNN baselines (mean over the experiment's runs) in grey; a last panel
+    per row gives each unseen animal."""
+    from xpression.evaluation.figures import PREDICTOR_STYLE
+    from xpression.evaluation.scores import PREDICTOR_LABELS
+    from xpression.plotting import new_figure, save_figure
+
+    places = _places(scores)
+    trained = list(dict.fromkeys(v for v, p, _ in places if p != "volume"))
+    unseen = [v for v, p, _ in places if p == "volume"]
+    exps = list(dict.fromkeys(runs["experiment"]))
+    if not exps or not places:
+        return None
+    ncols = len(trained) + (1 if unseen else 0)
+    fig, axes = new_figure(len(exps), ncols, figsize=(4.6 * ncols + 2.5, 3.4 * len(exps)), squeeze=False)
+    for i, exp in enumerate(exps):
+        configs = [c for e, c in _configs(runs) if e == exp]
+        for j, vid in enumerate(trained):
+            ax = axes[i, j]
+            mine = [(p, d) for v, p, d in places if v == vid]
+            xs = [0.0 if p == "held-out spots" else d for p, d in mine]
+            for config in configs:
+                pts = [_ci(_per_seed(runs, scores, exp, config, "model", "pearson_mean",
+                                     {"volume_id": vid, "place": p, "distance_um": d})) for p, d in mine]
+                m = np.array([p[0] for p in pts])
+                ax.errorbar(xs, m, yerr=[p[1] for p in pts], marker="o", ms=3, capsize=2, lw=1.2, label=config[:45])
+            for base in ("extrusion", "knn", "section_extrusion"):
+                colour, ls, marker = PREDICTOR_STYLE[base]
+                vals = []
+                for p, d in mine:
+                    per = [v for c in configs for v in _per_seed(runs, scores, exp, c, base, "pearson_mean",
+                                                                  {"volume_id": vid, "place": p, "distance_um": d}).values()]
+                    vals.append(float(np.nanmean(per)) if per and np.isfinite(per).any() else math.nan)
+                if np.isfinite(vals).any():
+                    ax.plot(xs, vals, color="0.45", ls=ls, marker=marker, ms=3, lw=1.0,
+                            label=f"{PREDICTOR_LABELS[base]} (mean over runs)")
+            ax.set_xticks(xs, ["held-out\nspots" if p == "held-out spots" else f"{d:g}" for p, d in mine], fontsize=7)
+            ax.set_xlabel("distance from the trained section (µm)", fontsize=8)
+            ax.set_ylabel("Pearson r (mean over programs)", fontsize=8)
+            ax.set_title(f"{exp}: {vid} (trained animal)", fontsize=9)
+            ax.grid(alpha=0.3)
+            lo, hi = ax.get_ylim()
+            ax.set_ylim(max(lo, -1.05), min(hi, 1.05))  # r lies in [-1, 1]; wider intervals are cut
+        if unseen:
+            ax = axes[i, -1]
+            width = 0.8 / max(len(configs), 1)
+            for k, config in enumerate(configs):
+                pts = [_ci(_per_seed(runs, scores, exp, config, "model", "pearson_mean",
+                                     {"volume_id": v, "place": "volume"})) for v in unseen]
+                ax.errorbar(np.arange(len(unseen)) + (k - (len(configs) - 1) / 2) * width, [p[0] for p in pts],
+                            yerr=[p[1] for p in pts], marker="o", ms=3, capsize=2, ls="none")
+            ax.set_xticks(range(len(unseen)), unseen, fontsize=7, rotation=20)
+            ax.set_ylabel("Pearson r (mean over programs)", fontsize=8)
+            ax.set_title(f"{exp}: unseen animals (the training mean has no r)", fontsize=9)
+            ax.axhline(0, color="0.6", lw=0.6)
+            ax.grid(alpha=0.3)
+            lo, hi = ax.get_ylim()
+            ax.set_ylim(max(lo, -1.05), min(hi, 1.05))
+            ax.set_xlim(-0.6, len(unseen) - 0.4)
+        axes[i, 0].legend(fontsize=6, loc="best")
+    fig.suptitle("Per-volume accuracy against the truth (error bars: 95 % t interval over seeds)", fontsize=10)
+    return save_figure(fig, out)
+
+
+# -- report -------------------------------------------------------------------------------------------
+def baselines_table(runs: pd.DataFrame, scores: pd.DataFrame, comparisons: list[dict] | None = None) -> str:
+    """Each configuration against its own baselines, averaged per run over a place group: r on the
+    probe planes (mean over trained animals and distances) and on unseen animals (mean over
+    volumes, animals of a trained condition apart from those of another condition)."""
+    columns: list[tuple[str, str | None, str, str]] = [("plane", None, "pearson_mean", "planes r"),
+                                                       ("plane", "extrusion", "pearson_mean", "Δr vs extrusion"),
+                                                       ("plane", "section_extrusion", "pearson_mean", "Δr vs all-spot extrusion"),
+                                                       ("plane", "ridge", "pearson_mean", "Δr vs ridge")]
+    for group, short in ((UNSEEN_SAME, "unseen animal"), (UNSEEN_OTHER, "unseen condition")):
+        if (scores["group"] == group).any():
+            columns += [(group, None, "pearson_mean", f"{short} r"), (group, "ridge", "pearson_mean", f"{short}: Δr vs ridge"),
+                        (group, "animal_mean", "r2_mean", f"{short}: ΔR² vs training mean")]
+    head = ["experiment", "configuration"] + [c[3] for c in columns]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for exp, config in _configs(runs):
+        cells = [exp, config]
+        for group, predictor, metric, _ in columns:
+            model = _run_mean(runs, scores, exp, config, "model", metric, group)
+            if predictor is None:
+                cells.append(_fmt(model))
+                continue
+            base = _run_mean(runs, scores, exp, config, predictor, metric, group)
+            diff = paired_difference(model, base)
+            cells.append(diff.text() if base else "-")
+            if comparisons is not None and base:
+                comparisons.append(_comparison(f"{exp}: {config}", predictor, metric, "mean", group, math.nan, diff))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _cost_table(runs: pd.DataFrame) -> str:
+    lines = ["| experiment | configuration | seeds | patch (µm, depth x width) | train s | epochs | params |", "|---|---|---|---|---|---|---|"]
+    for (exp, config), g in runs.groupby(["experiment", "config"], sort=False):
+        params = int(g["parameters"].max()) if g["parameters"].notna().any() else -1
+        lines.append(f"| {exp} | {config} | {g['seed'].nunique()} | {g['depth_um'].iloc[0]:.1f} x {g['width_um'].iloc[0]:.1f} | "
+                     f"{g['train_seconds'].mean():.0f} | {g['epochs'].mean():.0f} | "
+                     + (f"{params / 1e6:.2f}M" if params >= 1e4 else str(params)) + " |")
+    return "\n".join(lines)
+
+
 def write_report(dirs: Sequence[str | Path], out: str | Path) -> dict[str, Path]:
-    """Collect the runs under ``dirs`` and write ``benchmark.csv``, ``benchmark.md`` and the
-    accuracy-vs-distance figure into ``out``."""
-    runs = collect_runs(dirs)
-    if runs.empty:
-        raise SystemExit(f"no metrics.json under {', '.join(map(str, dirs))}")
-    summary = summarise_runs(runs)
+    """Collect the runs under ``dirs`` and write ``benchmark.md``, ``benchmark.csv``,
+    ``comparisons.csv`` and ``accuracy_vs_distance.png`` into ``out``."""
+    runs, scores = collect_runs(dirs)
+    if runs.empty or scores.empty:
+        raise SystemExit(f"no metrics.json with per-volume scores under {', '.join(map(str, dirs))}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"csv": out / "benchmark.csv", "md": out / "benchmark.md"}
-    summary.to_csv(paths["csv"], index=False)
-    text = ["# Benchmark", "", f"{len(runs)} runs from: " + ", ".join(f"`{d}`" for d in dirs), "",
-            "Pearson r between predicted and true targets (mean over targets), mean ± sd over seeds. "
-            "`held-out spots`: the test spots of the trained plane; `<d> um`: probe planes at that "
-            "distance from the trained sections, against the phantom truth; `other volumes`: volumes "
-            "without a training section; `off-plane mean`: the mean of the distance columns.", "",
-            markdown_table(summary), ""]
-    notes = findings(summary)
+    paths = {"md": out / "benchmark.md", "csv": out / "benchmark.csv", "comparisons": out / "comparisons.csv"}
+    summarise_scores(runs, scores).to_csv(paths["csv"], index=False)
+    comparisons: list[dict] = []
+    seeds = sorted(runs["seed"].unique())
+    text = ["# Benchmark", "",
+            f"{len(runs)} runs ({len(_configs(runs))} configurations, seeds {', '.join(map(str, seeds))}) from: "
+            + ", ".join(f"`{d}`" for d in dirs), "",
+            "Every score is computed on the points of one volume (never pooled across animals), against the "
+            "phantom's truth, and averaged over the programs: Pearson r, R² (coefficient of determination), "
+            "Jensen-Shannon divergence (bits) and macro AUC (one-vs-rest on the dominant program); cells are "
+            "mean ± sd over seeds. A program whose truth varies by less than "
+            f"{MIN_TRUTH_SD:g} (sd) within a volume has no correlation or R² there (left out of the means; n/a when "
+            "none is left). Beside each row, its own baselines from the same runs: 2D extrusion (the nearest "
+            "training spot's label, copied along the section normal), the features + ridge baseline on the same "
+            "patch and training spots, and the per-animal mean (its r is n/a, so R² is compared); off the plane also "
+            "all-spot extrusion, from every spot of the section including held-out ones (labels the model never "
+            "trained on: a reference for what copying the whole measured section gives). "
+            "Δ: mean paired difference over seeds (row minus baseline) with its 95 % t interval; "
+            "'higher'/'lower' only when the interval excludes 0, else 'level'.", ""]
+    notes = findings(runs, scores, comparisons)
     if notes:
         text += ["## What it shows", ""] + [f"- {n}" for n in notes] + [""]
-    paths["md"].write_text("\n".join(text))
-    figure = plot_accuracy_vs_distance(summary, out / "accuracy_vs_distance.png")
+    text += ["## Every configuration against its own baselines", "",
+             "Per-volume scores averaged per run over the trained animals' probe planes (all distances) and over the "
+             "unseen animals (those of a trained condition apart from those of another), then compared seed by seed.", "",
+             baselines_table(runs, scores, comparisons), ""]
+    text += ["## Per volume", ""]
+    for vid, place, d in _places(scores):
+        text += [f"### {_place_title(scores, vid, place, d)}", "", place_table(runs, scores, vid, place, d, comparisons), ""]
+    text += ["## Cost", "", _cost_table(runs), ""]
+    excluded = sorted({e for ex in runs["excluded"] for e in ex})
+    probe = [p for p in runs["max_patch_um"] if p]
+    text += ["## Probe set", "",
+             "One probe set for all rows: the same points for every configuration and seed, drawn where the "
+             f"largest patch ({', '.join(f'{v:g}' for v in probe[0]) if probe else '?'} µm, depth x height x width) fits.", ""]
+    digests = runs["probe_digest"].dropna().unique()
+    if len(digests) == 1:
+        text += [f"- every run with a probe was scored on the same points (probe set {digests[0]}, "
+                 f"{int(runs['probe_digest'].notna().sum())} runs)"]
+    elif len(digests) > 1:
+        text += [f"- WARNING: the runs were scored on {len(digests)} different probe sets ({', '.join(digests)}): "
+                 "their probe columns are not comparable"]
+    text += [f"- {e}" for e in excluded] or ["- nothing excluded"]
+    paths["md"].write_text("\n".join(text) + "\n")
+    pd.DataFrame(comparisons).to_csv(paths["comparisons"], index=False)
+    figure = plot_accuracy_vs_distance(runs, scores, out / "accuracy_vs_distance.png")
     if figure is not None:
         paths["figure"] = figure
     return paths

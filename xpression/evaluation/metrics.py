@@ -1,17 +1,31 @@
 """Regression and composition metrics on ``(N, T)`` arrays (numpy), per target and averaged.
 
+``regression_metrics`` is the one scoring function of the project: training monitors, held-out
+spots, the off-plane probe, swept maps and the benchmark all call it, always on the points of
+*one* volume (scores are never pooled across animals: a predictor that only knows which animal a
+point is in would otherwise correlate with the truth).
+
 Undefined values: Pearson/Spearman of a column where prediction or target is constant, and R^2 of
-a constant target column, have no value. They are reported as ``undefined`` (NaN by default; the
+a constant target column, have no value. So has a column whose truth *hardly* varies: when the
+target's standard deviation over the scored points is below ``min_truth_sd`` (default
+``MIN_TRUTH_SD`` = 0.02 target units, i.e. two percentage points of a composition), Pearson,
+Spearman and R^2 of that column are undefined too (a correlation with a flat truth measures
+noise). Undefined values are reported as ``undefined`` (NaN by default, printed "n/a"; the
 training module passes 0.0, "no skill", so a monitored metric stays finite). The ``*_mean``
 entries average the defined per-target values; with none defined they are ``undefined`` too.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+import math
+from typing import Any, Sequence
 
 import numpy as np
 from scipy.stats import rankdata
+
+MIN_TRUTH_SD = 0.02
+"""Below this standard deviation of the truth (target units) over the scored points, a target's
+correlations and R^2 are undefined (n/a)."""
 
 
 def _check(pred: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -81,21 +95,47 @@ def _mean(v: np.ndarray, undefined: float) -> float:
     return float(v.mean()) if v.size else float(undefined)
 
 
+def macro_auc(pred: np.ndarray, target: np.ndarray) -> float:
+    """One-vs-rest ROC AUC on the dominant program, averaged over the programs that are dominant
+    at some but not all points: for program ``k`` the positives are the points whose true
+    arg-max is ``k`` and the score is the predicted value of ``k`` (ties count half, as in
+    scikit-learn's ``roc_auc_score``). NaN when no program qualifies (e.g. one program
+    dominates everywhere)."""
+    p, y = _check(pred, target)
+    dominant = y.argmax(1)
+    aucs = []
+    for k in range(p.shape[1]):
+        pos = dominant == k
+        n_pos = int(pos.sum())
+        n_neg = len(p) - n_pos
+        if n_pos == 0 or n_neg == 0:
+            continue
+        ranks = rankdata(p[:, k])  # Mann-Whitney U from average ranks
+        aucs.append((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    return float(np.mean(aucs)) if aucs else math.nan
+
+
 def regression_metrics(pred: np.ndarray, target: np.ndarray, names: Sequence[str],
-                       kind: str = "log_expression", undefined: float = float("nan")) -> dict[str, float]:
+                       kind: str = "log_expression", undefined: float = float("nan"),
+                       min_truth_sd: float = MIN_TRUTH_SD) -> dict[str, float]:
     """Flat dict of metrics: ``{"pearson_mean", "pearson/<name>", "spearman_*", "r2_*", "mse_*"}``
-    and, for ``kind == "composition"``, ``"jsd_mean"`` (bits, averaged over spots) and
-    ``"dominant_acc"`` (fraction of spots whose arg-max program matches).
+    and, for ``kind == "composition"``, ``"jsd_mean"`` (bits, averaged over spots),
+    ``"dominant_acc"`` (fraction of points whose arg-max program matches) and ``"macro_auc"``
+    (:func:`macro_auc`).
 
     Args:
-        pred, target: ``(N, T)`` in target units (compositions: rows summing to 1).
+        pred, target: ``(N, T)`` in target units (compositions: rows summing to 1), the points of
+            one volume.
         names: the ``T`` target names.
         kind: the target kind.
         undefined: value reported where a correlation or R^2 is undefined (see module docstring).
+        min_truth_sd: targets whose truth sd over the points is below this have no correlation
+            or R^2 (target units; 0 keeps every non-constant target).
     """
     p, y = _check(pred, target)
     if len(names) != p.shape[1]:
         raise ValueError(f"{len(names)} names for {p.shape[1]} targets")
+    flat = y.std(0) < float(min_truth_sd) if len(y) else np.ones(p.shape[1], bool)
     out: dict[str, float] = {}
     for key, fn in (("pearson", pearson_per_target), ("spearman", spearman_per_target),
                     ("r2", r2_per_target), ("mse", mse_per_target)):
@@ -103,10 +143,23 @@ def regression_metrics(pred: np.ndarray, target: np.ndarray, names: Sequence[str
             vals = np.full(p.shape[1], np.nan)
         else:
             vals = fn(p, y)
+        if key != "mse":
+            vals = np.where(flat, np.nan, vals)
         out[f"{key}_mean"] = _mean(vals, undefined)
         for n, v in zip(names, vals):
             out[f"{key}/{n}"] = float(v) if np.isfinite(v) else float(undefined)
     if kind == "composition":
         out["jsd_mean"] = float(js_divergence(p, y).mean()) if len(p) else float(undefined)
         out["dominant_acc"] = float((p.argmax(1) == y.argmax(1)).mean()) if len(p) else float(undefined)
+        auc = macro_auc(p, y) if len(p) else math.nan
+        out["macro_auc"] = auc if np.isfinite(auc) else float(undefined)
     return out
+
+
+def format_score(value: Any, digits: int = 3) -> str:
+    """A score for a table: ``n/a`` where it is undefined (NaN / None)."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return "n/a"
+    return f"{v:.{digits}f}" if math.isfinite(v) else "n/a"

@@ -4,14 +4,14 @@ Order: check the config's values, resolve the run (checkpoint + config), check t
 folder can be written, open every volume and check voxel sizes, grids and existing outputs (all
 before any network compute), then per volume: tissue mask,
 normaliser, sweep into ``<output>/<volume_id>/maps.ome.zarr``; rank 0 adds the CT preview,
-optional BigTIFF, figures and, when the cohort has a truth spec, the evaluation table.
+optional BigTIFF and figures. Scoring the maps against a synthetic cohort's truth is the
+evaluation layer's (``xpression.evaluation.maps``; ``infer.py`` runs it after the sweep).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -148,7 +148,7 @@ def infer(cfg: Any) -> dict:
     spec = hp.get("target_spec") or {}
     meta_common = {"run_config": info.config, "checkpoint": str(info.checkpoint), "target_kind": spec.get("kind"),
                    "target_colors": spec.get("colors"), "infer_config": _plain(cfg)}
-    summary: dict = {"volumes": {}}
+    summary: dict = {"run_dir": str(info.run_dir), "cohort": str(cohort.path) if cohort is not None else None, "volumes": {}}
     for job in jobs:
         normalize, norm_meta = _normalizer(job.volume, info)
         mask = _mask(job.volume, cfg)
@@ -163,11 +163,10 @@ def infer(cfg: Any) -> dict:
         for note in res.notes:
             log.info("%s grid: %s", job.volume_id, note)
         summary["volumes"][job.volume_id] = {"path": str(res.path), "tiles": res.tiles_computed, "seconds": round(res.seconds, 2),
-                                             "grid": res.grid.to_dict(), "notes": res.notes, "skipped": res.skipped}
+                                             "grid": res.grid.to_dict(), "notes": res.notes, "skipped": res.skipped,
+                                             "section_z_um": job.section_z_um}
         if rank == 0:
             _extras(job, res, pred, cfg, meta_common["target_kind"])
-    if rank == 0 and cohort is not None and cohort.truth is not None and cohort.truth.spec and cfg.evaluate:
-        summary["evaluation"] = _evaluate(jobs, cohort, cfg)
     if rank == 0:
         Path(cfg.output).mkdir(parents=True, exist_ok=True)
         (Path(cfg.output) / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
@@ -190,49 +189,9 @@ def _extras(job: VolumeJob, res: Any, pred: Predictor, cfg: Any, kind: str | Non
         export_bigtiff(res.path, job.out_dir / "maps.tif", job.out_dir / "ct_preview.ome.zarr" if cfg.ct_preview else None)
     if cfg.figures:
         names, colors = list(meta["targets"]), meta.get("target_colors")
+        label = "predicted proportion" if (kind or "composition") == "composition" else "predicted value"
         plot_orthoviews(maps, res.grid, names, job.out_dir / "figures" / "orthoviews.png", ct=ct, title=job.volume_id,
-                        colors=colors)
+                        section_z_um=job.section_z_um, value_label=label, colors=colors)
         plot_depth_proportions(maps, res.grid, names, job.out_dir / "figures" / "proportions_by_depth.png",
-                               kind=kind or "composition", title=job.volume_id, colors=colors)
-
-
-def _evaluation_table(df: Any) -> Any:
-    """Pearson r per target and the mean, one row per (volume, where, distance)."""
-    from rich.table import Table
-
-    table = Table(title="Pearson r against the phantom truth (maps vs 3D truth)", title_justify="left")
-    targets = [c for c in df.columns if c.startswith("r/")]
-    for name in ("volume", "where", "distance (um)", "points"):
-        table.add_column(name, justify="left" if name in ("volume", "where") else "right")
-    for c in targets:
-        table.add_column(c.removeprefix("r/"), justify="right")
-    table.add_column("mean r", justify="right", style="bold")
-    for _, r in df.iterrows():
-        distance = "" if r["distance_um"] != r["distance_um"] else f"{r['distance_um']:.0f}"
-        table.add_row(str(r["volume_id"]), str(r["where"]), distance, str(int(r["n"])),
-                      *[f"{r[c]:.2f}" for c in targets], f"{r['r_mean']:.3f}")
-    return table
-
-
-def _evaluate(jobs: list[VolumeJob], cohort: Any, cfg: Any) -> dict:
-    from rich.console import Console
-
-    from xpression.inference.evaluate import plot_accuracy_vs_distance, score_volume, summarise
-    from xpression.phantom import Phantom
-
-    phantom = Phantom.from_spec(cohort.truth.spec)
-    rows = []
-    for job in jobs:
-        maps, meta = read_maps(job.out_dir / "maps.ome.zarr")
-        from xpression.inference.grid import OutputGrid
-
-        rows += score_volume(maps, OutputGrid.from_dict(meta["grid"]), meta["targets"],
-                             lambda p, v=job.volume_id: phantom.programs_at(v, p), phantom.program_names,
-                             job.volume_id, job.section_z_um, cfg.eval_distances_um)
-    df = summarise(rows)
-    out = Path(cfg.output)
-    out.mkdir(parents=True, exist_ok=True)
-    df.to_csv(out / "evaluation.csv", index=False)
-    plot_accuracy_vs_distance(df, out / "accuracy_vs_distance.png")
-    Console(width=None if sys.stdout.isatty() else 160).print(_evaluation_table(df))
-    return {"csv": str(out / "evaluation.csv"), "rows": df.to_dict(orient="records")}
+                               kind=kind or "composition", title=job.volume_id, section_z_um=job.section_z_um,
+                               colors=colors)

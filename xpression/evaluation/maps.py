@@ -1,0 +1,233 @@
+"""Swept maps scored against a synthetic cohort's 3D truth, with the baselines without CT beside
+the model (what ``infer.py`` prints and writes to ``evaluation.csv`` for cohorts with truth).
+
+Score rows (``xpression.evaluation.scores``) per volume:
+
+- a volume with a trained section: ``section plane`` (the grid plane nearest the section, where
+  the model was trained: not a generalisation score) and ``plane`` rows at each distance
+  (both sides pooled, where the volume reaches), plus the run's own ``val``/``test spots`` rows
+  from its ``metrics.json``;
+- a volume without one: a ``volume`` row over every grid plane.
+
+Points are the grid points inside the tissue mask (finite predictions), about
+``max_points`` (50 000) per row at most: beyond that a seeded uniform subsample, so memory and
+time stay bounded on large volumes. Truth is the phantom's program composition at each point. The baselines are
+built from the run's training spots and their labels (``predictions.csv``): 2D extrusion and kNN
+in the trained volume, the per-animal mean everywhere (the training mean in other volumes), and
+extrusion from every spot of the section (held-out ones included) as a reference.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from xpression.evaluation.baselines import KNN_K, TrainingSpots, baseline_predictions
+from xpression.evaluation.scores import score_rows
+from xpression.inference.grid import OutputGrid
+
+__all__ = ["DEFAULT_DISTANCES_UM", "score_volume", "evaluate_maps"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DISTANCES_UM = (100.0, 200.0, 400.0, 600.0)
+MAX_POINTS = 50_000
+
+
+def _plane_points(maps: Any, grid: OutputGrid, iz: int, cols: list[int], keep: float,
+                  rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Finite predictions ``(N, T')`` of grid plane ``iz`` and their positions ``(N, 3)`` um,
+    each kept with probability ``keep``."""
+    plane = np.asarray(maps[:, iz], dtype=np.float32)[cols]  # (T', ny, nx)
+    valid = np.all(np.isfinite(plane), axis=0)
+    if keep < 1.0:
+        valid &= rng.random(valid.shape) < keep
+    yy, xx = np.nonzero(valid)
+    pts = np.stack([np.full(len(yy), grid.axis_um(0)[iz]), grid.axis_um(1)[yy], grid.axis_um(2)[xx]], axis=1)
+    return plane[:, yy, xx].T, pts
+
+
+def score_volume(
+    maps: Any,
+    grid: OutputGrid,
+    targets: Sequence[str],
+    truth_fn: Callable[[np.ndarray], np.ndarray],
+    program_names: Sequence[str],
+    volume_id: str,
+    kind: str = "composition",
+    section_z_um: float | None = None,
+    distances_um: Sequence[float] = DEFAULT_DISTANCES_UM,
+    baselines_fn: Callable[[np.ndarray], Mapping[str, np.ndarray]] | None = None,
+    condition: str | None = None,
+    max_points: int = MAX_POINTS,
+    seed: int = 0,
+) -> list[dict]:
+    """Score rows for one volume's maps ``(T, nz, ny, nx)`` (a zarr level).
+
+    ``truth_fn(points_um (N, 3)) -> (N, P)`` true programs named ``program_names``;
+    ``baselines_fn(points_um) -> {baseline: (N, T)}`` in the order of ``targets``. With
+    ``section_z_um`` (this volume's trained section) rows ``section plane`` and ``plane``,
+    without it one ``volume`` row. Targets that are not truth programs are left out.
+    """
+    cols = [i for i, t in enumerate(targets) if t in program_names]
+    if not cols:
+        return []
+    names = [targets[i] for i in cols]
+    prog = [list(program_names).index(n) for n in names]
+    rows: list[dict] = []
+    rng = np.random.default_rng(seed)
+
+    def row(where: str, dist: float, planes: list[int]) -> None:
+        keep = min(1.0, max_points / max(len(planes) * grid.shape[1] * grid.shape[2], 1))
+        parts = [_plane_points(maps, grid, iz, cols, keep, rng) for iz in planes]
+        pred = np.concatenate([p for p, _ in parts])
+        pts = np.concatenate([q for _, q in parts])
+        if len(pts) < 2:
+            return
+        preds = {"model": pred}
+        if baselines_fn is not None:
+            preds.update({k: np.asarray(v)[:, cols] for k, v in baselines_fn(pts).items()})
+        truth = np.asarray(truth_fn(pts))[:, prog]
+        rows.extend(score_rows(preds, truth, names, kind, volume_id=volume_id, condition=condition, where=where, distance_um=dist))
+
+    if section_z_um is None:
+        row("volume", float("nan"), list(range(grid.shape[0])))
+        return rows
+    z = grid.axis_um(0)
+    dz = grid.spacing_um[0]
+    row("section plane", 0.0, [int(np.argmin(np.abs(z - section_z_um)))])
+    for d in distances_um:
+        planes = [int(np.argmin(np.abs(z - t))) for t in (section_z_um - d, section_z_um + d)
+                  if z[0] - dz / 2 <= t <= z[-1] + dz / 2]
+        if planes:
+            row("plane", float(d), sorted(set(planes)))
+    return rows
+
+
+def _training_spots(run_dir: Path, targets: Sequence[str]) -> tuple[TrainingSpots, TrainingSpots] | None:
+    """The run's training spots and every spot of its sections, with their labels."""
+    path = run_dir / "predictions.csv"
+    if not path.is_file():
+        log.info("no %s: maps scored without the baselines", path)
+        return None
+    table = pd.read_csv(path)
+    labels = [f"true/{t}" for t in targets]
+    if not set(labels) <= set(table.columns):
+        log.info("%s lacks the labels of %s: maps scored without the baselines", path, list(targets))
+        return None
+    return TrainingSpots.from_table(table, labels), TrainingSpots.from_table(table, labels, split=None)
+
+
+def _spot_rows(run_dir: Path) -> list[dict]:
+    """The run's own held-out spot rows (val/test) from its metrics.json."""
+    path = run_dir / "metrics.json"
+    if not path.is_file():
+        return []
+    rows = json.loads(path.read_text()).get("scores") or []
+    return [r for r in rows if r.get("where") in ("val spots", "test spots")]
+
+
+def evaluate_maps(run_dir: str | Path, output: str | Path, volumes: Mapping[str, Mapping[str, Any]], cohort: Any,
+                  distances_um: Sequence[float] = DEFAULT_DISTANCES_UM, kind: str = "composition",
+                  k: int = KNN_K, max_points: int = MAX_POINTS, figures: bool = True) -> pd.DataFrame:
+    """Score every swept volume of ``volumes`` (``{volume_id: {"path": maps store,
+    "section_z_um": trained section z or None}}``) against ``cohort``'s truth; writes
+    ``<output>/evaluation.csv`` (score rows, held-out spot rows of the run included) and, with
+    ``figures``, ``accuracy_vs_distance.png`` and ``<volume>/figures/truth_vs_prediction.png``.
+    Returns the rows as a DataFrame."""
+    from xpression.evaluation.figures import plot_run_scores
+    from xpression.inference.figures import plot_orthoviews
+    from xpression.inference.writers import read_maps
+    from xpression.phantom import Phantom
+
+    run_dir, output = Path(run_dir), Path(output)
+    phantom = Phantom.from_spec(cohort.truth.spec)
+    conditions = {v.id: v.condition for v in cohort.volumes}
+    rows: list[dict] = list(_spot_rows(run_dir))
+    train = None
+    for vid, job in volumes.items():
+        maps, meta = read_maps(Path(job["path"]))
+        grid = OutputGrid.from_dict(meta["grid"])
+        targets = list(meta["targets"])
+        if train is None:
+            train = _training_spots(run_dir, targets)
+        base = None if train is None else (lambda p, v=vid: baseline_predictions(train[0], v, p, k, train[1]))
+        truth = lambda p, v=vid: phantom.programs_at(v, p)  # noqa: E731
+        z = job.get("section_z_um")
+        rows += score_volume(maps, grid, targets, truth, phantom.program_names, vid, kind, z, distances_um, base,
+                             conditions.get(vid), max_points)
+        if figures:
+            cols = [i for i, t in enumerate(targets) if t in phantom.program_names]
+            plot_orthoviews(maps, grid, targets, output / vid / "figures" / "truth_vs_prediction.png",
+                            title=f"{vid}: truth beside prediction", section_z_um=z, channels=cols,
+                            truth=_GridTruth(truth, grid, [phantom.program_names.index(targets[i]) for i in cols]),
+                            value_label="program proportion" if kind == "composition" else "value", views=(0, 1))
+    df = pd.DataFrame(rows)
+    output.mkdir(parents=True, exist_ok=True)
+    df.to_csv(output / "evaluation.csv", index=False)
+    if figures and len(df):
+        plot_run_scores(df, output / "accuracy_vs_distance.png")
+    return df
+
+
+class _GridTruth:
+    """The truth on an output grid, channel-first like the maps (``[t, z, y, x]`` index with
+    integers and full slices), computed once per requested plane for every program."""
+
+    def __init__(self, truth_fn: Callable[[np.ndarray], np.ndarray], grid: OutputGrid, programs: list[int]):
+        self.truth_fn, self.grid, self.programs = truth_fn, grid, programs
+        self.shape = (len(programs), *grid.shape)
+        self._planes: dict[str, np.ndarray] = {}
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        t, *rest = key if isinstance(key, tuple) else (key,)
+        rest = rest + [slice(None)] * (3 - len(rest))
+        tag = repr(rest)
+        if tag not in self._planes:
+            sel = [np.atleast_1d(self.grid.axis_um(a)[r]) for a, r in enumerate(rest)]
+            zz, yy, xx = np.meshgrid(*sel, indexing="ij")
+            pts = np.stack([zz.ravel(), yy.ravel(), xx.ravel()], axis=1)
+            vals = np.asarray(self.truth_fn(pts))[:, self.programs].T.reshape(len(self.programs), *zz.shape)
+            squeeze = tuple(1 + a for a, r in enumerate(rest) if isinstance(r, (int, np.integer)))
+            self._planes[tag] = vals.squeeze(axis=squeeze) if squeeze else vals
+        return self._planes[tag][t]
+
+
+def evaluate_inference(cfg: Any, summary: Mapping[str, Any]) -> dict | None:
+    """``infer.py``'s scoring step: when ``cfg.evaluate`` and the swept cohort has a truth spec,
+    score every swept volume (:func:`evaluate_maps`), print the per-volume table with the
+    baselines beside the model and add ``evaluation`` to ``<output>/summary.json``."""
+    import sys
+
+    from rich.console import Console
+
+    from xpression.data.manifest import load_manifest
+    from xpression.evaluation.scores import scores_table
+    from xpression.inference.writers import read_maps
+
+    if not cfg.get("evaluate", True) or not summary.get("cohort") or not summary.get("volumes"):
+        return None
+    cohort = load_manifest(summary["cohort"])
+    if cohort.truth is None or not cohort.truth.spec:
+        return None
+    volumes = dict(summary["volumes"])
+    _, meta = read_maps(Path(next(iter(volumes.values()))["path"]))
+    kind = meta.get("target_kind") or "composition"
+    df = evaluate_maps(summary["run_dir"], cfg.output, volumes, cohort, list(cfg.get("eval_distances_um") or DEFAULT_DISTANCES_UM),
+                       kind=kind, figures=bool(cfg.get("figures", True)))
+    Console(width=None if sys.stdout.isatty() else 200).print(scores_table(
+        df.to_dict(orient="records"), "Accuracy per volume against the phantom truth: model and baselines without CT "
+        "(held-out spots from training; planes and other volumes from the swept maps)"))
+    out = Path(cfg.output)
+    evaluation = {"csv": str(out / "evaluation.csv"), "rows": df.to_dict(orient="records")}
+    path = out / "summary.json"
+    if path.is_file():
+        full = json.loads(path.read_text())
+        full["evaluation"] = evaluation
+        path.write_text(json.dumps(full, indent=2, default=str))
+    return evaluation

@@ -1,0 +1,79 @@
+"""Everything a training run is scored on, in one call: ``evaluate_run``.
+
+Held-out spots of the trained sections and, with a probe, planes away from them and volumes
+without a training section; per volume, the model beside the baselines without CT and the
+features + ridge baseline fitted on the run's own patch, split and training spots (so every
+comparison with it is paired).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from xpression.evaluation.baselines import KNN_K
+from xpression.evaluation.scores import evaluate_spots
+
+__all__ = ["evaluate_run", "fit_ridge_baseline"]
+
+log = logging.getLogger(__name__)
+
+
+def fit_ridge_baseline(datamodule: Any) -> Any:
+    """The features + ridge baseline on the data module's patch and training spots."""
+    from xpression.models.ridge import RidgeBaseline
+
+    spot_radius_vox = 27.5 / float(datamodule.voxel_size_um[2])
+    return RidgeBaseline(datamodule.target_spec, datamodule.patch_shape_vox, spot_radius_vox).fit(datamodule)
+
+
+def _ridge_columns(ridge: Any, datamodule: Any, table: pd.DataFrame) -> pd.DataFrame:
+    names = list(datamodule.target_spec.names)
+    pred = np.full((len(table), len(names)), np.nan)
+    for batch in datamodule.predict_dataloader():
+        pred[batch["index"].numpy()] = ridge.predict_patches(batch["image"][:, 0].numpy())
+    out = table.copy()
+    for j, n in enumerate(names):
+        out[f"ridge/{n}"] = pred[:, j]
+    return out
+
+
+def evaluate_run(model: Any, datamodule: Any, predictions: pd.DataFrame, off_plane: Any = None,
+                 ridge: bool = True, k: int = KNN_K) -> tuple[dict[str, Any], pd.DataFrame]:
+    """Per-volume scores of a trained ``model`` and its baselines.
+
+    Args:
+        predictions: ``predict_spots``' table (every spot, its split, ``true/`` and ``pred/``).
+        off_plane: probe settings (``OffPlaneProbe`` or its dict) or None for spots only.
+        ridge: also fit and score the features + ridge baseline on this run's patch (skipped
+            when the model is that baseline).
+        k: neighbours of the kNN baseline.
+
+    Returns:
+        The metrics (``evaluate_spots``' keys; ``scores`` also holds the probe rows and
+        ``off_plane`` the probe's counts and exclusions) and the spot table with every
+        baseline's prediction added (``ridge/``, ``extrusion/``, ``knn/``, ... columns).
+    """
+    from xpression.data.manifest import Cohort, load_manifest
+    from xpression.evaluation.scores import spot_baselines
+    from xpression.models.ridge import RidgeBaseline
+
+    spec = datamodule.target_spec
+    names = list(spec.names)
+    cohort = datamodule.manifest if isinstance(datamodule.manifest, Cohort) else load_manifest(datamodule.manifest)
+    conditions = {v.id: v.condition for v in cohort.volumes}
+    ridge_model = None
+    if ridge and not isinstance(model, RidgeBaseline):
+        ridge_model = fit_ridge_baseline(datamodule)
+        predictions = _ridge_columns(ridge_model, datamodule, predictions)
+    metrics = evaluate_spots(predictions, names, spec.kind, k=k, conditions=conditions)
+    if off_plane is not None:
+        from xpression.evaluation.generalisation import evaluate_off_plane
+
+        off = evaluate_off_plane(model, datamodule, predictions, off_plane, ridge=ridge_model, k=k)
+        metrics["scores"] += off.pop("scores", [])
+        metrics["off_plane"] = off
+    return metrics, spot_baselines(predictions, names, k)
