@@ -98,16 +98,13 @@ def _normalizer(volume: Any, info: RunInfo) -> Any:
     reference = data_cfg.get("intensity_reference")
     # A reference volume id names a volume of the *training* cohort.
     training_cohort = load_manifest(data_cfg["manifest"]) if reference and data_cfg.get("manifest") else None
+    from xpression.data.intensity import Quantised
+
     norm = volume_intensity_transform(base, training_cohort, reference, seed=info.seed)
     # Training caches normalised slabs as uint8 (round(255 x)) unless data.cache_dtype says otherwise.
     quantise = data_cfg.get("cache_dtype", "uint8") == "uint8"
-
-    def apply(block: np.ndarray) -> np.ndarray:
-        x = norm(block)
-        return np.rint(x * 255.0) * np.float32(1 / 255.0) if quantise else x
-
     described = norm.to_dict() if hasattr(norm, "to_dict") else {"reference": str(reference), **norm.normalizer.to_dict()}
-    return apply, described
+    return (Quantised(norm) if quantise else norm), described
 
 
 def _mask(volume: Any, cfg: Any) -> Any:
@@ -134,7 +131,11 @@ def _precheck(jobs: list[VolumeJob], pred: Predictor, cfg: Any, identity: dict) 
 def infer(cfg: Any) -> dict:
     """Run the whole sweep described by the ``conf/infer.yaml`` config; returns a summary."""
     info = resolve_run(cfg.run, cfg.checkpoint)
-    pred, hp = load_predictor(info, cfg.device, cfg.precision)
+    pred, hp = load_predictor(info, cfg.device, cfg.precision, compile=bool(cfg.get("compile", False)))
+    if pred.device.type == "cuda" and cfg.get("cudnn_benchmark", True):
+        import torch
+
+        torch.backends.cudnn.benchmark = True  # tiles of one shape: each convolution autotuned once
     jobs, cohort = plan_jobs(cfg, info)
     identity = info.identity()
     _precheck(jobs, pred, cfg, identity)
@@ -152,7 +153,7 @@ def infer(cfg: Any) -> dict:
             metadata={**meta_common, "volume_id": job.volume_id, "normalizer": norm_meta,
                       "ct": {"path": str(getattr(job.volume, "path", "")), "preview": "../ct_preview.ome.zarr"}},
             levels=cfg.levels, overwrite=cfg.overwrite, rank=rank, world=world, prefetch=cfg.prefetch,
-            progress=cfg.progress)
+            readers=cfg.get("readers"), pad_tiles=cfg.get("pad_tiles"), progress=cfg.progress)
         for note in res.notes:
             log.info("%s grid: %s", job.volume_id, note)
         summary["volumes"][job.volume_id] = {"path": str(res.path), "tiles": res.tiles_computed, "seconds": round(res.seconds, 2),
