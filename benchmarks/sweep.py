@@ -260,7 +260,7 @@ def profile_trunk(pred, plan, tile_shape, batch_size: int, path: Path) -> None:
     with profile(activities=acts) as prof:
         pred.dense_tensor(x, step=steps)
         _sync(pred.device)
-    key = "cuda_time_total" if pred.device.type == "cuda" else "cpu_time_total"
+    key = "device_time_total" if pred.device.type == "cuda" else "cpu_time_total"
     path.write_text(prof.key_averages().table(sort_by=key, row_limit=25))
 
 
@@ -349,6 +349,7 @@ def main() -> None:
     ap.add_argument("--cudnn-benchmark", action=argparse.BooleanOptionalAction, default=True,
                     help="CUDA: autotune convolutions (the bare trunk is timed both ways)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the network")
+    ap.add_argument("--bare-seconds", type=float, default=3.0, help="time the bare trunk for this long")
     ap.add_argument("--tmp", default=None, help="folder for the temporary map stores")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
     ap.add_argument("--profile", type=Path, default=None, help="write a kernel profile of one bare-trunk forward here")
@@ -421,11 +422,12 @@ def main() -> None:
         if cuda:  # the bare trunk both ways, then the end to end with the chosen setting
             for bench in (False, True):
                 torch.backends.cudnn.benchmark = bench
-                report[f"bare_cudnn_benchmark_{'on' if bench else 'off'}"] = bare_trunk(pred, plan, tile_shape, grid, args.batch_size)
+                report[f"bare_cudnn_benchmark_{'on' if bench else 'off'}"] = bare_trunk(pred, plan, tile_shape, grid, args.batch_size,
+                                                                                        args.bare_seconds)
             torch.backends.cudnn.benchmark = bool(args.cudnn_benchmark)
             report["bare"] = report[f"bare_cudnn_benchmark_{'on' if args.cudnn_benchmark else 'off'}"]
         else:
-            report["bare"] = bare_trunk(pred, plan, tile_shape, grid, args.batch_size)
+            report["bare"] = bare_trunk(pred, plan, tile_shape, grid, args.batch_size, args.bare_seconds)
         emit()
         e2e = throughput(vol, pred, norm, mask, grid, args)
         report["e2e"] = e2e
