@@ -439,7 +439,8 @@ def sweep_tiles(
         prefetch: tiles read ahead of the network (0: read inline; default: one more than
             ``readers``, at least 2).
         skip_empty: do not yield tiles without tissue.
-        readers: threads reading ahead (default 1 on the CPU, up to 8 beside a GPU).
+        readers: threads reading ahead (default 1 on the CPU, up to 4 beside a GPU; each read
+            also decodes its chunks on the volume library's own threads).
         normalize_on_device: normalise raw blocks with the transform's ``apply_torch`` next to
             the network (default: on a GPU, when the transform has one; same numbers).
         pad_tiles: dense mode, every slab spans a whole tile (past the volume and the tissue;
@@ -457,7 +458,7 @@ def sweep_tiles(
     order = range(len(tiling)) if tiles is None else tiles
     on_gpu = pred.device.type == "cuda"
     if readers is None:
-        readers = min(8, max(1, (os.cpu_count() or 2) // 2)) if on_gpu else 1
+        readers = min(4, max(1, (os.cpu_count() or 2) // 2)) if on_gpu else 1
     if prefetch is None:
         prefetch = max(2, readers + 1)
     if pad_tiles is None:
