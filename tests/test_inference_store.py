@@ -184,3 +184,17 @@ def test_auto_tiles_follow_device_memory_and_a_resumed_store_keeps_its_own(volum
     res = infer_volume(volume, pred(), out, normalize=norm, identity={"run": "r1"}, **{**kw, "tile_vox": "auto"})
     assert res.complete and res.tiles_computed == res.tiles_tissue - 1
     assert res.tile_shape == tuple(read_maps(out)[1]["tile_shape"])
+
+
+def test_each_torchrun_process_takes_its_own_gpu(monkeypatch):
+    from xpression.inference.shards import process_device
+
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert process_device("auto") == "auto"
+    monkeypatch.setenv("LOCAL_RANK", "5")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert process_device("cuda") == "cuda"  # no GPU: unchanged
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert process_device("auto") == "cuda:1" and process_device(None) == "cuda:1"
+    assert process_device("cpu") == "cpu" and process_device("cuda:3") == "cuda:3"

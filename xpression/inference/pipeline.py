@@ -19,7 +19,7 @@ import numpy as np
 
 from xpression.inference.predictor import InferenceError, Predictor
 from xpression.inference.runs import RunInfo, load_predictor, resolve_run
-from xpression.inference.shards import dist_rank_world
+from xpression.inference.shards import dist_rank_world, process_device
 from xpression.inference.volume_sweep import infer_volume, plan_grid
 from xpression.inference.writers import _read_meta, export_bigtiff, read_maps, write_ct_preview
 
@@ -131,11 +131,13 @@ def _precheck(jobs: list[VolumeJob], pred: Predictor, cfg: Any, identity: dict) 
 def infer(cfg: Any) -> dict:
     """Run the whole sweep described by the ``conf/infer.yaml`` config; returns a summary."""
     info = resolve_run(cfg.run, cfg.checkpoint)
-    pred, hp = load_predictor(info, cfg.device, cfg.precision, compile=bool(cfg.get("compile", False)))
-    if pred.device.type == "cuda" and cfg.get("cudnn_benchmark", True):
+    pred, hp = load_predictor(info, process_device(cfg.device), cfg.precision, compile=bool(cfg.get("compile", False)))
+    if pred.device.type == "cuda":
         import torch
 
-        torch.backends.cudnn.benchmark = True  # tiles of one shape: each convolution autotuned once
+        torch.cuda.set_device(pred.device)
+        if cfg.get("cudnn_benchmark", True):
+            torch.backends.cudnn.benchmark = True  # tiles of one shape: each convolution autotuned once
     jobs, cohort = plan_jobs(cfg, info)
     identity = info.identity()
     _precheck(jobs, pred, cfg, identity)

@@ -399,7 +399,7 @@ def _launch(pred: Predictor, plan: SweepPlan, grid: OutputGrid, inp: _TileInput,
     host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
     host.copy_(out, non_blocking=True)
     done = torch.cuda.Event()
-    done.record()
+    done.record(torch.cuda.current_stream(dev))
     return _Launched(inp.tile, host, int(inp.mask.sum()), voxels, t0, done)
 
 
