@@ -234,7 +234,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", REPO / "gpu_check_out")))
     ap.add_argument("--cpu-smoke", action="store_true", help="every stage tiny on the CPU (tests)")
-    ap.add_argument("--budget-s", type=float, default=None, help="overall time for the stages (default 300; smoke 600)")
+    ap.add_argument("--budget-s", type=float, default=None, help="overall time for the stages (default 290; smoke 600)")
     ap.add_argument("--cohort", type=Path, default=None, help="an existing phantom cohort for the training stages")
     ap.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one)")
     ap.add_argument("--make-volume", type=Path, default=None, help=argparse.SUPPRESS)
@@ -251,7 +251,7 @@ def main() -> None:
 
     smoke = args.cpu_smoke
     args.out.mkdir(parents=True, exist_ok=True)
-    st = Stages(args.out, args.budget_s or (600.0 if smoke else 300.0))
+    st = Stages(args.out, args.budget_s or (600.0 if smoke else 290.0))
     work = args.work or Path(tempfile.mkdtemp(prefix="gpu_check_work_"))
     work.mkdir(parents=True, exist_ok=True)
     st.say(f"gpu_check {'(CPU smoke)' if smoke else ''} started {time.strftime('%Y-%m-%d %H:%M:%S')}; out {args.out}; work {work}")
