@@ -1,16 +1,21 @@
-"""Patches/s delivered by the DataModule next to the training-step rate of a small 3D CNN.
+"""Patches/s delivered by the DataModule (per worker count) next to the training-step rate of a small 3D CNN.
 
-    python benchmarks/loader.py [--manifest PATH] [--batch-size 16] [--num-workers 0] [--threads 1]
-                                [--voxel-size-um 1.6]
+    python benchmarks/loader.py [--manifest PATH] [--batch-size 16] [--num-workers 0 [4 8 ...]]
+                                [--threads 1] [--voxel-size-um 1.6] [--device cpu|cuda] [--json PATH]
 
 Without ``--manifest``: ``data/phantom_default/cohort.yaml`` if present, else the tiny phantom
 generated into a temporary folder. Default geometry (34 x 205 x 205 um at the volume's voxel
-size), stratified sampler, default augmentations. The loader should be >= 5x the model.
+size), stratified sampler, default augmentations. The loader is timed as training consumes it:
+batches moved to ``--device`` (pinned memory on a GPU), made float32 and augmented there, after
+the first batch (worker start-up) and over ``--seconds`` per worker count; one loader with
+persistent workers serves every epoch, as in a Trainer.
+The loader should be >= 5x the model.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 import tempfile
@@ -57,21 +62,31 @@ def _model(dm: XPressionDataModule) -> tuple[nn.Module, str]:
         return net, "inline 3-layer CNN"
 
 
-def _loader_rate(dm: XPressionDataModule, seconds: float) -> tuple[float, int]:
-    n, start = 0, time.perf_counter()
-    epoch = 0
-    while time.perf_counter() - start < seconds:
+def _loader_rate(dm: XPressionDataModule, seconds: float, device: torch.device) -> tuple[float, int]:
+    epoch, n = 0, 0
+    start = None
+    loader = dm.train_dataloader()  # once, as a Trainer does: persistent workers serve every epoch
+    while start is None or time.perf_counter() - start < seconds:
         dm.set_epoch(epoch)
-        for batch in dm.train_dataloader():
-            batch = dm.apply_augment(batch)
+        for batch in loader:
+            batch = dm.apply_augment(dm.device_batch(batch, device))
+            if start is None:  # the first batch pays for starting the workers
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                start = time.perf_counter()
+                continue
             n += batch["image"].shape[0]
+            if time.perf_counter() - start > seconds:
+                break
         epoch += 1
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     return n / (time.perf_counter() - start), n
 
 
 def _model_rate(model: nn.Module, batch: dict, steps: int) -> float:
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-    model.train()
+    model.to(batch["image"].device).train()
 
     def step() -> None:
         out = model(batch["image"])
@@ -82,9 +97,13 @@ def _model_rate(model: nn.Module, batch: dict, steps: int) -> float:
         opt.step()
 
     step()  # warm-up
+    if batch["image"].is_cuda:
+        torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(steps):
         step()
+    if batch["image"].is_cuda:
+        torch.cuda.synchronize()
     return steps * batch["image"].shape[0] / (time.perf_counter() - start)
 
 
@@ -92,41 +111,58 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--manifest", default=None)
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--num-workers", type=int, default=0)
+    ap.add_argument("--num-workers", type=int, nargs="+", default=[0], help="one or more worker counts")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (shared machines: 1)")
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--voxel-size-um", type=float, default=None, help="model voxel size (default: the volume's)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--model", action=argparse.BooleanOptionalAction, default=True, help="also time a training step")
+    ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
     with tempfile.TemporaryDirectory() as tmp:
         manifest = _manifest(args.manifest, tmp)
         dm = XPressionDataModule(
             manifest, sampler=StratifiedSampler(voxel_size_um=args.voxel_size_um), split=SpatialBlocksSplit(),
-            batch_size=args.batch_size, num_workers=args.num_workers, seed=0,
+            batch_size=args.batch_size, num_workers=args.num_workers[0], pin_memory=device.type == "cuda", seed=0,
         )
         t0 = time.perf_counter()
         spec, shape = dm.target_spec, dm.patch_shape_vox
         t1 = time.perf_counter()
         dm.setup("fit")
         t2 = time.perf_counter()
-        loader, n = _loader_rate(dm, args.seconds)
-        model, model_name = _model(dm)
-        batch = next(iter(dm.train_dataloader()))
-        model_rate = _model_rate(model, batch, args.steps)
+        rates = {}
+        for w in args.num_workers:
+            dm.num_workers, dm.persistent_workers = w, w > 0
+            rates[w] = _loader_rate(dm, args.seconds, device)
+        model_rate = None
+        if args.model:
+            model, model_name = _model(dm)
+            batch = dm.device_batch(next(iter(dm.train_dataloader())), device)
+            model_rate = _model_rate(model, batch, args.steps)
     spots = dm.spots
     print(f"cohort {manifest} | {spots['section_id'].nunique()} sections, {len(spots)} spots "
           f"({int((spots['split'] == 'train').sum())} train) | patch {shape} vox at {dm.voxel_size_um} um | "
-          f"batch {args.batch_size}, workers {args.num_workers}, torch threads {args.threads}")
+          f"batch {args.batch_size}, torch threads {args.threads}, {device}")
     print(f"sections + targets + split: {t1 - t0:.2f} s; slab read + cache: {t2 - t1:.2f} s")
-    rows = [
-        ("DataModule train loader (+ augment)", loader, f"{n} patches"),
-        (f"training step, {model_name}", model_rate, f"{args.steps} steps"),
-    ]
-    print(f"{'what':<42}{'patches/s':>12}  note")
+    rows = [(f"DataModule train loader, {w} workers (+ augment)", r, f"{n} patches") for w, (r, n) in rates.items()]
+    if model_rate is not None:
+        rows.append((f"training step, {model_name}", model_rate, f"{args.steps} steps"))
+    print(f"{'what':<48}{'patches/s':>12}  note")
     for what, rate, note in rows:
-        print(f"{what:<42}{rate:>12.0f}  {note}")
-    print(f"{'loader / model':<42}{loader / model_rate:>11.1f}x  (target >= 5x)")
+        print(f"{what:<48}{rate:>12.0f}  {note}")
+    first = rates[args.num_workers[0]][0]
+    for w, (r, _) in list(rates.items())[1:]:
+        print(f"{f'{w} workers / {args.num_workers[0]} workers':<48}{r / first:>11.1f}x")
+    if model_rate is not None:
+        best = max(r for r, _ in rates.values())
+        print(f"{'loader (best) / model':<48}{best / model_rate:>11.1f}x  (target >= 5x)")
+    if args.json:
+        args.json.write_text(json.dumps({"patch_shape_vox": list(shape), "batch_size": args.batch_size, "device": str(device),
+                                         "loader_patches_s": {str(w): r for w, (r, _) in rates.items()},
+                                         "model_patches_s": model_rate}, indent=2))
 
 
 if __name__ == "__main__":

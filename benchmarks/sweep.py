@@ -1,7 +1,8 @@
-"""Patch vs dense sweep on the same model and output grid, and peak memory for two volume sizes.
+"""Sweep speed: end to end against a bare trunk, patch vs dense mode, peak memory.
 
-    python benchmarks/sweep.py [--model cnn3d|published|published-same] [--cohort COHORT.yaml]
-                               [--out DIR] [--size-um Z Y X] [--threads N]
+    python benchmarks/sweep.py [--model cnn3d|published|published-same] [--device cpu|cuda]
+                               [--cohort COHORT.yaml | --volume VOLUME.ome.zarr] [--out DIR]
+                               [--size-um Z Y X] [--tile-vox Z Y X | --tile-vox auto] [--threads N]
 
 Networks (``--model``), all with random weights (speed does not depend on them), on the paper's
 grid density (33.6 x 25.6 x 25.6 um):
@@ -15,17 +16,33 @@ grid density (33.6 x 25.6 x 25.6 um):
 - ``published-same``: ``cnn3d_paper``, the published network as published (same padding) on the
   same patch. Not dense-equivalent: the script reports how far dense is from patch mode.
 
-Without ``--cohort`` a one-volume cohort with the ``large`` phantom preset's parameters is
-generated in ``--out`` (``--size-um`` crops it: the full 6.4 mm cube takes long to generate and
-patch mode over it would take hours on a CPU; the published networks get 1.6 um voxels).
-Dense mode runs over every tissue tile; patch mode over the first ``--patch-points`` tissue
-points of the middle tiles, and its time for the whole volume is extrapolated from its
-measured rate per grid point (printed as such). Two ceilings are printed next to the measured
-speed-up: the FLOP ceiling (FLOPs of one patch forward over dense FLOPs per grid point for
-these tiles) and the overlap bound (input voxels of a patch over input voxels per grid point:
-what a sweep that computes each first-layer output once could at most save).
-Peak RSS is measured in fresh processes sweeping (dense, streaming to a map store) a crop of
-the volume and a crop 8x larger (2x per axis).
+Without ``--cohort`` or ``--volume`` a one-volume cohort with the ``large`` phantom preset's
+parameters is generated in ``--out`` (``--size-um`` crops it: the full 6.4 mm cube takes long to
+generate and patch mode over it would take hours on a CPU; the published networks get 1.6 um
+voxels). ``--volume`` sweeps an existing volume (e.g. OME-Zarr) with its own robust-range
+normalisation, quantised as a uint8 training cache is (``--mask none`` or ``otsu``).
+
+What is measured, in one run, on ``--device`` (CUDA: bf16 autocast, channels-last):
+
+1. ``--throughput`` (default on CUDA and with ``--volume``): the end-to-end sweep
+   (``infer_volume``: read, normalise, network, write the map store) over the whole volume, run
+   twice (the first warms up cuDNN's autotuning and the caches); volume voxels per second
+   (whole run, and steady state after the first tile), grid points per second, peak GPU memory,
+   and the time a whole lung (2,000 x 9,000 x 9,000 voxels) would take at that rate. Next to it
+   the bare trunk: the same network on random input slabs of the same shape already on the
+   device, no I/O, timed alone; the ratio end to end / bare trunk is what the pipeline costs.
+2. Patch vs dense mode on the same points: dense runs over every tissue tile (CPU) or the
+   middle tiles (``--throughput``); patch mode over the first ``--patch-points`` tissue points
+   of the middle tiles, and its time for the whole volume is extrapolated from its measured rate
+   per grid point (printed as such). Two ceilings are printed next to the measured speed-up: the
+   FLOP ceiling (FLOPs of one patch forward over dense FLOPs per grid point for these tiles) and
+   the overlap bound (input voxels of a patch over input voxels per grid point: what a sweep
+   that computes each first-layer output once could at most save).
+3. On the CPU, peak RSS in fresh processes sweeping (dense, streaming to a map store) a crop of
+   the volume and a crop 8x larger (2x per axis); ``--no-rss`` skips it.
+
+``--json PATH`` also writes the figures as JSON; ``--profile PATH`` writes the slowest device
+kernels of one bare-trunk forward (torch.profiler).
 """
 
 from __future__ import annotations
@@ -33,6 +50,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -100,26 +118,37 @@ def build_model(voxel_um: float, targets: int = 6):
     return build_net(cfg, spec, PUBLISHED_PATCH).eval()
 
 
-def setup(cohort: Path):
+DEVICE = "cpu"
+COMPILE = False
+
+
+def setup(cohort: Path | None, volume: Path | None = None):
+    """``(volume, predictor, normaliser, mask)`` for a cohort's first volume or a volume file."""
     import torch
 
-    from xpression.data.intensity import IntensityNormalizer
-    from xpression.data.manifest import load_manifest
+    from xpression.data.intensity import IntensityNormalizer, Quantised
     from xpression.data.mask import tissue_mask
     from xpression.data.volume import open_volume
     from xpression.inference.predictor import Predictor
 
-    entry = load_manifest(cohort).volumes[0]
-    vol = open_volume(entry.image, entry.voxel_size_um)
+    if volume is not None:
+        vol = open_volume(volume)
+        norm = Quantised(IntensityNormalizer.from_volume(vol))
+    else:
+        from xpression.data.manifest import load_manifest
+
+        entry = load_manifest(cohort).volumes[0]
+        vol = open_volume(entry.image, entry.voxel_size_um)
+        norm = IntensityNormalizer.from_volume(vol)
     torch.manual_seed(0)
-    pred = Predictor(build_model(vol.voxel_size_um[2]), device="cpu", precision="fp32")
-    norm = IntensityNormalizer.from_volume(vol)
+    pred = Predictor(build_model(vol.voxel_size_um[2]), device=DEVICE, precision="auto", compile=COMPILE)
     if MASK == "truth":
+        from xpression.data.manifest import load_manifest
         from xpression.phantom import Phantom
 
         phantom = Phantom.from_spec(load_manifest(cohort).truth.spec)
         return vol, pred, norm, lambda p: phantom.organ_sd(entry.id, p) <= 0
-    return vol, pred, norm, tissue_mask(vol)
+    return vol, pred, norm, (tissue_mask(vol) if MASK == "otsu" else None)
 
 
 def rss_child(args) -> None:
@@ -129,7 +158,7 @@ def rss_child(args) -> None:
     torch.set_num_threads(args.threads)
     from xpression.inference.volume_sweep import infer_volume
 
-    vol, pred, norm, mask = setup(Path(args.cohort))
+    vol, pred, norm, mask = setup(args.cohort, args.volume)
     f = args.rss_child
     shape = [max(1, int(s * f)) for s in vol.shape]
     start = [(n - s) // 2 for n, s in zip(vol.shape, shape)]
@@ -170,6 +199,125 @@ def overlap_bound(patch_shape, grid) -> float:
     return float(np.prod([max(1.0, p / s) for p, s in zip(patch_shape, grid.step_vox)]))
 
 
+LUNG_VOXELS = 2000 * 9000 * 9000  # a whole mouse lung at 1.6 um
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bare_trunk(pred, plan, tile_shape, grid, batch_size: int, seconds: float = 3.0) -> dict:
+    """The network alone over random input slabs of one tile, already on the device: volume
+    voxels covered per second (the sweep's accounting), timed with device events."""
+    import torch
+
+    from xpression.inference.volume_sweep import slab_input_shape
+
+    count, shape = slab_input_shape(plan, tile_shape)
+    n = min(count, batch_size)
+    steps = tuple(ax.step for ax in plan.axes)
+    g = torch.Generator(device=pred.device).manual_seed(0)
+    inputs = [torch.rand((n,) + shape, generator=g, device=pred.device) for _ in range(2)]  # never time zeros
+    voxels = n * int(np.prod([t * s for t, s in zip([1 if ax.split else t for ax, t in zip(plan.axes, tile_shape)], grid.step_vox)]))
+    for x in inputs:  # warm-up: kernels chosen (and autotuned) here
+        pred.dense_tensor(x, step=steps)
+    _sync(pred.device)
+    times = []
+    t_end = time.perf_counter() + seconds
+    while time.perf_counter() < t_end or len(times) < 3:
+        x = inputs[len(times) % 2]
+        if pred.device.type == "cuda":
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            pred.dense_tensor(x, step=steps)
+            stop.record()
+            stop.synchronize()
+            times.append(start.elapsed_time(stop) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            pred.dense_tensor(x, step=steps)
+            times.append(time.perf_counter() - t0)
+    sec = float(np.median(times))
+    return {"slabs": n, "slab_shape": list(shape), "forwards": len(times), "seconds_per_forward": sec,
+            "mvox_s": voxels / sec / 1e6}
+
+
+def profile_trunk(pred, plan, tile_shape, batch_size: int, path: Path) -> None:
+    """The device kernels of one bare-trunk forward, slowest first (torch.profiler)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from xpression.inference.volume_sweep import slab_input_shape
+
+    count, shape = slab_input_shape(plan, tile_shape)
+    x = torch.rand((min(count, batch_size),) + shape, device=pred.device)
+    steps = tuple(ax.step for ax in plan.axes)
+    pred.dense_tensor(x, step=steps)
+    _sync(pred.device)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if pred.device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        pred.dense_tensor(x, step=steps)
+        _sync(pred.device)
+    key = "device_time_total" if pred.device.type == "cuda" else "cpu_time_total"
+    path.write_text(prof.key_averages().table(sort_by=key, row_limit=25))
+
+
+def read_only(vol, pred, norm, mask, grid, tile_shape, args) -> dict:
+    """The sweep's reading alone (read-ahead threads, pinned memory on a GPU, host normalisation
+    where the sweep does it there), over every tissue tile: volume voxels per second."""
+    from xpression.data.intensity import has_torch_transform
+    from xpression.inference.grid import Tiling
+    from xpression.inference.sweep import _read_ahead, _read_tile, plan_sweep, tissue_tiles
+
+    tiling = Tiling(grid.shape, tile_shape)
+    plan = plan_sweep(pred, grid, "dense", args.overlap, tile_shape)
+    on_gpu = pred.device.type == "cuda"
+    raw = on_gpu and has_torch_transform(norm)
+    readers = args.readers or (min(4, max(1, (os.cpu_count() or 2) // 2)) if on_gpu else 1)
+    tiles = [tiling.tile(i) for i in tissue_tiles(tiling, grid, mask)]
+    t0 = time.perf_counter()
+    n = 0
+    for inp in _read_ahead(lambda t: _read_tile(vol, plan, grid, t, mask, norm, raw, on_gpu, tile_shape if on_gpu else None),
+                           tiles, readers + 1, readers):
+        n += int(np.prod(np.asarray(inp.tile.shape) * np.asarray(grid.step_vox)))
+    sec = time.perf_counter() - t0
+    return {"seconds": sec, "mvox_s": n / sec / 1e6, "readers": readers, "normalised_on_host": not raw}
+
+
+def throughput(vol, pred, norm, mask, grid, args) -> dict:
+    """End-to-end sweep (read, normalise, network, store) over the whole volume, twice; the
+    second run is reported. Steady state: volume voxels of tiles 2.. over the time after tile 1."""
+    import torch
+
+    from xpression.inference.volume_sweep import infer_volume
+
+    out = {}
+    with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
+        for attempt in ("warm-up", "timed"):
+            stamps = []
+            if pred.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(pred.device)
+            t0 = time.perf_counter()
+            res = infer_volume(vol, pred, Path(tmp) / f"{attempt}.ome.zarr", spacing_um=args.spacing_um, mode="dense",
+                               tile_vox=args.tile_vox, overlap=args.overlap, batch_size=args.batch_size, mask=mask,
+                               normalize=norm, progress=False, levels=args.levels, readers=args.readers,
+                               on_tile=lambda tr: stamps.append((time.perf_counter(), tr.voxels)))
+            wall = time.perf_counter() - t0
+            voxels = int(np.prod(vol.shape))
+            steady = (sum(v for _, v in stamps[1:]) / (stamps[-1][0] - stamps[0][0])) if len(stamps) > 2 else float("nan")
+            out[attempt] = {"seconds_wall": wall, "seconds_tiles": res.seconds, "tiles": res.tiles_computed,
+                            "points": res.points, "mvox_s": voxels / wall / 1e6,
+                            "mvox_s_tiles": voxels / res.seconds / 1e6, "mvox_s_steady": steady / 1e6,
+                            "points_s": res.points / res.seconds}
+            if pred.device.type == "cuda":
+                out[attempt]["peak_gpu_gib"] = torch.cuda.max_memory_allocated(pred.device) / 2**30
+            out["tile_shape"] = list(res.tile_shape)
+    return out
+
+
 def grid_subset(grid, tiling, tiles, mask, n_points: int) -> np.ndarray:
     """Boolean grid mask: the first ``n_points`` tissue points of ``tiles`` (patch-mode sample)."""
     from xpression.inference.sweep import tile_mask
@@ -193,36 +341,64 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", choices=["cnn3d", "published", "published-same"], default="cnn3d",
                     help="the network (see the module doc)")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     ap.add_argument("--cohort", type=Path, help="existing cohort.yaml (first volume is used)")
+    ap.add_argument("--volume", type=Path, help="an existing volume (OME-Zarr, TIFF, .npy with OME metadata)")
     ap.add_argument("--out", type=Path, default=None,
                     help="where to generate the cohort (default data/bench_large, data/bench_large_1.6um for published*)")
     ap.add_argument("--size-um", type=float, nargs=3, default=None,
                     help="cohort size (default 640 3200 3200; 96 1638.4 1638.4 for published*)")
     ap.add_argument("--spacing-um", type=float, nargs=3, default=[33.6, 25.6, 25.6])
-    ap.add_argument("--tile-vox", type=int, nargs=3, default=None,
-                    help="tile extent in voxels (default 32 256 256; 32 512 512 for published*)")
+    ap.add_argument("--tile-vox", nargs="+", default=None,
+                    help="tile extent in voxels, Z Y X or 'auto' (default 32 256 256; 32 512 512 for published*; auto on CUDA)")
     ap.add_argument("--overlap", type=float, default=None,
                     help="dense context margin per side, fraction of the tile (default: the sweep's)")
     ap.add_argument("--patch-points", type=int, default=None,
-                    help="grid points timed in patch mode (default 8192; 48 for published*)")
-    ap.add_argument("--batch-size", type=int, default=None, help="patches per forward (default 256; 8 for published*)")
+                    help="grid points timed in patch mode (default 8192; 48 for published* on the CPU, 1024 on CUDA)")
+    ap.add_argument("--batch-size", type=int, default=None,
+                    help="patches (patch mode) or slabs (dense) per forward (default 256; 8 for published*)")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--mask", choices=["truth", "otsu"], default="truth",
-                    help="tissue: the phantom's organ (truth) or xpression.data.mask.tissue_mask (otsu)")
+    ap.add_argument("--readers", type=int, default=None, help="threads reading tiles (default: the sweep's)")
+    ap.add_argument("--levels", type=int, default=3, help="pyramid levels of the map store (--throughput)")
+    ap.add_argument("--mask", choices=["truth", "otsu", "none"], default=None,
+                    help="tissue: the phantom's organ (truth, default for cohorts), xpression.data.mask.tissue_mask "
+                         "(otsu) or everything (none, default for --volume)")
     ap.add_argument("--widths", type=int, nargs="+", default=None,
                     help="conv widths, e.g. 32 64 128 for the published network's (default: conf/model/cnn3d.yaml)")
+    ap.add_argument("--throughput", action=argparse.BooleanOptionalAction, default=None,
+                    help="end-to-end sweep and bare trunk (default: on CUDA or with --volume)")
+    ap.add_argument("--patch", action=argparse.BooleanOptionalAction, default=True, help="patch vs dense mode")
+    ap.add_argument("--rss", action=argparse.BooleanOptionalAction, default=None, help="peak RSS children (default: CPU)")
+    ap.add_argument("--cudnn-benchmark", action=argparse.BooleanOptionalAction, default=True,
+                    help="CUDA: autotune convolutions (the bare trunk is timed both ways)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the network")
+    ap.add_argument("--bare-seconds", type=float, default=3.0, help="time the bare trunk for this long")
+    ap.add_argument("--tmp", default=None, help="folder for the temporary map stores")
+    ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    ap.add_argument("--profile", type=Path, default=None, help="write a kernel profile of one bare-trunk forward here")
     ap.add_argument("--rss-child", type=float, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    global MASK, MODEL, WIDTHS
-    MASK, MODEL, WIDTHS = args.mask, args.model, args.widths
+    global MASK, MODEL, WIDTHS, DEVICE, COMPILE
+    MODEL, WIDTHS, DEVICE, COMPILE = args.model, args.widths, args.device, args.compile
+    MASK = args.mask or ("none" if args.volume else "truth")
+    if MASK == "truth" and args.volume:
+        ap.error("--mask truth needs a phantom cohort; use --mask otsu or none with --volume")
     published = args.model != "cnn3d"
+    cuda = args.device.startswith("cuda")
     if args.widths and published:
         ap.error("--widths changes cnn3d only")
     args.size_um = args.size_um or ([96.0, 1638.4, 1638.4] if published else [640.0, 3200.0, 3200.0])
-    args.tile_vox = args.tile_vox or ([32, 512, 512] if published else [32, 256, 256])
-    args.patch_points = args.patch_points or (48 if published else 8192)
+    if args.tile_vox in (None, ["auto"]):
+        args.tile_vox = "auto" if (cuda or args.tile_vox) else ([32, 512, 512] if published else [32, 256, 256])
+    else:
+        if len(args.tile_vox) != 3:
+            ap.error("--tile-vox takes Z Y X voxels or 'auto'")
+        args.tile_vox = [int(t) for t in args.tile_vox]
+    args.patch_points = args.patch_points or (1024 if cuda else 48 if published else 8192)
     args.batch_size = args.batch_size or (8 if published else 256)
-    if args.cohort is None:
+    args.throughput = (cuda or args.volume is not None) if args.throughput is None else args.throughput
+    args.rss = (not cuda) if args.rss is None else args.rss
+    if args.cohort is None and args.volume is None:
         args.out = args.out or REPO / "data" / ("bench_large_1.6um" if published else "bench_large")
         args.cohort = args.out / "cohort.yaml"
         if not args.cohort.exists():
@@ -238,69 +414,139 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from xpression.inference.grid import Tiling, choose_tile_shape
     from xpression.inference.sweep import plan_sweep, sweep_tiles, tissue_tiles
-    from xpression.inference.volume_sweep import plan_grid
+    from xpression.inference.volume_sweep import auto_tile_vox, plan_grid
 
-    vol, pred, norm, mask = setup(args.cohort)
+    if cuda:
+        torch.backends.cudnn.benchmark = bool(args.cudnn_benchmark)
+    vol, pred, norm, mask = setup(args.cohort, args.volume)
     grid, notes = plan_grid(vol, pred, args.spacing_um, "dense")
-    tile_shape = choose_tile_shape(grid, args.tile_vox, vol.chunks)
+    tile_vox = auto_tile_vox(pred, grid, vol.shape, "dense", args.overlap, args.batch_size, vol.chunks) \
+        if args.tile_vox == "auto" else args.tile_vox
+    tile_shape = choose_tile_shape(grid, tile_vox, vol.chunks)
     tiling = Tiling(grid.shape, tile_shape)
     tissue = tissue_tiles(tiling, grid, mask)
+    device = pred.device
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {args.threads} threads"
+    report: dict = {"device": gpu, "model": args.model, "precision": pred.precision, "volume_shape": list(vol.shape),
+                    "voxel_size_um": list(vol.voxel_size_um), "grid_shape": list(grid.shape), "tile_vox": list(tile_vox),
+                    "tile_shape": list(tile_shape), "tiles_tissue": len(tissue), "cudnn_benchmark": bool(cuda and args.cudnn_benchmark)}
     print(f"volume {vol.path.name}: {vol.shape} voxels of {vol.voxel_size_um} um; model patch {pred.patch_shape}, "
           f"output stride {pred.output_stride}, {sum(p.numel() for p in pred.net.parameters())} parameters")
     print(f"grid {grid.shape} points, spacing {grid.spacing_um} um ({'; '.join(notes) or 'exact'}); "
-          f"tiles {tile_shape} points, {len(tissue)} of {len(tiling)} touch tissue; {args.threads} threads")
-
-    def run(mode, tiles, where):
-        pts = vox = 0
-        vals = {}
-        t0 = time.perf_counter()
-        for r in sweep_tiles(vol, pred, grid, tile_shape, mode, args.overlap, args.batch_size, where, norm, tiles=tiles):
-            pts += r.n_points
-            vox += r.voxels
-            vals[r.tile.index] = r.values
-        return time.perf_counter() - t0, pts, vox, vals
-
-    middle = tissue[len(tissue) // 2 :] + tissue[: len(tissue) // 2]
-    sample = grid_subset(grid, tiling, middle, mask, args.patch_points)
-    sub = [i for i in middle if sample[tiling.tile(i).slices].any()]
-    run("dense", sub[:1], sample)  # warm-up
-    td_sub, pd_sub, _, vd = run("dense", sub, sample)
-    tp, pp, _, vpatch = run("patch", sub, sample)
-    diff = max(float(np.nanmax(np.abs(vd[i] - vpatch[i]))) for i in sub)
-    td, pd_, vd_all, _ = run("dense", tissue, mask)
-    patch_rate = pp / tp  # grid points per second
-    dense_rate = pd_ / td
-    t_patch_full = pd_ / patch_rate
-    vox_per_point = vd_all / pd_
-    rows = [
-        ("patch (measured on %d points)" % pp, tp, patch_rate, patch_rate * vox_per_point),
-        ("dense (same points, their slabs only)", td_sub, pd_sub / td_sub, pd_sub / td_sub * vox_per_point),
-        ("dense (whole volume, %d tiles, %d points)" % (len(tissue), pd_), td, dense_rate, vd_all / td),
-        ("patch (whole volume, extrapolated)", t_patch_full, patch_rate, vd_all / t_patch_full),
-    ]
-    print(f"\n{'run':48s} {'seconds':>10s} {'points/s':>12s} {'voxels/s':>14s}")
-    for name, sec, pps, vps in rows:
-        print(f"{name:48s} {sec:10.2f} {pps:12.1f} {vps:14.3e}")
-    print(f"dense / patch speed-up: {dense_rate / patch_rate:.1f}x; max |dense - patch| on the patch-mode points: {diff:.2e}"
-          f"{'' if pred.dense_equivalent else ' (not dense-equivalent)'}")
+          f"tiles of {tuple(tile_vox)} voxels = {tile_shape} points, {len(tissue)} of {len(tiling)} touch tissue; "
+          f"{gpu}, {pred.precision}", flush=True)
     plan = plan_sweep(pred, grid, "dense", args.overlap, tile_shape)
-    ceiling = flop_ceiling(pred.net, pred.patch_shape, plan, tile_shape)
-    print(f"FLOP ceiling for these tiles (patch FLOPs / dense FLOPs per grid point): {ceiling:.1f}x; "
-          f"overlap bound (patch voxels / voxels per grid point): {overlap_bound(pred.patch_shape, grid):.1f}x")
 
-    res = []
-    for f in (0.5, 1.0):
-        cmd = [sys.executable, __file__, "--cohort", str(args.cohort), "--rss-child", str(f), "--mask", args.mask, "--threads", str(args.threads),
-               "--model", args.model, "--batch-size", str(args.batch_size),
-               *(["--widths", *map(str, args.widths)] if args.widths else []),
-               *(["--overlap", str(args.overlap)] if args.overlap is not None else []),
-               "--spacing-um", *map(str, args.spacing_um), "--tile-vox", *map(str, args.tile_vox)]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
-        res.append(json.loads(out))
-    print(f"\n{'crop (voxels)':28s} {'voxels':>12s} {'peak RSS MiB':>14s} {'seconds':>9s}")
-    for r in res:
-        print(f"{str(tuple(r['shape'])):28s} {r['voxels']:12d} {r['rss_mib']:14.1f} {r['seconds']:9.1f}")
-    print(f"8x more voxels -> peak RSS x{res[1]['rss_mib'] / res[0]['rss_mib']:.2f}")
+    def emit() -> None:
+        if args.json:
+            args.json.write_text(json.dumps(report, indent=2))
+
+    if args.throughput:
+        if cuda:  # the bare trunk both ways, then the end to end with the chosen setting
+            for bench in (False, True):
+                torch.backends.cudnn.benchmark = bench
+                report[f"bare_cudnn_benchmark_{'on' if bench else 'off'}"] = bare_trunk(pred, plan, tile_shape, grid, args.batch_size,
+                                                                                        args.bare_seconds)
+            torch.backends.cudnn.benchmark = bool(args.cudnn_benchmark)
+            report["bare"] = report[f"bare_cudnn_benchmark_{'on' if args.cudnn_benchmark else 'off'}"]
+        else:
+            report["bare"] = bare_trunk(pred, plan, tile_shape, grid, args.batch_size, args.bare_seconds)
+        emit()
+        e2e = throughput(vol, pred, norm, mask, grid, args)
+        report["e2e"] = e2e
+        report["read_only"] = read_only(vol, pred, norm, mask, grid, tuple(e2e["tile_shape"]), args)
+        run = e2e["timed"]
+        bare = report["bare"]["mvox_s"]
+        report["ratio_e2e_bare"] = run["mvox_s"] / bare
+        report["ratio_steady_bare"] = run["mvox_s_steady"] / bare
+        report["lung_minutes"] = LUNG_VOXELS / (run["mvox_s_steady"] * 1e6) / 60 if run["mvox_s_steady"] == run["mvox_s_steady"] else LUNG_VOXELS / (run["mvox_s"] * 1e6) / 60
+        emit()
+        print(f"\n{'end to end (infer_volume, 2nd run)':44s} {run['seconds_wall']:8.2f} s  {run['mvox_s']:8.1f} MVoxel/s whole run, "
+              f"{run['mvox_s_steady']:.1f} after the first tile; {run['points_s']:.0f} grid points/s; {run['tiles']} tiles")
+        if "peak_gpu_gib" in run:
+            print(f"{'peak GPU memory':44s} {run['peak_gpu_gib']:8.2f} GiB")
+        ro = report["read_only"]
+        print(f"{'reading alone (' + str(ro['readers']) + ' threads)':44s} {ro['seconds']:8.2f} s  {ro['mvox_s']:8.1f} MVoxel/s"
+              f"{' (normalised on the host)' if ro['normalised_on_host'] else ''}")
+        first = e2e["warm-up"]
+        print(f"{'first run (autotuning, cold caches)':44s} {first['seconds_wall']:8.2f} s  {first['mvox_s']:8.1f} MVoxel/s")
+        for key in [k for k in report if k.startswith("bare_cudnn")] or ["bare"]:
+            b = report[key]
+            print(f"{key.replace('_', ' '):44s} {b['seconds_per_forward'] * 1e3:8.1f} ms per forward of {b['slabs']} x {tuple(b['slab_shape'])}: "
+                  f"{b['mvox_s']:8.1f} MVoxel/s")
+        print(f"end to end / bare trunk: {report['ratio_e2e_bare']:.2f} (whole run), {report['ratio_steady_bare']:.2f} (steady state); "
+              f"a whole lung (2,000 x 9,000 x 9,000 voxels) at the steady rate: {report['lung_minutes']:.1f} min", flush=True)
+        if args.profile:
+            try:
+                profile_trunk(pred, plan, tile_shape, args.batch_size, args.profile)
+                print(f"kernel profile of one bare-trunk forward: {args.profile}")
+            except Exception as exc:  # the profiler is optional; keep the figures
+                print(f"profile failed: {type(exc).__name__}: {exc}")
+
+    if args.patch:
+        def run(mode, tiles, where):
+            pts = vox = 0
+            vals = {}
+            t0 = time.perf_counter()
+            for r in sweep_tiles(vol, pred, grid, tile_shape, mode, args.overlap, args.batch_size, where, norm,
+                                 tiles=tiles, readers=args.readers):
+                pts += r.n_points
+                vox += r.voxels
+                vals[r.tile.index] = r.values
+            return time.perf_counter() - t0, pts, vox, vals
+
+        middle = tissue[len(tissue) // 2 :] + tissue[: len(tissue) // 2]
+        sample = grid_subset(grid, tiling, middle, mask, args.patch_points)
+        sub = [i for i in middle if sample[tiling.tile(i).slices].any()]
+        run("dense", sub[:1], sample)  # warm-up
+        if cuda:  # kernels for the patch batch shape chosen (autotuned) here
+            run("patch", sub[:1], sample)
+        td_sub, pd_sub, _, vd = run("dense", sub, sample)
+        tp, pp, _, vpatch = run("patch", sub, sample)
+        diff = max(float(np.nanmax(np.abs(vd[i] - vpatch[i]))) for i in sub)
+        if args.throughput:  # the whole volume was swept end to end above; its network time per point
+            td, pd_, vd_all = report["e2e"]["timed"]["seconds_tiles"], report["e2e"]["timed"]["points"], int(np.prod(vol.shape))
+        else:
+            td, pd_, vd_all, _ = run("dense", tissue, mask)
+        patch_rate = pp / tp  # grid points per second
+        dense_rate = pd_ / td
+        t_patch_full = pd_ / patch_rate
+        vox_per_point = vd_all / pd_
+        rows = [
+            ("patch (measured on %d points)" % pp, tp, patch_rate, patch_rate * vox_per_point),
+            ("dense (same points, their slabs only)", td_sub, pd_sub / td_sub, pd_sub / td_sub * vox_per_point),
+            ("dense (whole volume, %d tiles, %d points)" % (len(tissue), pd_), td, dense_rate, vd_all / td),
+            ("patch (whole volume, extrapolated)", t_patch_full, patch_rate, vd_all / t_patch_full),
+        ]
+        print(f"\n{'run':48s} {'seconds':>10s} {'points/s':>12s} {'voxels/s':>14s}")
+        for name, sec, pps, vps in rows:
+            print(f"{name:48s} {sec:10.2f} {pps:12.1f} {vps:14.3e}")
+        print(f"dense / patch speed-up: {dense_rate / patch_rate:.1f}x; max |dense - patch| on the patch-mode points: {diff:.2e}"
+              f"{'' if pred.dense_equivalent else ' (not dense-equivalent)'}")
+        ceiling = flop_ceiling(pred.net, pred.patch_shape, plan, tile_shape)
+        print(f"FLOP ceiling for these tiles (patch FLOPs / dense FLOPs per grid point): {ceiling:.1f}x; "
+              f"overlap bound (patch voxels / voxels per grid point): {overlap_bound(pred.patch_shape, grid):.1f}x", flush=True)
+        report.update(dense_patch_speedup=dense_rate / patch_rate, max_abs_dense_minus_patch=diff, flop_ceiling=ceiling,
+                      patch_points=pp, patch_points_s=patch_rate)
+        emit()
+
+    if args.rss:
+        res = []
+        for f in (0.5, 1.0):
+            cmd = [sys.executable, __file__, "--rss-child", str(f), "--mask", MASK, "--threads", str(args.threads),
+                   "--model", args.model, "--batch-size", str(args.batch_size), "--device", args.device,
+                   *(["--cohort", str(args.cohort)] if args.cohort else ["--volume", str(args.volume)]),
+                   *(["--widths", *map(str, args.widths)] if args.widths else []),
+                   *(["--overlap", str(args.overlap)] if args.overlap is not None else []),
+                   "--spacing-um", *map(str, args.spacing_um), "--tile-vox", *map(str, tile_vox)]
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+            res.append(json.loads(out))
+        print(f"\n{'crop (voxels)':28s} {'voxels':>12s} {'peak RSS MiB':>14s} {'seconds':>9s}")
+        for r in res:
+            print(f"{str(tuple(r['shape'])):28s} {r['voxels']:12d} {r['rss_mib']:14.1f} {r['seconds']:9.1f}")
+        print(f"8x more voxels -> peak RSS x{res[1]['rss_mib'] / res[0]['rss_mib']:.2f}")
+        report["rss_mib"] = [r["rss_mib"] for r in res]
+        emit()
 
 
 if __name__ == "__main__":

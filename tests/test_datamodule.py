@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from xpression.data.datamodule import XPressionDataModule
+from xpression.data.datamodule import XPressionDataModule, image_to_float
 from xpression.data.geometry import DataError
 from xpression.data.sampling import JitterSampler, StratifiedSampler
 from xpression.data.splits import SpatialBlocksSplit, StratifiedRandomSplit, patch_overlap
@@ -134,7 +134,7 @@ def test_same_patches_from_tiff_and_omezarr(tiny_cohort, tmp_path, suffix):
     for manifest in (tiny_cohort, other):
         dm = make_dm(manifest, sections=[SECTION], check_tissue_mask=False)
         batches.append(next(iter(dm.predict_dataloader())))
-    assert batches[0]["image"].std() > 0.05
+    assert image_to_float(batches[0]["image"]).std() > 0.05
     for k in batches[0]:
         assert torch.equal(batches[0][k], batches[1][k]), k
 
@@ -142,8 +142,8 @@ def test_same_patches_from_tiff_and_omezarr(tiny_cohort, tmp_path, suffix):
 def test_resampled_voxel_size(tiny_cohort):
     dm = make_dm(tiny_cohort, sections=[SECTION], sampler=JitterSampler(voxel_size_um=12.8), check_tissue_mask=False)
     assert dm.voxel_size_um == (12.8, 12.8, 12.8) and dm.patch_shape_vox == (3, 17, 17)
-    b = next(iter(dm.train_dataloader()))
-    assert b["image"].shape[1:] == (1, 3, 17, 17) and 0.0 <= float(b["image"].min()) and float(b["image"].max()) <= 1.0
+    b = dm.apply_augment(next(iter(dm.train_dataloader())))
+    assert b["image"].shape[1:] == (1, 3, 17, 17) and -0.2 <= float(b["image"].min()) and float(b["image"].max()) <= 1.2
 
 
 def test_spatial_split_has_no_patch_overlap_paper_split_has(tiny_cohort):
@@ -287,7 +287,7 @@ def test_tilted_section_plane(tiny_cohort, tmp_path):
         out["norm"] = {"mock_0": dm.normalizers["mock_0"]}
         if name == "tilted":
             spots = dm.spots
-    assert (out["axial"]["image"] - out["flat"]["image"]).abs().max() <= 1.5 / 255
+    assert (image_to_float(out["axial"]["image"]) - image_to_float(out["flat"]["image"])).abs().max() <= 1.5 / 255
     assert out["tilted"]["image"].shape == out["axial"]["image"].shape
     zs = spots["z_um"].to_numpy()
     np.testing.assert_allclose(zs, z + np.tan(np.radians(3.0)) * spots["x_um"].to_numpy(), atol=1.0)
@@ -326,3 +326,34 @@ def test_bad_intensity_and_turning_copies_fail_before_reading(tiny_cohort):
 
     sampler = StratifiedSampler(patch_size_um=[6.4, 100.0, 205.0], copy_transforms=["rot90", "rot180", "flip", "zflip"])
     _raises(tiny_cohort, r"copy_transforms \['rot90'\] would turn the 15 x 33 voxel patch", sampler=sampler)
+
+
+def test_worker_batches_travel_as_uint8_from_shared_slabs(tiny_cohort):
+    """The slab cache pickles as shared-memory handles (spawn/forkserver workers get no copy of
+    it); workers send the same uint8 batches as the main process; the device side turns them
+    into the float32 intensities of a [0, 1] patch."""
+    import pickle
+    from multiprocessing.reduction import ForkingPickler
+
+    import torch.multiprocessing  # noqa: F401  (registers the shared-memory reducers)
+
+    dm = make_dm(tiny_cohort, sections=[SECTION], check_tissue_mask=False, augment=False)
+    dm.setup()
+    ds = dm._datasets["all"]
+    slab_bytes = sum(data.nbytes for data, _ in ds.slabs.values())
+    payload = ForkingPickler.dumps(ds)
+    assert slab_bytes > 100_000 and len(payload) < slab_bytes / 10
+    clone = pickle.loads(payload)
+    np.testing.assert_array_equal(clone.patch(3)[0], ds.patch(3)[0])
+
+    inline = list(dm.predict_dataloader())
+    dm.num_workers = 2
+    workers = list(dm.predict_dataloader())
+    assert len(inline) == len(workers)
+    for a, b in zip(inline, workers):
+        assert a["image"].dtype == b["image"].dtype == torch.uint8
+        for k in a:
+            assert torch.equal(a[k], b[k]), k
+    x = dm.on_after_batch_transfer(inline[0], 0)["image"]
+    assert x.dtype == torch.float32 and 0.0 <= float(x.min()) and float(x.max()) <= 1.0
+    torch.testing.assert_close(x * 255.0, inline[0]["image"].float(), rtol=0, atol=1e-4)

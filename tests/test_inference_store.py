@@ -157,3 +157,44 @@ def test_resampled_volume_matches_native(volume):
     np.testing.assert_array_equal(same.read_block((2, 3, 4), (6, 20, 30)), volume.read_block((2, 3, 4), (6, 20, 30)))
     coarse = ResampledVolume(volume, (12.8, 12.8, 12.8))
     assert coarse.shape == (6, 22, 24) and coarse.read_block((0, 0, 0), (3, 5, 5)).shape == (3, 5, 5)
+
+
+def test_auto_tiles_follow_device_memory_and_a_resumed_store_keeps_its_own(volume, tmp_path):
+    from xpression.inference.volume_sweep import DEFAULT_TILE_VOX, auto_tile_vox, plan_grid
+
+    p = pred()
+    grid, _ = plan_grid(volume, p, SPACING, "dense")
+    assert auto_tile_vox(p, grid, volume.shape) == DEFAULT_TILE_VOX  # the CPU
+    p.dense_geometry()
+    p.device = torch.device("cuda")  # sized as if on a GPU with this much memory (nothing runs on it)
+    big = (100, 5000, 5000)
+    picks = [auto_tile_vox(p, grid, big, memory_bytes=m)[1] for m in (10**6, 10**8, 10**9, 10**12)]
+    # 256 voxels where memory is short; 4096 where it is not, balanced to two tiles of 2560 over 5000
+    assert picks == sorted(picks) and picks[0] == 256 and picks[-1] == 2560
+    assert auto_tile_vox(p, grid, (100, 700, 600), memory_bytes=10**12)[1:] == (704, 640)  # no larger than the volume needs
+    # An interrupted store resumed with tile_vox=auto keeps the tiles it was started with.
+    out = tmp_path / "m.ome.zarr"
+    kw = {**KW, "tile_vox": (3, 16, 16)}
+
+    def stop(tr):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        infer_volume(volume, pred(), out, normalize=norm, identity={"run": "r1"}, on_tile=stop, **kw)
+    res = infer_volume(volume, pred(), out, normalize=norm, identity={"run": "r1"}, **{**kw, "tile_vox": "auto"})
+    assert res.complete and res.tiles_computed == res.tiles_tissue - 1
+    assert res.tile_shape == tuple(read_maps(out)[1]["tile_shape"])
+
+
+def test_each_torchrun_process_takes_its_own_gpu(monkeypatch):
+    from xpression.inference.shards import process_device
+
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert process_device("auto") == "auto"
+    monkeypatch.setenv("LOCAL_RANK", "5")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert process_device("cuda") == "cuda"  # no GPU: unchanged
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert process_device("auto") == "cuda:1" and process_device(None) == "cuda:1"
+    assert process_device("cpu") == "cpu" and process_device("cuda:3") == "cuda:3"

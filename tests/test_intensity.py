@@ -131,3 +131,20 @@ def test_divide255_scaling(ref_vol, tmp_path):
         intensity_transform(wide, scaling="divide255")
     with pytest.raises(ValueError, match="robust, divide255"):
         intensity_transform(vol, scaling="per_slice")
+
+
+def test_torch_transforms_give_the_numpy_numbers(ref_vol):
+    """``apply_torch`` (what a GPU sweep runs) equals the numpy transform bit for bit."""
+    import torch
+
+    from xpression.data.intensity import IntensityNormalizer, MatchedNormalizer, Quantised, histogram_match
+
+    block = np.random.default_rng(3).integers(0, 256, size=(4, 30, 31), dtype=np.uint8)
+    norm = IntensityNormalizer(13.7, 201.3)
+    matched = MatchedNormalizer(histogram_match(block, ref_vol[0]), norm)
+    for transform in (norm, Quantised(norm), matched, Quantised(matched)):
+        want = transform(block)
+        got = transform.apply_torch(torch.from_numpy(block)).numpy()
+        assert got.dtype == np.float32
+        np.testing.assert_array_equal(got, want)
+    assert 0 < len(np.unique(Quantised(norm)(block))) <= 256

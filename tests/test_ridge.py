@@ -47,7 +47,7 @@ def test_ridge_beats_the_training_mean(ridge, datamodule):
 
 
 def test_compositions_stay_compositions(ridge, datamodule):
-    batch = next(iter(datamodule.predict_dataloader()))
+    batch = datamodule.device_batch(next(iter(datamodule.predict_dataloader())))
     pred = ridge(batch["image"]).numpy()
     assert pred.shape == tuple(batch["target"].shape)
     assert (pred >= 0).all() and np.allclose(pred.sum(1), 1.0, atol=1e-5)

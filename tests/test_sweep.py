@@ -149,3 +149,47 @@ def test_dense_mode_without_dense_support_is_an_error(volume):
         sweep(volume, PatchOnly(), grid, mode="dense")
     out = sweep(volume, PatchOnly(), grid, mode="patch", tile_shape=(2, 4, 4))
     assert out.shape == (2,) + grid.shape
+
+
+def test_gpu_style_reading_gives_the_same_maps(volume):
+    """Read-ahead threads, tiles padded to one input shape and normalisation next to the network
+    (the GPU path, run here on the CPU) give the maps of the plain sweep."""
+    from xpression.data.intensity import IntensityNormalizer, Quantised
+
+    pred = Predictor(TinyValidNet(), device="cpu")
+    grid, _ = make_grid(volume.shape, volume.voxel_size_um, (6.4, 12.8, 12.8), multiple_of=(1, 2, 2))
+    mask = np.zeros(grid.shape, bool)
+    mask[1:, 1:6, 2:] = True
+    normalizer = Quantised(IntensityNormalizer(20.0, 230.0))
+    kw = dict(tile_shape=(3, 4, 3), mask=mask, normalize=normalizer)
+    plain = sweep(volume, pred, grid, prefetch=0, pad_tiles=False, normalize_on_device=False, **kw)
+    threads = sweep(volume, pred, grid, prefetch=5, readers=3, **kw)
+    np.testing.assert_array_equal(threads, plain)
+    on_device = sweep(volume, pred, grid, normalize_on_device=True, **kw)
+    np.testing.assert_array_equal(on_device, plain)
+    padded = sweep(volume, pred, grid, pad_tiles=True, normalize_on_device=True, **kw)
+    np.testing.assert_allclose(padded, plain, atol=1e-5, rtol=0)
+    assert np.isfinite(plain[:, mask]).all() and np.isnan(padded[:, ~mask]).all()
+    # every padded slab of a tile has one input shape, edge tiles included
+    from xpression.inference.sweep import _read_tile, plan_sweep
+
+    tiling = Tiling(grid.shape, (3, 4, 3))
+    plan = plan_sweep(pred, grid, "dense", None, tiling.tile_shape)
+    shapes = {tuple(b - a for a, b in zip(sl.vstart, sl.vstop))
+              for t in tiling for sl in _read_tile(volume, plan, grid, t, None, norm, False, False, tiling.tile_shape).slabs}
+    assert len(shapes) == 1
+
+
+def test_a_read_error_reaches_the_caller(volume):
+    class Broken:
+        shape, dtype, voxel_size_um = volume.shape, volume.dtype, volume.voxel_size_um
+
+        def read_block(self, start, stop, fill=0):
+            if start[0] > 4:
+                raise OSError("chunk 3/0/0 is corrupt")
+            return volume.read_block(start, stop, fill)
+
+    pred = Predictor(TinyValidNet(), device="cpu")
+    grid, _ = make_grid(volume.shape, volume.voxel_size_um, (6.4, 12.8, 12.8), multiple_of=(1, 2, 2))
+    with pytest.raises(OSError, match="corrupt"):
+        sweep(Broken(), pred, grid, tile_shape=(3, 4, 4), normalize=norm, prefetch=3, readers=2)

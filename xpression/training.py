@@ -114,7 +114,9 @@ def train(cfg: DictConfig) -> float | None:
     best = _best_checkpoint(trainer)
     if best is not None:
         model = type(model).load_from_checkpoint(best, map_location="cpu", weights_only=False)
-    predictions = predict_spots(model, datamodule)
+    # post-fit predictions and the off-plane probe run on the training device
+    device = trainer.strategy.root_device if isinstance(model, pl.LightningModule) else torch.device("cpu")
+    predictions = predict_spots(model, datamodule, device)
     metrics, predictions = _evaluate(cfg, model, datamodule, predictions)
     metrics.update(
         target_names=list(spec.names),
@@ -139,12 +141,15 @@ def train(cfg: DictConfig) -> float | None:
     return _optimized_value(cfg, metrics)
 
 
-def predict_spots(model: pl.LightningModule, datamodule: pl.LightningDataModule, device: str = "cpu") -> pd.DataFrame:
-    """Predict every spot of the data module (all splits) with `model` in eval mode.
+def predict_spots(model: pl.LightningModule, datamodule: pl.LightningDataModule, device: str | torch.device = "cpu") -> pd.DataFrame:
+    """Predict every spot of the data module (all splits) with `model` in eval mode, on `device`
+    (float32).
 
     Returns:
         The spot table with `true/<target>` and `pred/<target>` columns added.
     """
+    from xpression.data.datamodule import image_to_float
+
     datamodule.setup("predict")
     spots = datamodule.spots
     names = list(datamodule.target_spec.names)
@@ -154,7 +159,7 @@ def predict_spots(model: pl.LightningModule, datamodule: pl.LightningDataModule,
     with torch.inference_mode():
         for batch in datamodule.predict_dataloader():
             index = batch["index"].numpy()
-            preds[index] = model(batch["image"].to(device)).float().cpu().numpy()
+            preds[index] = model(image_to_float(batch["image"].to(device, non_blocking=True))).float().cpu().numpy()
             truth[index] = batch["target"].numpy()
     table = spots.reset_index(drop=True).copy()
     for j, name in enumerate(names):

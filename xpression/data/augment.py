@@ -63,7 +63,10 @@ class Augment:
     intensity_shift: float = 0.05
 
     def __call__(self, image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        # Every draw is made on the CPU first (same numbers on any device), then each small
+        # tensor is copied without blocking: on a GPU nothing here waits for the device.
         b = image.shape[0]
+        dev = image.device
         out = image
         if self.dihedral:
             ks = torch.randint(0, 8, (b,), generator=generator)
@@ -71,14 +74,16 @@ class Augment:
                 ks = (ks // 2) * 2  # 0, 2, 4, 6: the shape-preserving subgroup
             out = torch.empty_like(image)
             for k in ks.unique().tolist():
-                idx = (ks == k).nonzero().flatten().to(image.device)
-                out[idx] = dihedral(image[idx], k)
+                idx = (ks == k).nonzero().flatten().to(dev, non_blocking=True)
+                out.index_copy_(0, idx, dihedral(image.index_select(0, idx), k))
         if self.z_flip:
-            flip = (torch.rand(b, generator=generator) < 0.5).to(image.device)
+            flip = (torch.rand(b, generator=generator) < 0.5).to(dev, non_blocking=True)
             out = torch.where(flip.view(b, *([1] * (image.ndim - 1))), out.flip(2), out)
         if self.intensity_scale or self.intensity_shift:
             shape = (b,) + (1,) * (image.ndim - 1)
             scale = 1 + self.intensity_scale * (2 * torch.rand(b, generator=generator) - 1)
             shift = self.intensity_shift * (2 * torch.rand(b, generator=generator) - 1)
-            out = out * scale.view(shape).to(out) + shift.view(shape).to(out)
+            scale = scale.view(shape).to(dev, out.dtype, non_blocking=True)
+            shift = shift.view(shape).to(dev, out.dtype, non_blocking=True)
+            out = out * scale + shift
         return out

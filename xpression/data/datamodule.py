@@ -2,7 +2,12 @@
 
 Cheap metadata (``voxel_size_um``, ``patch_shape_vox``, then ``target_spec``) is available
 before any voxel is read. ``setup()`` reads one normalised slab per section (the patch depth
-plus margins, over the spots' extent), caches it in memory, and patches become slices of it.
+plus margins, over the spots' extent), caches it in shared memory, and patches become slices
+of it. Loader batches carry the patches as cached (``uint8`` levels ``round(255 x)``, or
+``float16``): a quarter of the bytes through worker processes, pinned memory and the bus.
+:func:`image_to_float` turns them into the float32 ``[0, 1]`` intensities the networks take;
+:meth:`XPressionDataModule.on_after_batch_transfer` does so on the device for every Lightning
+loop (and augments training batches there), :meth:`XPressionDataModule.device_batch` outside one.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from xpression.data.sections import Section, load_section
 from xpression.data.splits import SpatialBlocksSplit
 from xpression.data.targets import ObsmTarget, TargetSpec, dominant_index
 
-__all__ = ["XPressionDataModule", "PatchDataset"]
+__all__ = ["XPressionDataModule", "PatchDataset", "image_to_float"]
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +48,28 @@ def _instantiate(obj: Any, default: Any) -> Any:
 
 def _collate(data: Any) -> Any:
     return data if isinstance(data, dict) else torch.utils.data.default_collate(data)
+
+
+def image_to_float(image: torch.Tensor) -> torch.Tensor:
+    """Cached patches (``uint8`` levels or ``float16``) -> float32 intensities in ``[0, 1]``,
+    on the tensor's device; float32 input is returned as is."""
+    if image.dtype == torch.uint8:
+        return image.to(torch.float32).mul_(1.0 / 255.0)
+    return image.to(torch.float32)
+
+
+def _shared(array: np.ndarray) -> torch.Tensor:
+    """``array`` in shared memory: worker processes (fork, spawn or forkserver) receive a handle
+    to it, never a pickled copy of the data. Where shared memory is too small (containers with
+    a small /dev/shm) it stays in private memory, which forked workers still share."""
+    t = torch.from_numpy(np.ascontiguousarray(array))
+    try:
+        out = torch.empty(t.shape, dtype=t.dtype).share_memory_()
+    except RuntimeError as err:
+        log.warning("slab cache of %.0f MB kept in private memory (no shared memory: %s)", t.nbytes / 1e6, err)
+        return t
+    out.copy_(t)
+    return out
 
 
 def volume_intensity_transform(volume: Any, cohort: Any, reference: str | None, seed: int = 0,
@@ -78,14 +105,29 @@ class PatchDataset(Dataset):
     """Patches sliced from cached slabs. Items are spot-table rows, ``(row, du_um, dv_um)``
     for a patch shifted in the section plane, or ``(row, du_um, dv_um, transform)`` for a patch
     under a fixed symmetry (index into ``augment.TRANSFORM_NAMES``). ``__getitems__`` returns a
-    whole batch dict."""
+    whole batch dict whose ``image`` has the slabs' dtype (see the module doc).
+
+    The slabs live in shared memory: pickling the dataset (worker processes started by spawn or
+    forkserver) sends handles, not voxels; in a worker, each batch is written straight into
+    shared memory, so handing it to the main process copies nothing."""
 
     def __init__(self, slabs: dict[str, tuple[np.ndarray, SlabGrid]], section: np.ndarray, centre_hw: np.ndarray, targets: np.ndarray, patch_shape: Sequence[int]):
-        self.slabs = slabs
+        self._tensors = {sid: (_shared(data), grid) for sid, (data, grid) in slabs.items()}
+        self.slabs = {sid: (t.numpy(), grid) for sid, (t, grid) in self._tensors.items()}
         self.section = np.asarray(section)
         self.centre_hw = np.asarray(centre_hw, dtype=np.int64)
         self.targets = torch.from_numpy(np.ascontiguousarray(targets, dtype=np.float32))
         self.half = np.array([int(p) // 2 for p in patch_shape])
+        self.patch_shape = tuple(int(2 * h + 1) for h in self.half)
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        del state["slabs"]  # numpy views would pickle their data; the shared tensors go instead
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.slabs = {sid: (t.numpy(), grid) for sid, (t, grid) in self._tensors.items()}
 
     def __len__(self) -> int:
         return len(self.section)
@@ -109,10 +151,14 @@ class PatchDataset(Dataset):
 
     def __getitems__(self, items: Sequence[Any]) -> dict[str, torch.Tensor]:
         patches, rows = zip(*(self.patch(i) for i in items))
-        stack = np.stack(patches)[:, None]
-        image = torch.from_numpy(stack).float()
-        if stack.dtype == np.uint8:
-            image.mul_(1.0 / 255.0)
+        shape = (len(patches), 1) + self.patch_shape
+        dtype = torch.from_numpy(patches[0][:0]).dtype
+        if torch.utils.data.get_worker_info() is not None:  # a worker: build the batch in shared memory
+            storage = torch.UntypedStorage._new_shared(int(np.prod(shape)) * patches[0].itemsize)
+            image = torch.empty(0, dtype=dtype).set_(storage, 0, shape)
+        else:
+            image = torch.empty(shape, dtype=dtype)
+        np.stack(patches, out=image.numpy()[:, 0])
         index = torch.as_tensor(rows, dtype=torch.int64)
         return {"image": image, "target": self.targets[index], "index": index}
 
@@ -362,7 +408,8 @@ class XPressionDataModule(pl.LightningDataModule):
             self.setup()
         return DataLoader(
             self._datasets["all"], batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
-            pin_memory=self.pin_memory, persistent_workers=self.persistent_workers, collate_fn=_collate,
+            pin_memory=self.pin_memory and torch.cuda.is_available(),  # page-locking helps only a GPU copy
+            persistent_workers=self.persistent_workers, collate_fn=_collate,
         )
 
     def train_sampler(self) -> SpotEpochSampler:
@@ -398,15 +445,24 @@ class XPressionDataModule(pl.LightningDataModule):
         return self._loader(SpotEpochSampler(np.arange(len(self.spots)), shuffle=False))
 
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
-        """Augment training batches on the device they were moved to."""
+        """On the device the batch was moved to: float32 intensities for every loop, and the
+        augmentation for training batches."""
+        batch = {**batch, "image": image_to_float(batch["image"])}
         trainer = getattr(self, "trainer", None)
         if self.augment is not None and trainer is not None and trainer.training:
-            batch = dict(batch)
             batch["image"] = self.augment(batch["image"], self._aug_gen)
         return batch
 
+    def device_batch(self, batch: dict, device: torch.device | str = "cpu") -> dict:
+        """A loader batch on ``device`` with float32 intensities (what a Lightning loop feeds the
+        model), for use outside a Trainer; no augmentation."""
+        moved = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        return {**moved, "image": image_to_float(moved["image"])}
+
     def apply_augment(self, batch: dict) -> dict:
-        """The training augmentation, for use outside a Trainer (benchmarks, tests)."""
+        """Float32 intensities and the training augmentation, for use outside a Trainer
+        (benchmarks, tests), on whatever device the batch is."""
+        batch = {**batch, "image": image_to_float(batch["image"])}
         if self.augment is None:
             return batch
         return {**batch, "image": self.augment(batch["image"], self._aug_gen)}

@@ -24,6 +24,8 @@ __all__ = [
     "intensity_transform",
     "MatchedNormalizer",
     "SCALINGS",
+    "Quantised",
+    "has_torch_transform",
 ]
 
 # How intensities reach ~[0, 1]: each volume's robust percentile range, or the 8-bit range
@@ -118,6 +120,15 @@ class IntensityNormalizer:
             np.clip(out, 0.0, 1.0, out=out)
         return out
 
+    def apply_torch(self, block: Any) -> Any:
+        """The same map on a torch tensor (any device), float32 arithmetic in the same order:
+        the numbers equal ``self(block)`` exactly."""
+        import torch
+
+        out = block.to(torch.float32) - np.float32(self.low).item()
+        out.mul_(np.float32(1.0 / (self.high - self.low)).item())
+        return out.clamp_(0.0, 1.0) if self.clip else out
+
     def to_dict(self) -> dict:
         return {"low": self.low, "high": self.high, "clip": self.clip}
 
@@ -150,6 +161,20 @@ class HistogramMatcher:
             idx = block if self.offset == 0 and block.dtype.kind == "u" else block.astype(np.int64) - self.offset
             return self.lut[idx]
         return np.interp(block, self.src_quantiles, self.ref_quantiles).astype(np.float32)
+
+    @property
+    def has_torch(self) -> bool:
+        """Whether :meth:`apply_torch` exists for this matcher (lookup tables only)."""
+        return self.lut is not None
+
+    def apply_torch(self, block: Any) -> Any:
+        """The lookup table applied on ``block``'s device (8/16-bit integer sources only)."""
+        import torch
+
+        if self.lut is None:
+            raise TypeError("HistogramMatcher.apply_torch needs a lookup table (8/16-bit integer source)")
+        lut = torch.from_numpy(self.lut).to(block.device, non_blocking=True)
+        return lut[block.to(torch.int64) - self.offset]
 
 
 def histogram_match(
@@ -223,3 +248,40 @@ class MatchedNormalizer:
 
     def __call__(self, block: np.ndarray) -> np.ndarray:
         return self.normalizer(self.matcher(block))
+
+    @property
+    def has_torch(self) -> bool:
+        return self.matcher.has_torch
+
+    def apply_torch(self, block: Any) -> Any:
+        return self.normalizer.apply_torch(self.matcher.apply_torch(block))
+
+
+@dataclass(frozen=True)
+class Quantised:
+    """``transform`` followed by rounding to the 256 levels of a uint8 cache (``round(255 x) / 255``),
+    so blocks swept at inference match the training patches cached as uint8."""
+
+    transform: Callable[[np.ndarray], np.ndarray]
+
+    def __call__(self, block: np.ndarray) -> np.ndarray:
+        x = self.transform(block)
+        return np.rint(x * 255.0) * np.float32(1 / 255.0)
+
+    @property
+    def has_torch(self) -> bool:
+        return has_torch_transform(self.transform)
+
+    def apply_torch(self, block: Any) -> Any:
+        x = self.transform.apply_torch(block)  # type: ignore[attr-defined]
+        return x.mul_(255.0).round_().mul_(np.float32(1 / 255.0).item())
+
+    def to_dict(self) -> dict:
+        inner = self.transform.to_dict() if hasattr(self.transform, "to_dict") else {"transform": repr(self.transform)}
+        return {**inner, "quantised": "uint8"}
+
+
+def has_torch_transform(transform: Any) -> bool:
+    """Whether ``transform`` can run on a torch tensor (``apply_torch``) with the same numbers,
+    e.g. on the GPU next to the network."""
+    return hasattr(transform, "apply_torch") and bool(getattr(transform, "has_torch", True))

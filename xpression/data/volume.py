@@ -398,21 +398,30 @@ class Volume:
             _refuse_non_finite(block, self.path)
         return block
 
-    def read_block(self, start_vox: Sequence[int], stop_vox: Sequence[int], fill: float = 0) -> np.ndarray:
+    def read_block(self, start_vox: Sequence[int], stop_vox: Sequence[int], fill: float = 0,
+                   out: np.ndarray | None = None) -> np.ndarray:
         """Read voxels ``[start, stop)`` per axis (z, y, x); parts outside the volume get ``fill``.
 
-        The result always has shape ``stop - start`` and the volume's dtype.
+        The result always has shape ``stop - start`` and the volume's dtype. ``out``: an array of
+        that shape and dtype to fill instead of a new one (e.g. pinned memory for a GPU copy).
         """
         start = np.asarray(start_vox, dtype=np.int64).reshape(3)
         stop = np.asarray(stop_vox, dtype=np.int64).reshape(3)
         if np.any(stop < start):
             raise ValueError(f"read_block: stop {stop.tolist()} is before start {start.tolist()}")
-        out = np.full(tuple(stop - start), fill, dtype=self.dtype)
-        if out.flat and not np.all(out.flat[:1] == fill):
+        shape = tuple(int(n) for n in stop - start)
+        if out is None:
+            out = np.empty(shape, dtype=self.dtype)
+        elif out.shape != shape or out.dtype != self.dtype:
+            raise ValueError(f"read_block: out has shape {out.shape} and dtype {out.dtype}, expected {shape} {self.dtype}")
+        if np.asarray(fill, dtype=self.dtype) != fill:
             raise ValueError(f"fill value {fill!r} is not representable in {self.dtype}")
         lo = np.maximum(start, 0)
         hi = np.minimum(stop, np.asarray(self.shape))
-        if np.all(hi > lo):
+        inside = bool(np.all(hi > lo))
+        if not inside or np.any(lo > start) or np.any(hi < stop):
+            out[...] = fill  # only blocks reaching past the volume need the fill
+        if inside:
             src = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
             dst = tuple(slice(int(a - s), int(b - s)) for a, b, s in zip(lo, hi, start))
             out[dst] = self[src]

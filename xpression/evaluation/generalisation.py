@@ -189,11 +189,14 @@ class _VolumeReader:
 
 
 def _predictor(model: Any) -> Any:
+    """The model as a per-patch predictor on the device its weights are on (float32)."""
     if hasattr(model, "predict_patches"):
         return model
     from xpression.inference.predictor import Predictor
 
-    return Predictor(model, device=None, precision="fp32")  # a GPU when there is one, full precision
+    weights = next(iter(model.parameters()), None)
+    device = weights.device if weights is not None else "cpu"
+    return Predictor(model, device=device, precision="fp32")
 
 
 def _predict(predictor: Any, patches: np.ndarray, batch_size: int) -> np.ndarray:

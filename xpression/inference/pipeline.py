@@ -20,7 +20,7 @@ import numpy as np
 
 from xpression.inference.predictor import InferenceError, Predictor
 from xpression.inference.runs import RunInfo, load_predictor, resolve_run
-from xpression.inference.shards import dist_rank_world
+from xpression.inference.shards import dist_rank_world, process_device
 from xpression.inference.volume_sweep import infer_volume, plan_grid
 from xpression.inference.writers import _read_meta, export_bigtiff, read_maps, write_ct_preview
 
@@ -99,17 +99,14 @@ def _normalizer(volume: Any, info: RunInfo) -> Any:
     reference = data_cfg.get("intensity_reference")
     # A reference volume id names a volume of the *training* cohort.
     training_cohort = load_manifest(data_cfg["manifest"]) if reference and data_cfg.get("manifest") else None
+    from xpression.data.intensity import Quantised
+
     norm = volume_intensity_transform(base, training_cohort, reference, seed=info.seed,
                                       intensity=data_cfg.get("intensity", "robust"))
     # Training caches normalised slabs as uint8 (round(255 x)) unless data.cache_dtype says otherwise.
     quantise = data_cfg.get("cache_dtype", "uint8") == "uint8"
-
-    def apply(block: np.ndarray) -> np.ndarray:
-        x = norm(block)
-        return np.rint(x * 255.0) * np.float32(1 / 255.0) if quantise else x
-
     described = norm.to_dict() if hasattr(norm, "to_dict") else {"reference": str(reference), **norm.normalizer.to_dict()}
-    return apply, described
+    return (Quantised(norm) if quantise else norm), described
 
 
 def _mask(volume: Any, cfg: Any) -> Any:
@@ -140,7 +137,13 @@ def infer(cfg: Any) -> dict:
     check_infer_config(cfg)
     info = resolve_run(cfg.run, cfg.checkpoint)
     check_output_writable(cfg.output)  # before the model loads
-    pred, hp = load_predictor(info, cfg.device, cfg.precision)
+    pred, hp = load_predictor(info, process_device(cfg.device), cfg.precision, compile=bool(cfg.get("compile", False)))
+    if pred.device.type == "cuda":
+        import torch
+
+        torch.cuda.set_device(pred.device)
+        if cfg.get("cudnn_benchmark", True):
+            torch.backends.cudnn.benchmark = True  # tiles of one shape: each convolution autotuned once
     jobs, cohort = plan_jobs(cfg, info)
     identity = info.identity()
     _precheck(jobs, pred, cfg, identity)
@@ -159,7 +162,7 @@ def infer(cfg: Any) -> dict:
             metadata={**meta_common, "volume_id": job.volume_id, "normalizer": norm_meta,
                       "ct": {"path": str(getattr(job.volume, "path", "")), "preview": "../ct_preview.ome.zarr"}},
             levels=cfg.levels, overwrite=cfg.overwrite, rank=rank, world=world, prefetch=cfg.prefetch,
-            progress=cfg.progress)
+            readers=cfg.get("readers"), pad_tiles=cfg.get("pad_tiles"), progress=cfg.progress)
         for note in res.notes:
             log.info("%s grid: %s", job.volume_id, note)
         summary["volumes"][job.volume_id] = {"path": str(res.path), "tiles": res.tiles_computed, "seconds": round(res.seconds, 2),

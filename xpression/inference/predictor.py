@@ -54,7 +54,12 @@ class Predictor:
     ``precision``: ``"fp32"``, ``"bf16"`` (autocast, CUDA) or ``"auto"`` (bf16 on CUDA, fp32 on
     CPU). ``channels_last``: use the channels-last-3d layout (default: on CUDA, and for
     networks with 3D convolutions on any device).
-    ``target_names``: names of the ``T`` outputs (default ``t0 .. t{T-1}``).
+    ``target_names``: names of the ``T`` outputs (default ``t0 .. t{T-1}``). ``compile``: run the
+    network through ``torch.compile`` (off by default: compilation takes minutes and each new
+    input shape compiles again; it pays only for long sweeps with fixed tile shapes).
+
+    The ``*_tensor`` methods take and return tensors on :attr:`device` (no host round trip); the
+    others take and return numpy arrays.
     """
 
     def __init__(
@@ -64,6 +69,7 @@ class Predictor:
         precision: str = "auto",
         channels_last: bool | None = None,
         target_names: Sequence[str] | None = None,
+        compile: bool = False,
     ):
         net = getattr(model, "eval_net", None)
         net = model if net is None else net
@@ -87,6 +93,9 @@ class Predictor:
             self.net = self.net.to(memory_format=torch.channels_last_3d)
         self._dense_kwargs = self._find_dense_kwargs()
         self._dense_takes_step = self._accepts_dense_kwarg("step")
+        self._forward = torch.compile(self.net, dynamic=False) if compile else self.net
+        self._dense = (torch.compile(self.net.dense_forward, dynamic=False) if compile and self.can_dense
+                       else getattr(self.net, "dense_forward", None))
         self._geometry: DenseGeometry | None = None
         self.target_names = list(target_names) if target_names is not None else None
 
@@ -108,23 +117,27 @@ class Predictor:
         return nullcontext()
 
     def _tensor(self, x: np.ndarray) -> torch.Tensor:
-        t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))[:, None]
-        t = t.to(self.device, non_blocking=True)
-        if self.channels_last:
-            t = t.contiguous(memory_format=torch.channels_last_3d)
-        return t
+        t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+        if self.device.type == "cuda":
+            t = t.pin_memory()  # an asynchronous copy needs page-locked memory
+        return t.to(self.device, non_blocking=True)
+
+    def _layout(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, D, H, W)`` -> the network's ``(B, 1, D, H, W)`` input in its memory layout."""
+        x = x[:, None]
+        return x.contiguous(memory_format=torch.channels_last_3d) if self.channels_last else x.contiguous()
 
     @torch.inference_mode()
-    def predict_patches(self, patches: np.ndarray) -> np.ndarray:
-        """``(B, D, H, W)`` normalised patches -> ``(B, T)`` float32 predictions."""
+    def patches_tensor(self, patches: torch.Tensor) -> torch.Tensor:
+        """``(B, D, H, W)`` float32 patches on :attr:`device` -> ``(B, T)`` float32 there."""
         with self._autocast():
-            out = self.net(self._tensor(patches))
-        return out.float().cpu().numpy()
+            out = self._forward(self._layout(patches))
+        return out.float().to(self.device)
 
     @torch.inference_mode()
-    def predict_dense(self, blocks: np.ndarray, step: Sequence[int] = (1, 1, 1)) -> np.ndarray:
-        """``(B, D', H', W')`` normalised blocks -> ``(B, T, d, h, w)`` float32 (``d = 1`` for
-        plane models); see :class:`DenseGeometry` for the positions.
+    def dense_tensor(self, blocks: torch.Tensor, step: Sequence[int] = (1, 1, 1)) -> torch.Tensor:
+        """``(B, D', H', W')`` float32 blocks on :attr:`device` -> ``(B, T, d, h, w)`` float32
+        there (``d = 1`` for plane models); see :class:`DenseGeometry` for the positions.
 
         ``step`` (z, y, x, in outputs): keep every ``step``-th output only, so output ``j`` sits
         where output ``j * step`` would. Networks whose dense path takes ``step`` skip the work
@@ -138,14 +151,22 @@ class Predictor:
         if native:
             kwargs["step"] = step
         with self._autocast():
-            out = self.net.dense_forward(self._tensor(blocks), **kwargs)
+            out = self._dense(self._layout(blocks), **kwargs)
         if out.ndim == 4:
             if step[0] != 1:
                 raise InferenceError(f"a plane model has no depth axis to step along (step {step})")
             out = out[:, :, None]
         if not native:
             out = out[:, :, :: step[0], :: step[1], :: step[2]]
-        return out.float().cpu().numpy()
+        return out.float()
+
+    def predict_patches(self, patches: np.ndarray) -> np.ndarray:
+        """``(B, D, H, W)`` normalised patches -> ``(B, T)`` float32 predictions."""
+        return self.patches_tensor(self._tensor(patches)).cpu().numpy()
+
+    def predict_dense(self, blocks: np.ndarray, step: Sequence[int] = (1, 1, 1)) -> np.ndarray:
+        """:meth:`dense_tensor` on numpy blocks: ``(B, D', H', W')`` -> ``(B, T, d, h, w)``."""
+        return self.dense_tensor(self._tensor(blocks), step).cpu().numpy()
 
     @property
     def num_targets(self) -> int:
@@ -160,7 +181,7 @@ class Predictor:
             if not self.can_dense:
                 raise InferenceError(f"{type(self.net).__name__} has no dense mode; use mode=patch")
             with torch.inference_mode(), self._autocast():
-                out = self.net.dense_forward(self._tensor(np.zeros((1,) + self.patch_shape, np.float32)),
+                out = self.net.dense_forward(self._layout(self._tensor(np.zeros((1,) + self.patch_shape, np.float32))),
                                              **self._dense_kwargs)
             plane = out.ndim == 4
             stride = self.output_stride

@@ -113,7 +113,8 @@ def resolve_run(run: str | Path, checkpoint: str = "best") -> RunInfo:
     return RunInfo(run_dir.resolve(), ckpt.resolve(), config, metrics, _sha256(ckpt))
 
 
-def load_predictor(info: RunInfo, device: str | None = None, precision: str = "auto") -> tuple[Predictor, dict]:
+def load_predictor(info: RunInfo, device: str | None = None, precision: str = "auto",
+                   compile: bool = False) -> tuple[Predictor, dict]:
     """The run's network as a :class:`Predictor` and the checkpoint's hyper-parameters."""
     from xpression.models import XPressionModule
 
@@ -124,5 +125,6 @@ def load_predictor(info: RunInfo, device: str | None = None, precision: str = "a
     hp = dict(module.hparams)
     spec = hp.get("target_spec") or {}
     names = list(spec.get("names", [])) or None
-    pred = Predictor(module, device=None if device in (None, "auto") else device, precision=precision, target_names=names)
+    pred = Predictor(module, device=None if device in (None, "auto") else device, precision=precision,
+                     target_names=names, compile=compile)
     return pred, hp

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
-__all__ = ["DoneLog", "dist_rank_world", "shard", "wait_for"]
+__all__ = ["DoneLog", "dist_rank_world", "process_device", "shard", "wait_for"]
 
 
 def dist_rank_world() -> tuple[int, int]:
@@ -31,6 +31,20 @@ def dist_rank_world() -> tuple[int, int]:
     if not 0 <= rank < world:
         raise ValueError(f"RANK={rank} is not in [0, WORLD_SIZE={world})")
     return rank, world
+
+
+def process_device(device: str | None) -> str | None:
+    """This process's GPU when several run on one machine: ``cuda:LOCAL_RANK`` (torchrun sets
+    ``LOCAL_RANK``; modulo the GPUs present) for ``device`` ``auto``/``cuda``/None; any other
+    device, or no ``LOCAL_RANK``, is returned unchanged."""
+    local = os.environ.get("LOCAL_RANK")
+    if local is None or device not in (None, "auto", "cuda"):
+        return device
+    import torch
+
+    if not torch.cuda.is_available():
+        return device
+    return f"cuda:{int(local) % torch.cuda.device_count()}"
 
 
 def shard(items: Sequence[int], rank: int, world: int) -> list[int]:

@@ -20,24 +20,31 @@ Two modes give the same numbers for a dense-equivalent network (within float err
   (the overlap-tile strategy of the U-Net paper, Ronneberger et al. 2015). Each grid point is answered by exactly one tile.
 
 Only tiles with at least one grid point in the tissue mask are computed, and each input slab
-is cut to the bounding box of its tissue points; points outside the mask are NaN. The next tiles' inputs are read and normalised in a background thread while
-the network runs. Memory is bounded by the tile size (input block + activations), not by the
-volume.
+is cut to the bounding box of its tissue points (on a GPU it spans the whole tile instead, so
+every forward has one shape); points outside the mask are NaN. The next tiles' inputs are read
+(and, on the CPU, normalised) by background threads while the network runs. On a GPU the raw
+blocks are read into page-locked memory, copied asynchronously and normalised on the device
+(``apply_torch`` of the transforms in :mod:`xpression.data.intensity`, the same numbers), and a
+tile's values are copied back while the next tile computes. Memory is bounded by the tile size
+(input block + activations) and the read-ahead depth, not by the volume.
 """
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import math
-import queue
-import threading
+import os
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 from torch import nn
 
+from xpression.data.intensity import has_torch_transform
 from xpression.inference.grid import OutputGrid, Tile, Tiling
 from xpression.inference.predictor import InferenceError, Predictor
 
@@ -192,98 +199,148 @@ def _identity(block: np.ndarray) -> np.ndarray:
     return np.asarray(block, dtype=np.float32)
 
 
-def _read_tiles(volume: Any, plan: SweepPlan, grid: OutputGrid, tiles: Iterable[Tile], mask: MaskLike,
-                normalize: Callable[[np.ndarray], np.ndarray]) -> Iterator[tuple[Tile, np.ndarray, list]]:
-    for tile in tiles:
-        m = tile_mask(mask, grid, tile)
-        if not m.any():
-            yield tile, m, []
+@dataclass
+class _TileInput:
+    """A tile read from the volume: its tissue mask, its input slabs and the one block they
+    are views of (``block``, a numpy array or a pinned tensor, starts at voxel ``origin``;
+    ``raw``: still in the volume's units, to be normalised on the device)."""
+
+    tile: Tile
+    mask: np.ndarray
+    slabs: list
+    origin: np.ndarray | None = None
+    block: Any = None
+    raw: bool = False
+
+
+def _padded(plan: SweepPlan, grid: OutputGrid, tile: Tile, full: Sequence[int], m: np.ndarray) -> list[_Slab]:
+    """Slabs of a tile that always have the input shape of a whole tile of ``full`` grid points
+    (reaching past the tile's grid points and the tissue), so every forward sees one shape."""
+    out = []
+    per_axis = []
+    for a, ax in enumerate(plan.axes):
+        if ax.split:
+            per_axis.append([(g, g + 1, 1) for g in range(tile.start[a], tile.stop[a])])
+        else:
+            per_axis.append([(tile.start[a], tile.stop[a], full[a])])
+    for combo in itertools.product(*per_axis):
+        if not m[tuple(slice(c[0] - t, c[1] - t) for c, t in zip(combo, tile.start))].any():
             continue
-        # One read per tile (its slabs share chunks, e.g. all z-planes of a tile), then views.
-        parts = _slabs(plan, grid, tile, m)
-        lo = np.min([sl.vstart for sl in parts], axis=0)
-        hi = np.max([sl.vstop for sl in parts], axis=0)
+        gs = tuple(c[0] for c in combo)
+        ge = tuple(c[1] for c in combo)
+        vs = tuple(int(grid.origin_vox[a] + gs[a] * grid.step_vox[a] - plan.axes[a].lo) for a in range(3))
+        ve = tuple(int(grid.origin_vox[a] + (gs[a] + combo[a][2] - 1) * grid.step_vox[a] + plan.axes[a].hi + 1)
+                   for a in range(3))
+        out.append(_Slab(gs, ge, vs, ve))  # type: ignore[arg-type]
+    return out
+
+
+def _read_tile(volume: Any, plan: SweepPlan, grid: OutputGrid, tile: Tile, mask: MaskLike,
+               normalize: Callable[[np.ndarray], np.ndarray], raw: bool, pin: bool,
+               pad: Sequence[int] | None) -> _TileInput:
+    """One read per tile (its slabs share chunks, e.g. all z-planes of a tile); slabs are views."""
+    m = tile_mask(mask, grid, tile)
+    if not m.any():
+        return _TileInput(tile, m, [])
+    parts = _padded(plan, grid, tile, pad, m) if pad is not None else _slabs(plan, grid, tile, m)
+    lo = np.min([sl.vstart for sl in parts], axis=0)
+    hi = np.max([sl.vstop for sl in parts], axis=0)
+    if raw and pin:
+        import torch
+
+        # Page-locked memory, so the copy to the GPU runs asynchronously. The tensor itself (not
+        # a numpy view) goes on: torch then keeps its memory from reuse until that copy is done.
+        block = torch.empty(tuple(int(n) for n in hi - lo), dtype=_torch_dtype(volume.dtype), pin_memory=True)
+        if "out" in inspect.signature(volume.read_block).parameters:
+            volume.read_block(tuple(lo), tuple(hi), fill=0, out=block.numpy())
+        else:
+            block.numpy()[...] = volume.read_block(tuple(lo), tuple(hi), fill=0)
+    elif raw:
+        block = volume.read_block(tuple(lo), tuple(hi), fill=0)
+    else:
         block = np.asarray(normalize(volume.read_block(tuple(lo), tuple(hi), fill=0)), dtype=np.float32)
-        slabs = [(sl, block[tuple(slice(a - o, b - o) for a, b, o in zip(sl.vstart, sl.vstop, lo))])
-                 for sl in parts]
-        yield tile, m, slabs
+    return _TileInput(tile, m, parts, lo, block, raw)
 
 
-def _prefetch(source: Iterator, depth: int) -> Iterator:
-    """Run ``source`` in a background thread, at most ``depth`` items ahead."""
+def _torch_dtype(dtype: Any) -> Any:
+    import torch
+
+    return torch.from_numpy(np.zeros(0, dtype=dtype)).dtype
+
+
+# Volume dtypes whose raw blocks go to the device as they are (the others are normalised on the host).
+_DEVICE_DTYPES = tuple(np.dtype(t) for t in ("uint8", "int8", "int16", "uint16", "int32", "float16", "float32"))
+
+
+def _read_ahead(read: Callable[[Tile], _TileInput], tiles: Iterable[Tile], depth: int,
+                workers: int) -> Iterator[_TileInput]:
+    """``read`` over ``tiles`` in order, up to ``depth`` tiles ahead on ``workers`` threads
+    (volume decoding and normalisation release the GIL); ``depth = 0`` reads inline."""
     if depth <= 0:
-        yield from source
+        yield from map(read, tiles)
         return
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-    done = object()
-
-    def work() -> None:
-        try:
-            for item in source:
-                while not stop.is_set():
-                    try:
-                        q.put(("item", item), timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
-            q.put(("end", done))
-        except BaseException as exc:  # handed to the consumer
-            q.put(("error", exc))
-
-    thread = threading.Thread(target=work, name="xpression-prefetch", daemon=True)
-    thread.start()
+    pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="xpression-read")
+    pending: deque = deque()
+    items = iter(tiles)
     try:
-        while True:
-            kind, item = q.get()
-            if kind == "end":
-                return
-            if kind == "error":
-                raise item
-            yield item
+        for tile in itertools.islice(items, depth):
+            pending.append(pool.submit(read, tile))
+        while pending:
+            result = pending.popleft().result()
+            nxt = next(items, None)
+            if nxt is not None:
+                pending.append(pool.submit(read, nxt))
+            yield result
     finally:
-        stop.set()
-        while thread.is_alive():
-            try:
-                q.get_nowait()
-            except queue.Empty:
-                thread.join(timeout=0.05)
+        for fut in pending:
+            fut.cancel()
+        pool.shutdown(wait=True)
 
 
 # -- compute -------------------------------------------------------------------------------------
 
 
-def _run_patch(pred: Predictor, plan: SweepPlan, grid: OutputGrid, tile: Tile, m: np.ndarray,
-               slabs: list, batch_size: int, out: np.ndarray) -> None:
+def _view(block: Any, origin: np.ndarray, sl: _Slab) -> Any:
+    return block[tuple(slice(int(a - o), int(b - o)) for a, b, o in zip(sl.vstart, sl.vstop, origin))]
+
+
+def _run_patch(pred: Predictor, plan: SweepPlan, grid: OutputGrid, inp: _TileInput, block: Any,
+               batch_size: int, out: Any) -> None:
+    import torch
+
+    tile, m = inp.tile, inp.mask
     p = plan.patch_shape
     half = np.array([q // 2 for q in p])
-    jobs = []  # (slab data, local start of patch, local grid index)
-    for sl, data in slabs:
+    jobs = []  # (slab view, local start of patch, local grid index)
+    for sl in inp.slabs:
+        data = _view(block, inp.origin, sl)
         sub = m[tuple(slice(a - t, b - t) for a, b, t in zip(sl.gstart, sl.gstop, tile.start))]
         idx = np.argwhere(sub) + np.asarray(sl.gstart)
         starts = np.asarray(grid.origin_vox) + idx * np.asarray(grid.step_vox) - half - np.asarray(sl.vstart)
         jobs.extend((data, s, i - np.asarray(tile.start)) for s, i in zip(starts, idx))
-    batch = np.empty((min(batch_size, len(jobs)),) + p, dtype=np.float32)
+    batch = torch.empty((min(batch_size, len(jobs)),) + p, dtype=torch.float32, device=block.device)
     for b0 in range(0, len(jobs), batch_size):
         part = jobs[b0 : b0 + batch_size]
         for j, (data, s, _) in enumerate(part):
             batch[j] = data[s[0] : s[0] + p[0], s[1] : s[1] + p[1], s[2] : s[2] + p[2]]
-        res = pred.predict_patches(batch[: len(part)])
-        loc = np.array([i for _, _, i in part])
+        res = pred.patches_tensor(batch[: len(part)])
+        loc = torch.as_tensor(np.array([i for _, _, i in part]), device=out.device)
         out[:, loc[:, 0], loc[:, 1], loc[:, 2]] = res.T
 
 
-def _run_dense(pred: Predictor, plan: SweepPlan, grid: OutputGrid, tile: Tile, slabs: list,
-               batch_size: int, out: np.ndarray) -> None:
+def _run_dense(pred: Predictor, plan: SweepPlan, grid: OutputGrid, inp: _TileInput, block: Any,
+               batch_size: int, out: Any) -> None:
+    import torch
+
+    tile = inp.tile
     by_shape: dict[tuple, list] = {}
-    for item in slabs:  # slabs of equal shape share a forward
-        by_shape.setdefault(item[1].shape, []).append(item)
+    for sl in inp.slabs:  # slabs of equal shape share a forward
+        view = _view(block, inp.origin, sl)
+        by_shape.setdefault(tuple(view.shape), []).append((sl, view))
     batches = [g[b0 : b0 + batch_size] for g in by_shape.values() for b0 in range(0, len(g), batch_size)]
     steps = tuple(ax.step for ax in plan.axes)
     for part in batches:
-        res = pred.predict_dense(np.stack([d for _, d in part]), step=steps)
+        res = pred.dense_tensor(torch.stack([d for _, d in part]), step=steps)
         for (sl, _), r in zip(part, res):
             src, dst = [], []
             for a, ax in enumerate(plan.axes):
@@ -300,6 +357,52 @@ def _run_dense(pred: Predictor, plan: SweepPlan, grid: OutputGrid, tile: Tile, s
             out[(slice(None),) + tuple(dst)] = r[(slice(None),) + tuple(src)]
 
 
+@dataclass
+class _Launched:
+    """A tile whose network work is queued on the device; ``values`` arrive in host memory
+    once ``done`` (a CUDA event, or None on the CPU) has completed."""
+
+    tile: Tile
+    values: Any
+    n_points: int
+    voxels: int
+    t0: float
+    done: Any = None
+
+    def result(self) -> TileResult:
+        if self.done is not None:
+            self.done.synchronize()
+        return TileResult(self.tile, self.values.numpy(), self.n_points, self.voxels, time.perf_counter() - self.t0)
+
+
+def _launch(pred: Predictor, plan: SweepPlan, grid: OutputGrid, inp: _TileInput, batch_size: int,
+            normalize: Any, voxels: int) -> _Launched:
+    import torch
+
+    t0 = time.perf_counter()
+    dev = pred.device
+    block = inp.block if isinstance(inp.block, torch.Tensor) else torch.from_numpy(inp.block)
+    if dev.type != "cpu":
+        block = block.to(dev, non_blocking=True)
+    if inp.raw:
+        block = normalize.apply_torch(block)
+    T = pred.num_targets
+    out = torch.full((T,) + inp.tile.shape, float("nan"), dtype=torch.float32, device=dev)
+    if plan.mode == "patch":
+        _run_patch(pred, plan, grid, inp, block, batch_size, out)
+    else:
+        _run_dense(pred, plan, grid, inp, block, batch_size, out)
+        outside = torch.from_numpy(~inp.mask).to(dev, non_blocking=True)
+        out.masked_fill_(outside, float("nan"))  # broadcast over targets; no host sync
+    if dev.type != "cuda":
+        return _Launched(inp.tile, out.cpu(), int(inp.mask.sum()), voxels, t0)
+    host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
+    host.copy_(out, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record(torch.cuda.current_stream(dev))
+    return _Launched(inp.tile, host, int(inp.mask.sum()), voxels, t0, done)
+
+
 def sweep_tiles(
     volume: Any,
     model: nn.Module | Predictor,
@@ -311,8 +414,11 @@ def sweep_tiles(
     mask: MaskLike = None,
     normalize: Callable[[np.ndarray], np.ndarray] | None = None,
     tiles: Iterable[int] | None = None,
-    prefetch: int = 2,
+    prefetch: int | None = None,
     skip_empty: bool = True,
+    readers: int | None = None,
+    pad_tiles: bool | None = None,
+    normalize_on_device: bool | None = None,
 ) -> Iterator[TileResult]:
     """Predict every grid point of ``grid`` over ``volume``, tile by tile.
 
@@ -328,34 +434,66 @@ def sweep_tiles(
         mask: tissue at grid points: ``None`` (all), a bool array of ``grid.shape``, a callable
             on ``(N, 3)`` um points, or an object with ``contains`` (a ``TissueMask``).
         normalize: raw block -> float32 intensities the network was trained on (default: cast).
+            One with ``apply_torch`` (``xpression.data.intensity``) runs on the GPU there.
         tiles: tile indices to compute (default: all), in this order.
-        prefetch: tiles read ahead in a background thread (0: read inline).
+        prefetch: tiles read ahead of the network (0: read inline; default: one more than
+            ``readers``, at least 2).
         skip_empty: do not yield tiles without tissue.
+        readers: threads reading ahead (default 1 on the CPU, up to 4 beside a GPU; each read
+            also decodes its chunks on the volume library's own threads).
+        normalize_on_device: normalise raw blocks with the transform's ``apply_torch`` next to
+            the network (default: on a GPU, when the transform has one; same numbers).
+        pad_tiles: dense mode, every slab spans a whole tile (past the volume and the tissue;
+            those outputs are dropped) so that every forward has the same input shape (cuDNN
+            autotuning, compiled graphs). Default: on a GPU. The values are the same for
+            dense-equivalent networks (others see more context).
 
     Yields:
-        :class:`TileResult` per tile, in the order of ``tiles``.
+        :class:`TileResult` per tile, in the order of ``tiles``. On a GPU the next tile's work is
+        queued before a tile is handed over, so the device is not idle while it is stored.
     """
     pred = model if isinstance(model, Predictor) else Predictor(model)
     tiling = Tiling(grid.shape, tuple(int(t) for t in tile_shape))  # type: ignore[arg-type]
     plan = plan_sweep(pred, grid, mode, overlap, tiling.tile_shape)
     order = range(len(tiling)) if tiles is None else tiles
-    source = _read_tiles(volume, plan, grid, (tiling.tile(int(i)) for i in order), mask, normalize or _identity)
+    on_gpu = pred.device.type == "cuda"
+    if readers is None:
+        readers = min(4, max(1, (os.cpu_count() or 2) // 2)) if on_gpu else 1
+    if prefetch is None:
+        prefetch = max(2, readers + 1)
+    if pad_tiles is None:
+        pad_tiles = on_gpu
+    normalize = normalize or _identity
+    # Raw blocks travel to the GPU (fewer bytes) and are normalised there, with the same numbers.
+    if normalize_on_device is None:
+        normalize_on_device = pred.device.type != "cpu" and np.dtype(volume.dtype) in _DEVICE_DTYPES
+    raw = bool(normalize_on_device) and has_torch_transform(normalize)
+    pad = tiling.tile_shape if (pad_tiles and plan.mode == "dense") else None
+
+    def read(tile: Tile) -> _TileInput:
+        return _read_tile(volume, plan, grid, tile, mask, normalize, raw, on_gpu, pad)
+
     T = pred.num_targets
-    for tile, m, slabs in _prefetch(source, prefetch):
+    pending: _Launched | None = None
+    for inp in _read_ahead(read, (tiling.tile(int(i)) for i in order), prefetch, readers):
+        tile = inp.tile
         voxels = int(np.prod(np.asarray(tile.shape) * np.asarray(grid.step_vox)))
-        n = int(m.sum())
-        if n == 0:
+        if not inp.slabs:
             if not skip_empty:
+                if pending is not None:
+                    yield pending.result()
+                    pending = None
                 yield TileResult(tile, np.full((T,) + tile.shape, np.nan, np.float32), 0, voxels, 0.0)
             continue
-        out = np.full((T,) + tile.shape, np.nan, dtype=np.float32)
-        t0 = time.perf_counter()
-        if plan.mode == "patch":
-            _run_patch(pred, plan, grid, tile, m, slabs, batch_size, out)
-        else:
-            _run_dense(pred, plan, grid, tile, slabs, batch_size, out)
-            out[:, ~m] = np.nan
-        yield TileResult(tile, out, n, voxels, time.perf_counter() - t0)
+        launched = _launch(pred, plan, grid, inp, batch_size, normalize, voxels)
+        if pending is not None:
+            yield pending.result()
+        pending = launched
+        if not on_gpu:  # nothing runs asynchronously: hand it over now
+            yield pending.result()
+            pending = None
+    if pending is not None:
+        yield pending.result()
 
 
 def sweep(volume: Any, model: nn.Module | Predictor, grid: OutputGrid, **kwargs: Any) -> np.ndarray:

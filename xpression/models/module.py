@@ -110,7 +110,9 @@ class XPressionModule(pl.LightningModule):
         self.log(f"{split}/loss", loss, on_step=split == "train", on_epoch=True, prog_bar=True,
                  batch_size=bs, sync_dist=split != "train")
         pred = net.head.activate(raw.detach()).float()
-        self._outputs[split].append((pred.cpu(), target.detach().float().cpu()))
+        # kept on the device until the epoch ends: a copy to the host here would wait for the
+        # step to finish and leave the GPU idle while the next one is prepared
+        self._outputs[split].append((pred, target.detach().float()))
         return loss
 
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -140,8 +142,8 @@ class XPressionModule(pl.LightningModule):
         if self.trainer is not None and self.trainer.sanity_checking:
             return
         t = len(self.target_spec.names)
-        pred = torch.cat([o[0] for o in outs]) if outs else torch.zeros(0, t)
-        target = torch.cat([o[1] for o in outs]) if outs else torch.zeros(0, t)
+        pred = torch.cat([o[0] for o in outs]).cpu() if outs else torch.zeros(0, t)
+        target = torch.cat([o[1] for o in outs]).cpu() if outs else torch.zeros(0, t)
         if self.trainer is not None and self.trainer.world_size > 1:
             # every rank joins the gather, even one that saw no batch
             pred, target = self._gather(pred), self._gather(target)

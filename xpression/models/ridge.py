@@ -116,10 +116,12 @@ class RidgeBaseline(nn.Module):
         datamodule.setup("fit")
         train = datamodule.spots["split"].to_numpy() == "train"
         feats, targets = [], []
+        from xpression.data.datamodule import image_to_float
+
         for batch in datamodule.predict_dataloader():
             keep = train[batch["index"].numpy()]
             if keep.any():
-                feats.append(self.features(batch["image"][keep, 0].numpy()))
+                feats.append(self.features(image_to_float(batch["image"][keep, 0]).numpy()))
                 targets.append(batch["target"][keep].numpy())
         x, y = np.concatenate(feats), np.concatenate(targets)
         self.model = make_pipeline(StandardScaler(), RidgeCV(alphas=self.alphas)).fit(x, y)
@@ -140,5 +142,7 @@ class RidgeBaseline(nn.Module):
         return pred.astype(np.float32)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, 1, D, H, W)`` -> ``(B, T)``."""
-        return torch.from_numpy(self.predict_patches(x[:, 0].detach().cpu().float().numpy()))
+        """``(B, 1, D, H, W)`` (float intensities, or a loader's uint8 levels) -> ``(B, T)``."""
+        from xpression.data.datamodule import image_to_float
+
+        return torch.from_numpy(self.predict_patches(image_to_float(x[:, 0].detach().cpu()).numpy()))

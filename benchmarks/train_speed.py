@@ -1,0 +1,219 @@
+"""Training speed: the Lightning loop against a bare training step, and the work after the fit.
+
+    python benchmarks/train_speed.py --manifest COHORT.yaml [--model cnn3d_paper|timm_resnet18|cnn3d]
+                                     [--device cpu|cuda] [--voxel-size-um 1.6] [--batch-size 32]
+                                     [--workers 4] [--epochs 3] [--steps 20] [--json PATH]
+
+One process, one data module (all sections of the cohort; by default the published sampling,
+i.e. rare dominant programs drawn up to 5x, and the published 80/14/6 random split; default
+augmentation) and the model config ``conf/model/<model>.yaml`` with random weights:
+
+1. Bare step: one real batch already on the device, forward + loss + backward + gradient
+   clipping + AdamW, as the Trainer configures them (CUDA: bf16 autocast), timed over
+   ``--steps`` steps after a warm-up. Patches per second.
+2. Lightning loop: ``Trainer.fit`` for ``--epochs`` epochs (CUDA: ``bf16-mixed``; no progress
+   bar, logger or checkpoints), loader workers as given. The ``Throughput`` callback's patches/s
+   (loading, transfer, augmentation and steps; the median over the epochs after the first) and
+   the wall time of whole epochs (validation included).
+3. After the fit, on the training device: predictions for every spot (``predict_spots``) and
+   the off-plane probe (``conf/off_plane/probe.yaml``, cohorts with a truth spec), timed.
+
+The ratio Lightning / bare and the share of a 10-epoch run spent outside training steps
+(10 epochs at the measured epoch time plus the post-fit work, against 10 epochs of training
+patches at the bare rate) are printed last. Start-up (imports, reading the cohort, caching the
+slabs) is reported separately and left out of that share.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def build_module(name: str, dm):
+    """``conf/model/<name>.yaml`` instantiated for the data module's targets and patch."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.merge({"loss": None}, {"m": OmegaConf.load(ROOT / "conf" / "model" / f"{name}.yaml")})
+    return instantiate(cfg.m)(target_spec=dm.target_spec, patch_shape=dm.patch_shape_vox,
+                              spot_radius_vox=27.5 / dm.voxel_size_um[2])
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bare_step_rate(module, batch: dict, device, steps: int, clip: float = 1.0) -> float:
+    """Patches/s of forward + loss + backward + clipping + AdamW on one device-resident batch."""
+    import torch
+
+    module.to(device).train()
+    params = [p for p in module.net.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=float(module.hparams.lr))
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+    def step() -> None:
+        with amp:
+            raw = module.net.forward_raw(batch["image"])
+            loss = module.loss_fn(raw, batch["target"].to(raw.dtype))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, clip)
+        opt.step()
+
+    for _ in range(3):
+        step()
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    _sync(device)
+    return steps * batch["image"].shape[0] / (time.perf_counter() - t0)
+
+
+class _EpochClock:
+    """Wall time of each whole training epoch (its validation included)."""
+
+    def __init__(self):
+        import pytorch_lightning as pl
+
+        class Clock(pl.Callback):
+            def on_train_epoch_start(cb, trainer, pl_module):  # noqa: N805
+                cb.t0 = time.perf_counter()
+
+            def on_train_epoch_end(cb, trainer, pl_module):  # noqa: N805
+                self.seconds.append(time.perf_counter() - cb.t0)
+
+        self.seconds: list[float] = []
+        self.callback = Clock()
+
+
+def lightning_rate(module, dm, device, epochs: int, limit_batches: int | None = None) -> dict:
+    import pytorch_lightning as pl
+
+    from xpression.callbacks import Throughput
+    from xpression.training import EpochSeed
+
+    tp, clock = Throughput(), _EpochClock()
+    trainer = pl.Trainer(accelerator="gpu" if device.type == "cuda" else "cpu", devices=1,
+                         precision="bf16-mixed" if device.type == "cuda" else "32-true", max_epochs=epochs,
+                         gradient_clip_val=1.0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, num_sanity_val_steps=0, callbacks=[EpochSeed(0), tp, clock.callback],
+                         limit_train_batches=limit_batches, limit_val_batches=limit_batches)
+    t0 = time.perf_counter()
+    trainer.fit(module, datamodule=dm)
+    later = tp.rates[1:] or tp.rates
+    return {"patches_s": float(np.median(later)), "patches_s_per_epoch": tp.rates, "epoch_seconds": clock.seconds,
+            "fit_seconds": time.perf_counter() - t0,
+            "train_patches_per_epoch": int(len(dm.train_sampler())) if limit_batches is None else limit_batches * dm.batch_size}
+
+
+def post_fit(module, dm, device) -> dict:
+    """Seconds for the post-fit predictions and the off-plane probe on ``device``."""
+    from omegaconf import OmegaConf
+
+    from xpression.evaluation.generalisation import evaluate_off_plane
+    from xpression.training import predict_spots
+
+    t0 = time.perf_counter()
+    table = predict_spots(module, dm, device)
+    out = {"predict_spots_seconds": time.perf_counter() - t0, "spots": len(table)}
+    probe = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "off_plane" / "probe.yaml"))
+    t0 = time.perf_counter()
+    res = evaluate_off_plane(module, dm, probe)
+    out["off_plane_seconds"] = time.perf_counter() - t0
+    out["off_plane_points"] = sum(res.get("n_points", {}).values()) if res else 0
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--manifest", required=True)
+    ap.add_argument("--model", default="cnn3d_paper", help="a conf/model config (cnn3d_paper, timm_resnet18, cnn3d, ...)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--voxel-size-um", type=float, default=None, help="model voxel size (default: the volume's)")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--workers", type=int, default=4)
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    ap.add_argument("--limit-batches", type=int, default=None, help="training and validation batches per epoch (smoke runs)")
+    ap.add_argument("--sampler", choices=["stratified", "spot"], default="stratified")
+    ap.add_argument("--split", choices=["stratified_random", "spatial_blocks"], default="stratified_random")
+    ap.add_argument("--post-fit", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+
+    t_start = time.perf_counter()
+    import torch
+
+    from xpression.data.datamodule import XPressionDataModule
+    from xpression.data.sampling import SpotSampler, StratifiedSampler
+    from xpression.data.splits import SpatialBlocksSplit, StratifiedRandomSplit
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    torch.manual_seed(0)
+    sampler = (StratifiedSampler if args.sampler == "stratified" else SpotSampler)(voxel_size_um=args.voxel_size_um)
+    split = StratifiedRandomSplit() if args.split == "stratified_random" else SpatialBlocksSplit()
+    dm = XPressionDataModule(args.manifest, sampler=sampler, split=split,
+                             batch_size=args.batch_size, num_workers=args.workers, pin_memory=cuda,
+                             persistent_workers=args.workers > 0, seed=0)
+    dm.setup("fit")
+    report: dict = {"device": torch.cuda.get_device_name(device) if cuda else "CPU", "model": args.model,
+                    "patch_shape_vox": list(dm.patch_shape_vox), "voxel_size_um": list(dm.voxel_size_um),
+                    "batch_size": args.batch_size, "workers": args.workers, "spots": len(dm.spots),
+                    "setup_seconds": time.perf_counter() - t_start}
+
+    def emit() -> None:
+        if args.json:
+            args.json.write_text(json.dumps(report, indent=2))
+
+    print(f"{args.model} on {report['device']}: patch {dm.patch_shape_vox} voxels of {dm.voxel_size_um} um, "
+          f"{len(dm.spots)} spots, batch {args.batch_size}, {args.workers} loader workers; "
+          f"start-up (imports, cohort, slab cache) {report['setup_seconds']:.1f} s", flush=True)
+    batch = dm.device_batch(next(iter(dm.train_dataloader())), device)
+    report["bare_patches_s"] = bare_step_rate(build_module(args.model, dm), batch, device, args.steps)
+    print(f"{'bare training step':40s} {report['bare_patches_s']:10.0f} patches/s", flush=True)
+    emit()
+
+    module = build_module(args.model, dm)
+    lit = lightning_rate(module, dm, device, args.epochs, args.limit_batches)
+    report["lightning"] = lit
+    report["ratio_lightning_bare"] = lit["patches_s"] / report["bare_patches_s"]
+    print(f"{'Lightning loop (Throughput callback)':40s} {lit['patches_s']:10.0f} patches/s "
+          f"(epochs: {', '.join(f'{r:.0f}' for r in lit['patches_s_per_epoch'])}); "
+          f"whole epochs {', '.join(f'{s:.2f}' for s in lit['epoch_seconds'])} s", flush=True)
+    emit()
+
+    if args.post_fit:
+        post = post_fit(module, dm, device)
+        report["post_fit"] = post
+        epoch_s = float(np.median(lit["epoch_seconds"][1:] or lit["epoch_seconds"]))
+        steps_s = 10 * lit["train_patches_per_epoch"] / report["bare_patches_s"]
+        run_s = 10 * epoch_s + post["predict_spots_seconds"] + post["off_plane_seconds"]
+        report["outside_steps_10_epochs"] = 1.0 - steps_s / run_s
+        print(f"{'post-fit predictions (all spots)':40s} {post['predict_spots_seconds']:10.2f} s for {post['spots']} spots")
+        print(f"{'off-plane probe':40s} {post['off_plane_seconds']:10.2f} s for {post['off_plane_points']} points")
+        print(f"a 10-epoch run: {run_s:.1f} s, of which {steps_s:.1f} s training steps at the bare rate: "
+              f"{report['outside_steps_10_epochs']:.0%} outside the steps", flush=True)
+    print(f"Lightning / bare step: {report['ratio_lightning_bare']:.2f}")
+    emit()
+
+
+if __name__ == "__main__":
+    main()
