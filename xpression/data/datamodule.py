@@ -152,7 +152,7 @@ class PatchDataset(Dataset):
     def __getitems__(self, items: Sequence[Any]) -> dict[str, torch.Tensor]:
         patches, rows = zip(*(self.patch(i) for i in items))
         shape = (len(patches), 1) + self.patch_shape
-        dtype = torch.from_numpy(patches[0][:0]).dtype
+        dtype = torch.from_numpy(np.empty(0, patches[0].dtype)).dtype  # patches may be flipped views
         if torch.utils.data.get_worker_info() is not None:  # a worker: build the batch in shared memory
             storage = torch.UntypedStorage._new_shared(int(np.prod(shape)) * patches[0].itemsize)
             image = torch.empty(0, dtype=dtype).set_(storage, 0, shape)
