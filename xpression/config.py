@@ -124,11 +124,15 @@ TRAIN_RULES: dict[str, _Rule] = {
 
 INFER_RULES: dict[str, _Rule] = {
     "spacing_um": POSITIVE_TRIPLE,
-    "tile_vox": POSITIVE_INT_TRIPLE,
+    "tile_vox": _Rule("'auto' or 3 positive integers [z, y, x]", lambda v: v == "auto" or POSITIVE_INT_TRIPLE.ok(v)),
     "mode": _choice("dense", "patch"),
     "overlap": _optional(BELOW_ONE),
     "batch_size": POSITIVE_INT,
-    "prefetch": NON_NEGATIVE_INT,
+    "prefetch": _optional(NON_NEGATIVE_INT),
+    "readers": _optional(POSITIVE_INT),
+    "pad_tiles": _optional(BOOL),
+    "cudnn_benchmark": BOOL,
+    "compile": BOOL,
     "precision": _choice("auto", "fp32", "bf16"),
     "levels": POSITIVE_INT,
     "voxel_size_um": VOXEL_SIZE,
