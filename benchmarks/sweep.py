@@ -414,7 +414,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from xpression.inference.grid import Tiling, choose_tile_shape
     from xpression.inference.sweep import plan_sweep, sweep_tiles, tissue_tiles
-    from xpression.inference.volume_sweep import auto_tile_vox, plan_grid
+    from xpression.inference.volume_sweep import auto_tile_vox, dense_slabs_per_forward, plan_grid
 
     if cuda:
         torch.backends.cudnn.benchmark = bool(args.cudnn_benchmark)
@@ -436,6 +436,12 @@ def main() -> None:
           f"tiles of {tuple(tile_vox)} voxels = {tile_shape} points, {len(tissue)} of {len(tiling)} touch tissue; "
           f"{gpu}, {pred.precision}", flush=True)
     plan = plan_sweep(pred, grid, "dense", args.overlap, tile_shape)
+    # what the sweep stacks per forward (fewer slabs where a stack would exceed 32-bit indexing)
+    from xpression.inference.sweep import default_overlap
+
+    overlap = default_overlap(pred, "dense") if args.overlap is None else args.overlap
+    slabs = dense_slabs_per_forward(pred, grid, tile_shape, "dense", overlap, args.batch_size)
+    report["slabs_per_forward"] = slabs
 
     def emit() -> None:
         if args.json:
@@ -445,12 +451,12 @@ def main() -> None:
         if cuda:  # the bare trunk both ways, then the end to end with the chosen setting
             for bench in (False, True):
                 torch.backends.cudnn.benchmark = bench
-                report[f"bare_cudnn_benchmark_{'on' if bench else 'off'}"] = bare_trunk(pred, plan, tile_shape, grid, args.batch_size,
+                report[f"bare_cudnn_benchmark_{'on' if bench else 'off'}"] = bare_trunk(pred, plan, tile_shape, grid, slabs,
                                                                                         args.bare_seconds)
             torch.backends.cudnn.benchmark = bool(args.cudnn_benchmark)
             report["bare"] = report[f"bare_cudnn_benchmark_{'on' if args.cudnn_benchmark else 'off'}"]
         else:
-            report["bare"] = bare_trunk(pred, plan, tile_shape, grid, args.batch_size, args.bare_seconds)
+            report["bare"] = bare_trunk(pred, plan, tile_shape, grid, slabs, args.bare_seconds)
         emit()
         e2e = throughput(vol, pred, norm, mask, grid, args)
         report["e2e"] = e2e

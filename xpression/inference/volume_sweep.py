@@ -79,11 +79,17 @@ def slab_input_shape(plan: Any, tile_shape: Sequence[int]) -> tuple[int, tuple[i
     return count, shape  # type: ignore[return-value]
 
 
-def _peak_bytes(net: Any, plan: Any, batch: int, shape: Sequence[int], half: bool) -> int:
+# CUDA and cuDNN kernels index a tensor with 32-bit integers: a forward holding a larger tensor
+# fails (an illegal memory access was seen on an H200 with 3 x 32 x 21 x 2048^2 activations)
+# or falls back to slow 64-bit kernels.
+_MAX_TENSOR_ELEMENTS = 2**31 - 1
+
+
+def _peak_bytes(net: Any, plan: Any, batch: int, shape: Sequence[int], half: bool) -> tuple[int, int]:
     """Device memory one dense forward of ``batch`` slabs of ``shape`` voxels needs, estimated
     without running it: the network on the meta device, the largest sum over its operations of
     their input and output tensors (floating point in the compute precision), plus the float32
-    input block."""
+    input block; and the element count of the largest single tensor."""
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_flatten
@@ -93,6 +99,7 @@ def _peak_bytes(net: Any, plan: Any, batch: int, shape: Sequence[int], half: boo
 
     class Largest(TorchDispatchMode):
         peak = 0
+        numel = 0
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
             out = func(*args, **(kwargs or {}))
@@ -101,6 +108,7 @@ def _peak_bytes(net: Any, plan: Any, batch: int, shape: Sequence[int], half: boo
             if "max_pool" in str(func) and isinstance(out, torch.Tensor):
                 total += out.numel() * 8  # on CUDA max pooling also returns int64 indices
             Largest.peak = max(Largest.peak, total)
+            Largest.numel = max([Largest.numel, *(t.numel() for t in seen.values())])
             return out
 
     steps = tuple(ax.step for ax in plan.axes)
@@ -111,7 +119,7 @@ def _peak_bytes(net: Any, plan: Any, batch: int, shape: Sequence[int], half: boo
             net.dense_forward(x, **kwargs)
         except TypeError:  # a dense path without ``step``
             net.dense_forward(x)
-    return int(Largest.peak + x.numel() * 4)
+    return int(Largest.peak + x.numel() * 4), int(max(Largest.numel, x.numel()))
 
 
 def auto_tile_vox(predictor: Predictor, grid: OutputGrid, volume_shape: Sequence[int], mode: str = "dense",
@@ -121,7 +129,8 @@ def auto_tile_vox(predictor: Predictor, grid: OutputGrid, volume_shape: Sequence
     GPU the largest in-plane extent (4096 ... 256 voxels, no larger than the volume needs) whose
     dense forward is estimated (:func:`_peak_bytes`, from the network's shapes alone, so every
     process and every resumption of a sweep gets the same answer) to fit in ``fraction`` of the
-    device's memory, then shrunk to cover the volume with as few tiles (see :func:`_balanced`).
+    device's memory with no tensor over 2^31 elements (32-bit kernel indexing), then shrunk to
+    cover the volume with as few tiles (see :func:`_balanced`).
     Larger tiles recompute less halo: 2048^2 tiles of a 128-voxel patch do 13% more work than
     the tile itself, 256^2 tiles 124% more."""
     if mode != "dense" or predictor.device.type != "cuda" or not predictor.can_dense:
@@ -142,14 +151,32 @@ def auto_tile_vox(predictor: Predictor, grid: OutputGrid, volume_shape: Sequence
         plan = plan_sweep(predictor, grid, "dense", overlap, tile_shape)
         count, shape = slab_input_shape(plan, tile_shape)
         try:
-            need = _peak_bytes(net, plan, min(count, batch_size), shape, half)
+            need, _ = _peak_bytes(net, plan, min(count, batch_size), shape, half)
+            _, largest = _peak_bytes(net, plan, 1, shape, half)  # the sweep stacks fewer slabs if need be
         except Exception:
             return DEFAULT_TILE_VOX
-        if need <= fraction * total:
+        if need <= fraction * total and largest <= _MAX_TENSOR_ELEMENTS:
             log.info("tiles of %s voxels: one forward needs about %.1f GiB of the GPU's %.0f GiB", want, need / 2**30, total / 2**30)
             return (want[0], _balanced(int(volume_shape[1]), yx), _balanced(int(volume_shape[2]), yx))
     yx = min(_GPU_TILE_YX)
     return (DEFAULT_TILE_VOX[0], _balanced(int(volume_shape[1]), yx), _balanced(int(volume_shape[2]), yx))
+
+
+def dense_slabs_per_forward(predictor: Predictor, grid: OutputGrid, tile_shape: Sequence[int], mode: str,
+                            overlap: float, batch_size: int) -> int:
+    """Input slabs stacked into one dense forward on a GPU: ``batch_size``, fewer where the
+    stack would hold a tensor over 2^31 elements (32-bit kernel indexing); on the CPU, in patch
+    mode and for networks that cannot be copied to the meta device, ``batch_size``."""
+    if mode != "dense" or predictor.device.type != "cuda" or not predictor.can_dense:
+        return batch_size
+    try:
+        net = copy.deepcopy(predictor.net).to("meta")
+        plan = plan_sweep(predictor, grid, "dense", overlap, tile_shape)
+        _, shape = slab_input_shape(plan, tile_shape)
+        _, per_slab = _peak_bytes(net, plan, 1, shape, predictor.precision == "bf16")
+    except Exception:
+        return batch_size
+    return max(1, min(batch_size, _MAX_TENSOR_ELEMENTS // max(per_slab, 1)))
 
 
 def _balanced(extent: int, most: int, multiple: int = 64) -> int:
@@ -283,6 +310,10 @@ def infer_volume(
     res.tiles_total, res.tiles_tissue = len(tiling), len(tissue)
     done = store.done()
     todo = [i for i in shard(tissue, rank, world) if i not in done]
+    slabs_per_forward = dense_slabs_per_forward(predictor, grid, tile_shape, mode, overlap, batch_size)
+    if slabs_per_forward < batch_size:
+        log.info("dense forwards of %d input slab(s), not %d: a larger stack would hold a tensor over 2^31 elements",
+                 slabs_per_forward, batch_size)
     t0 = time.perf_counter()
     with _Progress(len(todo), f"{Path(out).name} [{mode}]", progress) as bar:
 
@@ -295,7 +326,7 @@ def infer_volume(
 
         writer = _WriteBehind(store, stored, write_queue)
         try:
-            for tr in sweep_tiles(volume, predictor, grid, tile_shape, mode, overlap, batch_size, mask,
+            for tr in sweep_tiles(volume, predictor, grid, tile_shape, mode, overlap, slabs_per_forward, mask,
                                   normalize, tiles=todo, prefetch=prefetch, readers=readers, pad_tiles=pad_tiles):
                 writer.put(tr)
         except BaseException:
