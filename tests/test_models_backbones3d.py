@@ -295,6 +295,7 @@ def test_networks_without_dense_mode_sweep_patch_by_patch(name, tmp_path):
     ({"padding": "valid"}, "too small for resnet3d"),  # the 18-layer network needs far more than 33 voxels
     ({"arch": "r4d"}, "arch must be one of"),
     ({"widths": [8, 8], "layers": [1, 1, 1]}, "one entry per stage"),
+    ({"widths": [8, 8], "layers": [1, 0], "strides": [1, 1]}, "at least one block"),
     ({"padding": "reflect"}, "padding must be"),
 ])
 def test_resnet3d_construction_errors(kwargs, match):

@@ -141,17 +141,19 @@ class ResNet3D(nn.Module):
         if not (len(widths) == len(layers) == len(strides) >= 1):
             raise ValueError(f"widths, layers and strides need one entry per stage, got "
                              f"{len(widths)}, {len(layers)} and {len(strides)}")
-        self.patch_shape: Triple = _triple(tuple(patch_shape), "patch_shape")
+        if min(int(n) for n in layers) < 1:
+            raise ValueError(f"every stage needs at least one block, got layers {list(layers)}")
+        self.patch_shape: Triple = _triple(patch_shape, "patch_shape")
         self.arch, self.padding, self.widths = arch, padding, [int(w) for w in widths]
         pad = 1 if padding == "same" else 0
-        self.stem = self._stem(arch, in_chans, int(widths[0]), _triple(tuple(stem_kernel), "stem_kernel"),
-                               _triple(tuple(stem_stride), "stem_stride"), padding)
+        self.stem = self._stem(arch, in_chans, int(widths[0]), _triple(stem_kernel, "stem_kernel"),
+                               _triple(stem_stride, "stem_stride"), padding)
         cin = int(widths[0])
         for i, (w, n, s) in enumerate(zip(widths, layers, strides)):
             kind = Conv3DSimple if arch == "r3d" or (arch == "mc3" and i == 0) else \
                 Conv3DNoTemporal if arch == "mc3" else Conv2Plus1D
             build = _conv_builder(kind, pad)
-            blocks = [Block(cin, int(w), build, _triple(tuple(s), "strides"))]
+            blocks = [Block(cin, int(w), build, _triple(s, "strides"))]
             blocks += [Block(int(w), int(w), build, (1, 1, 1)) for _ in range(int(n) - 1)]
             self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
             cin = int(w)
