@@ -24,7 +24,7 @@ CASES = [
 
 
 def test_registry_lists_and_rejects_unknown():
-    assert {"cnn3d", "cnn3d_paper", "timm", "unet"} <= set(list_backbones())
+    assert {"cnn3d", "cnn3d_paper", "timm", "unet", "resnet3d", "vit3d"} <= set(list_backbones())
     with pytest.raises(ValueError, match="valid names: .*cnn3d.*unet"):
         create_backbone("resnet9000", patch_shape=PATCH)
 

@@ -74,6 +74,18 @@ def test_each_backbone_trains(tiny_cohort, tmp_path, model):
     assert metrics["parameters"] > 0
 
 
+@pytest.mark.parametrize("model,overrides", [
+    pytest.param("resnet3d_valid", [], id="resnet3d_valid"),
+    pytest.param("r2plus1d_18", ["model.backbone.widths=[8,8,16,16]"], id="r2plus1d_18"),  # narrow
+    pytest.param("vit3d_tiny", ["model.backbone.embed_dim=48", "model.backbone.depth=2"], id="vit3d_tiny"),
+])
+def test_each_3d_backbone_trains(tiny_cohort, tmp_path, model, overrides):
+    metrics = _run(tmp_path, tiny_cohort, f"model={model}", *overrides, "figures=false")
+    assert metrics["parameters"] > 0
+    for values in metrics["splits"].values():
+        assert values["n_spots"] > 0 and 0.0 <= values["mse_mean"] < 1.0
+
+
 @pytest.mark.parametrize("loss", ["kl", "mse", "huber", "pearson", "mix"])
 def test_each_loss_trains(tiny_cohort, tmp_path, loss):
     metrics = _run(tmp_path, tiny_cohort, f"loss={loss}", "figures=false")

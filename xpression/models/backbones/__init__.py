@@ -15,12 +15,21 @@ name             dense-equivalent  dense output
                                    training-time spot value); the encoder's padding and wider
                                    context make it differ slightly from a patch-by-patch run
 ``timm``         no                none: ``NotImplementedError``, predict patch by patch
+``resnet3d``     yes (``valid``)   ``(B, T, d, h, w)``, exactly the per-patch answer (as cnn3d
+                                   valid); the global mean is a sliding mean over the patch's
+                                   feature map, each block's shortcut cropped to its centre
+``resnet3d``     no (``same``)     none: torchvision's padded r3d/mc3/r2plus1d see zeros past
+                                   the patch border and pool globally; predict patch by patch
+``vit3d``        no                none: global attention and a position embedding tied to
+                                   the patch; predict patch by patch
 ===============  ================  ==========================================================
 """
 
-from xpression.models.backbones import cnn3d, timm2d, unet  # noqa: F401
+from xpression.models.backbones import cnn3d, resnet3d, timm2d, unet, vit3d  # noqa: F401
 from xpression.models.backbones.cnn3d import CNN3D
+from xpression.models.backbones.resnet3d import ResNet3D
 from xpression.models.backbones.timm2d import TimmBackbone
 from xpression.models.backbones.unet import UNet
+from xpression.models.backbones.vit3d import ViT3D
 
-__all__ = ["CNN3D", "TimmBackbone", "UNet"]
+__all__ = ["CNN3D", "ResNet3D", "TimmBackbone", "UNet", "ViT3D"]
