@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
-# `make benchmark [BUDGET=cpu|gpu]`: the `context`, `backbones` and `splits` experiments on one
+# `make benchmark [BUDGET=cpu|gpu]`: the `context`, `backbones`, `splits` and `labels` experiments on one
 # cohort, every run scored per volume with its baselines (2D extrusion, kNN, per-animal mean,
 # features + ridge on the same patch) on one probe set, then the report (benchmark.md / .csv,
 # comparisons.csv, accuracy_vs_distance.png; see xpression/evaluation/benchmark.py).
 #
-# BUDGET=cpu (default): sized for a 2-core CPU in under 45 minutes: 5 seeds, 8 epochs, the four
+# BUDGET=cpu (default): sized for a 2-core CPU in about 45 minutes: 5 seeds, 8 epochs, the four
 #   patch depths and two fields of view of `context`, the paper's network, the small 3D CNN and
-#   the UNet of `backbones`, both `splits`. Two streams run side by side with one thread each; the
-#   paper's network (the costliest row, about 520 CPU s per seed against about 385 for all the
-#   others together) is split between them by seed so both end together.
+#   the UNet of `backbones`, both `splits`, and both `labels` (truth vs programs fitted from
+#   counts). Two streams run side by side with one thread each; the paper's network (the
+#   costliest row, about 520 CPU s per seed against about 385 for all the others together) is split between them by seed so both end together.
 # BUDGET=gpu: one GPU: 10 seeds, 30 epochs, every backbone, the paper's end-to-end recipe
 #   (`experiment=paper`), 300 probe points per distance; one stream.
 # Every setting below can be overridden from the environment, e.g. EPOCHS=20 SEEDS=0,1,2,3,4,5,6;
@@ -50,7 +50,7 @@ run() {  # run <experiment> <folder> <seeds> [overrides...]; wall and CPU second
 }
 
 # The paper's network: its first seeds in stream A with `splits`, the rest in stream B with
-# `context` and the other backbones (about 4 / 5 of its seeds in A balances the two on a CPU).
+# `context`, the other backbones and `labels` (about 4 / 5 of its seeds in A balances the two on a CPU).
 IFS=, read -r -a SEED_LIST <<< "$SEEDS"
 n_a=$(( (4 * ${#SEED_LIST[@]} + 4) / 5 ))
 [ "$STREAMS" -ge 2 ] || n_a=${#SEED_LIST[@]}
@@ -65,9 +65,10 @@ stream_b() {
     { [ -z "$PAPER_B" ] || run "${PAPER_NET[0]}" backbones_paper_b "$PAPER_B" "${PAPER_NET[@]:1}"; } \
     && run context context "$SEEDS" "${NET[@]}" \
     && run backbones backbones "$SEEDS" "${NET[@]}" "hydra.sweeper.params.model=\"$BACKBONES\"" \
+    && run labels labels "$SEEDS" "${NET[@]}" \
     && if [ "$PAPER_RECIPE" = 1 ]; then run paper paper "$SEEDS"; fi
 }
-FOLDERS=(backbones_paper_a context backbones splits)
+FOLDERS=(backbones_paper_a context backbones splits labels)
 [ -n "$PAPER_B" ] && FOLDERS+=(backbones_paper_b)
 [ "$PAPER_RECIPE" = 1 ] && FOLDERS+=(paper)
 

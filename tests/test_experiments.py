@@ -24,6 +24,7 @@ TWO_JOBS = {
     "losses": ['hydra.sweeper.params.loss="kl,pearson"', "hydra.sweeper.params.seed=0"],
     "samplers": ["hydra.sweeper.params.sampler=jitter", "hydra.sweeper.params.seed=0"],
     "splits": ["hydra.sweeper.params.seed=0"],
+    "labels": ["hydra.sweeper.params.seed=0"],
     "paper": ['hydra.sweeper.params.seed="0,1"', "data.batch_size=4"],
     "ridge": ['hydra.sweeper.params.seed="0,1"'],
 }
