@@ -8,7 +8,8 @@
 #   patch depths and two fields of view of `context`, the paper's network, the small 3D CNN and
 #   the UNet of `backbones`, both `splits`, and both `labels` (truth vs programs fitted from
 #   counts). Two streams run side by side with one thread each; the paper's network (the
-#   costliest row, about 520 CPU s per seed against about 385 for all the others together) is split between them by seed so both end together.
+#   costliest row, about 520 CPU s per seed against about 385 for all the others together) is
+#   split between them by seed so both end together.
 # BUDGET=gpu: one GPU: 10 seeds, 30 epochs, every backbone, the paper's end-to-end recipe
 #   (`experiment=paper`), 300 probe points per distance; one stream.
 # Every setting below can be overridden from the environment, e.g. EPOCHS=20 SEEDS=0,1,2,3,4,5,6;
