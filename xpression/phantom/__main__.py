@@ -14,7 +14,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m xpression.phantom",
                                 description="Write a synthetic micro-CT + Visium cohort (cohort.yaml and files).")
     p.add_argument("--out", required=True, help="output folder (created; must be empty unless --overwrite)")
-    p.add_argument("--preset", default="tiny", help="tiny (tests), default, or large (benchmarks)")
+    p.add_argument("--preset", default="tiny", help="tiny (tests), default, benchmark (make benchmark: two animals per condition, realism options on) or large")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out after success")
     p.add_argument("--tiff", action="store_true", help="also write each volume as a BigTIFF stack")
