@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# What makes the model learn: one lever per row, all on the benchmark cohort's two trained
+# sections, the same patch (57.6 x 205 x 205 um), the same probe set and seeds, run side by side,
+# then one report (benchmark.md) with every row beside its no-CT baselines:
+#   short      cnn3d, 8 epochs (the CPU benchmark's budget)
+#   long       cnn3d, LONG epochs
+#   no_jitter  cnn3d, LONG epochs, no intensity jitter
+#   histmatch  cnn3d, LONG epochs, every volume's histogram matched to mock_0 first
+#   vit3d      vit3d_tiny, LONG epochs
+#   resnet3d   resnet3d_valid, LONG epochs
+# On a GPU: TRAINER=gpu benchmarks/levers.sh. On a 2-core CPU the defaults take hours (the 3D
+# ViT dominates); THREADS=1 LONG=24 keeps it near half an hour. The cohort is generated when
+# COHORT does not exist yet.
+set -euo pipefail
+PY=${PY:-.venv/bin/python}
+COHORT=${COHORT:-data/phantom_benchmark/cohort.yaml}
+OUT=${OUT:-runs/levers/$(date +%Y-%m-%d_%H-%M-%S)}
+TRAINER=${TRAINER:-cpu}
+LONG=${LONG:-40}
+SEEDS=${SEEDS:-0,1}
+THREADS=${THREADS:-2}
+if [ ! -f "$COHORT" ]; then
+    "$PY" -m xpression.phantom --out "$(dirname "$COHORT")" --preset benchmark --seed 0 --quiet \
+        --workers "$(nproc)"
+fi
+mkdir -p "$OUT"
+COMMON=(data=phantom_benchmark "data.manifest=$COHORT" "data.sections=[mock_0_s0,infected_0_s0]"
+        data.num_workers=0 data.persistent_workers=false figures=false "trainer=$TRAINER"
+        +off_plane=probe off_plane.n_points=150 "off_plane.max_patch_um=[134.4,400,400]"
+        "sampler.patch_size_um=[57.6,205,205]" ++trainer.enable_progress_bar=false
+        "~callbacks.progress_bar" "~callbacks.model_summary" ${EXTRA:-})
+run() {  # run <name> [overrides...]
+    local name=$1; shift
+    OMP_NUM_THREADS=$THREADS "$PY" train.py -m "hydra.sweep.dir=$OUT/$name" "${COMMON[@]}" \
+        "seed=$SEEDS" "$@" > "$OUT/$name.log" 2>&1 \
+        || { echo "$name failed; see $OUT/$name.log" >&2; return 1; }
+    echo "$(date +%T) $name done"
+}
+started=$(date +%s)
+pids=()
+run short model=cnn3d trainer.max_epochs=8 & pids+=($!)
+run long model=cnn3d "trainer.max_epochs=$LONG" & pids+=($!)
+run no_jitter model=cnn3d "trainer.max_epochs=$LONG" data.augment.intensity_scale=0 \
+    data.augment.intensity_shift=0 & pids+=($!)
+run histmatch model=cnn3d "trainer.max_epochs=$LONG" data.intensity_reference=mock_0 & pids+=($!)
+run vit3d model=vit3d_tiny "trainer.max_epochs=$LONG" & pids+=($!)
+run resnet3d model=resnet3d_valid "trainer.max_epochs=$LONG" & pids+=($!)
+status=0
+for p in "${pids[@]}"; do wait "$p" || status=1; done
+"$PY" -m xpression.evaluation.benchmark "$OUT"/short "$OUT"/long "$OUT"/no_jitter "$OUT"/histmatch \
+    "$OUT"/vit3d "$OUT"/resnet3d --out "$OUT" > "$OUT/report.log" 2>&1 || status=1
+echo "levers wall time: $(( $(date +%s) - started )) s; report in $OUT/benchmark.md"
+exit $status
