@@ -36,18 +36,27 @@ run() {  # run <name> [overrides...]
         || { echo "$name failed; see $OUT/$name.log" >&2; return 1; }
     echo "$(date +%T) $name done"
 }
+LEVERS=${LEVERS:-short long no_jitter histmatch vit3d resnet3d}  # a subset, e.g. LEVERS="short long"
+lever() {  # lever <name>: its overrides
+    case $1 in
+        short) echo model=cnn3d trainer.max_epochs=8 ;;
+        long) echo model=cnn3d "trainer.max_epochs=$LONG" ;;
+        no_jitter) echo model=cnn3d "trainer.max_epochs=$LONG" data.augment.intensity_scale=0 data.augment.intensity_shift=0 ;;
+        histmatch) echo model=cnn3d "trainer.max_epochs=$LONG" data.intensity_reference=mock_0 ;;
+        vit3d) echo model=vit3d_tiny "trainer.max_epochs=$LONG" ;;
+        resnet3d) echo model=resnet3d_valid "trainer.max_epochs=$LONG" ;;
+        *) echo "unknown lever '$1'" >&2; return 1 ;;
+    esac
+}
 started=$(date +%s)
-pids=()
-run short model=cnn3d trainer.max_epochs=8 & pids+=($!)
-run long model=cnn3d "trainer.max_epochs=$LONG" & pids+=($!)
-run no_jitter model=cnn3d "trainer.max_epochs=$LONG" data.augment.intensity_scale=0 \
-    data.augment.intensity_shift=0 & pids+=($!)
-run histmatch model=cnn3d "trainer.max_epochs=$LONG" data.intensity_reference=mock_0 & pids+=($!)
-run vit3d model=vit3d_tiny "trainer.max_epochs=$LONG" & pids+=($!)
-run resnet3d model=resnet3d_valid "trainer.max_epochs=$LONG" & pids+=($!)
+pids=() dirs=()
+for name in $LEVERS; do
+    read -r -a args <<< "$(lever "$name")"
+    run "$name" "${args[@]}" & pids+=($!)
+    dirs+=("$OUT/$name")
+done
 status=0
 for p in "${pids[@]}"; do wait "$p" || status=1; done
-"$PY" -m xpression.evaluation.benchmark "$OUT"/short "$OUT"/long "$OUT"/no_jitter "$OUT"/histmatch \
-    "$OUT"/vit3d "$OUT"/resnet3d --out "$OUT" > "$OUT/report.log" 2>&1 || status=1
+"$PY" -m xpression.evaluation.benchmark "${dirs[@]}" --out "$OUT" > "$OUT/report.log" 2>&1 || status=1
 echo "levers wall time: $(( $(date +%s) - started )) s; report in $OUT/benchmark.md"
 exit $status
