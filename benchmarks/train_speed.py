@@ -126,7 +126,7 @@ def post_fit(module, dm, device) -> dict:
     from omegaconf import OmegaConf
 
     from xpression.evaluation.run_scores import evaluate_run
-    from xpression.training import predict_spots
+    from xpression.callbacks import predict_spots
 
     t0 = time.perf_counter()
     table = predict_spots(module, dm, device)
