@@ -74,8 +74,8 @@ class ModelSummary(RichModelSummary):
         console = get_console()
         console.print(table)
         frozen = total_parameters - trainable_parameters
-        console.print(f"[bold]Trainable params[/]: {get_human_readable_count(trainable_parameters)}, "
-                      f"[bold]non-trainable[/]: {get_human_readable_count(frozen)}, "
+        console.print(f"[bold]Trainable params[/]: {get_human_readable_count(trainable_parameters).strip()}, "
+                      f"[bold]non-trainable[/]: {get_human_readable_count(frozen).strip()}, "
                       f"[bold]size[/]: {get_formatted_model_size(model_size)} MB")
 
 
