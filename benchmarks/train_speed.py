@@ -43,7 +43,10 @@ def build_module(name: str, dm):
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    cfg = OmegaConf.merge({"loss": None}, {"m": OmegaConf.load(ROOT / "conf" / "model" / f"{name}.yaml")})
+    from xpression.config import compose
+
+    cfg = OmegaConf.create({"m": compose("train", [f"model={name}"]).model})  # the preset on conf/model/_module.yaml
+    cfg.m.loss = None
     return instantiate(cfg.m)(target_spec=dm.target_spec, patch_shape=dm.patch_shape_vox,
                               spot_radius_vox=27.5 / dm.voxel_size_um[2])
 
