@@ -102,7 +102,7 @@ def build_model(voxel_um: float, targets: int = 6):
 
     spec = as_target_spec({"names": [f"p{i}" for i in range(targets)], "kind": "composition"})
     if MODEL == "cnn3d":
-        cfg = yaml.safe_load((REPO / "conf" / "model" / "cnn3d.yaml").read_text())["backbone"]
+        cfg = yaml.safe_load((REPO / "conf" / "model" / "backbone" / "cnn3d.yaml").read_text())
         if WIDTHS:
             cfg["widths"] = list(WIDTHS)
         return build_net(cfg, spec, PatchGeometry().shape_vox((voxel_um,) * 3)).eval()

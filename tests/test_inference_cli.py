@@ -15,6 +15,7 @@ import torch
 from omegaconf import OmegaConf
 
 from tests._inference_models import make_run
+from xpression.config import compose
 from xpression.evaluation.maps import evaluate_inference
 from xpression.inference.grid import GridError
 from xpression.inference.pipeline import infer
@@ -39,8 +40,10 @@ def run(cohort, tmp_path_factory):
 
 
 def config(**over):
-    cfg = OmegaConf.load(REPO / "conf" / "infer.yaml")
-    del cfg["defaults"]
+    """The composed `infer.py` config (conf/infer.yaml and its groups), outside a Hydra app."""
+    cfg = compose("infer", ["run=unset"])
+    OmegaConf.set_struct(cfg, False)
+    del cfg["paths"]  # Hydra's runtime folder: every test sets output itself
     cfg.progress = False
     cfg.tile_vox = [16, 64, 64]
     for k, v in over.items():

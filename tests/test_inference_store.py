@@ -159,6 +159,20 @@ def test_resampled_volume_matches_native(volume):
     assert coarse.shape == (6, 22, 24) and coarse.read_block((0, 0, 0), (3, 5, 5)).shape == (3, 5, 5)
 
 
+def test_resampled_volume_values_on_a_ramp(tmp_path):
+    """A linear intensity ramp is kept exactly by trilinear interpolation and the symmetric
+    low-pass: view voxel i lies at source voxel i * ratio (same physical frame)."""
+    from xpression.inference.resample import ResampledVolume
+
+    z, y, x = np.meshgrid(np.arange(20), np.arange(40), np.arange(44), indexing="ij")
+    np.save(tmp_path / "ramp.npy", (2.0 * z + 0.5 * y + 0.25 * x + 1.0).astype(np.float32))
+    view = ResampledVolume(open_volume(tmp_path / "ramp.npy", voxel_size_um=6.4), (12.8, 9.6, 9.6))  # ratios 2, 1.5, 1.5
+    assert view.shape == (10, 27, 29) and view.voxel_size_um == (12.8, 9.6, 9.6)
+    got = view.read_block((2, 4, 5), (7, 20, 22))  # interior: the low-pass never reaches the edges
+    zi, yi, xi = np.meshgrid(np.arange(2, 7), np.arange(4, 20), np.arange(5, 22), indexing="ij")
+    np.testing.assert_allclose(got, 2.0 * 2 * zi + 0.5 * 1.5 * yi + 0.25 * 1.5 * xi + 1.0, rtol=0, atol=1e-3)
+
+
 def test_auto_tiles_follow_device_memory_and_a_resumed_store_keeps_its_own(volume, tmp_path):
     from xpression.inference.volume_sweep import DEFAULT_TILE_VOX, auto_tile_vox, plan_grid
 

@@ -44,7 +44,9 @@ RESUMABLE_OVERRIDES = (
 )
 # How a run is started, not what it trains: never compared.
 _START_KEYS = ("resume", "ckpt_path", "allow_config_change", "task_name")
-_IGNORED_PREFIXES = ("paths.", "hydra.")
+# evaluation.: the post-fit steps repeat baselines, off_plane and figures (compared there); patch.: the
+# sampler repeats it (sampler.patch_size_um, sampler.voxel_size_um are compared).
+_IGNORED_PREFIXES = ("paths.", "hydra.", "evaluation.", "patch.")
 CONFIG_KEY = "xpression_run_config"  # where a checkpoint records its run's config
 _RUN_PLACEHOLDER = "<run folder>"
 

@@ -315,7 +315,8 @@ def infer_volume(
         log.info("dense forwards of %d input slab(s), not %d: a larger stack would hold a tensor over 2^31 elements",
                  slabs_per_forward, batch_size)
     t0 = time.perf_counter()
-    with _Progress(len(todo), f"{Path(out).name} [{mode}]", progress) as bar:
+    name = (metadata or {}).get("volume_id") or getattr(volume, "path", None) or Path(out).name
+    with _Progress(len(todo), f"{Path(str(name)).name} [{mode}]", progress) as bar:
 
         def stored(tr: TileResult) -> None:
             res.tiles_computed += 1
