@@ -126,7 +126,8 @@ def setup(cohort: Path | None, volume: Path | None = None):
     """``(volume, predictor, normaliser, mask)`` for a cohort's first volume or a volume file."""
     import torch
 
-    from xpression.data.intensity import IntensityNormalizer, Quantised
+    from xpression.data.intensity import IntensityNormalizer
+    from xpression.data.patches import Quantised
     from xpression.data.mask import tissue_mask
     from xpression.data.volume import open_volume
     from xpression.inference.predictor import Predictor

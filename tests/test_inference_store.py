@@ -151,12 +151,19 @@ def test_bigtiff_export_and_ct_preview(volume, tmp_path):
 
 
 def test_resampled_volume_matches_native(volume):
-    from xpression.inference.resample import ResampledVolume
+    from xpression.data.patches import ResampledVolume
 
-    same = ResampledVolume(volume, volume.voxel_size_um)
+    same = ResampledVolume(volume, volume.voxel_size_um, None)
     np.testing.assert_array_equal(same.read_block((2, 3, 4), (6, 20, 30)), volume.read_block((2, 3, 4), (6, 20, 30)))
-    coarse = ResampledVolume(volume, (12.8, 12.8, 12.8))
-    assert coarse.shape == (6, 22, 24) and coarse.read_block((0, 0, 0), (3, 5, 5)).shape == (3, 5, 5)
+    coarse = ResampledVolume(volume, (12.8, 12.8, 12.8), None)
+    assert coarse.shape == (6, 22, 24)
+    # Each coarse voxel is the low-passed source at its centre: a block away from the edges agrees
+    # with a smoothed 2x subsampling of the source (sigma sqrt(2^2 - 1) / 2 source voxels).
+    from scipy import ndimage
+
+    src = volume.read_block((0, 0, 0), volume.shape).astype(np.float32)
+    smooth = ndimage.gaussian_filter(src, np.sqrt(3.0) / 2.0, mode="nearest")
+    np.testing.assert_allclose(coarse.read_block((3, 3, 3), (4, 8, 9)), smooth[6:7, 6:16:2, 6:18:2], rtol=1e-5)
 
 
 def test_auto_tiles_follow_device_memory_and_a_resumed_store_keeps_its_own(volume, tmp_path):

@@ -25,6 +25,7 @@ from rich.table import Table
 
 from xpression.data.geometry import DataError, Plane, SlabGrid
 from xpression.data.manifest import Cohort, ManifestError, SectionEntry, load_manifest
+from xpression.data.patches import read_slab
 from xpression.data.placement import spots_in_volume
 from xpression.data.registration import SPOT_RADIUS_UM
 from xpression.data.sections import Section, load_section
@@ -103,7 +104,7 @@ def plane_image(volume: Volume, plane: Plane, lo_uv: np.ndarray, hi_uv: np.ndarr
     h, w = (int(math.ceil((hi_uv[k] - lo_uv[k]) / spacing)) + 1 for k in (1, 0))
     grid = SlabGrid(plane, (spacing, spacing, spacing), (float(lo_uv[0]), float(lo_uv[1])), (1, h, w), 0)
     scale = float(np.iinfo(level.dtype).max) if np.issubdtype(level.dtype, np.integer) else 1.0
-    image = grid.read(level, transform=lambda b: np.asarray(b, dtype=np.float32) / scale, dtype="float16")[0]
+    image = read_slab(level, grid, transform=lambda b: np.asarray(b, dtype=np.float32) / scale, dtype="float16")[0]
     image = image.astype(np.float32)
     finite = image[np.isfinite(image)]
     if finite.size:

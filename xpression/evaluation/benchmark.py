@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from xpression.evaluation.metrics import MIN_TRUTH_SD, format_score
+from xpression.metrics import MIN_TRUTH_SD, format_score
 from xpression.evaluation.stats import PairedDifference, paired_difference
 
 __all__ = ["collect_runs", "summarise_scores", "write_report", "findings", "main"]
