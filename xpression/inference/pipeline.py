@@ -18,6 +18,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from xpression.data.kinds import get_kind
 from xpression.data.manifest import load_manifest
 from xpression.data.mask import tissue_mask
 from xpression.data.patches import ResampledVolume, same_voxel_size
@@ -25,10 +26,11 @@ from xpression.data.volume import VolumeError, open_volume
 from xpression.inference.predictor import InferenceError, Predictor
 from xpression.inference.runs import RunInfo, load_predictor, resolve_run
 from xpression.inference.shards import dist_rank_world, process_device
-from xpression.inference.volume_sweep import infer_volume, plan_grid
-from xpression.inference.writers import _read_meta, export_bigtiff, read_maps, write_ct_preview
+from xpression.inference.sinks import check_exports, write_exports
+from xpression.inference.volume_sweep import SweepSettings, infer_volume, plan_grid
+from xpression.inference.writers import _read_meta, read_maps, write_ct_preview
 
-__all__ = ["infer", "VolumeJob", "plan_jobs"]
+__all__ = ["infer", "VolumeJob", "exports", "plan_jobs", "sweep_settings"]
 
 log = logging.getLogger(__name__)
 
@@ -119,8 +121,24 @@ def _mask(volume: Any, cfg: Any) -> Any:
     return tissue_mask(volume, **params)
 
 
+def sweep_settings(cfg: Any) -> SweepSettings:
+    """The sweep settings of an ``infer.py`` config (its grid, sweep and store keys)."""
+    return SweepSettings(
+        spacing_um=tuple(cfg.spacing_um), mode=cfg.mode, tile_vox=cfg.tile_vox if isinstance(cfg.tile_vox, (str, type(None)))
+        else tuple(cfg.tile_vox), overlap=cfg.overlap, batch_size=cfg.batch_size, prefetch=cfg.prefetch,
+        readers=cfg.get("readers"), pad_tiles=cfg.get("pad_tiles"), levels=cfg.levels, overwrite=cfg.overwrite,
+        progress=cfg.progress)
+
+
+def exports(cfg: Any) -> list[str]:
+    """The map sinks to write besides the OME-Zarr store (``exports``; ``bigtiff=true`` adds it)."""
+    names = [str(n) for n in (cfg.get("exports") or [])]
+    return names + (["bigtiff"] if cfg.get("bigtiff") and "bigtiff" not in names else [])
+
+
 def _precheck(jobs: list[VolumeJob], pred: Predictor, cfg: Any, identity: dict) -> None:
-    """Grids and existing outputs, for every volume, before any compute."""
+    """Grids, map sinks and existing outputs, for every volume, before any compute."""
+    check_exports(exports(cfg))
     for job in jobs:
         plan_grid(job.volume, pred, cfg.spacing_um, cfg.mode, (job.section_z_um, None, None))
         meta = _read_meta(job.out_dir / "maps.ome.zarr")
@@ -153,17 +171,15 @@ def infer(cfg: Any) -> dict:
     meta_common = {"run_config": info.config, "checkpoint": str(info.checkpoint), "target_kind": spec.get("kind"),
                    "target_colors": spec.get("colors"), "infer_config": _plain(cfg)}
     summary: dict = {"run_dir": str(info.run_dir), "cohort": str(cohort.path) if cohort is not None else None, "volumes": {}}
+    settings = sweep_settings(cfg)
     for job in jobs:
         norm_meta = _prepare(job, info)
         mask = _mask(job.raw, cfg)
         res = infer_volume(
-            job.volume, pred, job.out_dir / "maps.ome.zarr", spacing_um=cfg.spacing_um, mode=cfg.mode,
-            tile_vox=cfg.tile_vox, overlap=cfg.overlap, batch_size=cfg.batch_size, mask=mask,
-            normalize=job.normalize, identity=identity, anchor_um=(job.section_z_um, None, None),
+            job.volume, pred, job.out_dir / "maps.ome.zarr", settings, mask=mask, normalize=job.normalize,
+            identity=identity, anchor_um=(job.section_z_um, None, None), rank=rank, world=world,
             metadata={**meta_common, "volume_id": job.volume_id, "normalizer": norm_meta,
-                      "ct": {"path": str(getattr(job.raw, "path", "")), "preview": "../ct_preview.ome.zarr"}},
-            levels=cfg.levels, overwrite=cfg.overwrite, rank=rank, world=world, prefetch=cfg.prefetch,
-            readers=cfg.get("readers"), pad_tiles=cfg.get("pad_tiles"), progress=cfg.progress)
+                      "ct": {"path": str(getattr(job.raw, "path", "")), "preview": "../ct_preview.ome.zarr"}})
         for note in res.notes:
             log.info("%s grid: %s", job.volume_id, note)
         summary["volumes"][job.volume_id] = {"path": str(res.path), "tiles": res.tiles_computed, "seconds": round(res.seconds, 2),
@@ -189,11 +205,12 @@ def _extras(job: VolumeJob, res: Any, pred: Predictor, cfg: Any, kind: str | Non
         import zarr
 
         ct = zarr.open_group(str(ct_path), mode="r")["0"]
-    if cfg.bigtiff:
-        export_bigtiff(res.path, job.out_dir / "maps.tif", job.out_dir / "ct_preview.ome.zarr" if cfg.ct_preview else None)
+    for name, path in write_exports(exports(cfg), res.path, job.out_dir,
+                                    job.out_dir / "ct_preview.ome.zarr" if cfg.ct_preview else None).items():
+        log.info("%s: %s maps in %s", job.volume_id, name, path)
     if cfg.figures:
         names, colors = list(meta["targets"]), meta.get("target_colors")
-        label = "predicted proportion" if (kind or "composition") == "composition" else "predicted value"
+        label = f"predicted {get_kind(kind or 'composition').value_label}"
         plot_orthoviews(maps, res.grid, names, job.out_dir / "figures" / "orthoviews.png", ct=ct, title=job.volume_id,
                         section_z_um=job.section_z_um, value_label=label, colors=colors)
         plot_depth_proportions(maps, res.grid, names, job.out_dir / "figures" / "proportions_by_depth.png",
