@@ -8,6 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from xpression.resolvers import register_resolvers
+
+register_resolvers()  # as train.py and infer.py do, for the tests that compose conf/
+
+
 
 def _generate(tmp_path_factory: pytest.TempPathFactory, preset: str) -> Path:
     out = tmp_path_factory.mktemp(f"phantom_{preset}")

@@ -80,10 +80,13 @@ def test_cohort_sweep_end_to_end(run, tmp_path):
 
 
 def test_clear_errors_before_compute(run, cohort, tmp_path):
+    # A checkpoint written before checkpoints carried their input spec needs its run folder: an
+    # interrupted one (config but no metrics.json) still gets its voxel size from the config.
+    old = make_run(tmp_path / "old", cohort, legacy=True)
     bare = tmp_path / "bare" / "checkpoints"
     bare.mkdir(parents=True)
-    (bare / "best.ckpt").write_bytes((run / "checkpoints" / "best.ckpt").read_bytes())
-    with pytest.raises(InferenceError, match="no run config"):
+    (bare / "best.ckpt").write_bytes((old / "checkpoints" / "best.ckpt").read_bytes())
+    with pytest.raises(InferenceError, match=r"records no input spec .* lacks the run config \(config.yaml\), the model voxel size"):
         infer(config(run=str(bare / "best.ckpt"), output=str(tmp_path / "x")))
     vol = tmp_path / "v.npy"
     np.save(vol, np.zeros((20, 80, 80), np.uint8))

@@ -415,6 +415,7 @@ class InferConfig:
     levels: int = 3
     ct_preview: bool = True
     bigtiff: bool = False
+    exports: list[str] | None = None
     figures: bool = True
     # infer/evaluation
     evaluate: bool = True

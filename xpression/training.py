@@ -77,13 +77,15 @@ def train(cfg: DictConfig) -> float | None:
 
     datamodule = instantiate(cfg.data, target=cfg.target, sampler=cfg.sampler, split=cfg.split, seed=cfg.seed, _recursive_=False)
     voxel_um = datamodule.voxel_size_um
-    spot_radius_vox = 27.5 / float(voxel_um[2])
     # Backbone, loss-vs-kind and patch-size checks that need no target values run first ...
     model_factory = instantiate(cfg.model)
     spec = datamodule.target_spec  # reads the ST sections (no CT voxels)
     check_split_counts(datamodule.spots["split"], datamodule.split)
-    # ... then the model proper, whose construction also checks init_from against the targets.
-    model = model_factory(target_spec=spec, patch_shape=datamodule.patch_shape_vox, spot_radius_vox=spot_radius_vox)
+    # ... then the model proper, whose construction also checks init_from against the targets. The
+    # input spec (patch, voxel size, normalisation, quantisation, targets) goes into its checkpoints.
+    input_spec = datamodule.input_spec()
+    model = model_factory(target_spec=spec, patch_shape=datamodule.patch_shape_vox,
+                          spot_radius_vox=input_spec.spot_radius_vox, input_spec=input_spec)
     post_fit = _instantiate_all(cfg.get("evaluation"))
     for step in post_fit:  # e.g. a patch larger than the probe set allows fails now, not after training
         if isinstance(step, PostFit):
@@ -101,6 +103,8 @@ def train(cfg: DictConfig) -> float | None:
         trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     else:  # a closed-form baseline (model=ridge): fitted once on the training spots, no epochs
         fit_without_lightning(trainer, model, datamodule)
+        if trainer.is_global_zero:
+            model.save_checkpoint(out_dir / "checkpoints" / "last.ckpt", config)
     if not trainer.is_global_zero:
         return None
 

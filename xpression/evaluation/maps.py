@@ -28,8 +28,12 @@ import numpy as np
 import pandas as pd
 
 from xpression.evaluation.baselines import KNN_K, TrainingSpots, baseline_predictions
+from xpression.evaluation.figures import plot_run_scores
 from xpression.evaluation.scores import score_rows
+from xpression.inference.figures import plot_orthoviews
 from xpression.inference.grid import OutputGrid
+from xpression.inference.writers import read_maps
+from xpression.phantom import Phantom
 
 __all__ = ["DEFAULT_DISTANCES_UM", "score_volume", "evaluate_maps"]
 
@@ -140,11 +144,6 @@ def evaluate_maps(run_dir: str | Path, output: str | Path, volumes: Mapping[str,
     ``<output>/evaluation.csv`` (score rows, held-out spot rows of the run included) and, with
     ``figures``, ``accuracy_vs_distance.png`` and ``<volume>/figures/truth_vs_prediction.png``.
     Returns the rows as a DataFrame."""
-    from xpression.evaluation.figures import plot_run_scores
-    from xpression.inference.figures import plot_orthoviews
-    from xpression.inference.writers import read_maps
-    from xpression.phantom import Phantom
-
     run_dir, output = Path(run_dir), Path(output)
     phantom = Phantom.from_spec(cohort.truth.spec)
     conditions = {v.id: v.condition for v in cohort.volumes}
