@@ -536,12 +536,11 @@ def compose(config_name: str = "train", overrides: Sequence[str] = ()) -> DictCo
     """The config `train.py` / `infer.py` composes from ``conf/`` with these command-line
     overrides, for use outside a Hydra app (tests, benchmarks, notebooks): Hydra's own node and
     `${hydra:...}` are not available, so set ``paths.output_dir`` (or ``hydra.run.dir``'s
-    equivalent) yourself before resolving paths."""
+    equivalent) yourself before resolving paths. Resolving ``${phantom:...}`` needs
+    ``xpression.resolvers.register_resolvers()`` first (train.py, infer.py and the tests' conftest
+    call it; this module stays free of project imports)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from xpression.resolvers import register_resolvers
-
-    register_resolvers()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return hydra_compose(config_name=config_name, overrides=list(overrides))
