@@ -117,6 +117,8 @@ def train(cfg: DictConfig) -> float | None:
     # post-fit predictions and the off-plane probe run on the training device
     device = trainer.strategy.root_device if isinstance(model, pl.LightningModule) else torch.device("cpu")
     predictions = predict_spots(model, datamodule, device)
+    if isinstance(model, pl.LightningModule):  # [ood hook] infer.py ood=true reads it (xpression.inference.ood)
+        save_ood_fit(model, datamodule, out_dir, best or last, device)
     metrics, predictions = _evaluate(cfg, model, datamodule, predictions)
     metrics.update(
         target_names=list(spec.names),
@@ -166,6 +168,20 @@ def predict_spots(model: pl.LightningModule, datamodule: pl.LightningDataModule,
         table[f"true/{name}"] = truth[:, j]
         table[f"pred/{name}"] = preds[:, j]
     return table
+
+
+def save_ood_fit(model: pl.LightningModule, datamodule: Any, out_dir: Path, checkpoint: Path,
+                 device: str | torch.device = "cpu") -> Path | None:
+    """``out_dir/ood_fit.npz``: the out-of-distribution fit on the training spots' features, for
+    the weights of ``checkpoint`` (its sha256 recorded; infer.py fits again for other weights)."""
+    from xpression.inference.ood import OOD_FILE, fit_training_spots
+    from xpression.inference.runs import _sha256
+
+    net = getattr(model, "eval_net", model)
+    if not hasattr(net, "forward_features") or not checkpoint.is_file():
+        return None
+    fit = fit_training_spots(net, datamodule, device, _sha256(checkpoint))
+    return fit.save(out_dir / OOD_FILE)
 
 
 def _evaluate(cfg: DictConfig, model: Any, datamodule: Any, predictions: pd.DataFrame) -> tuple[dict[str, Any], pd.DataFrame]:
