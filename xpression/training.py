@@ -118,7 +118,7 @@ def train(cfg: DictConfig) -> float | None:
     device = trainer.strategy.root_device if isinstance(model, pl.LightningModule) else torch.device("cpu")
     predictions = predict_spots(model, datamodule, device)
     if isinstance(model, pl.LightningModule):  # [ood hook] infer.py ood=true reads it (xpression.inference.ood)
-        save_ood_fit(model, datamodule, out_dir, best or last, device)
+        save_ood_fit(model, datamodule, out_dir, device)
     metrics, predictions = _evaluate(cfg, model, datamodule, predictions)
     metrics.update(
         target_names=list(spec.names),
@@ -170,18 +170,16 @@ def predict_spots(model: pl.LightningModule, datamodule: pl.LightningDataModule,
     return table
 
 
-def save_ood_fit(model: pl.LightningModule, datamodule: Any, out_dir: Path, checkpoint: Path,
+def save_ood_fit(model: pl.LightningModule, datamodule: Any, out_dir: Path,
                  device: str | torch.device = "cpu") -> Path | None:
-    """``out_dir/ood_fit.npz``: the out-of-distribution fit on the training spots' features, for
-    the weights of ``checkpoint`` (its sha256 recorded; infer.py fits again for other weights)."""
+    """``out_dir/ood_fit.npz``: the out-of-distribution fit on the training spots' features of
+    ``model``'s evaluation network (the weights' digest recorded: infer.py fits again for others)."""
     from xpression.inference.ood import OOD_FILE, fit_training_spots
-    from xpression.inference.runs import _sha256
 
     net = getattr(model, "eval_net", model)
-    if not hasattr(net, "forward_features") or not checkpoint.is_file():
+    if not hasattr(net, "forward_features"):
         return None
-    fit = fit_training_spots(net, datamodule, device, _sha256(checkpoint))
-    return fit.save(out_dir / OOD_FILE)
+    return fit_training_spots(net, datamodule, device).save(out_dir / OOD_FILE)
 
 
 def _evaluate(cfg: DictConfig, model: Any, datamodule: Any, predictions: pd.DataFrame) -> tuple[dict[str, Any], pd.DataFrame]:

@@ -8,7 +8,7 @@ training spot scores about ``sqrt(F)``, ``F`` the feature count). The fit also k
 percentile of the training spots' own scores, the threshold the evaluation reports against.
 
 Where the fit comes from (:func:`ood_fit_for_run`): ``train.py`` writes ``RUN/ood_fit.npz`` for
-the checkpoint it scores (seconds: one pass over the training spots it has in memory); a run
+the weights it scores (the best checkpoint) (seconds: one pass over the training spots it has in memory); a run
 without one, or used with another checkpoint, is fitted at inference from its training spots
 (the run's DataModule rebuilt from its config: the sections and their patches are read again).
 """
@@ -25,7 +25,8 @@ import torch
 
 from xpression.inference.predictor import InferenceError
 
-__all__ = ["OOD_FILE", "OODFit", "fit_ood", "mahalanobis", "spot_features", "fit_training_spots", "ood_fit_for_run"]
+__all__ = ["OOD_FILE", "OODFit", "fit_ood", "mahalanobis", "spot_features", "fit_training_spots", "ood_fit_for_run",
+           "weights_digest"]
 
 log = logging.getLogger(__name__)
 
@@ -36,14 +37,14 @@ OOD_FILE = "ood_fit.npz"
 class OODFit:
     """``mean`` ``(F,)`` and ``whiten`` ``(F, F)`` with ``cov^-1 = whiten @ whiten.T``;
     ``train_p99``: 99th percentile of the training spots' scores; ``shrinkage``: Ledoit-Wolf's
-    weight on the scaled identity; ``checkpoint_sha256``: the weights the features came from."""
+    weight on the scaled identity; ``weights_sha256``: the weights the features came from."""
 
     mean: np.ndarray
     whiten: np.ndarray
     train_p99: float
     n_spots: int
     shrinkage: float
-    checkpoint_sha256: str = ""
+    weights_sha256: str = ""
 
     @property
     def num_features(self) -> int:
@@ -57,22 +58,33 @@ class OODFit:
     def save(self, path: str | Path) -> Path:
         path = Path(path)
         np.savez(path, mean=self.mean, whiten=self.whiten, train_p99=self.train_p99, n_spots=self.n_spots,
-                 shrinkage=self.shrinkage, checkpoint_sha256=np.array(self.checkpoint_sha256))
+                 shrinkage=self.shrinkage, weights_sha256=np.array(self.weights_sha256))
         return path
 
     @classmethod
     def load(cls, path: str | Path) -> "OODFit":
         with np.load(path, allow_pickle=False) as z:
-            return cls(z["mean"], z["whiten"], float(z["train_p99"]), int(z["n_spots"]), float(z["shrinkage"]),
-                       str(z["checkpoint_sha256"]))
+            digest = str(z["weights_sha256"]) if "weights_sha256" in z.files else ""  # none: refitted
+            return cls(z["mean"], z["whiten"], float(z["train_p99"]), int(z["n_spots"]), float(z["shrinkage"]), digest)
 
     def to_dict(self) -> dict:
         """What the map metadata records (not the matrices)."""
         return {"features": self.num_features, "n_spots": self.n_spots, "shrinkage": round(self.shrinkage, 6),
-                "train_p99": self.train_p99, "checkpoint_sha256": self.checkpoint_sha256}
+                "train_p99": self.train_p99, "weights_sha256": self.weights_sha256}
 
 
-def fit_ood(features: np.ndarray, checkpoint_sha256: str = "") -> OODFit:
+def weights_digest(net: torch.nn.Module) -> str:
+    """sha256 of a network's tensors (names, shapes, values; memory layout ignored)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in sorted(net.state_dict().items()):
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def fit_ood(features: np.ndarray, weights_sha256: str = "") -> OODFit:
     """Mean and Ledoit-Wolf shrinkage covariance of ``(N, F)`` training features (N >= 2).
 
     Shrinkage keeps the inverse finite when ``N`` is near ``F`` or features are constant
@@ -88,7 +100,7 @@ def fit_ood(features: np.ndarray, checkpoint_sha256: str = "") -> OODFit:
     lam, vec = np.linalg.eigh(cov)
     lam = np.maximum(lam, max(float(lam.max()), 1.0) * 1e-9)
     whiten = vec / np.sqrt(lam)
-    fit = OODFit(mean, whiten, 0.0, len(x), float(shrinkage), checkpoint_sha256)
+    fit = OODFit(mean, whiten, 0.0, len(x), float(shrinkage), weights_sha256)
     fit.train_p99 = float(np.percentile(fit.score(x), 99))
     return fit
 
@@ -115,23 +127,22 @@ def spot_features(net: torch.nn.Module, batches: Iterable[dict], device: torch.d
     return np.concatenate(index), np.concatenate(feats)
 
 
-def fit_training_spots(net: torch.nn.Module, datamodule: Any, device: torch.device | str = "cpu",
-                       checkpoint_sha256: str = "") -> OODFit:
-    """:func:`fit_ood` on the features of ``datamodule``'s training spots (split ``train``)."""
+def fit_training_spots(net: torch.nn.Module, datamodule: Any, device: torch.device | str = "cpu") -> OODFit:
+    """:func:`fit_ood` on ``net``'s features of ``datamodule``'s training spots (split ``train``)."""
     datamodule.setup("predict")
     index, feats = spot_features(net, datamodule.predict_dataloader(), device)
     split = np.asarray(datamodule.spots["split"].reset_index(drop=True))[index]
-    return fit_ood(feats[split == "train"], checkpoint_sha256)
+    return fit_ood(feats[split == "train"], weights_digest(net))
 
 
 def ood_fit_for_run(info: Any, net: torch.nn.Module, device: torch.device | str = "cpu") -> OODFit:
-    """The fit for ``info``'s checkpoint: ``RUN/ood_fit.npz`` when it was made from these
+    """The fit for ``net`` (``info``'s network): ``RUN/ood_fit.npz`` when it was made from these
     weights, else fitted now from the run's training spots (the DataModule rebuilt from
     ``info.config``, as ``train.py`` built it)."""
     path = Path(info.run_dir) / OOD_FILE
     if path.is_file():
         fit = OODFit.load(path)
-        if fit.checkpoint_sha256 == info.sha256:
+        if fit.weights_sha256 == weights_digest(net):
             return fit
         log.info("%s was fitted for other weights than %s; fitting again from the training spots", path, info.checkpoint)
     cfg = info.config
@@ -149,4 +160,4 @@ def ood_fit_for_run(info: Any, net: torch.nn.Module, device: torch.device | str 
     datamodule = instantiate(conf.data, target=conf.target, sampler=conf.sampler, split=conf.split,
                              seed=conf.get("seed", 0), _recursive_=False, num_workers=0, persistent_workers=False,
                              pin_memory=False)
-    return fit_training_spots(net, datamodule, device, info.sha256)
+    return fit_training_spots(net, datamodule, device)
