@@ -140,6 +140,28 @@ def test_mc_dropout_spreads_and_keeps_the_mean_near_the_deterministic_map(cohort
     assert np.median(gap / (mc[6:][:, tissue] / np.sqrt(30) + 1e-3)) < 3
 
 
+def test_mc_dropout_runs_the_trunk_once_with_the_same_numbers(cohort, tmp_path):
+    """cnn3d's dropout is its last step: the passes share one trunk forward and give, seed for
+    seed, what full passes give."""
+    backbone = {"name": "cnn3d", "widths": [4, 8, 8], "kernel_size": [[3, 5, 5], [3, 3, 3], [1, 3, 3]],
+                "pool": [1, 2, 2], "padding": "valid", "dense_width": 16, "dropout": 0.3}
+    net = load_predictor(resolve_run(make_run(tmp_path / "d", cohort, backbone=backbone)), "cpu", "fp32")[0].net
+    trust = TrustNet([net], "mc_dropout", samples=7).eval()
+    calls = []
+    net.backbone.trunk.register_forward_hook(lambda *a: calls.append(1))
+    x = torch.rand(4, 1, 5, 33, 33, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        torch.manual_seed(5)
+        fast = trust(x)
+        assert len(calls) == 1
+        trust._mc_last_dropout = lambda run, head: None  # every pass through the whole network
+        torch.manual_seed(5)
+        full = trust(x)
+    assert len(calls) == 1 + 7
+    np.testing.assert_allclose(fast, full, atol=1e-6)
+    assert (fast[:, 6:] > 0).all()
+
+
 def test_mahalanobis_fit_on_known_features():
     rng = np.random.default_rng(0)
     cov = np.array([[4.0, 1.5], [1.5, 1.0]])

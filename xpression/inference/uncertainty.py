@@ -14,7 +14,9 @@ the tile, never by the number of members).
   normalisation (a mismatch is refused naming the member). The CT is normalised once, with the
   first member's transform.
 - ``mc_dropout``: ``mc_samples`` passes of the run's network with its dropout layers active
-  (seeded by ``mc_seed``); a network without dropout is refused.
+  (seeded by ``mc_seed``); a network without dropout is refused. Where the one dropout layer is
+  the last step before the head (``cnn3d``), the trunk runs once and only the mask and the head
+  are redrawn per pass (:meth:`TrustNet._mc_last_dropout`).
 - SD: the sample standard deviation (``ddof = 1``) of the members' (passes') predictions in
   target units (proportions for compositions), i.e. their disagreement, not the noise of the
   labels.
@@ -129,8 +131,42 @@ class TrustNet(nn.Module):
         with torch.autocast(device_type=feats.device.type, enabled=False):
             return mahalanobis(feats, getattr(self, f"ood_mean_{i}"), getattr(self, f"ood_whiten_{i}"), dim=1)
 
-    def _combine(self, run: Any) -> torch.Tensor:
-        """``run(member, stochastic, want_features) -> (prediction, features or None)`` per pass."""
+    def _mc_last_dropout(self, run: Any, head: Any) -> torch.Tensor | None:
+        """MC dropout when the network's one dropout layer is the last step before the head (as
+        in ``cnn3d``): the trunk runs once, and each pass only redraws the dropout mask on its
+        features and reruns the head, so a dense sweep stays about as fast as without
+        uncertainty. Checked, not assumed: the dropout layer's input (with dropout off) must be
+        the features the head receives (up to the trailing crop a dense path may apply); else
+        None (every pass then runs the whole network)."""
+        net = self.members[0]
+        drops = dropout_layers(net)
+        if len(drops) != 1 or type(drops[0]) is not nn.Dropout:
+            return None
+        seen: dict = {}
+        hook = drops[0].register_forward_hook(lambda m, args, out: seen.__setitem__("x", args[0]))
+        try:
+            _, feats = run(net, want_features=True)
+        finally:
+            hook.remove()
+        x = seen.get("x")
+        if x is None or x.ndim != feats.ndim or any(a < b for a, b in zip(x.shape, feats.shape)):
+            return None
+        if not torch.equal(x[tuple(slice(0, n) for n in feats.shape)], feats):
+            return None
+        stats = _Welford()
+        p = float(drops[0].p)
+        for _ in range(self.samples):
+            stats.add(head(net, torch.nn.functional.dropout(feats, p, training=True)))
+        out = [stats.mean, stats.sd()] + ([self._ood(0, feats).unsqueeze(1)] if self.with_ood else [])
+        return torch.cat(out, dim=1)
+
+    def _combine(self, run: Any, head: Any) -> torch.Tensor:
+        """``run(member, want_features) -> (prediction, features or None)`` per pass;
+        ``head(member, features) -> prediction``."""
+        if self.method == "mc_dropout":
+            fast = self._mc_last_dropout(run, head)
+            if fast is not None:
+                return fast
         stats, ood = _Welford(), None
         deterministic_feats: dict[int, torch.Tensor] = {}
         for i, stochastic in self._passes():
@@ -157,11 +193,14 @@ class TrustNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, 1, D, H, W)`` patches -> ``(B, C)``: means, SDs, ood."""
 
+        def head(net: nn.Module, feats: torch.Tensor) -> torch.Tensor:
+            return net.head.activate(net.forward_head(feats)).float()
+
         def run(net: nn.Module, want_features: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
             feats = net.forward_features(x)
-            return net.head.activate(net.forward_head(feats)).float(), (feats if want_features else None)
+            return head(net, feats), (feats if want_features else None)
 
-        return self._combine(run)
+        return self._combine(run, head)
 
     def dense_forward(self, x: torch.Tensor, step: Sequence[int] | None = None, spot_average: bool = False) -> torch.Tensor:
         """Dense outputs ``(B, C, d, h, w)`` (or ``(B, C, H', W')`` for plane members), every
@@ -182,10 +221,12 @@ class TrustNet(nn.Module):
             if not native and step_t != (1, 1, 1):
                 keep = step_t if feats.ndim == 5 else step_t[1:]
                 feats = feats[(slice(None), slice(None)) + tuple(slice(None, None, s) for s in keep)]
-            pred = net.head.activate(net.head.dense(feats), dim=1).float()
-            return pred, (feats if want_features else None)
+            return head(net, feats), (feats if want_features else None)
 
-        return self._combine(run)
+        def head(net: nn.Module, feats: torch.Tensor) -> torch.Tensor:
+            return net.head.activate(net.head.dense(feats), dim=1).float()
+
+        return self._combine(run, head)
 
 
 class ChannelView:
