@@ -301,18 +301,11 @@ def resolve_trust_runs(cfg: Any) -> tuple[Any, list[Any]]:
     return infos[0], infos
 
 
-def _select(cfg: dict, dotted: str) -> Any:
-    node: Any = cfg
-    for key in dotted.split("."):
-        if not isinstance(node, dict) or key not in node:
-            return None
-        node = node[key]
-    return node
-
-
 def _check_contract(infos: Sequence[Any]) -> None:
     """Voxel size and normalisation settings of every member against the first (from the run
     folders; patch shape and targets are checked once the networks load)."""
+    from xpression.inference.runs import _select
+
     first = infos[0]
     for info in infos[1:]:
         a, b = first.voxel_size_um, info.voxel_size_um
