@@ -159,6 +159,13 @@ INFER_RULES: dict[str, _Rule] = {
     "mask.min_object_um2": NON_NEGATIVE,
     "mask.feature": _choice("std", "mean"),
     "eval_distances_um": NON_NEGATIVE_LIST,
+    # uncertainty and out-of-distribution (xpression.inference.uncertainty)
+    "uncertainty": _choice("none", "ensemble", "mc_dropout"),
+    "members": _optional(_Rule("a list of run folders or checkpoints", lambda v: isinstance(v, (list, tuple)) and len(v) >= 1
+                                 and all(isinstance(x, str) and x for x in v))),
+    "mc_samples": _Rule("an integer >= 2", lambda v: _is_int(v) and v >= 2),
+    "mc_seed": NON_NEGATIVE_INT,
+    "ood": BOOL,
 }
 
 _ABSENT = object()
@@ -280,7 +287,8 @@ def check_infer_config(cfg: DictConfig) -> None:
     """Raise :class:`ConfigError` listing every unknown key, value of the wrong type and
     out-of-range value of an `infer.py` config."""
     problems = _one_per_key(schema_problems(cfg, InferConfig) + _apply(cfg, INFER_RULES))
-    if _value(cfg, "run") in (_ABSENT, None, ""):
+    ensemble_members = _value(cfg, "uncertainty") == "ensemble" and _value(cfg, "members") not in (_ABSENT, None)
+    if _value(cfg, "run") in (_ABSENT, None, "") and not ensemble_members:
         problems.append("run: give the training run folder (or a checkpoint in one): infer.py run=RUN")
     if problems:
         raise ConfigError(problems, "inference config")
@@ -394,6 +402,11 @@ class InferConfig:
     output: Any = None  # ${paths.output_dir}: resolved by Hydra at run time
     overwrite: bool = False
     progress: bool = True
+    uncertainty: str = "none"
+    members: list[str] | None = None
+    mc_samples: int = 20
+    mc_seed: int = 0
+    ood: bool = False
     paths: PathsConfig | None = None
     # infer/grid
     spacing_um: list[float] | None = None

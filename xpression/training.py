@@ -22,12 +22,12 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from xpression.callbacks import PostFit, fit_without_lightning
+from xpression.callbacks import PostFit, SpotPredictions, fit_without_lightning
 from xpression.config import CONF_DIR, check_train_config, sync_patch
 from xpression.data.splits import check_split_counts
 from xpression.resume import RecordRunConfig, continue_metrics_history, start_run, write_run_config
 
-__all__ = ["EpochSeed", "fit_summary", "train"]
+__all__ = ["EpochSeed", "fit_summary", "save_ood_fit", "train"]
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +111,9 @@ def train(cfg: DictConfig) -> float | None:
     last = out_dir / "checkpoints" / "last.ckpt"
     if isinstance(model, pl.LightningModule) and not last.exists():
         trainer.save_checkpoint(last)  # presets without the checkpoint callbacks: keep the final weights for infer.py
+    if isinstance(model, pl.LightningModule):  # [ood hook] infer.py ood=true reads it (xpression.inference.ood)
+        best = next((c.model for c in trainer.callbacks if isinstance(c, SpotPredictions)), None) or model
+        save_ood_fit(best, datamodule, out_dir, trainer.strategy.root_device)
     metrics_path = out_dir / "metrics.json"  # written by rank 0's post-fit steps (in a worker under ddp_spawn)
     metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
     log.info("%s", fit_summary(trainer, metrics, fitted=isinstance(model, pl.LightningModule)))
@@ -137,6 +140,18 @@ def fit_summary(trainer: pl.Trainer, metrics: Mapping[str, Any], fitted: bool = 
     if "train_seconds" in metrics:
         parts.append(f"{float(metrics['train_seconds']):.0f} s")
     return "; ".join(parts)
+
+
+def save_ood_fit(model: pl.LightningModule, datamodule: Any, out_dir: Path,
+                 device: str | torch.device = "cpu") -> Path | None:
+    """``out_dir/ood_fit.npz``: the out-of-distribution fit on the training spots' features of
+    ``model``'s evaluation network (the weights' digest recorded: infer.py fits again for others)."""
+    from xpression.inference.ood import OOD_FILE, fit_training_spots
+
+    net = getattr(model, "eval_net", model)
+    if not hasattr(net, "forward_features"):
+        return None
+    return fit_training_spots(net, datamodule, device).save(out_dir / OOD_FILE)
 
 
 def _checkpoint_epoch(path: str) -> int | None:

@@ -24,9 +24,10 @@ from xpression.data.mask import tissue_mask
 from xpression.data.patches import ResampledVolume, same_voxel_size
 from xpression.data.volume import VolumeError, open_volume
 from xpression.inference.predictor import InferenceError, Predictor
-from xpression.inference.runs import RunInfo, load_predictor, resolve_run
+from xpression.inference.runs import RunInfo, load_predictor
 from xpression.inference.shards import dist_rank_world, process_device
 from xpression.inference.sinks import check_exports, write_exports
+from xpression.inference.uncertainty import ChannelView, resolve_trust_runs, trust_identity, trust_predictor
 from xpression.inference.volume_sweep import SweepSettings, infer_volume, plan_grid
 from xpression.inference.writers import _read_meta, read_maps, write_ct_preview
 
@@ -154,9 +155,12 @@ def infer(cfg: Any) -> dict:
     from xpression.config import check_infer_config, check_output_writable
 
     check_infer_config(cfg)
-    info = resolve_run(cfg.run, cfg.checkpoint)
+    # [uncertainty hook] the run, or an ensemble's members (xpression.inference.uncertainty)
+    info, members = resolve_trust_runs(cfg)
     check_output_writable(cfg.output)  # before the model loads
     pred = load_predictor(info, process_device(cfg.device), cfg.precision, compile=bool(cfg.get("compile", False)))
+    # [uncertainty hook] ensemble / MC dropout / ood: one network with <target>_sd and ood channels
+    pred, trust = trust_predictor(cfg, info, members, pred)
     if pred.device.type == "cuda":
         import torch
 
@@ -164,12 +168,14 @@ def infer(cfg: Any) -> dict:
         if cfg.get("cudnn_benchmark", True):
             torch.backends.cudnn.benchmark = True  # tiles of one shape: each convolution autotuned once
     jobs, cohort = plan_jobs(cfg, info)
-    identity = info.identity()
+    identity = {**info.identity(), **trust_identity(trust)}
     _precheck(jobs, pred, cfg, identity)
     rank, world = dist_rank_world()
     spec = info.spec.targets
     meta_common = {"run_config": info.config, "checkpoint": str(info.checkpoint), "target_kind": spec.get("kind"),
                    "target_colors": spec.get("colors"), "infer_config": _plain(cfg)}
+    if trust is not None:
+        meta_common["uncertainty"] = trust
     summary: dict = {"run_dir": str(info.run_dir), "cohort": str(cohort.path) if cohort is not None else None, "volumes": {}}
     settings = sweep_settings(cfg)
     for job in jobs:
@@ -197,6 +203,9 @@ def _extras(job: VolumeJob, res: Any, pred: Predictor, cfg: Any, kind: str | Non
     from xpression.inference.figures import plot_depth_proportions, plot_orthoviews
 
     maps, meta = read_maps(res.path)
+    trust = meta.get("uncertainty")  # [uncertainty hook] figures of the mean channels; the SD/ood ones apart
+    if trust:
+        full, maps = maps, ChannelView(maps, 0, len(trust["targets"]))
     ct = None
     if cfg.ct_preview:
         ct_path = job.out_dir / "ct_preview.ome.zarr"
@@ -209,10 +218,15 @@ def _extras(job: VolumeJob, res: Any, pred: Predictor, cfg: Any, kind: str | Non
                                     job.out_dir / "ct_preview.ome.zarr" if cfg.ct_preview else None).items():
         log.info("%s: %s maps in %s", job.volume_id, name, path)
     if cfg.figures:
-        names, colors = list(meta["targets"]), meta.get("target_colors")
+        names, colors = list(trust["targets"] if trust else meta["targets"]), meta.get("target_colors")
         label = f"predicted {get_kind(kind or 'composition').value_label}"
         plot_orthoviews(maps, res.grid, names, job.out_dir / "figures" / "orthoviews.png", ct=ct, title=job.volume_id,
                         section_z_um=job.section_z_um, value_label=label, colors=colors)
         plot_depth_proportions(maps, res.grid, names, job.out_dir / "figures" / "proportions_by_depth.png",
                                kind=kind or "composition", title=job.volume_id, section_z_um=job.section_z_um,
                                colors=colors)
+        if trust:
+            extra = [i for i, t in enumerate(meta["targets"]) if t in trust["sd_channels"] or t == trust["ood_channel"]]
+            plot_orthoviews(full, res.grid, list(meta["targets"]), job.out_dir / "figures" / "uncertainty.png", ct=ct,
+                            title=f"{job.volume_id}: {trust['method']} SD and ood", section_z_um=job.section_z_um,
+                            channels=extra, value_label="SD (target units) / ood (Mahalanobis)")
