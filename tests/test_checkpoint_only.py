@@ -16,6 +16,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf, open_dict
 
+from xpression.config import compose as compose_config
 from xpression.data.input_spec import INPUT_SPEC_KEY, InputSpec
 from xpression.inference.pipeline import infer
 from xpression.inference.writers import read_maps
@@ -41,8 +42,9 @@ def _train(run_dir: Path, manifest: Path, *overrides: str) -> Path:
 
 
 def _infer_cfg(run: Path, out: Path, *overrides: str):
-    cfg = OmegaConf.load(ROOT / "conf" / "infer.yaml")
-    del cfg["defaults"]
+    cfg = compose_config("infer", ["run=unset"])  # conf/infer.yaml and its groups, outside a Hydra app
+    OmegaConf.set_struct(cfg, False)
+    del cfg["paths"]
     cfg.merge_with_dotlist([f"run={run}", f"output={out}", *SWEEP, *overrides])
     return cfg
 

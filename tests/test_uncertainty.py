@@ -14,7 +14,7 @@ import torch
 from omegaconf import OmegaConf
 
 from tests._inference_models import make_run
-from xpression.config import ConfigError
+from xpression.config import ConfigError, compose
 from xpression.evaluation.maps import evaluate_inference
 from xpression.evaluation.uncertainty import uncertainty_scores
 from xpression.inference.ood import OOD_FILE, OODFit, fit_ood, mahalanobis, ood_fit_for_run, weights_digest
@@ -46,8 +46,9 @@ def runs(cohort, tmp_path_factory):
 
 
 def config(**over):
-    cfg = OmegaConf.load(REPO / "conf" / "infer.yaml")
-    del cfg["defaults"]
+    cfg = compose("infer", ["run=unset"])  # conf/infer.yaml and its groups, outside a Hydra app
+    OmegaConf.set_struct(cfg, False)
+    del cfg["paths"]  # Hydra's runtime folder: every test sets output itself
     cfg.progress = False
     cfg.tile_vox = [16, 64, 64]
     cfg.volumes = ["mock_0"]
@@ -91,7 +92,7 @@ def test_dense_ensemble_equals_patch_ensemble(runs, tmp_path):
 def test_ensemble_sd_is_the_members_sample_sd(runs):
     """The streamed combination against the members' outputs computed one by one."""
     _, paths = runs
-    nets = [load_predictor(resolve_run(p), "cpu", "fp32")[0].net for p in paths]
+    nets = [load_predictor(resolve_run(p), "cpu", "fp32").net for p in paths]
     x = torch.rand(3, 1, 5, 33, 33, generator=torch.Generator().manual_seed(0))
     trust = TrustNet(nets, "ensemble").eval()
     with torch.inference_mode():
@@ -145,7 +146,7 @@ def test_mc_dropout_runs_the_trunk_once_with_the_same_numbers(cohort, tmp_path):
     seed, what full passes give."""
     backbone = {"name": "cnn3d", "widths": [4, 8, 8], "kernel_size": [[3, 5, 5], [3, 3, 3], [1, 3, 3]],
                 "pool": [1, 2, 2], "padding": "valid", "dense_width": 16, "dropout": 0.3}
-    net = load_predictor(resolve_run(make_run(tmp_path / "d", cohort, backbone=backbone)), "cpu", "fp32")[0].net
+    net = load_predictor(resolve_run(make_run(tmp_path / "d", cohort, backbone=backbone)), "cpu", "fp32").net
     trust = TrustNet([net], "mc_dropout", samples=7).eval()
     calls = []
     net.backbone.trunk.register_forward_hook(lambda *a: calls.append(1))
@@ -196,7 +197,7 @@ def trained(tiny_cohort, tmp_path_factory):
 def test_ood_larger_for_an_input_made_out_of_distribution(trained, tmp_path):
     assert (trained / OOD_FILE).is_file()
     info = resolve_run(trained)
-    pred, _ = load_predictor(info, "cpu", "fp32")
+    pred = load_predictor(info, "cpu", "fp32")
     fit = OODFit.load(trained / OOD_FILE)
     assert fit.weights_sha256 == weights_digest(pred.net) and fit.num_features == 64
     trust = Predictor(TrustNet([pred.net], "none", ood_fits=[fit]), device="cpu", precision="fp32")

@@ -251,7 +251,7 @@ class ChannelView:
 
 
 def _is_run_dir(path: Path) -> bool:
-    from xpression.resume import run_config_path
+    from xpression.runfolder import run_config_path
 
     return path.is_dir() and (path / "checkpoints").is_dir() and run_config_path(path).is_file()
 
