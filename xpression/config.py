@@ -143,6 +143,8 @@ INFER_RULES: dict[str, _Rule] = {
     "mask.min_object_um2": NON_NEGATIVE,
     "mask.feature": _choice("std", "mean"),
     "eval_distances_um": NON_NEGATIVE_LIST,
+    "genes": _optional(_Rule("a list of gene names", lambda v: isinstance(v, (list, tuple)) and len(v) > 0
+                             and all(isinstance(g, str) and g for g in v))),
 }
 
 _ABSENT = object()

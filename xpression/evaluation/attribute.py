@@ -193,7 +193,8 @@ def plot_attribution(patch: np.ndarray, attribution: Attribution, names: Sequenc
             ax.imshow(values[z], cmap="RdBu_r", norm=norm, alpha=alpha, extent=extent, interpolation="nearest")
         axes[1 + i, 0].set_ylabel(f"{name}\nf = {attribution.output[i]:.3f}", fontsize=7)
         bar = fig.colorbar(ScalarMappable(norm, "RdBu_r"), ax=list(axes[1 + i]), shrink=0.85, pad=0.01)
-        bar.set_label(f"Δ {value_label}\nper voxel", fontsize=6)
+        per = "when occluded" if attribution.method == "occlusion" else "per voxel"
+        bar.set_label(f"Δ {value_label}\n{per}", fontsize=6)
         bar.ax.tick_params(labelsize=5)
     for ax in axes.ravel():
         ax.set_xticks([])
