@@ -29,6 +29,7 @@ import numpy as np
 __all__ = ["ViewError", "volume_folders", "build_layers", "main"]
 
 SPOT_DIAMETER_UM = 55.0
+UNITS = ("um", "um", "um")  # napari's per-axis layer units (>= 0.6): the scale bar reads them
 _MAP_COLORMAPS = ["magma", "viridis", "cividis", "inferno", "plasma", "turbo"]
 
 
@@ -88,10 +89,11 @@ def _map_layers(path: Path) -> list[tuple[Any, dict, str]]:
     shown = 0
     for c, name in enumerate(names):
         sd = name.endswith("_sd")
-        kwargs: dict[str, Any] = {"name": f"{name} ({meta.get('units')})" if genes else name.replace("_sd", " sd") if sd else name,
-                                  "scale": scale, "translate": shift, "blending": "additive", "opacity": 0.8}
+        kwargs: dict[str, Any] = {"name": f"{name} (imputed)" if genes else name.replace("_sd", " sd") if sd else name,
+                                  "scale": scale, "translate": shift, "units": UNITS, "blending": "additive", "opacity": 0.8}
         if genes:
-            kwargs.update(colormap="inferno", visible=False, contrast_limits=_window(channels[c], (0.0, 1.0)))
+            kwargs.update(colormap="inferno", visible=False, contrast_limits=_window(channels[c], (0.0, 1.0)),
+                          metadata={"gene": name, "units": meta.get("units")})
         elif sd:
             kwargs.update(colormap="viridis", visible=False, contrast_limits=_window(channels[c], (0.0, 0.25)))
         else:
@@ -144,13 +146,13 @@ def _spot_layer(folder: Path, volume_id: str, meta: dict) -> tuple[Any, dict, st
     names = list(meta.get("targets") or [])
     dominant = rows["dominant"].astype(str).to_numpy() if "dominant" in rows else np.array(["spot"] * len(rows))
     colors = meta.get("target_colors")
-    palette = {n: _hex_rgba(c) for n, c in zip(names, colors)} if colors else {}
+    palette = {n: _hex_rgba(c) for n, c in zip(names, colors) if c} if colors else {}
     fallback = ["#e41a1c", "#377eb8", "#4daf4a", "#984ea3", "#ff7f00", "#ffff33", "#a65628", "#f781bf"]
     face = [palette.get(d) or _hex_rgba(fallback[sorted(set(dominant)).index(d) % len(fallback)]) for d in dominant]
     features = {"barcode": rows["barcode"].astype(str).to_numpy() if "barcode" in rows else np.arange(len(rows)),
                 "split": rows["split"].astype(str).to_numpy() if "split" in rows else np.array([""] * len(rows)),
                 "dominant": dominant}
-    kwargs = {"name": "spots (dominant target)", "size": SPOT_DIAMETER_UM, "face_color": np.asarray(face),
+    kwargs = {"name": "spots (dominant target)", "size": SPOT_DIAMETER_UM, "units": UNITS, "face_color": np.asarray(face),
               "border_color": "white", "border_width": 0.05, "features": features, "out_of_slice_display": False,
               "opacity": 0.9}
     return rows[["z_um", "y_um", "x_um"]].to_numpy(float), kwargs, "points"
@@ -170,7 +172,7 @@ def build_layers(output_dir: str | Path, volume_id: str | None = None) -> list[t
         ct, _, scale, shift = _ome(folder / "ct_preview.ome.zarr")
         finite = np.asarray(ct[ct.shape[0] // 2], np.float32)
         lo, hi = np.percentile(finite, [0.5, 99.5]) if finite.size else (0.0, 255.0)
-        layers.append((ct, {"name": "CT", "colormap": "gray", "scale": scale, "translate": shift,
+        layers.append((ct, {"name": "CT", "colormap": "gray", "scale": scale, "translate": shift, "units": UNITS,
                             "contrast_limits": [float(lo), float(max(hi, lo + 1))]}, "image"))
     layers += _map_layers(folder / "maps.ome.zarr")
     if (folder / "genes.ome.zarr").is_dir():
@@ -191,9 +193,12 @@ def open_viewer(layers: list[tuple[Any, dict, str]], title: str, show: bool = Tr
     viewer = napari.Viewer(title=title, show=show)
     for data, kwargs, kind in layers:
         getattr(viewer, f"add_{kind}")(data, **kwargs)
-    viewer.scale_bar.visible = True
-    viewer.scale_bar.unit = "um"
-    viewer.axes.visible = True
+    canvas = getattr(viewer, "canvas", None)  # napari >= 0.9 keeps the overlays there
+    scale_bar = canvas.overlays["scale_bar"] if canvas is not None else viewer.scale_bar
+    scale_bar.visible = True  # in the layers' units (um)
+    spots = [d for d, _, kind in layers if kind == "points"]
+    if spots and len(spots[0]):
+        viewer.dims.set_point(0, float(np.median(spots[0][:, 0])))  # open on the section's plane
     return viewer
 
 
