@@ -196,6 +196,7 @@ def open_viewer(layers: list[tuple[Any, dict, str]], title: str, show: bool = Tr
     canvas = getattr(viewer, "canvas", None)  # napari >= 0.9 keeps the overlays there
     scale_bar = canvas.overlays["scale_bar"] if canvas is not None else viewer.scale_bar
     scale_bar.visible = True  # in the layers' units (um)
+    scale_bar.position = "bottom_left"
     spots = [d for d, _, kind in layers if kind == "points"]
     if spots and len(spots[0]):
         viewer.dims.set_point(0, float(np.median(spots[0][:, 0])))  # open on the section's plane

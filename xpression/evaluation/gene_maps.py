@@ -56,7 +56,7 @@ def score_gene_volume(store: Any, grid: Any, genes: Sequence[str], truth: np.nda
                       condition: str | None = None, log_units: bool = True, max_points: int = MAX_POINTS,
                       seed: int = 0) -> list[dict]:
     """One row per gene: ``{volume_id, condition, gene, n, pearson, spearman, rmse, mean_pred,
-    mean_true}``. ``truth``: ``points (N, 3) -> (N, G)`` true expression of ``genes``."""
+    mean_true, sd_true}`` (``sd_true``: how much the truth varies in the volume). ``truth``: ``points (N, 3) -> (N, G)`` true expression of ``genes``."""
     from scipy.stats import pearsonr, spearmanr
 
     pred, pts = _points(store, grid, max_points, seed)
@@ -70,7 +70,8 @@ def score_gene_volume(store: Any, grid: Any, genes: Sequence[str], truth: np.nda
                      "spearman": float(spearmanr(p, t)[0]) if ok else float("nan"),
                      "rmse": float(np.sqrt(np.mean((p - t) ** 2))) if log_units and len(p) else float("nan"),
                      "mean_pred": float(p.mean()) if len(p) else float("nan"),
-                     "mean_true": float(t.mean()) if len(p) else float("nan")})
+                     "mean_true": float(t.mean()) if len(p) else float("nan"),
+                     "sd_true": float(t.std()) if len(p) else float("nan")})
     return rows
 
 
