@@ -3,6 +3,7 @@ fitted here, the gene store beside the maps, and scores against the phantom's tr
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -133,6 +134,8 @@ def test_gene_maps_of_fitted_programs_end_to_end(cohort, tmp_path):
         infer(_config(run=str(run), output=str(tmp_path / "o2"), genes=["Sftpc", "NoSuchGene"]))
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2" / "mock_0").exists()
 
+    metrics = json.loads((run / "metrics.json").read_text())  # fitted programs matched to truth programs
+    (run / "metrics.json").write_text(json.dumps({**metrics, "target_reference": {"program_0": "alveolar", "program_1": "airway"}}))
     icfg = _config(run=str(run), output=str(out), genes=genes, figures=True, bigtiff=False)
     summary = infer(icfg)
     vol = summary["volumes"]["mock_0"]
@@ -151,6 +154,9 @@ def test_gene_maps_of_fitted_programs_end_to_end(cohort, tmp_path):
     # archetype profiles are log1p counts per 10k: positive, markers above background somewhere
     assert np.all(load.profiles > 0) and load.profiles.max() > 3
     evaluate_inference(icfg, summary)
+    programs = pd.read_csv(out / "evaluation.csv")  # the maps scored as the truth programs they were matched to
+    assert programs["pearson/alveolar"].notna().any() and "pearson/program_0" not in programs
+    assert (out / "mock_0" / "figures" / "truth_vs_prediction.png").exists()
     scores = pd.read_csv(out / "gene_evaluation.csv")
     assert set(scores["gene"]) == set(genes) and set(scores["volume_id"]) == {"mock_0", "infected_0"}
     assert scores["pearson"].between(-1, 1).all() and (scores["n"] > 100).all() and scores["rmse"].notna().all()
@@ -183,3 +189,13 @@ def test_refit_must_reproduce_the_training_labels(cohort, tmp_path):
     (run / "predictions.csv").unlink()
     nmf = gene_loadings(resolve_run(run), ["program_0", "program_1", "program_2"])
     assert nmf.profiles.shape == (3, 50) and np.all(nmf.profiles >= 0) and nmf.source.startswith("nmf programs")
+
+
+def test_genes_key_is_checked_with_the_other_infer_keys():
+    from xpression.config import ConfigError, check_infer_config
+
+    check_infer_config(_config(run="r", genes=["Sftpc", "Pecam1"]))
+    check_infer_config(_config(run="r"))  # genes: null, no gene maps
+    for bad in ("Sftpc", [], ["Sftpc", 3]):
+        with pytest.raises(ConfigError, match="genes: must be null or a list of gene names"):
+            check_infer_config(_config(run="r", genes=bad))
