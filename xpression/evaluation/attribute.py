@@ -77,6 +77,7 @@ def resolve_points(tokens: Sequence[str], cohort: Any, trained: Sequence[str] | 
     """Every token as a point in a volume of ``cohort``; spot barcodes are looked up in the
     sections ``trained`` (default: all) and placed at their registered 3D position."""
     from xpression.data.sections import load_section
+    from xpression.data.volume import open_volume
 
     sections = [s for s in cohort.sections if trained is None or s.id in set(trained)] or list(cohort.sections)
     default_volume = volume_id or (sections[0].volume_id if sections else cohort.volumes[0].id)
@@ -97,7 +98,9 @@ def resolve_points(tokens: Sequence[str], cohort: Any, trained: Sequence[str] | 
         hits = []
         for entry in candidates:
             if entry.id not in loaded:
-                loaded[entry.id] = load_section(entry)
+                volume = cohort.volume(entry.volume_id)
+                voxel = open_volume(volume.image, volume.voxel_size_um).voxel_size_um  # landmarks in px need it
+                loaded[entry.id] = load_section(entry, voxel_size_um=voxel)
             sec = loaded[entry.id]
             where = np.flatnonzero(sec.barcodes == barcode)
             hits += [(sec, int(i)) for i in where]
@@ -193,8 +196,9 @@ def plot_attribution(patch: np.ndarray, attribution: Attribution, names: Sequenc
             ax.imshow(values[z], cmap="RdBu_r", norm=norm, alpha=alpha, extent=extent, interpolation="nearest")
         axes[1 + i, 0].set_ylabel(f"{name}\nf = {attribution.output[i]:.3f}", fontsize=7)
         bar = fig.colorbar(ScalarMappable(norm, "RdBu_r"), ax=list(axes[1 + i]), shrink=0.85, pad=0.01)
-        per = "when occluded" if attribution.method == "occlusion" else "per voxel"
-        bar.set_label(f"Δ {value_label}\n{per}", fontsize=6)
+        # occlusion: f(x) - f(x occluded), what the voxels' cubes add; ig: each voxel's share of f(x) - f(baseline)
+        label = f"{value_label} lost\nwhen occluded" if attribution.method == "occlusion" else f"Δ {value_label}\nper voxel"
+        bar.set_label(label, fontsize=6)
         bar.ax.tick_params(labelsize=5)
     for ax in axes.ravel():
         ax.set_xticks([])

@@ -145,8 +145,19 @@ def gene_loadings(info: Any, targets: Sequence[str]) -> GeneLoadings:
     cohort = load_manifest(manifest)
     trained = info.trained_sections or [s.id for s in cohort.sections]
     entries = {s.id: s for s in cohort.sections if s.id in set(trained)}
+    max_residual_um = (info.config.get("data") or {}).get("max_residual_um")
+
+    def section_adata(entry: Any) -> Any:
+        """The section's AnnData as training read it (registered, spots in tissue)."""
+        from xpression.data.volume import open_volume
+
+        volume = cohort.volume(entry.volume_id)
+        voxel = open_volume(volume.image, volume.voxel_size_um).voxel_size_um  # landmarks in px need it
+        extra = {} if max_residual_um is None else {"max_residual_um": float(max_residual_um)}
+        return load_section(entry, voxel_size_um=voxel, **extra).adata
+
     if kind.endswith("ObsmTarget") and target_cfg.get("key") == "chr_aa":
-        found = [chrysalis_loadings(load_section(e).adata, targets, f"section {sid} ({e.adata})") for sid, e in entries.items()]
+        found = [chrysalis_loadings(section_adata(e), targets, f"section {sid} ({e.adata})") for sid, e in entries.items()]
         for other in found[1:]:
             if other.genes != found[0].genes or not np.allclose(other.profiles - other.profiles.mean(0),
                                                                 found[0].profiles - found[0].profiles.mean(0), atol=1e-6):
@@ -160,7 +171,7 @@ def gene_loadings(info: Any, targets: Sequence[str]) -> GeneLoadings:
         fit_ids = list(fields.get("fit_sections") or entries)
         if any(s not in entries for s in fit_ids):
             entries.update({s.id: s for s in cohort.sections if s.id in fit_ids})
-        adatas = {sid: load_section(entries[sid]).adata for sid in fit_ids}
+        adatas = {sid: section_adata(entries[sid]) for sid in fit_ids}
         return fitted_program_loadings(ProgramsTarget(**fields), adatas, targets, _training_labels(info, targets, fit_ids))
     raise InferenceError(f"the run's target ({kind.rsplit('.', 1)[-1] or '?'}"
                          f"{', key ' + str(target_cfg.get('key')) if target_cfg.get('key') else ''}) carries no gene "
@@ -201,14 +212,13 @@ def check_gene_store(path: Path, identity: dict, loadings: GeneLoadings, overwri
 def write_gene_maps(maps_path: str | Path, loadings: GeneLoadings, out: str | Path | None = None,
                     overwrite: bool = False) -> Path:
     """``genes.ome.zarr`` (default: beside ``maps_path``) from a finished map store, tile by tile."""
+    from xpression.inference.grid import OutputGrid
     from xpression.inference.writers import MapStore, read_maps
 
     maps, meta = read_maps(maps_path)
     if list(meta["targets"]) != list(loadings.targets):
         raise InferenceError(f"{maps_path} holds {meta['targets']}, the loadings are for {loadings.targets}")
     out = Path(out) if out is not None else Path(maps_path).parent / "genes.ome.zarr"
-    from xpression.inference.grid import OutputGrid
-
     grid = OutputGrid.from_dict(meta["grid"])
     identity = {**meta["identity"], "gene_loadings_sha256": loadings.digest()}
     store = MapStore.open(out, grid, meta["tile_shape"], loadings.genes, identity,
