@@ -166,6 +166,8 @@ INFER_RULES: dict[str, _Rule] = {
     "mc_samples": _Rule("an integer >= 2", lambda v: _is_int(v) and v >= 2),
     "mc_seed": NON_NEGATIVE_INT,
     "ood": BOOL,
+    "genes": _optional(_Rule("a list of gene names", lambda v: isinstance(v, (list, tuple)) and len(v) > 0
+                             and all(isinstance(g, str) and g for g in v))),
 }
 
 _ABSENT = object()
@@ -407,6 +409,7 @@ class InferConfig:
     mc_samples: int = 20
     mc_seed: int = 0
     ood: bool = False
+    genes: list[str] | None = None
     paths: PathsConfig | None = None
     # infer/grid
     spacing_um: list[float] | None = None

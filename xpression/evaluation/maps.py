@@ -159,6 +159,12 @@ def _training_spots(run_dir: Path, targets: Sequence[str]) -> tuple[TrainingSpot
     return TrainingSpots.from_table(table, labels), TrainingSpots.from_table(table, labels, split=None)
 
 
+def _target_reference(run_dir: Path) -> dict[str, str]:
+    """``{target: truth program}`` for fitted programs matched to the truth (``metrics.json``)."""
+    path = run_dir / "metrics.json"
+    return dict(json.loads(path.read_text()).get("target_reference") or {}) if path.is_file() else {}
+
+
 def _spot_rows(run_dir: Path) -> list[dict]:
     """The run's own held-out spot rows (val/test) from its metrics.json."""
     path = run_dir / "metrics.json"
@@ -183,10 +189,11 @@ def evaluate_maps(run_dir: str | Path, output: str | Path, volumes: Mapping[str,
     rows: list[dict] = list(_spot_rows(run_dir))
     trust_rows: list[dict] = []
     train = None
+    reference = _target_reference(run_dir)
     for vid, job in volumes.items():
         maps, meta = read_maps(Path(job["path"]))
         grid = OutputGrid.from_dict(meta["grid"])
-        targets = list(meta["targets"])
+        targets = [reference.get(t, t) for t in meta["targets"]]  # fitted programs: the truth program each was matched to
         if train is None:
             train = _training_spots(run_dir, (meta.get("uncertainty") or {}).get("targets") or targets)
         base = None if train is None else (lambda p, v=vid: baseline_predictions(train[0], v, p, k, train[1]))
@@ -194,8 +201,8 @@ def evaluate_maps(run_dir: str | Path, output: str | Path, volumes: Mapping[str,
         z = job.get("section_z_um")
         rows += score_volume(maps, grid, targets, truth, phantom.program_names, vid, kind, z, distances_um, base,
                              conditions.get(vid), max_points)
-        if figures:
-            cols = [i for i, t in enumerate(targets) if t in phantom.program_names]
+        cols = [i for i, t in enumerate(targets) if t in phantom.program_names]
+        if figures and cols:
             plot_orthoviews(maps, grid, targets, output / vid / "figures" / "truth_vs_prediction.png",
                             title=f"{vid}: truth beside prediction", section_z_um=z, channels=cols,
                             truth=_GridTruth(truth, grid, [phantom.program_names.index(targets[i]) for i in cols]),
@@ -269,6 +276,12 @@ def evaluate_inference(cfg: Any, summary: Mapping[str, Any]) -> dict | None:
         trust = pd.read_csv(out / "uncertainty.csv")
         Console(width=None if sys.stdout.isatty() else 200).print(uncertainty_table(trust))
         evaluation["uncertainty"] = {"csv": str(out / "uncertainty.csv"), "rows": trust.to_dict(orient="records")}
+    if any(v.get("genes") for v in volumes.values()):  # hook: imputed gene maps (xpression.evaluation.gene_maps)
+        from xpression.evaluation.gene_maps import evaluate_gene_maps, gene_scores_table
+
+        genes = evaluate_gene_maps(cfg.output, volumes, cohort, figures=bool(cfg.get("figures", True)))
+        Console(width=None if sys.stdout.isatty() else 200).print(gene_scores_table(genes))
+        evaluation["genes"] = {"csv": str(out / "gene_evaluation.csv"), "rows": genes.to_dict(orient="records")}
     path = out / "summary.json"
     if path.is_file():
         full = json.loads(path.read_text())

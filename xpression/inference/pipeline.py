@@ -172,6 +172,7 @@ def infer(cfg: Any) -> dict:
     _precheck(jobs, pred, cfg, identity)
     rank, world = dist_rank_world()
     spec = info.spec.targets
+    genes = _gene_loadings(cfg, info, spec, jobs, identity)  # hook: gene maps (xpression.inference.genes)
     meta_common = {"run_config": info.config, "checkpoint": str(info.checkpoint), "target_kind": spec.get("kind"),
                    "target_colors": spec.get("colors"), "infer_config": _plain(cfg)}
     if trust is not None:
@@ -193,10 +194,31 @@ def infer(cfg: Any) -> dict:
                                              "section_z_um": job.section_z_um}
         if rank == 0:
             _extras(job, res, pred, cfg, meta_common["target_kind"])
+            if genes is not None:  # hook: gene maps (xpression.inference.genes)
+                from xpression.inference.genes import write_gene_maps
+
+                path = write_gene_maps(res.path, genes, overwrite=bool(cfg.overwrite))
+                summary["volumes"][job.volume_id]["genes"] = {"path": str(path), "genes": genes.genes, "units": genes.units}
     if rank == 0:
         Path(cfg.output).mkdir(parents=True, exist_ok=True)
         (Path(cfg.output) / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
+
+
+def _gene_loadings(cfg: Any, info: RunInfo, spec: dict, jobs: list[VolumeJob], identity: dict) -> Any:
+    """``genes=[...]``: the run's gene loadings restricted to them, and every existing gene store
+    checked, before any sweep (None without ``genes``)."""
+    if not cfg.get("genes"):
+        return None
+    from xpression.inference.genes import check_gene_store, gene_loadings
+
+    if spec.get("kind", "composition") != "composition":
+        raise InferenceError(f"genes=[...] needs a composition target (compartments or programs); this run predicts "
+                             f"{spec.get('kind')}")
+    loadings = gene_loadings(info, list(spec.get("names") or [])).select(list(cfg.genes))
+    for job in jobs:
+        check_gene_store(job.out_dir / "genes.ome.zarr", identity, loadings, bool(cfg.overwrite))
+    return loadings
 
 
 def _extras(job: VolumeJob, res: Any, pred: Predictor, cfg: Any, kind: str | None) -> None:
