@@ -17,8 +17,10 @@ import torch
 import yaml
 from omegaconf import OmegaConf
 
+from xpression.config import compose
 from xpression.inference.genes import GeneLoadings, chrysalis_loadings
 from xpression.inference.predictor import InferenceError
+from xpression.runfolder import RUN_CONFIG_KEY
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
@@ -102,13 +104,23 @@ def cohort(tmp_path_factory):
 
 
 def _config(**over):
-    cfg = OmegaConf.load(REPO / "conf" / "infer.yaml")
-    del cfg["defaults"]
+    cfg = compose("infer", ["run=unset"])  # conf/infer.yaml and its groups, outside a Hydra app
+    OmegaConf.set_struct(cfg, False)
+    del cfg["paths"]  # Hydra's runtime folder: every test sets output itself
     cfg.progress = False
     cfg.tile_vox = [16, 64, 64]
     for k, v in over.items():
         OmegaConf.update(cfg, k, v)
     return cfg
+
+
+def _set_run_config(run: Path, cfg: dict) -> None:
+    """Replace a run's config where train.py records it: the folder and every checkpoint."""
+    (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    for ckpt in (run / "checkpoints").glob("*.ckpt"):
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        state[RUN_CONFIG_KEY] = cfg
+        torch.save(state, ckpt)
 
 
 def test_gene_maps_of_fitted_programs_end_to_end(cohort, tmp_path):
@@ -123,7 +135,7 @@ def test_gene_maps_of_fitted_programs_end_to_end(cohort, tmp_path):
     cfg = yaml.safe_load(config_path.read_text())
     cfg["target"] = {"_target_": "xpression.data.targets.ProgramsTarget", "n_programs": k, "method": "archetypes",
                      "n_genes": 1000, "gene_selection": "hvg", "n_pcs": 10, "seed": 0, "fit_sections": None, "reference": None}
-    config_path.write_text(yaml.safe_dump(cfg))
+    _set_run_config(run, cfg)
     genes = ["Sftpc", "Scgb1a1", "Pecam1", "Cxcl10", "Ptprc"]
     out = tmp_path / "out"
     # a target without loadings, and genes the loadings lack, fail before any sweep
@@ -176,7 +188,7 @@ def test_refit_must_reproduce_the_training_labels(cohort, tmp_path):
     cfg = yaml.safe_load((run / ".hydra" / "config.yaml").read_text())
     cfg["target"] = {"_target_": "xpression.data.targets.ProgramsTarget", "n_programs": 3, "method": "nmf",
                      "n_genes": 50, "gene_selection": "hvg", "seed": 0}
-    (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    _set_run_config(run, cfg)
     from xpression.data.manifest import load_manifest
     from xpression.data.sections import load_section
 
@@ -197,5 +209,5 @@ def test_genes_key_is_checked_with_the_other_infer_keys():
     check_infer_config(_config(run="r", genes=["Sftpc", "Pecam1"]))
     check_infer_config(_config(run="r"))  # genes: null, no gene maps
     for bad in ("Sftpc", [], ["Sftpc", 3]):
-        with pytest.raises(ConfigError, match="genes: must be null or a list of gene names"):
+        with pytest.raises(ConfigError, match=r"genes: must be (null or a list of gene names|a list of strings or null)"):
             check_infer_config(_config(run="r", genes=bad))

@@ -28,11 +28,13 @@ ALLOWED = {
     "xpression.callbacks": MODELS,
     "xpression.resume": MODELS,
     "xpression.inference": MODELS,
-    "xpression.evaluation": TRAINING | {"xpression.inference", "xpression.phantom"},
+    # (its commands, e.g. python -m xpression.evaluation.attribute, report input errors as the CLIs do)
+    "xpression.evaluation": TRAINING | {"xpression.inference", "xpression.phantom", "xpression.cli"},
     "xpression.phantom": set(),
     # Entry points (train.py / infer.py and what only they call): anything.
     "xpression.training": TRAINING | {"xpression.inference", "xpression.evaluation"},
     "xpression.cli": TRAINING | {"xpression.inference"},
+    "xpression.view": DATA | {"xpression.inference"},  # python -m xpression.view: reads infer.py's output
     "xpression.resolvers": {"xpression.phantom"},
     "xpression": set(),
 }
