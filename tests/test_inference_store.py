@@ -174,11 +174,11 @@ def test_resampled_volume_matches_native(volume):
 def test_resampled_volume_values_on_a_ramp(tmp_path):
     """A linear intensity ramp is kept exactly by trilinear interpolation and the symmetric
     low-pass: view voxel i lies at source voxel i * ratio (same physical frame)."""
-    from xpression.inference.resample import ResampledVolume
+    from xpression.data.patches import ResampledVolume
 
     z, y, x = np.meshgrid(np.arange(20), np.arange(40), np.arange(44), indexing="ij")
     np.save(tmp_path / "ramp.npy", (2.0 * z + 0.5 * y + 0.25 * x + 1.0).astype(np.float32))
-    view = ResampledVolume(open_volume(tmp_path / "ramp.npy", voxel_size_um=6.4), (12.8, 9.6, 9.6))  # ratios 2, 1.5, 1.5
+    view = ResampledVolume(open_volume(tmp_path / "ramp.npy", voxel_size_um=6.4), (12.8, 9.6, 9.6), None)  # ratios 2, 1.5, 1.5
     assert view.shape == (10, 27, 29) and view.voxel_size_um == (12.8, 9.6, 9.6)
     got = view.read_block((2, 4, 5), (7, 20, 22))  # interior: the low-pass never reaches the edges
     zi, yi, xi = np.meshgrid(np.arange(2, 7), np.arange(4, 20), np.arange(5, 22), indexing="ij")

@@ -217,6 +217,10 @@ def _restore(cfg: DictConfig, run_dir: Path, allow: bool) -> DictConfig:
         saved = _replace_prefix(saved, old_dir, str(run_dir))
     restored = OmegaConf.create(saved)
     _apply_overrides(cfg, restored, allow, run_dir)
+    # The saved config is resolved: the post-fit figure step keeps the `figures` it started with
+    # unless it follows the (resumable) top-level key again.
+    if OmegaConf.select(restored, "evaluation.run_figures") is not None:
+        OmegaConf.update(restored, "evaluation.run_figures.enabled", bool(restored.get("figures", True)))
     OmegaConf.update(restored, "paths.output_dir", str(run_dir), force_add=True)
     for key, value in (("resume", str(run_dir)), ("ckpt_path", str(last)), ("allow_config_change", allow)):
         OmegaConf.update(restored, key, value, force_add=True)
