@@ -111,7 +111,9 @@ def train(cfg: DictConfig) -> float | None:
     last = out_dir / "checkpoints" / "last.ckpt"
     if isinstance(model, pl.LightningModule) and not last.exists():
         trainer.save_checkpoint(last)  # presets without the checkpoint callbacks: keep the final weights for infer.py
-    if isinstance(model, pl.LightningModule):  # [ood hook] infer.py ood=true reads it (xpression.inference.ood)
+    # [ood hook] infer.py ood=true reads it (xpression.inference.ood). Multi-process runs leave it
+    # to infer.py, which fits it from the run's training spots when the file is missing.
+    if isinstance(model, pl.LightningModule) and trainer.world_size == 1:
         best = next((c.model for c in trainer.callbacks if isinstance(c, SpotPredictions)), None) or model
         save_ood_fit(best, datamodule, out_dir, trainer.strategy.root_device)
     metrics_path = out_dir / "metrics.json"  # written by rank 0's post-fit steps (in a worker under ddp_spawn)
