@@ -8,7 +8,7 @@ COHORT := $(DATA_DIR)/phantom_default/cohort.yaml
 # Each `make run` writes a new folder; nothing earlier is overwritten.
 RUN_DIR := runs/make_run/$(shell date +%Y-%m-%d_%H-%M-%S)
 
-.PHONY: run test cohort install clean-cohort
+.PHONY: run test test-fast cohort install clean-cohort
 
 # (Re)install when the venv is missing or pyproject.toml changed.
 $(STAMP): pyproject.toml
@@ -31,8 +31,13 @@ run: $(STAMP) $(COHORT)
 	$(PY) infer.py run=$(RUN_DIR)/train output=$(RUN_DIR)/maps
 	@echo "run folder: $(RUN_DIR) (check/: registration overlays; train/: checkpoints, metrics, figures; maps/: OME-Zarr maps, figures, evaluation)"
 
+# The full suite (CI). `make test-fast`: everything but the tests marked slow (whole training runs,
+# multiruns, train -> infer end to end), a few minutes' check while editing.
 test: $(STAMP)
 	$(PY) -m pytest tests
+
+test-fast: $(STAMP)
+	$(PY) -m pytest tests -m "not slow"
 
 clean-cohort:
 	rm -rf $(DATA_DIR)/phantom_default

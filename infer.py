@@ -8,20 +8,29 @@ options; `python infer.py --help` lists them.
 import hydra
 from omegaconf import DictConfig
 
-import xpression  # noqa: F401  (registers the resolvers conf/ uses, before Hydra composes)
+from xpression.resolvers import register_resolvers
+
+register_resolvers()  # the resolvers conf/ uses, before Hydra composes
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="infer")
 def main(cfg: DictConfig) -> None:
-    from xpression.cli import run_reporting_input_errors
+    from xpression.cli import log_into, run_reporting_input_errors
+    from xpression.config import check_infer_config, check_output_writable
     from xpression.evaluation.maps import evaluate_inference
     from xpression.inference.pipeline import infer
     from xpression.inference.shards import dist_rank_world
 
     def infer_and_score(cfg: DictConfig) -> None:
+        check_infer_config(cfg)
+        check_output_writable(cfg.output)
+        rank = dist_rank_world()[0]
+        log_file = log_into(cfg.output, f"{cfg.task_name}.log" if rank == 0 else f"{cfg.task_name}.rank{rank}.log")
         summary = infer(cfg)
-        if dist_rank_world()[0] == 0:
+        if rank == 0:
             evaluate_inference(cfg, summary)
+            print(f"maps of {len(summary['volumes'])} volume(s) in {cfg.output} (<volume>/maps.ome.zarr, summary.json; "
+                  f"log: {log_file.name})", flush=True)
 
     run_reporting_input_errors(infer_and_score, cfg)
 

@@ -7,7 +7,9 @@ resume=RUN` continues an interrupted run in its folder (README, "Training").
 import hydra
 from omegaconf import DictConfig
 
-import xpression  # noqa: F401  (registers the resolvers conf/ uses, before Hydra composes)
+from xpression.resolvers import register_resolvers
+
+register_resolvers()  # the resolvers conf/ uses, before Hydra composes
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")

@@ -47,10 +47,10 @@ def _model(dm: XPressionDataModule) -> tuple[nn.Module, str]:
     """The project's cnn3d config if the models package is there, else a tiny inline 3D CNN."""
     try:
         from hydra.utils import instantiate
-        from omegaconf import OmegaConf
+        from xpression.config import compose
 
-        cfg = OmegaConf.merge({"loss": None}, {"m": OmegaConf.load(ROOT / "conf" / "model" / "cnn3d.yaml")})
-        module = instantiate(cfg.m)(target_spec=dm.target_spec, patch_shape=dm.patch_shape_vox, spot_radius_vox=27.5 / dm.voxel_size_um[2])
+        cfg = compose("train", ["model=cnn3d", "loss=auto"])  # the preset on conf/model/_module.yaml
+        module = instantiate(cfg.model, loss=None)(target_spec=dm.target_spec, patch_shape=dm.patch_shape_vox, spot_radius_vox=27.5 / dm.voxel_size_um[2])
         return module, "conf/model/cnn3d"
     except Exception:  # models package absent or its API changed: keep the benchmark usable
         t = dm.target_spec.n_targets

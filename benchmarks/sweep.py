@@ -102,7 +102,7 @@ def build_model(voxel_um: float, targets: int = 6):
 
     spec = as_target_spec({"names": [f"p{i}" for i in range(targets)], "kind": "composition"})
     if MODEL == "cnn3d":
-        cfg = yaml.safe_load((REPO / "conf" / "model" / "cnn3d.yaml").read_text())["backbone"]
+        cfg = yaml.safe_load((REPO / "conf" / "model" / "backbone" / "cnn3d.yaml").read_text())
         if WIDTHS:
             cfg["widths"] = list(WIDTHS)
         return build_net(cfg, spec, PatchGeometry().shape_vox((voxel_um,) * 3)).eval()
@@ -126,7 +126,8 @@ def setup(cohort: Path | None, volume: Path | None = None):
     """``(volume, predictor, normaliser, mask)`` for a cohort's first volume or a volume file."""
     import torch
 
-    from xpression.data.intensity import IntensityNormalizer, Quantised
+    from xpression.data.intensity import IntensityNormalizer
+    from xpression.data.patches import Quantised
     from xpression.data.mask import tissue_mask
     from xpression.data.volume import open_volume
     from xpression.inference.predictor import Predictor
@@ -156,7 +157,7 @@ def rss_child(args) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from xpression.inference.volume_sweep import infer_volume
+    from xpression.inference.volume_sweep import SweepSettings, infer_volume
 
     vol, pred, norm, mask = setup(args.cohort, args.volume)
     f = args.rss_child
@@ -165,9 +166,9 @@ def rss_child(args) -> None:
     crop = Crop(vol, start, shape)
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        r = infer_volume(crop, pred, Path(tmp) / "m.ome.zarr", spacing_um=args.spacing_um, mode="dense",
-                         tile_vox=args.tile_vox, overlap=args.overlap, batch_size=args.batch_size, mask=mask,
-                         normalize=norm, progress=False)
+        settings = SweepSettings(spacing_um=args.spacing_um, mode="dense", tile_vox=args.tile_vox, overlap=args.overlap,
+                                 batch_size=args.batch_size, progress=False)
+        r = infer_volume(crop, pred, Path(tmp) / "m.ome.zarr", settings, mask=mask, normalize=norm)
         sec = time.perf_counter() - t0
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"shape": shape, "voxels": int(np.prod(shape)), "rss_mib": rss, "seconds": sec, "tiles": r.tiles_computed}))
@@ -292,7 +293,7 @@ def throughput(vol, pred, norm, mask, grid, args) -> dict:
     second run is reported. Steady state: volume voxels of tiles 2.. over the time after tile 1."""
     import torch
 
-    from xpression.inference.volume_sweep import infer_volume
+    from xpression.inference.volume_sweep import SweepSettings, infer_volume
 
     out = {}
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
@@ -301,9 +302,9 @@ def throughput(vol, pred, norm, mask, grid, args) -> dict:
             if pred.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(pred.device)
             t0 = time.perf_counter()
-            res = infer_volume(vol, pred, Path(tmp) / f"{attempt}.ome.zarr", spacing_um=args.spacing_um, mode="dense",
-                               tile_vox=args.tile_vox, overlap=args.overlap, batch_size=args.batch_size, mask=mask,
-                               normalize=norm, progress=False, levels=args.levels, readers=args.readers,
+            settings = SweepSettings(spacing_um=args.spacing_um, mode="dense", tile_vox=args.tile_vox, overlap=args.overlap,
+                                     batch_size=args.batch_size, progress=False, levels=args.levels, readers=args.readers)
+            res = infer_volume(vol, pred, Path(tmp) / f"{attempt}.ome.zarr", settings, mask=mask, normalize=norm,
                                on_tile=lambda tr: stamps.append((time.perf_counter(), tr.voxels)))
             wall = time.perf_counter() - t0
             voxels = int(np.prod(vol.shape))

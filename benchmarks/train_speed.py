@@ -43,7 +43,10 @@ def build_module(name: str, dm):
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    cfg = OmegaConf.merge({"loss": None}, {"m": OmegaConf.load(ROOT / "conf" / "model" / f"{name}.yaml")})
+    from xpression.config import compose
+
+    cfg = OmegaConf.create({"m": compose("train", [f"model={name}"]).model})  # the preset on conf/model/_module.yaml
+    cfg.m.loss = None
     return instantiate(cfg.m)(target_spec=dm.target_spec, patch_shape=dm.patch_shape_vox,
                               spot_radius_vox=27.5 / dm.voxel_size_um[2])
 
@@ -126,7 +129,7 @@ def post_fit(module, dm, device) -> dict:
     from omegaconf import OmegaConf
 
     from xpression.evaluation.run_scores import evaluate_run
-    from xpression.training import predict_spots
+    from xpression.callbacks import predict_spots
 
     t0 = time.perf_counter()
     table = predict_spots(module, dm, device)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -68,29 +69,40 @@ class TinyPlaneNet(nn.Module):
 
 
 def make_run(run_dir, manifest, patch_shape=(5, 33, 33), voxel_size_um=(6.4, 6.4, 6.4), seed=0,
-             names=("alveolar", "airway", "vascular", "infected", "immune", "remodelling"), backbone=None):
-    """A train.py-like run folder with an untrained cnn3d (valid padding) checkpoint."""
+             names=("alveolar", "airway", "vascular", "infected", "immune", "remodelling"), backbone=None,
+             legacy=False):
+    """A train.py-like run folder with an untrained cnn3d (valid padding) checkpoint carrying its
+    input spec and run config, as train.py writes them (``legacy``: neither, as checkpoints
+    written before they carried them)."""
     import json
     from pathlib import Path
 
     import pytorch_lightning as pl
     import yaml
 
+    from xpression.data.input_spec import INPUT_SPEC_KEY, InputSpec, IntensitySpec
+    from xpression.data.registration import SPOT_RADIUS_UM
     from xpression.models import XPressionModule
+    from xpression.runfolder import RUN_CONFIG_KEY
 
     torch.manual_seed(seed)
+    targets = {"names": list(names), "kind": "composition"}
+    spec = InputSpec.build(np.asarray(patch_shape) * np.asarray(voxel_size_um), voxel_size_um, patch_shape,
+                           SPOT_RADIUS_UM, IntensitySpec(seed=seed), "uint8", targets)
     backbone = backbone or {"name": "cnn3d", "widths": [4, 8, 8], "kernel_size": [[3, 5, 5], [3, 3, 3], [1, 3, 3]],
                             "pool": [1, 2, 2], "padding": "valid", "dense_width": 16, "dropout": 0.0}
-    module = XPressionModule(backbone=backbone, target_spec={"names": list(names), "kind": "composition"},
-                             patch_shape=list(patch_shape), spot_radius_vox=27.5 / voxel_size_um[2])
+    module = XPressionModule(backbone=backbone, target_spec=targets, patch_shape=list(patch_shape),
+                             spot_radius_vox=spec.spot_radius_vox, input_spec=None if legacy else spec)
     run_dir = Path(run_dir)
     (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     (run_dir / ".hydra").mkdir(exist_ok=True)
-    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
-                "pytorch-lightning_version": pl.__version__, "epoch": 0, "global_step": 0},
-               run_dir / "checkpoints" / "best.ckpt")
     cfg = {"seed": seed, "data": {"manifest": str(manifest), "sections": None, "cache_dtype": "uint8"},
            "sampler": {"voxel_size_um": None}}
+    ckpt = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
+            "pytorch-lightning_version": pl.__version__, "epoch": 0, "global_step": 0}
+    if not legacy:
+        ckpt.update({INPUT_SPEC_KEY: module.checkpoint_spec(), RUN_CONFIG_KEY: cfg})
+    torch.save(ckpt, run_dir / "checkpoints" / "best.ckpt")
     (run_dir / ".hydra" / "config.yaml").write_text(yaml.safe_dump(cfg))
     (run_dir / "metrics.json").write_text(json.dumps({"voxel_size_um": list(voxel_size_um),
                                                       "patch_shape_vox": list(patch_shape)}))

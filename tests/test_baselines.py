@@ -9,7 +9,7 @@ import pytest
 from scipy import stats
 
 from xpression.evaluation.baselines import TrainingSpots, baseline_predictions
-from xpression.evaluation.metrics import regression_metrics
+from xpression.metrics import regression_metrics
 from xpression.evaluation.scores import evaluate_spots, spot_baselines
 from xpression.evaluation.stats import paired_difference
 

@@ -297,7 +297,7 @@ def test_tilted_section_plane(tiny_cohort, tmp_path):
 def test_histogram_matching_to_a_reference_volume(tiny_cohort):
     """With intensity_reference, every volume's grey levels are matched to the reference scan
     before normalisation: the cached slabs' quantiles come together."""
-    from xpression.data.datamodule import volume_intensity_transform
+    from xpression.data.input_spec import IntensitySpec, resolve_reference
     from xpression.data.manifest import load_manifest
     from xpression.data.volume import open_volume
 
@@ -306,8 +306,9 @@ def test_histogram_matching_to_a_reference_volume(tiny_cohort):
     qs = [5, 25, 50, 75, 95]
 
     def quantile_gap(reference):
-        ref = np.percentile(volume_intensity_transform(volumes["infected_0"], cohort, reference)(volumes["infected_0"][:, :, :]), qs)
-        out = np.percentile(volume_intensity_transform(volumes["mock_0"], cohort, reference)(volumes["mock_0"][:, :, :]), qs)
+        spec = IntensitySpec.fit("robust", *(resolve_reference(reference, cohort) or (None, None)))
+        ref = np.percentile(spec.transform_for(volumes["infected_0"])(volumes["infected_0"][:, :, :]), qs)
+        out = np.percentile(spec.transform_for(volumes["mock_0"])(volumes["mock_0"][:, :, :]), qs)
         return np.abs(out - ref).max()
 
     own, matched = quantile_gap(None), quantile_gap("infected_0")

@@ -1,4 +1,4 @@
-"""Every config in conf/{data,target,sampler,split} instantiates."""
+"""Every config in conf/{data,target,sampler,split} instantiates (the sampler with conf/patch/)."""
 
 from pathlib import Path
 
@@ -17,7 +17,7 @@ def test_group_configs_instantiate(group):
     files = sorted((CONF / group).glob("*.yaml"))
     assert len(files) >= 3
     for f in files:
-        cfg = OmegaConf.merge({"seed": 0}, {"x": OmegaConf.load(f)})
+        cfg = OmegaConf.merge({"seed": 0, "patch": OmegaConf.load(CONF / "patch" / "default.yaml")}, {"x": OmegaConf.load(f)})
         obj = instantiate(cfg.x)
         assert type(obj).__module__.startswith("xpression.data."), f
 
@@ -27,6 +27,7 @@ def test_data_config_builds_module(name, tiny_cohort):
     root = OmegaConf.create({
         "seed": 3,
         "paths": {"data_dir": "/nonexistent"},
+        "patch": OmegaConf.load(CONF / "patch" / "default.yaml"),
         "target": OmegaConf.load(CONF / "target" / "obsm.yaml"),
         "sampler": OmegaConf.load(CONF / "sampler" / "stratified.yaml"),
         "split": OmegaConf.load(CONF / "split" / "spatial_blocks.yaml"),

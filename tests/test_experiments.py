@@ -19,7 +19,7 @@ EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml
 TWO_JOBS = {
     "backbones": ['hydra.sweeper.params.model="cnn3d,timm_convnext_atto"', "hydra.sweeper.params.seed=0"],
     # a dotted sweep key is set through the dict (merged into the experiment's params)
-    "context": ['hydra.sweeper.params={sampler.patch_size_um:"[6.4,205,205],[34,100,100]",seed:0}',
+    "context": ['hydra.sweeper.params={patch.size_um:"[6.4,205,205],[34,100,100]",seed:0}',
                 "split.buffer_um=100"],
     "losses": ['hydra.sweeper.params.loss="kl,pearson"', "hydra.sweeper.params.seed=0"],
     "samplers": ["hydra.sweeper.params.sampler=jitter", "hydra.sweeper.params.seed=0"],
@@ -60,7 +60,7 @@ def test_optuna_two_trials(tiny_cohort, tmp_path):
                      f"data.manifest={tiny_cohort}", "debug=smoke", "figures=false")
     assert len(runs) == 2
     best = yaml.safe_load((tmp_path / "multirun" / "optimization_results.yaml").read_text())
-    assert {"model.lr", "model.weight_decay", "model.backbone.widths", "sampler.patch_size_um"} <= set(best["best_params"])
+    assert {"model.lr", "model.weight_decay", "model.backbone.widths", "patch.size_um"} <= set(best["best_params"])
 
 
 def test_submitit_local_launcher(tiny_cohort, tmp_path):

@@ -15,6 +15,7 @@ import torch
 from omegaconf import OmegaConf
 
 from tests._inference_models import make_run
+from xpression.config import compose
 from xpression.evaluation.maps import evaluate_inference
 from xpression.inference.grid import GridError
 from xpression.inference.pipeline import infer
@@ -39,8 +40,10 @@ def run(cohort, tmp_path_factory):
 
 
 def config(**over):
-    cfg = OmegaConf.load(REPO / "conf" / "infer.yaml")
-    del cfg["defaults"]
+    """The composed `infer.py` config (conf/infer.yaml and its groups), outside a Hydra app."""
+    cfg = compose("infer", ["run=unset"])
+    OmegaConf.set_struct(cfg, False)
+    del cfg["paths"]  # Hydra's runtime folder: every test sets output itself
     cfg.progress = False
     cfg.tile_vox = [16, 64, 64]
     for k, v in over.items():
@@ -77,10 +80,13 @@ def test_cohort_sweep_end_to_end(run, tmp_path):
 
 
 def test_clear_errors_before_compute(run, cohort, tmp_path):
+    # A checkpoint written before checkpoints carried their input spec needs its run folder: an
+    # interrupted one (config but no metrics.json) still gets its voxel size from the config.
+    old = make_run(tmp_path / "old", cohort, legacy=True)
     bare = tmp_path / "bare" / "checkpoints"
     bare.mkdir(parents=True)
-    (bare / "best.ckpt").write_bytes((run / "checkpoints" / "best.ckpt").read_bytes())
-    with pytest.raises(InferenceError, match="no run config"):
+    (bare / "best.ckpt").write_bytes((old / "checkpoints" / "best.ckpt").read_bytes())
+    with pytest.raises(InferenceError, match=r"records no input spec .* lacks the run config \(config.yaml\), the model voxel size"):
         infer(config(run=str(bare / "best.ckpt"), output=str(tmp_path / "x")))
     vol = tmp_path / "v.npy"
     np.save(vol, np.zeros((20, 80, 80), np.uint8))

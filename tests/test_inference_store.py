@@ -16,13 +16,18 @@ from tests._inference_models import TinyValidNet
 from xpression.data.volume import open_volume
 from xpression.inference.predictor import InferenceError, Predictor
 from xpression.inference.sweep import sweep
-from xpression.inference.volume_sweep import infer_volume
+from xpression.inference.volume_sweep import SweepSettings, infer_volume
 from xpression.inference.writers import downsample2_nanmean, read_maps
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
 SPACING = (6.4, 12.8, 12.8)
 KW = dict(spacing_um=SPACING, tile_vox=(3, 16, 16), progress=False, prefetch=1)
+
+
+def S(**over):
+    """The test sweep's settings, with ``over`` changed."""
+    return SweepSettings(**{**KW, **over})
 
 
 def norm(block):
@@ -52,7 +57,7 @@ def pred():
 
 def test_store_matches_in_memory_sweep(volume, tmp_path):
     res = infer_volume(volume, pred(), tmp_path / "m.ome.zarr", mask=blob_mask, normalize=norm,
-                       identity={"run": "r1"}, **KW)
+                       identity={"run": "r1"}, settings=S())
     assert res.complete and res.tiles_computed == res.tiles_tissue < res.tiles_total
     arr, meta = read_maps(res.path)
     assert arr.dtype == np.float16 and meta["complete"] and meta["targets"] == ["a", "b", "c"]
@@ -76,23 +81,23 @@ def test_interrupted_sweep_resumes_without_recomputing(volume, tmp_path):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        infer_volume(volume, pred(), out, mask=blob_mask, normalize=norm, identity={"run": "r1"}, on_tile=boom, **KW)
+        infer_volume(volume, pred(), out, mask=blob_mask, normalize=norm, identity={"run": "r1"}, on_tile=boom, settings=S())
     again = []
     res = infer_volume(volume, pred(), out, mask=blob_mask, normalize=norm, identity={"run": "r1"},
-                       on_tile=lambda tr: again.append(tr.tile.index), **KW)
+                       on_tile=lambda tr: again.append(tr.tile.index), settings=S())
     assert not set(again) & set(seen) and len(again) == res.tiles_tissue - 3
     full = infer_volume(volume, pred(), tmp_path / "ref.ome.zarr", mask=blob_mask, normalize=norm,
-                        identity={"run": "r1"}, **KW)
+                        identity={"run": "r1"}, settings=S())
     a, _ = read_maps(out)
     b, _ = read_maps(full.path)
     np.testing.assert_array_equal(a[:], b[:])
     # Finished: left alone; a different run's maps: a clear error; overwrite replaces.
-    assert infer_volume(volume, pred(), out, normalize=norm, identity={"run": "r1"}, mask=blob_mask, **KW).skipped
+    assert infer_volume(volume, pred(), out, normalize=norm, identity={"run": "r1"}, mask=blob_mask, settings=S()).skipped
     with pytest.raises(InferenceError, match="different run"):
-        infer_volume(volume, pred(), out, normalize=norm, identity={"run": "r2"}, **KW)
+        infer_volume(volume, pred(), out, normalize=norm, identity={"run": "r2"}, settings=S())
     with pytest.raises(InferenceError, match="different settings"):
-        infer_volume(volume, pred(), out, normalize=norm, identity={"run": "r1"}, mode="patch", **KW)
-    res = infer_volume(volume, pred(), out, normalize=norm, identity={"run": "r2"}, overwrite=True, **KW)
+        infer_volume(volume, pred(), out, normalize=norm, identity={"run": "r1"}, settings=S(mode="patch"))
+    res = infer_volume(volume, pred(), out, normalize=norm, identity={"run": "r2"}, settings=S(overwrite=True))
     assert res.complete and not res.skipped
 
 
@@ -100,7 +105,7 @@ SHARD_SCRIPT = """
 import sys, numpy as np, torch
 torch.set_num_threads(1)
 from tests._inference_models import TinyValidNet
-from tests.test_inference_store import KW, blob_mask, norm
+from tests.test_inference_store import S, blob_mask, norm
 from xpression.data.volume import open_volume
 from xpression.inference.predictor import Predictor
 from xpression.inference.shards import dist_rank_world
@@ -109,7 +114,7 @@ rank, world = dist_rank_world()
 vol = open_volume(sys.argv[1], voxel_size_um=6.4)
 p = Predictor(TinyValidNet(), device="cpu", target_names=["a", "b", "c"])
 r = infer_volume(vol, p, sys.argv[2], mask=blob_mask, normalize=norm, identity={"run": "r1"},
-                 rank=rank, world=world, wait_s=120, **KW)
+                 rank=rank, world=world, settings=S(wait_s=120))
 print("computed", rank, r.tiles_computed, r.tiles_tissue)
 """
 
@@ -127,7 +132,7 @@ def test_two_processes_match_one(volume_path, volume, tmp_path):
     total = int(outs[0][0].split()[3])
     assert sum(counts) == total and min(counts) >= total // 2
     single = infer_volume(volume, pred(), tmp_path / "single.ome.zarr", mask=blob_mask, normalize=norm,
-                          identity={"run": "r1"}, **KW)
+                          identity={"run": "r1"}, settings=S())
     a, meta = read_maps(out)
     b, _ = read_maps(single.path)
     assert meta["complete"]
@@ -139,7 +144,7 @@ def test_bigtiff_export_and_ct_preview(volume, tmp_path):
 
     from xpression.inference.writers import export_bigtiff, write_ct_preview
 
-    res = infer_volume(volume, pred(), tmp_path / "m.ome.zarr", normalize=norm, identity={"run": "r1"}, **KW)
+    res = infer_volume(volume, pred(), tmp_path / "m.ome.zarr", normalize=norm, identity={"run": "r1"}, settings=S())
     ct = write_ct_preview(volume, res.grid, tmp_path / "ct.ome.zarr")
     ct0 = zarr.open_group(str(ct), mode="r")["0"][:]
     c = res.grid.centres_vox
@@ -151,12 +156,33 @@ def test_bigtiff_export_and_ct_preview(volume, tmp_path):
 
 
 def test_resampled_volume_matches_native(volume):
-    from xpression.inference.resample import ResampledVolume
+    from xpression.data.patches import ResampledVolume
 
-    same = ResampledVolume(volume, volume.voxel_size_um)
+    same = ResampledVolume(volume, volume.voxel_size_um, None)
     np.testing.assert_array_equal(same.read_block((2, 3, 4), (6, 20, 30)), volume.read_block((2, 3, 4), (6, 20, 30)))
-    coarse = ResampledVolume(volume, (12.8, 12.8, 12.8))
-    assert coarse.shape == (6, 22, 24) and coarse.read_block((0, 0, 0), (3, 5, 5)).shape == (3, 5, 5)
+    coarse = ResampledVolume(volume, (12.8, 12.8, 12.8), None)
+    assert coarse.shape == (6, 22, 24)
+    # Each coarse voxel is the low-passed source at its centre: a block away from the edges agrees
+    # with a smoothed 2x subsampling of the source (sigma sqrt(2^2 - 1) / 2 source voxels).
+    from scipy import ndimage
+
+    src = volume.read_block((0, 0, 0), volume.shape).astype(np.float32)
+    smooth = ndimage.gaussian_filter(src, np.sqrt(3.0) / 2.0, mode="nearest")
+    np.testing.assert_allclose(coarse.read_block((3, 3, 3), (4, 8, 9)), smooth[6:7, 6:16:2, 6:18:2], rtol=1e-5)
+
+
+def test_resampled_volume_values_on_a_ramp(tmp_path):
+    """A linear intensity ramp is kept exactly by trilinear interpolation and the symmetric
+    low-pass: view voxel i lies at source voxel i * ratio (same physical frame)."""
+    from xpression.data.patches import ResampledVolume
+
+    z, y, x = np.meshgrid(np.arange(20), np.arange(40), np.arange(44), indexing="ij")
+    np.save(tmp_path / "ramp.npy", (2.0 * z + 0.5 * y + 0.25 * x + 1.0).astype(np.float32))
+    view = ResampledVolume(open_volume(tmp_path / "ramp.npy", voxel_size_um=6.4), (12.8, 9.6, 9.6), None)  # ratios 2, 1.5, 1.5
+    assert view.shape == (10, 27, 29) and view.voxel_size_um == (12.8, 9.6, 9.6)
+    got = view.read_block((2, 4, 5), (7, 20, 22))  # interior: the low-pass never reaches the edges
+    zi, yi, xi = np.meshgrid(np.arange(2, 7), np.arange(4, 20), np.arange(5, 22), indexing="ij")
+    np.testing.assert_allclose(got, 2.0 * 2 * zi + 0.5 * 1.5 * yi + 0.25 * 1.5 * xi + 1.0, rtol=0, atol=1e-3)
 
 
 def test_auto_tiles_follow_device_memory_and_a_resumed_store_keeps_its_own(volume, tmp_path):
@@ -180,8 +206,8 @@ def test_auto_tiles_follow_device_memory_and_a_resumed_store_keeps_its_own(volum
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        infer_volume(volume, pred(), out, normalize=norm, identity={"run": "r1"}, on_tile=stop, **kw)
-    res = infer_volume(volume, pred(), out, normalize=norm, identity={"run": "r1"}, **{**kw, "tile_vox": "auto"})
+        infer_volume(volume, pred(), out, normalize=norm, identity={"run": "r1"}, on_tile=stop, settings=S(**kw))
+    res = infer_volume(volume, pred(), out, normalize=norm, identity={"run": "r1"}, settings=S(**{**kw, "tile_vox": "auto"}))
     assert res.complete and res.tiles_computed == res.tiles_tissue - 1
     assert res.tile_shape == tuple(read_maps(out)[1]["tile_shape"])
 
@@ -198,3 +224,44 @@ def test_each_torchrun_process_takes_its_own_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     assert process_device("auto") == "cuda:1" and process_device(None) == "cuda:1"
     assert process_device("cpu") == "cpu" and process_device("cuda:3") == "cuda:3"
+
+
+def test_unnamed_predictor_writes_every_channel(volume, tmp_path):
+    """``Predictor(net)`` without target names: the store still gets one named channel per output."""
+    from xpression.data.targets import TargetSpec
+
+    res = infer_volume(volume, Predictor(TinyValidNet(targets=4), device="cpu"), tmp_path / "m.ome.zarr",
+                       mask=blob_mask, normalize=norm, identity={"run": "r1"}, settings=S())
+    maps, meta = read_maps(res.path)
+    assert meta["targets"] == ["t0", "t1", "t2", "t3"] and maps.shape[0] == 4
+    assert np.isfinite(maps[:].astype(np.float32)).any()
+    net = TinyValidNet()
+    net.target_spec = TargetSpec(["x", "y", "z"], "log_expression")
+    assert Predictor(net, device="cpu").output_names() == ["x", "y", "z"]  # a model that knows its targets names them
+
+
+def test_map_sinks_write_the_finished_maps(volume, tmp_path):
+    """The registered sinks (bigtiff; a format added the way a new file adds one) write the
+    same values as the store; an unknown sink is an error before anything is written."""
+    import tifffile
+
+    from xpression.inference.sinks import SINKS, check_exports, register_sink, write_exports
+
+    class NpySink:
+        name = "npy_test"
+
+        def write(self, maps, out_dir):
+            np.save(out_dir / "maps.npy", maps.values[:].astype(np.float32))
+            return out_dir / "maps.npy"
+
+    if "npy_test" not in SINKS:
+        register_sink(NpySink())
+    res = infer_volume(volume, pred(), tmp_path / "m.ome.zarr", mask=blob_mask, normalize=norm,
+                       identity={"run": "r1"}, settings=S())
+    written = write_exports(["ome_zarr", "bigtiff", "npy_test"], res.path, tmp_path)
+    assert written == {"ome_zarr": res.path, "bigtiff": tmp_path / "maps.tif", "npy_test": tmp_path / "maps.npy"}
+    store = read_maps(res.path)[0][:].astype(np.float32)
+    np.testing.assert_array_equal(np.load(tmp_path / "maps.npy"), store)
+    np.testing.assert_array_equal(np.moveaxis(tifffile.imread(tmp_path / "maps.tif"), 1, 0), store)
+    with pytest.raises(InferenceError, match=r"exports: unknown map sink 'zarr2'; valid names: bigtiff, .*ome_zarr"):
+        check_exports(["zarr2"])

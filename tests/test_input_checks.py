@@ -187,12 +187,55 @@ def test_every_shipped_config_passes_the_checks(tmp_path):
     assert len(options) >= 10
     GlobalHydra.instance().clear()
     with initialize(version_base="1.3", config_path="../conf"):
-        for group in ("data", "debug", "model", "sampler", "split", "target", "loss", "trainer", "callbacks", "logger"):
+        for group in ("data", "debug", "model", "model/backbone", "patch", "sampler", "split", "target", "loss", "trainer",
+                      "callbacks", "logger", "evaluation"):
             for path in sorted((ROOT / "conf" / group).glob("*.yaml")):
-                check_train_config(compose(config_name="train", overrides=[f"{group}={path.stem}"]))
+                if not path.stem.startswith("_"):  # a base config, not an option
+                    check_train_config(compose(config_name="train", overrides=[f"{group}={path.stem}"]))
         for path in sorted((ROOT / "conf" / "experiment").glob("*.yaml")):
             check_train_config(compose(config_name="train", overrides=[f"experiment={path.stem}"]))
-        check_infer_config(compose(config_name="infer", overrides=["run=somewhere"]))
+        check_train_config(compose(config_name="train", overrides=["+off_plane=probe"]))
+        for path in sorted((ROOT / "conf" / "infer").glob("*/*.yaml")):
+            check_infer_config(compose(config_name="infer", overrides=["run=somewhere", f"infer/{path.parent.name}={path.stem}"]))
+
+
+def test_schemas_reject_unknown_keys_and_wrong_types():
+    """A misspelt key (in a file or a `+key=` override) and a value of the wrong type each fail
+    with one line naming the key, before anything is read."""
+    from xpression.config import check_infer_config, check_train_config, compose
+
+    with pytest.raises(ConfigError) as err:
+        check_train_config(compose("train", ["+figuers=false", "+patch.size=[34,205,205]", "figures=maybe",
+                                             "+callbacks.early_stopping.patiense=2"]))
+    problems = err.value.problems
+    assert any(p.startswith("figuers: unknown key (known: ") and "figures" in p for p in problems)  # the known keys listed
+    assert any(p.startswith("patch.size: unknown key (known: size_um, voxel_size_um)") for p in problems)
+    assert "figures: must be true or false, got 'maybe'" in problems
+    assert any(p.startswith("callbacks.early_stopping.patiense: unknown key for pytorch_lightning.callbacks.EarlyStopping")
+               for p in problems)
+    assert len(problems) == 4 and all("\n" not in p for p in problems)
+    with pytest.raises(ConfigError) as err:
+        check_infer_config(compose("infer", ["run=r", "+spacing=[1,2,3]", "mask.feature=3", "batch_size=many"]))
+    assert sorted(err.value.problems) == sorted([
+        "batch_size: must be an integer, got 'many'", "mask.feature: must be a string, got 3",
+        f"spacing: unknown key (known: {', '.join(sorted(k for k in __import__('xpression.config', fromlist=['x']).InferConfig.__dataclass_fields__ if k != 'hydra'))})",
+    ])
+
+
+def test_sampler_patch_spelling_sets_the_patch_group():
+    """`sampler.patch_size_um=...` (the spelling before conf/patch/) still sets the patch: the
+    sampler cuts it and the recorded patch group says the same."""
+    from omegaconf import OmegaConf
+
+    from xpression.config import compose, sync_patch
+
+    cfg = compose("train", ["sampler.patch_size_um=[57.6,205,205]", "sampler.voxel_size_um=3.2"])
+    sync_patch(cfg)
+    assert OmegaConf.to_container(cfg.patch, resolve=True) == {"size_um": [57.6, 205, 205], "voxel_size_um": 3.2}
+    assert list(cfg.sampler.patch_size_um) == [57.6, 205, 205]
+    cfg = compose("train", ["patch.size_um=[6.4,100,100]", "sampler=stratified"])
+    sync_patch(cfg)
+    assert list(cfg.sampler.patch_size_um) == [6.4, 100, 100] and cfg.sampler.voxel_size_um is None
 
 
 def test_output_folder_checked(tmp_path):

@@ -137,7 +137,8 @@ def test_torch_transforms_give_the_numpy_numbers(ref_vol):
     """``apply_torch`` (what a GPU sweep runs) equals the numpy transform bit for bit."""
     import torch
 
-    from xpression.data.intensity import IntensityNormalizer, MatchedNormalizer, Quantised, histogram_match
+    from xpression.data.intensity import IntensityNormalizer, MatchedNormalizer, histogram_match
+    from xpression.data.patches import Quantised
 
     block = np.random.default_rng(3).integers(0, 256, size=(4, 30, 31), dtype=np.uint8)
     norm = IntensityNormalizer(13.7, 201.3)

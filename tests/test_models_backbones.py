@@ -181,6 +181,11 @@ def test_unet_dense_map_and_disk():
     torch.testing.assert_close(plane.sum(1), torch.ones(1, 64, 96))
     avg = net.dense_forward(x, raw=True, spot_average=True)
     assert avg.shape == fmap.shape
+    # every pixel of the averaged map is the disk mean around it: the spot output at the centre ...
+    torch.testing.assert_close(avg[:, :, 16, 16], net.forward_raw(x), atol=1e-5, rtol=1e-5)
+    # ... and the disk shifted anywhere it fits inside the patch
+    shifted = torch.roll(disk, shifts=(-6, 5), dims=(0, 1))  # centred on (10, 21)
+    torch.testing.assert_close(avg[:, :, 10, 21], fmap[:, :, shifted].mean(-1), atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="spot_radius_vox"):
         create_backbone("unet", patch_shape=PATCH)
 

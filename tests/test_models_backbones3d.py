@@ -10,6 +10,8 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from xpression.config import compose
+
 from xpression.models import XPressionModule, build_net, create_backbone
 from xpression.models.targets import TargetSpec
 
@@ -29,7 +31,9 @@ DEPTHS = (5, 9, 21)
 
 def module_from_config(name: str, patch: tuple[int, int, int], **backbone) -> XPressionModule:
     """The shipped conf/model/<name>.yaml, instantiated as train.py does, with backbone overrides."""
-    cfg = OmegaConf.create({"model": OmegaConf.load(CONF / "model" / f"{name}.yaml"), "loss": None})
+    cfg = compose("train", [f"model={name}", "loss=auto"])
+    OmegaConf.set_struct(cfg, False)
+    cfg.loss = None
     cfg.model.backbone = OmegaConf.merge(cfg.model.backbone, backbone)
     return instantiate(cfg.model)(target_spec=SPEC, patch_shape=list(patch), spot_radius_vox=4.3)
 
@@ -304,7 +308,7 @@ def test_resnet3d_construction_errors(kwargs, match):
 
 
 def test_resnet3d_warns_when_patch_not_fully_read(caplog):
-    cfg = OmegaConf.to_container(OmegaConf.load(CONF / "model" / "resnet3d_valid.yaml").backbone)
+    cfg = OmegaConf.to_container(OmegaConf.load(CONF / "model" / "backbone" / "resnet3d_valid.yaml"))
     cfg.pop("name")
     with caplog.at_level("WARNING", logger="xpression.models.backbones.resnet3d"):
         bb = create_backbone("resnet3d", patch_shape=(5, 35, 35), **{**cfg, "widths": [4, 4]})

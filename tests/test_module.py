@@ -10,6 +10,8 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
+from xpression.config import compose
+
 from xpression.models import XPressionModule
 from xpression.models.module import cosine_warmup
 from xpression.models.targets import TargetSpec
@@ -168,13 +170,14 @@ def test_construction_errors():
         make(patch_shape=(5, 16, 16))
 
 
-NETWORK_CONFIGS = sorted(p.stem for p in (CONF / "model").glob("*.yaml")
-                         if "XPressionModule" in (CONF / "model" / p.name).read_text())
+NETWORK_CONFIGS = sorted(p.stem for p in (CONF / "model").glob("*.yaml")  # the presets on conf/model/_module.yaml
+                         if not p.stem.startswith("_") and "- _module" in p.read_text())
 
 
 def test_every_model_config_is_tested():
-    """Every conf/model entry is a network (tested below) or the ridge baseline (its own tests)."""
-    others = {p.stem for p in (CONF / "model").glob("*.yaml")} - set(NETWORK_CONFIGS)
+    """Every conf/model entry is a network (tested below) or the ridge baseline (its own tests);
+    `_module.yaml` is the base the network presets build on."""
+    others = {p.stem for p in (CONF / "model").glob("*.yaml") if not p.stem.startswith("_")} - set(NETWORK_CONFIGS)
     assert others <= {"ridge"}
     assert {"cnn3d", "cnn3d_paper", "unet"} <= set(NETWORK_CONFIGS)
 
@@ -183,8 +186,7 @@ def test_every_model_config_is_tested():
 def test_model_configs_instantiate(model):
     patch = (8, 32, 32) if model == "cnn3d_paper" else PATCH
     for loss in ("kl", "mix"):
-        cfg = OmegaConf.create({"model": OmegaConf.load(CONF / "model" / f"{model}.yaml"),
-                                "loss": OmegaConf.load(CONF / "loss" / f"{loss}.yaml")})
+        cfg = compose("train", [f"model={model}", f"loss={loss}"])  # the preset on conf/model/_module.yaml
         m = instantiate(cfg.model)(target_spec=SPEC, patch_shape=list(patch), spot_radius_vox=4.3)
         assert isinstance(m, XPressionModule)
         assert m.loss_fn.name == loss

@@ -2,7 +2,9 @@
 
 from omegaconf import OmegaConf
 
-import xpression  # noqa: F401  (registers the resolvers)
+from xpression.resolvers import register_resolvers
+
+register_resolvers()
 from xpression.resolvers import ensure_phantom
 
 

@@ -34,7 +34,8 @@ def test_features_are_finite_for_2d_and_3d_patches():
 
 
 def test_ridge_beats_the_training_mean(ridge, datamodule):
-    from xpression.training import evaluate_spots, predict_spots
+    from xpression.callbacks import predict_spots
+    from xpression.evaluation.scores import evaluate_spots
 
     spec = datamodule.target_spec
     metrics = evaluate_spots(predict_spots(ridge, datamodule), spec.names, spec.kind)
@@ -68,7 +69,7 @@ PROBE = {"n_points": 40, "distances_um": [30.0, 50.0, 100.0, 5000.0], "other_pla
 
 def test_off_plane_probe(ridge, datamodule):
     from xpression.evaluation.generalisation import evaluate_off_plane
-    from xpression.training import predict_spots
+    from xpression.callbacks import predict_spots
 
     spots = predict_spots(ridge, datamodule)
     first = evaluate_off_plane(ridge, datamodule, spots, PROBE)
@@ -100,7 +101,7 @@ def test_probe_set_is_the_same_for_every_patch_depth(tiny_cohort, datamodule):
     from xpression.data import XPressionDataModule
     from xpression.data.sampling import SpotSampler
     from xpression.evaluation.generalisation import evaluate_off_plane
-    from xpression.training import predict_spots
+    from xpression.callbacks import predict_spots
 
     digests, counts = set(), []
     for depth in (6.4, 32.0, 44.8):

@@ -7,6 +7,7 @@ from scipy.spatial.transform import Rotation
 
 from xpression.data.datamodule import PatchDataset
 from xpression.data.geometry import DataError, PatchGeometry, Plane, SlabGrid
+from xpression.data.patches import read_slab
 from xpression.data.volume import open_volume
 
 
@@ -64,7 +65,7 @@ def test_tilted_patch_matches_rotated_volume(tmp_path):
     patch_shape = (7, 15, 15)
     uv = plane.to_uvw(centre[None])[:, :2]
     grid = SlabGrid.around(plane, uv, patch_shape, (vs, vs, vs), margin_um=4.0)
-    data = grid.read(vol, transform=None, dtype="float16")
+    data = read_slab(vol, grid, transform=None, dtype="float16")
     ds = PatchDataset({"s": (data, grid)}, np.array(["s"]), grid.index_of(uv), np.zeros((1, 1)), patch_shape)
     patch = np.asarray(ds.patch(0)[0], dtype=np.float32)
 
@@ -96,7 +97,7 @@ def test_axial_slab_is_exact_block(tmp_path):
     plane = Plane.axial(30.0)  # slice 10
     uv = np.array([[40.0, 30.0], [41.2, 29.2]])  # (u, v) = (x, y) um -> voxel (15, 20)
     grid = SlabGrid.around(plane, uv, (5, 7, 9), (3.0, 2.0, 2.0))
-    data = grid.read(vol, transform=lambda b: b.astype(np.float32) / 255.0)
+    data = read_slab(vol, grid, transform=lambda b: b.astype(np.float32) / 255.0, dtype="uint8")
     ds = PatchDataset({"s": (data, grid)}, np.array(["s", "s"]), grid.index_of(uv), np.zeros((2, 1)), (5, 7, 9))
     for row, (y, x) in enumerate([(15, 20), (15, 21)]):
         np.testing.assert_array_equal(ds.patch(row)[0], arr[8:13, y - 3 : y + 4, x - 4 : x + 5])
@@ -109,7 +110,7 @@ def test_resampled_slab_matches_zoom(tmp_path):
     plane = Plane.axial(24.0)
     uv = np.array([[40.0, 40.0]])
     grid = SlabGrid.around(plane, uv, (3, 9, 9), (4.0, 4.0, 4.0))
-    data = grid.read(vol, dtype="float16").astype(np.float32)
+    data = read_slab(vol, grid, dtype="float16").astype(np.float32)
     hw = grid.index_of(uv)[0]
     pts = grid.world([[grid.centre_d, hw[0], hw[1]]])[0]
     np.testing.assert_allclose(data[grid.centre_d, hw[0], hw[1]], arr[tuple((pts / 2.0).astype(int))], atol=0.02)

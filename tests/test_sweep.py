@@ -154,7 +154,8 @@ def test_dense_mode_without_dense_support_is_an_error(volume):
 def test_gpu_style_reading_gives_the_same_maps(volume):
     """Read-ahead threads, tiles padded to one input shape and normalisation next to the network
     (the GPU path, run here on the CPU) give the maps of the plain sweep."""
-    from xpression.data.intensity import IntensityNormalizer, Quantised
+    from xpression.data.intensity import IntensityNormalizer
+    from xpression.data.patches import Quantised
 
     pred = Predictor(TinyValidNet(), device="cpu")
     grid, _ = make_grid(volume.shape, volume.voxel_size_um, (6.4, 12.8, 12.8), multiple_of=(1, 2, 2))

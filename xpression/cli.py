@@ -11,9 +11,10 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Any, Callable
 
-__all__ = ["input_error", "run_reporting_input_errors"]
+__all__ = ["input_error", "log_into", "run_reporting_input_errors"]
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,25 @@ def _to_log_files(message: str) -> None:
     for handler in logging.getLogger().handlers:
         if isinstance(handler, logging.FileHandler):
             handler.handle(record)
+
+
+def log_into(folder: str | os.PathLike, name: str) -> Path:
+    """Also write the log (as Hydra's log file does) to ``<folder>/<name>``, unless a log file
+    already goes into ``folder``; returns the log file's path."""
+    folder = Path(folder).absolute()
+    root = logging.getLogger()
+    files = [h for h in root.handlers if isinstance(h, logging.FileHandler)]
+    for handler in files:
+        if Path(handler.baseFilename).parent == folder:
+            return Path(handler.baseFilename)
+    folder.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(folder / name)
+    handler.setFormatter(files[0].formatter if files else logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+    handler.setLevel(logging.INFO)
+    root.addHandler(handler)
+    if root.level > logging.INFO or root.level == logging.NOTSET:
+        root.setLevel(logging.INFO)
+    return folder / name
 
 
 def run_reporting_input_errors(task: Callable[[Any], Any], cfg: Any) -> Any:

@@ -1,24 +1,41 @@
 """Checks of a composed `train.py` / `infer.py` config, before any file is read.
 
-`check_train_config` and `check_infer_config` look at the values a user sets (sizes, fractions,
-batch size, learning rate, epochs, ...) and raise one :class:`ConfigError` listing every problem,
-each with its key, as `load_manifest` does for a cohort. Keys absent from the config (another
-model's options, a group not selected) are skipped; only the keys named here are resolved, so a
-check never triggers an interpolation's side effect (such as generating the synthetic cohort).
+`check_train_config` and `check_infer_config` raise one :class:`ConfigError` listing every
+problem, each with its key, as `load_manifest` does for a cohort:
+
+- unknown keys: a node with a `_target_` may hold its callable's parameters; every other node
+  has a schema here (a dataclass: its fields are the keys the node may hold, their annotations
+  the types its values must have), so a misspelt key in a config file or a `+key=` override
+  fails instead of being ignored;
+- wrong types (from the schemas) and out-of-range values (`TRAIN_RULES`, `INFER_RULES`: sizes,
+  fractions, batch size, learning rate, epochs, ...).
+
+Keys absent from the config (another model's options, a group not selected, a run folder written
+before a key existed) are skipped; only the keys named by a rule or typed by a schema are
+resolved, so a check never triggers an interpolation's side effect (such as generating the
+synthetic cohort). `compose` builds the config of the entry points outside a Hydra app (tests,
+benchmarks, notebooks).
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import tempfile
-from dataclasses import dataclass
+import types
+import typing
+from collections import abc
+from dataclasses import dataclass, is_dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping, Sequence
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
-__all__ = ["ConfigError", "check_train_config", "check_infer_config", "check_output_writable"]
+__all__ = ["ConfigError", "check_train_config", "check_infer_config", "check_output_writable", "schema_problems",
+           "compose", "sync_patch", "CONF_DIR", "TrainConfig", "InferConfig", "PatchConfig"]
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
 class ConfigError(ValueError):
@@ -85,6 +102,9 @@ TRAIN_RULES: dict[str, _Rule] = {
     "data.max_drop_fraction": FRACTION,
     "data.slab_margin_um": NON_NEGATIVE,
     "data.cache_dtype": _choice("uint8", "float16"),
+    "patch.size_um": _Rule("3 positive numbers [depth, height, width] in um",
+                           lambda v: _numbers(v, 3) and all(x > 0 for x in v)),
+    "patch.voxel_size_um": VOXEL_SIZE,
     "sampler.patch_size_um": _Rule("3 positive numbers [depth, height, width] in um",
                                    lambda v: _numbers(v, 3) and all(x > 0 for x in v)),
     "sampler.voxel_size_um": VOXEL_SIZE,
@@ -120,6 +140,7 @@ TRAIN_RULES: dict[str, _Rule] = {
     "off_plane.n_points": POSITIVE_INT,
     "off_plane.distances_um": NON_NEGATIVE_LIST,
     "off_plane.batch_size": POSITIVE_INT,
+    "baselines.knn_k": POSITIVE_INT,
 }
 
 INFER_RULES: dict[str, _Rule] = {
@@ -130,19 +151,23 @@ INFER_RULES: dict[str, _Rule] = {
     "batch_size": POSITIVE_INT,
     "prefetch": _optional(NON_NEGATIVE_INT),
     "readers": _optional(POSITIVE_INT),
-    "pad_tiles": _optional(BOOL),
-    "cudnn_benchmark": BOOL,
-    "compile": BOOL,
     "precision": _choice("auto", "fp32", "bf16"),
     "levels": POSITIVE_INT,
     "voxel_size_um": VOXEL_SIZE,
-    "resample": BOOL,
-    "overwrite": BOOL,
     "mask.window_um": POSITIVE,
     "mask.stride_um": POSITIVE,
     "mask.min_object_um2": NON_NEGATIVE,
     "mask.feature": _choice("std", "mean"),
     "eval_distances_um": NON_NEGATIVE_LIST,
+    # uncertainty and out-of-distribution (xpression.inference.uncertainty)
+    "uncertainty": _choice("none", "ensemble", "mc_dropout"),
+    "members": _optional(_Rule("a list of run folders or checkpoints", lambda v: isinstance(v, (list, tuple)) and len(v) >= 1
+                                 and all(isinstance(x, str) and x for x in v))),
+    "mc_samples": _Rule("an integer >= 2", lambda v: _is_int(v) and v >= 2),
+    "mc_seed": NON_NEGATIVE_INT,
+    "ood": BOOL,
+    "genes": _optional(_Rule("a list of gene names", lambda v: isinstance(v, (list, tuple)) and len(v) > 0
+                             and all(isinstance(g, str) and g for g in v))),
 }
 
 _ABSENT = object()
@@ -155,9 +180,18 @@ def _value(cfg: DictConfig, key: str) -> Any:
     return value
 
 
+def _interpolated(cfg: DictConfig, key: str) -> bool:
+    parent, _, leaf = key.rpartition(".")
+    node = OmegaConf.select(cfg, parent, default=None) if parent else cfg
+    return isinstance(node, DictConfig) and leaf in node and OmegaConf.is_interpolation(node, leaf)
+
+
 def _apply(cfg: DictConfig, rules: dict[str, _Rule]) -> list[str]:
+    """Out-of-range values; a key that only repeats another (an interpolation) is checked there."""
     problems = []
     for key, rule in rules.items():
+        if _interpolated(cfg, key):
+            continue
         value = _value(cfg, key)
         if value is not _ABSENT and not rule.ok(value):
             problems.append(f"{key}: must be {rule.expect}, got {value!r}")
@@ -192,17 +226,71 @@ def _genes(cfg: DictConfig) -> list[str]:
     return []
 
 
+def sync_patch(cfg: DictConfig) -> None:
+    """Let a sampler's own patch (`sampler.patch_size_um=...`, `sampler.voxel_size_um=...`, the
+    spelling before the patch group) set the patch group, in place: the sampler cuts its patches
+    with it either way, the config a run records then names one patch, and errors name the key
+    the user set."""
+    sampler, patch = cfg.get("sampler"), cfg.get("patch")
+    if not isinstance(sampler, DictConfig) or not isinstance(patch, DictConfig):
+        return
+    for own, shared in (("patch_size_um", "size_um"), ("voxel_size_um", "voxel_size_um")):
+        if own in sampler and not OmegaConf.is_interpolation(sampler, own):
+            with open_dict(patch):
+                patch[shared] = f"${{sampler.{own}}}"
+
+
+def _missing_keys(node: DictConfig, prefix: str = "") -> list[str]:
+    """Keys whose value is ``???``, not resolving any interpolation."""
+    found = []
+    for key in node.keys():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if key == "hydra" or OmegaConf.is_interpolation(node, key):
+            continue
+        if OmegaConf.is_missing(node, key):
+            found.append(name)
+        elif isinstance(node._get_node(key), DictConfig):
+            found += _missing_keys(node._get_node(key), name)
+    return found
+
+
+def _missing(cfg: DictConfig) -> list[str]:
+    problems = []
+    for key in _missing_keys(cfg):
+        if key == "model.backbone":
+            problems.append("model.backbone: missing; choose a network preset (model=cnn3d, model=unet, ...) "
+                            "or a backbone (model/backbone=...)")
+        else:
+            problems.append(f"{key}: missing value (???)")
+    return problems
+
+
+def _one_per_key(problems: list[str]) -> list[str]:
+    """The first problem of each key (a value of the wrong type is also out of range)."""
+    seen, kept = set(), []
+    for problem in problems:
+        key = problem.split(":", 1)[0]
+        if key not in seen:
+            seen.add(key)
+            kept.append(problem)
+    return kept
+
+
 def check_train_config(cfg: DictConfig) -> None:
-    """Raise :class:`ConfigError` listing every out-of-range value of a `train.py` config."""
-    problems = _apply(cfg, TRAIN_RULES) + _split_fractions(cfg) + _epochs(cfg) + _genes(cfg)
+    """Raise :class:`ConfigError` listing every unknown key, value of the wrong type and
+    out-of-range value of a `train.py` config."""
+    problems = (_missing(cfg) + schema_problems(cfg, TrainConfig) + _target_problems(cfg)
+                + _apply(cfg, TRAIN_RULES) + _split_fractions(cfg) + _epochs(cfg) + _genes(cfg))
     if problems:
-        raise ConfigError(problems, "training config")
+        raise ConfigError(_one_per_key(problems), "training config")
 
 
 def check_infer_config(cfg: DictConfig) -> None:
-    """Raise :class:`ConfigError` listing every out-of-range value of an `infer.py` config."""
-    problems = _apply(cfg, INFER_RULES)
-    if _value(cfg, "run") in (_ABSENT, None, ""):
+    """Raise :class:`ConfigError` listing every unknown key, value of the wrong type and
+    out-of-range value of an `infer.py` config."""
+    problems = _one_per_key(schema_problems(cfg, InferConfig) + _apply(cfg, INFER_RULES))
+    ensemble_members = _value(cfg, "uncertainty") == "ensemble" and _value(cfg, "members") not in (_ABSENT, None)
+    if _value(cfg, "run") in (_ABSENT, None, "") and not ensemble_members:
         problems.append("run: give the training run folder (or a checkpoint in one): infer.py run=RUN")
     if problems:
         raise ConfigError(problems, "inference config")
@@ -226,3 +314,249 @@ def check_output_writable(path: str | os.PathLike, key: str = "output") -> None:
             pass
     except OSError as err:
         raise ConfigError([f"{key}: cannot write to {existing} ({err.strerror or err})"], "output") from None
+
+
+# -- schemas: the keys a node may hold and the types of their values -------------------------------
+# Fields typed Any are checked for their keys only (never resolved): groups whose nodes carry a
+# `_target_` (checked against their callable by `_target_problems`) or free-form options.
+
+
+@dataclass
+class PatchConfig:
+    """The patch a model sees (conf/patch/): field of view and model voxel size, um."""
+
+    size_um: list[float]
+    voxel_size_um: float | list[float] | None = None
+
+
+@dataclass
+class BaselinesConfig:
+    """The baselines scored beside a trained model (train.yaml)."""
+
+    ridge: bool = True
+    knn_k: int = 6
+
+
+@dataclass
+class PathsConfig:
+    """Where things live (conf/paths/); resolved by Hydra at run time."""
+
+    root_dir: Any = None
+    data_dir: Any = None
+    log_dir: Any = None
+    output_dir: Any = None
+
+
+@dataclass
+class TrainConfig:
+    """The top level of a `train.py` config: its own keys and one node per config group."""
+
+    task_name: str = "train"
+    seed: int = 0
+    resume: str | None = None
+    allow_config_change: bool = False
+    ckpt_path: str | None = None
+    optimized_metric: str | None = None
+    baselines: BaselinesConfig | None = None
+    figures: bool = True
+    paths: PathsConfig | None = None
+    patch: PatchConfig | None = None
+    data: Any = None
+    target: Any = None
+    sampler: Any = None
+    split: Any = None
+    model: Any = None
+    loss: Any = None
+    trainer: Any = None
+    logger: Any = None
+    callbacks: Any = None
+    evaluation: Any = None
+    off_plane: Any = None
+    hydra: Any = None
+
+
+@dataclass
+class MaskConfig:
+    """The tissue mask of a sweep (conf/infer/mask/; xpression.data.mask.tissue_mask)."""
+
+    enabled: bool = True
+    feature: str = "std"
+    window_um: float = 102.4
+    stride_um: float = 25.6
+    min_object_um2: float = 1.0e5
+    fill_holes: bool = True
+
+
+@dataclass
+class InferConfig:
+    """The top level of an `infer.py` config: its own keys and those of its groups (conf/infer/:
+    grid, sweep, outputs and evaluation are set at the top level; the mask under ``mask.``)."""
+
+    task_name: str = "infer"
+    run: str | None = None
+    checkpoint: str = "best"
+    cohort: str | None = None
+    volumes: list[str] | None = None
+    volume: str | None = None
+    volume_id: str | None = None
+    voxel_size_um: float | list[float] | None = None
+    resample: bool = False
+    output: Any = None  # ${paths.output_dir}: resolved by Hydra at run time
+    overwrite: bool = False
+    progress: bool = True
+    uncertainty: str = "none"
+    members: list[str] | None = None
+    mc_samples: int = 20
+    mc_seed: int = 0
+    ood: bool = False
+    genes: list[str] | None = None
+    paths: PathsConfig | None = None
+    # infer/grid
+    spacing_um: list[float] | None = None
+    mode: str = "dense"
+    # infer/sweep
+    tile_vox: str | list[int] = "auto"
+    overlap: float | None = None
+    batch_size: int = 64
+    prefetch: int | None = None
+    readers: int | None = None
+    pad_tiles: bool | None = None
+    cudnn_benchmark: bool = True
+    compile: bool = False
+    device: str = "auto"
+    precision: str = "auto"
+    # infer/mask
+    mask: MaskConfig | None = None
+    # infer/outputs
+    levels: int = 3
+    ct_preview: bool = True
+    bigtiff: bool = False
+    exports: list[str] | None = None
+    figures: bool = True
+    # infer/evaluation
+    evaluate: bool = True
+    eval_distances_um: list[float] | None = None
+    hydra: Any = None
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether ``value`` (plain data) has the type ``hint`` (a schema annotation)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return _is_int(value)
+    if hint is float:
+        return _is_number(value)
+    if hint is str:
+        return isinstance(value, str)
+    if origin in (list, tuple, abc.Sequence):
+        return isinstance(value, (list, tuple)) and all(_fits(v, args[0] if args else Any) for v in value)
+    if is_dataclass(hint):
+        return isinstance(value, Mapping)
+    return True
+
+
+def _describe(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    names = {type(None): "null", bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    if hint in names:
+        return names[hint]
+    if origin in (list, tuple, abc.Sequence):
+        inner = {int: "integers", float: "numbers", str: "strings"}.get(args[0] if args else None, "values")
+        return f"a list of {inner}"
+    if is_dataclass(hint):
+        return "a mapping"
+    return str(hint)
+
+
+def _schema_of(hint: Any) -> type | None:
+    candidates = [hint, *typing.get_args(hint)]
+    return next((c for c in candidates if is_dataclass(c)), None)
+
+
+def schema_problems(node: DictConfig | Mapping[str, Any], schema: type, prefix: str = "") -> list[str]:
+    """Unknown keys of ``node`` and values of the wrong type, against the dataclass ``schema``
+    (nested dataclass fields are checked as nodes of their own; fields typed Any are not
+    resolved). Keys are named from ``prefix``."""
+    hints = typing.get_type_hints(schema)
+    problems = []
+    for key in list(node.keys()):
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if key not in hints:
+            problems.append(f"{name}: unknown key (known: {', '.join(sorted(k for k in hints if k != 'hydra'))})")
+            continue
+        hint = hints[key]
+        if hint is Any or (isinstance(node, DictConfig) and OmegaConf.is_missing(node, key)):
+            continue
+        child = node._get_node(key) if isinstance(node, DictConfig) else node[key]
+        nested = _schema_of(hint)
+        if nested is not None and isinstance(child, (DictConfig, Mapping)):
+            problems += schema_problems(child, nested, name)
+            continue
+        value = node[key]
+        if isinstance(value, (DictConfig, ListConfig)):
+            value = OmegaConf.to_container(value, resolve=True)
+        if not _fits(value, hint):
+            problems.append(f"{name}: must be {_describe(hint)}, got {value!r}")
+    return problems
+
+
+_HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
+
+
+def _target_nodes(node: DictConfig, prefix: str) -> list[tuple[str, DictConfig]]:
+    """Every node with a `_target_` under ``node``, not following interpolations."""
+    found = []
+    for key in node.keys():
+        if key == "hydra" or OmegaConf.is_interpolation(node, key):
+            continue
+        child = node._get_node(key)
+        if isinstance(child, DictConfig) and not child._is_missing() and not child._is_none():
+            name = f"{prefix}.{key}" if prefix else str(key)
+            if "_target_" in child and not OmegaConf.is_interpolation(child, "_target_"):
+                found.append((name, child))
+            found += _target_nodes(child, name)
+    return found
+
+
+def _target_problems(cfg: DictConfig) -> list[str]:
+    """Keys of `_target_` nodes that their callable does not take (unless it takes **kwargs)."""
+    from hydra.utils import get_object
+
+    problems = []
+    for name, node in _target_nodes(cfg, ""):
+        target = str(node._get_node("_target_")._value())
+        try:
+            params = inspect.signature(get_object(target)).parameters
+        except Exception as err:  # an import error or a name that is not there
+            problems.append(f"{name}._target_: cannot load {target!r} ({type(err).__name__}: {err})")
+            continue
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            continue
+        known = {p for p in params if p not in ("self", "args")}
+        for key in sorted(set(node.keys()) - known - _HYDRA_KEYS):
+            problems.append(f"{name}.{key}: unknown key for {target} (it takes: {', '.join(sorted(known))})")
+    return problems
+
+
+def compose(config_name: str = "train", overrides: Sequence[str] = ()) -> DictConfig:
+    """The config `train.py` / `infer.py` composes from ``conf/`` with these command-line
+    overrides, for use outside a Hydra app (tests, benchmarks, notebooks): Hydra's own node and
+    `${hydra:...}` are not available, so set ``paths.output_dir`` (or ``hydra.run.dir``'s
+    equivalent) yourself before resolving paths. Resolving ``${phantom:...}`` needs
+    ``xpression.resolvers.register_resolvers()`` first (train.py, infer.py and the tests' conftest
+    call it; this module stays free of project imports)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return hydra_compose(config_name=config_name, overrides=list(overrides))

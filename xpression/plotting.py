@@ -12,7 +12,7 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-__all__ = ["new_figure", "save_figure", "target_cmap", "add_scale_bar"]
+__all__ = ["new_figure", "save_figure", "target_cmap", "add_scale_bar", "log_figure"]
 
 
 def new_figure(nrows: int = 1, ncols: int = 1, figsize: tuple[float, float] = (6.4, 4.8),
@@ -54,3 +54,19 @@ def add_scale_bar(ax: Any, extent_um: float, loc: str = "lower right") -> None:
                           size_vertical=max(float(extent_um) / 150.0, 1e-9), fontproperties={"size": 6})
     bar.patch.set(alpha=0.65, facecolor="white", edgecolor="none")
     ax.add_artist(bar)
+
+
+def log_figure(logger: Any, tag: str, png: str | Path, step: int = 0) -> bool:
+    """Send a written PNG to an experiment logger: TensorBoard (``add_image``) or any logger with
+    ``log_image`` (wandb, ...). Loggers of plain values (CSV) keep none: the run folder has the
+    file. Returns whether ``logger`` took it."""
+    from matplotlib.image import imread
+
+    if hasattr(logger, "log_image"):
+        logger.log_image(key=tag, images=[str(png)], step=step)
+        return True
+    experiment = getattr(logger, "experiment", None)
+    if hasattr(experiment, "add_image"):
+        experiment.add_image(tag, imread(str(png))[..., :3], global_step=step, dataformats="HWC")
+        return True
+    return False

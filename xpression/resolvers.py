@@ -5,7 +5,8 @@ that preset (seed 0) the first time it is needed, so `python train.py debug=smok
 fresh clone without a separate generation step. An existing cohort is never regenerated.
 `${run_dir:RESUME,DEFAULT}` and `${hydra_output_subdir:DIR,RESUME}` place Hydra's run folder and its
 saved config (conf/hydra/default.yaml) so that a resumed run continues in, and never
-overwrites, its folder. The entry points import this module before Hydra composes.
+overwrites, its folder. The entry points (train.py, infer.py) call :func:`register_resolvers`
+before Hydra composes; importing ``xpression`` registers nothing.
 """
 
 from __future__ import annotations

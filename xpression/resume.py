@@ -26,6 +26,8 @@ from typing import Any
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
+from xpression.runfolder import RUN_CONFIG_KEY, run_config_path
+
 __all__ = ["RESUMABLE_OVERRIDES", "ResumeError", "RunStart", "RecordRunConfig", "start_run", "output_dir",
            "run_config_path", "write_run_config", "continue_metrics_history"]
 
@@ -44,8 +46,10 @@ RESUMABLE_OVERRIDES = (
 )
 # How a run is started, not what it trains: never compared.
 _START_KEYS = ("resume", "ckpt_path", "allow_config_change", "task_name")
-_IGNORED_PREFIXES = ("paths.", "hydra.")
-CONFIG_KEY = "xpression_run_config"  # where a checkpoint records its run's config
+# evaluation.: the post-fit steps repeat baselines, off_plane and figures (compared there); patch.: the
+# sampler repeats it (sampler.patch_size_um, sampler.voxel_size_um are compared).
+_IGNORED_PREFIXES = ("paths.", "hydra.", "evaluation.", "patch.")
+CONFIG_KEY = RUN_CONFIG_KEY  # where a checkpoint records its run's config
 _RUN_PLACEHOLDER = "<run folder>"
 
 
@@ -189,15 +193,6 @@ def continue_metrics_history(loggers: list[Any], start: RunStart) -> None:
         log.info("%s: kept %d of %d rows (steps before %d), appending from there", path, len(kept), len(rows), start.global_step)
 
 
-def run_config_path(run_dir: Path) -> Path:
-    """The config a run folder last trained with: its latest ``config.resumed-<n>.yaml``, else
-    ``config.yaml``, else Hydra's ``.hydra/config.yaml`` (returned even if missing)."""
-    restarts = [p for p in run_dir.glob("config.resumed-*.yaml") if p.stem.rpartition("-")[2].isdigit()]
-    if restarts:
-        return max(restarts, key=lambda p: int(p.stem.rpartition("-")[2]))
-    return run_dir / "config.yaml" if (run_dir / "config.yaml").is_file() else run_dir / ".hydra" / "config.yaml"
-
-
 def _global_rank() -> int:
     """This process's rank in a multi-process run, from the launcher's environment (0 alone)."""
     return int(getattr(pl.utilities.rank_zero_only, "rank", 0))
@@ -222,6 +217,10 @@ def _restore(cfg: DictConfig, run_dir: Path, allow: bool) -> DictConfig:
         saved = _replace_prefix(saved, old_dir, str(run_dir))
     restored = OmegaConf.create(saved)
     _apply_overrides(cfg, restored, allow, run_dir)
+    # The saved config is resolved: the post-fit figure step keeps the `figures` it started with
+    # unless it follows the (resumable) top-level key again.
+    if OmegaConf.select(restored, "evaluation.run_figures") is not None:
+        OmegaConf.update(restored, "evaluation.run_figures.enabled", bool(restored.get("figures", True)))
     OmegaConf.update(restored, "paths.output_dir", str(run_dir), force_add=True)
     for key, value in (("resume", str(run_dir)), ("ckpt_path", str(last)), ("allow_config_change", allow)):
         OmegaConf.update(restored, key, value, force_add=True)

@@ -13,26 +13,21 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
-import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
-import pandas as pd
 import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
-from rich.console import Console
+from omegaconf import DictConfig, OmegaConf, open_dict
 
-from xpression.config import check_train_config
+from xpression.callbacks import PostFit, SpotPredictions, fit_without_lightning
+from xpression.config import CONF_DIR, check_train_config, sync_patch
 from xpression.data.splits import check_split_counts
-from xpression.evaluation.figures import plot_section_maps, plot_training_curves
-from xpression.evaluation.scores import evaluate_spots, scores_table
 from xpression.resume import RecordRunConfig, continue_metrics_history, start_run, write_run_config
 
-__all__ = ["EpochSeed", "evaluate_spots", "train"]
+__all__ = ["EpochSeed", "fit_summary", "save_ood_fit", "train"]
 
 log = logging.getLogger(__name__)
 
@@ -66,32 +61,37 @@ class EpochSeed(pl.Callback):
 
 
 def train(cfg: DictConfig) -> float | None:
-    """Fit, evaluate every split with the best weights, write the run folder.
+    """Fit, run the post-fit evaluation (``conf/evaluation/``: every spot predicted with the best
+    weights, scored, figures; Lightning callbacks on the trainer's device), write the run folder.
 
     Returns:
         The value of `cfg.optimized_metric` (for hyper-parameter sweepers), or None.
     """
     cfg, start = start_run(cfg)  # resume=RUN: the run's own config; a checkpoint must match its config
+    sync_patch(cfg)
+    _add_default_evaluation(cfg)
     check_train_config(cfg)
     out_dir = start.out_dir
     config = resolved_config(cfg)
-    pl.seed_everything(cfg.seed, workers=True)
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
 
     datamodule = instantiate(cfg.data, target=cfg.target, sampler=cfg.sampler, split=cfg.split, seed=cfg.seed, _recursive_=False)
     voxel_um = datamodule.voxel_size_um
-    spot_radius_vox = 27.5 / float(voxel_um[2])
     # Backbone, loss-vs-kind and patch-size checks that need no target values run first ...
     model_factory = instantiate(cfg.model)
     spec = datamodule.target_spec  # reads the ST sections (no CT voxels)
     check_split_counts(datamodule.spots["split"], datamodule.split)
-    # ... then the model proper, whose construction also checks init_from against the targets.
-    model = model_factory(target_spec=spec, patch_shape=datamodule.patch_shape_vox, spot_radius_vox=spot_radius_vox)
-    if cfg.get("off_plane") is not None:  # a patch larger than the probe set allows fails now, not after training
-        from xpression.evaluation.generalisation import OffPlaneProbe
+    # ... then the model proper, whose construction also checks init_from against the targets. The
+    # input spec (patch, voxel size, normalisation, quantisation, targets) goes into its checkpoints.
+    input_spec = datamodule.input_spec()
+    model = model_factory(target_spec=spec, patch_shape=datamodule.patch_shape_vox,
+                          spot_radius_vox=input_spec.spot_radius_vox, input_spec=input_spec)
+    post_fit = _instantiate_all(cfg.get("evaluation"))
+    for step in post_fit:  # e.g. a patch larger than the probe set allows fails now, not after training
+        if isinstance(step, PostFit):
+            step.check(datamodule)
 
-        OffPlaneProbe.of(OmegaConf.to_container(cfg.off_plane, resolve=True)).check_patch(datamodule.patch_shape_vox, voxel_um)
-
-    callbacks = [EpochSeed(cfg.seed), RecordRunConfig(config), *_instantiate_all(cfg.get("callbacks"))]
+    callbacks = [EpochSeed(cfg.seed), RecordRunConfig(config), *_instantiate_all(cfg.get("callbacks")), *post_fit]
     loggers = _instantiate_all(cfg.get("logger"))
     continue_metrics_history(loggers, start)
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
@@ -99,84 +99,90 @@ def train(cfg: DictConfig) -> float | None:
     # Written once every check has passed: the resolved config (paths expanded) lets infer.py
     # rebuild the run without Hydra's runtime; a folder with one holds a run (xpression.resume).
     write_run_config(start, config)
-    started = time.perf_counter()
     if isinstance(model, pl.LightningModule):
         trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     else:  # a closed-form baseline (model=ridge): fitted once on the training spots, no epochs
-        model.fit(datamodule)
-    train_seconds = time.perf_counter() - started
+        fit_without_lightning(trainer, model, datamodule)
+        if trainer.is_global_zero:
+            model.save_checkpoint(out_dir / "checkpoints" / "last.ckpt", config)
     if not trainer.is_global_zero:
         return None
 
     last = out_dir / "checkpoints" / "last.ckpt"
     if isinstance(model, pl.LightningModule) and not last.exists():
         trainer.save_checkpoint(last)  # presets without the checkpoint callbacks: keep the final weights for infer.py
-    best = _best_checkpoint(trainer)
-    if best is not None:
-        model = type(model).load_from_checkpoint(best, map_location="cpu", weights_only=False)
-    # post-fit predictions and the off-plane probe run on the training device
-    device = trainer.strategy.root_device if isinstance(model, pl.LightningModule) else torch.device("cpu")
-    predictions = predict_spots(model, datamodule, device)
-    metrics, predictions = _evaluate(cfg, model, datamodule, predictions)
-    metrics.update(
-        target_names=list(spec.names),
-        target_kind=spec.kind,
-        target_colors=list(spec.colors) if spec.colors is not None else None,
-        target_reference=spec.reference,  # fitted programs -> the known programs they were matched to
-        target_reference_r=spec.reference_r,
-        best_checkpoint=str(best) if best else None,
-        epochs=int(trainer.current_epoch),
-        train_seconds=round(train_seconds, 2),
-        parameters=int(sum(p.numel() for p in getattr(model, "net", model).parameters())),  # not the EMA copy
-        patch_shape_vox=list(datamodule.patch_shape_vox),
-        voxel_size_um=list(voxel_um),
-    )
-    predictions.to_csv(out_dir / "predictions.csv", index=False)
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, allow_nan=True))
-    if cfg.get("figures", True):
-        _write_figures(predictions, spec.names, out_dir, loggers, spec.colors)
-    Console(width=None if sys.stdout.isatty() else 160).print(
-        scores_table(metrics["scores"], "held-out accuracy per volume (best checkpoint; baselines beside the model)"))
+    # [ood hook] infer.py ood=true reads it (xpression.inference.ood). Multi-process runs leave it
+    # to infer.py, which fits it from the run's training spots when the file is missing.
+    if isinstance(model, pl.LightningModule) and trainer.world_size == 1:
+        best = next((c.model for c in trainer.callbacks if isinstance(c, SpotPredictions)), None) or model
+        save_ood_fit(best, datamodule, out_dir, trainer.strategy.root_device)
+    metrics_path = out_dir / "metrics.json"  # written by rank 0's post-fit steps (in a worker under ddp_spawn)
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
+    log.info("%s", fit_summary(trainer, metrics, fitted=isinstance(model, pl.LightningModule)))
     log.info("run folder: %s", out_dir)
     return _optimized_value(cfg, metrics)
 
 
-def predict_spots(model: pl.LightningModule, datamodule: pl.LightningDataModule, device: str | torch.device = "cpu") -> pd.DataFrame:
-    """Predict every spot of the data module (all splits) with `model` in eval mode, on `device`
-    (float32).
-
-    Returns:
-        The spot table with `true/<target>` and `pred/<target>` columns added.
-    """
-    from xpression.data.datamodule import image_to_float
-
-    datamodule.setup("predict")
-    spots = datamodule.spots
-    names = list(datamodule.target_spec.names)
-    preds = np.full((len(spots), len(names)), np.nan, dtype=np.float32)
-    truth = np.full_like(preds, np.nan)
-    model = model.to(device).eval()
-    with torch.inference_mode():
-        for batch in datamodule.predict_dataloader():
-            index = batch["index"].numpy()
-            preds[index] = model(image_to_float(batch["image"].to(device, non_blocking=True))).float().cpu().numpy()
-            truth[index] = batch["target"].numpy()
-    table = spots.reset_index(drop=True).copy()
-    for j, name in enumerate(names):
-        table[f"true/{name}"] = truth[:, j]
-        table[f"pred/{name}"] = preds[:, j]
-    return table
+def fit_summary(trainer: pl.Trainer, metrics: Mapping[str, Any], fitted: bool = True) -> str:
+    """One line on how the fit ended: epochs, the best epoch and its monitored value (or that the
+    final weights were used), why it stopped, training seconds."""
+    if not fitted:
+        return "closed-form fit (no epochs)" + (f"; {float(metrics['train_seconds']):.0f} s" if "train_seconds" in metrics else "")
+    epochs = int(trainer.current_epoch)
+    parts = [f"trained {epochs} epoch{'s' * (epochs != 1)}"]
+    checkpoint = trainer.checkpoint_callback
+    monitor = getattr(checkpoint, "monitor", None)
+    score = getattr(checkpoint, "best_model_score", None)
+    if monitor and score is not None:
+        best_epoch = _checkpoint_epoch(getattr(checkpoint, "best_model_path", ""))
+        parts.append(f"best {monitor} {float(score):.4f}" + (f" at epoch {best_epoch}" if best_epoch else ""))
+    else:
+        parts.append("final weights (no best checkpoint)")
+    parts.append(f"stopped: {_stop_reason(trainer)}")
+    if "train_seconds" in metrics:
+        parts.append(f"{float(metrics['train_seconds']):.0f} s")
+    return "; ".join(parts)
 
 
-def _evaluate(cfg: DictConfig, model: Any, datamodule: Any, predictions: pd.DataFrame) -> tuple[dict[str, Any], pd.DataFrame]:
-    """Per-volume scores of the model and its baselines (``xpression.evaluation.run_scores``)."""
-    from xpression.evaluation.baselines import KNN_K
-    from xpression.evaluation.run_scores import evaluate_run
+def save_ood_fit(model: pl.LightningModule, datamodule: Any, out_dir: Path,
+                 device: str | torch.device = "cpu") -> Path | None:
+    """``out_dir/ood_fit.npz``: the out-of-distribution fit on the training spots' features of
+    ``model``'s evaluation network (the weights' digest recorded: infer.py fits again for others)."""
+    from xpression.inference.ood import OOD_FILE, fit_training_spots
 
-    probe = OmegaConf.to_container(cfg.off_plane, resolve=True) if cfg.get("off_plane") is not None else None
-    baselines = cfg.get("baselines") or {}
-    return evaluate_run(model, datamodule, predictions, off_plane=probe, ridge=bool(baselines.get("ridge", True)),
-                        k=int(baselines.get("knn_k", KNN_K)))
+    net = getattr(model, "eval_net", model)
+    if not hasattr(net, "forward_features"):
+        return None
+    return fit_training_spots(net, datamodule, device).save(out_dir / OOD_FILE)
+
+
+def _checkpoint_epoch(path: str) -> int | None:
+    """The number of epochs completed when a checkpoint was written (epochs counted from 1)."""
+    if not path or not Path(path).exists():
+        return None
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)  # our own Lightning checkpoint
+    return int(checkpoint["epoch"]) + 1 if "epoch" in checkpoint else None
+
+
+def _stop_reason(trainer: pl.Trainer) -> str:
+    if trainer.interrupted:
+        return "interrupted"
+    early = trainer.early_stopping_callback
+    if early is not None and getattr(early, "stopped_epoch", 0) > 0:
+        return f"early stopping ({early.monitor} did not improve for {early.patience} epochs)"
+    if trainer.max_steps is not None and 0 <= trainer.max_steps <= trainer.global_step:
+        return f"trainer.max_steps={trainer.max_steps} reached"
+    if trainer.max_epochs is not None and 0 <= trainer.max_epochs <= trainer.current_epoch:
+        return f"trainer.max_epochs={trainer.max_epochs} reached"
+    return "trainer.max_time reached"
+
+
+def _add_default_evaluation(cfg: DictConfig) -> None:
+    """A run folder written before the post-fit evaluation was a config group (resume=RUN) gets
+    the default group, so it is scored as it was then."""
+    if "evaluation" not in cfg:
+        with open_dict(cfg):
+            cfg.evaluation = OmegaConf.load(CONF_DIR / "evaluation" / "default.yaml")
 
 
 def _instantiate_all(group: DictConfig | None) -> list[Any]:
@@ -185,29 +191,12 @@ def _instantiate_all(group: DictConfig | None) -> list[Any]:
     return [instantiate(node) for node in group.values() if isinstance(node, DictConfig) and "_target_" in node]
 
 
-def _best_checkpoint(trainer: pl.Trainer) -> Path | None:
-    callback = trainer.checkpoint_callback
-    path = getattr(callback, "best_model_path", "") if callback is not None else ""
-    return Path(path) if path and Path(path).exists() else None
-
-
-def _write_figures(predictions: pd.DataFrame, names: list[str], out_dir: Path, loggers: list[Any],
-                   colors: list[str] | None = None) -> None:
-    figures = out_dir / "figures"
-    plot_section_maps(predictions, list(names), figures, colors=colors)
-    for logger in loggers:
-        if isinstance(logger, pl.loggers.CSVLogger):
-            csv = Path(logger.log_dir) / "metrics.csv"
-            if csv.exists():
-                plot_training_curves(csv, figures / "training_curves.png")
-
-
 def _optimized_value(cfg: DictConfig, metrics: dict[str, Any]) -> float | None:
     key = cfg.get("optimized_metric")
     if not key:
         return None
     split, _, name = str(key).partition("/")
-    value = metrics["splits"].get(split, {}).get(name)
+    value = (metrics.get("splits") or {}).get(split, {}).get(name)
     return None if value is None else float(value)
 
 

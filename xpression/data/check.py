@@ -25,10 +25,14 @@ from rich.table import Table
 
 from xpression.data.geometry import DataError, Plane, SlabGrid
 from xpression.data.manifest import Cohort, ManifestError, SectionEntry, load_manifest
+from xpression.data.mask import tissue_mask
+from xpression.data.patches import read_slab
 from xpression.data.placement import spots_in_volume
 from xpression.data.registration import SPOT_RADIUS_UM
 from xpression.data.sections import Section, load_section
+from xpression.data.targets import ObsmTarget, dominant_index
 from xpression.data.volume import Volume, VolumeError, open_volume
+from xpression.plotting import new_figure, save_figure
 
 __all__ = ["SectionCheck", "check_cohort", "check_table", "draw_overlay", "main"]
 
@@ -49,8 +53,6 @@ class SectionCheck:
 
 
 def _mask_for(volume: Volume) -> tuple[Any, str | None]:
-    from xpression.data.mask import tissue_mask
-
     try:
         return tissue_mask(volume), None
     except VolumeError as err:
@@ -81,8 +83,6 @@ def check_section(entry: SectionEntry, volume: Volume, mask: Any, max_residual_u
 
 def _dominant(section: Section, obsm_key: str) -> tuple[np.ndarray | None, list[str]]:
     """Each spot's dominant target (index) and the target names, or (None, []) without them."""
-    from xpression.data.targets import ObsmTarget, dominant_index
-
     try:
         values, spec = ObsmTarget(key=obsm_key).compute({section.id: section.adata})
     except DataError:
@@ -103,7 +103,7 @@ def plane_image(volume: Volume, plane: Plane, lo_uv: np.ndarray, hi_uv: np.ndarr
     h, w = (int(math.ceil((hi_uv[k] - lo_uv[k]) / spacing)) + 1 for k in (1, 0))
     grid = SlabGrid(plane, (spacing, spacing, spacing), (float(lo_uv[0]), float(lo_uv[1])), (1, h, w), 0)
     scale = float(np.iinfo(level.dtype).max) if np.issubdtype(level.dtype, np.integer) else 1.0
-    image = grid.read(level, transform=lambda b: np.asarray(b, dtype=np.float32) / scale, dtype="float16")[0]
+    image = read_slab(level, grid, transform=lambda b: np.asarray(b, dtype=np.float32) / scale, dtype="float16")[0]
     image = image.astype(np.float32)
     finite = image[np.isfinite(image)]
     if finite.size:
@@ -125,8 +125,6 @@ def draw_overlay(check: SectionCheck, volume: Volume, out: Path, obsm_key: str =
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
     from mpl_toolkits.axes_grid1.anchored_artists import AnchoredSizeBar
-
-    from xpression.plotting import new_figure, save_figure
 
     section = check.section
     reg = section.registration

@@ -23,13 +23,19 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from xpression.data.augment import TRANSFORM_NAMES, Augment, keeps_shape, transform_patch
-from xpression.data.geometry import DataError, Plane, SlabGrid
+from xpression.data.geometry import DataError, SlabGrid
+from xpression.data.input_spec import InputSpec, IntensitySpec, resolve_reference
+from xpression.data.intensity import SCALINGS, IntensityNormalizer
+from xpression.data.manifest import Cohort, load_manifest
+from xpression.data.mask import tissue_mask
+from xpression.data.patches import QUANTISATIONS, cut_patch, image_to_float, patches_inside, read_slab, slab_grid
 from xpression.data.placement import check_patch_fits, placement_problem
 from xpression.data.registration import SPOT_RADIUS_UM
 from xpression.data.sampling import SpotEpochSampler, SpotSampler
 from xpression.data.sections import Section, load_section
 from xpression.data.splits import SpatialBlocksSplit
 from xpression.data.targets import ObsmTarget, TargetSpec, dominant_index
+from xpression.data.volume import VolumeError, open_volume
 
 __all__ = ["XPressionDataModule", "PatchDataset", "image_to_float"]
 
@@ -50,14 +56,6 @@ def _collate(data: Any) -> Any:
     return data if isinstance(data, dict) else torch.utils.data.default_collate(data)
 
 
-def image_to_float(image: torch.Tensor) -> torch.Tensor:
-    """Cached patches (``uint8`` levels or ``float16``) -> float32 intensities in ``[0, 1]``,
-    on the tensor's device; float32 input is returned as is."""
-    if image.dtype == torch.uint8:
-        return image.to(torch.float32).mul_(1.0 / 255.0)
-    return image.to(torch.float32)
-
-
 def _shared(array: np.ndarray) -> torch.Tensor:
     """``array`` in shared memory: worker processes (fork, spawn or forkserver) receive a handle
     to it, never a pickled copy of the data. Where shared memory is too small (containers with
@@ -70,35 +68,6 @@ def _shared(array: np.ndarray) -> torch.Tensor:
         return t
     out.copy_(t)
     return out
-
-
-def volume_intensity_transform(volume: Any, cohort: Any, reference: str | None, seed: int = 0,
-                               intensity: str = "robust") -> Any:
-    """The block transform to ~[0, 1] for ``volume``: its own robust range, or, with
-    ``reference`` (a volume id of ``cohort`` or a volume path), histogram matching onto that
-    volume first, as the original study did across animals; ``intensity='divide255'`` scales
-    by 1/255 instead of the robust range (8-bit volumes). Training and the whole-volume sweep
-    both call this, so a volume is normalised the same way in both."""
-    from xpression.data.intensity import intensity_transform
-    from xpression.data.volume import open_volume
-
-    try:
-        if reference is None:
-            return intensity_transform(volume, seed=seed, scaling=intensity)
-        ids = [v.id for v in cohort.volumes] if cohort is not None else []
-        if reference in ids:
-            entry = cohort.volume(reference)
-            ref_volume = open_volume(entry.image, entry.voxel_size_um)
-        elif Path(str(reference)).exists():
-            ref_volume = open_volume(reference)
-        else:
-            raise DataError(getattr(cohort, "path", reference),
-                            f"intensity_reference {reference!r} is neither a volume id ({ids}) nor a volume file")
-        return intensity_transform(volume, reference=ref_volume, seed=seed, scaling=intensity)
-    except ValueError as err:
-        if isinstance(err, DataError):
-            raise
-        raise DataError(None, str(err)) from err
 
 
 class PatchDataset(Dataset):
@@ -142,11 +111,10 @@ class PatchDataset(Dataset):
         if du or dv:
             h += int(np.rint(dv / grid.spacing_um[1]))
             w += int(np.rint(du / grid.spacing_um[2]))
-        hd, hh, hw = self.half
+        _, hh, hw = self.half
         h = int(np.clip(h, hh, data.shape[1] - hh - 1))
         w = int(np.clip(w, hw, data.shape[2] - hw - 1))
-        c = grid.centre_d
-        patch = data[c - hd : c + hd + 1, h - hh : h + hh + 1, w - hw : w + hw + 1]
+        patch = cut_patch(data, grid, h, w, self.patch_shape)
         return (transform_patch(patch, TRANSFORM_NAMES[transform]) if transform else patch), row
 
     def __getitems__(self, items: Sequence[Any]) -> dict[str, torch.Tensor]:
@@ -181,9 +149,10 @@ class XPressionDataModule(pl.LightningDataModule):
     matched to before normalisation (default: each volume's own robust range).
     ``intensity``: ``robust`` (robust percentile range -> [0, 1]) or ``divide255`` (8-bit
     values / 255, as the original study).
-    ``normalizers``: ``{volume_id: IntensityNormalizer | its to_dict()}`` to reuse (e.g. from a
-    checkpoint); others are estimated per volume (robust percentiles -> [0, 1]). After ``setup``,
-    ``.normalizers`` holds the ones used: inference must apply the same to raw blocks.
+    ``normalizers``: ``{volume_id: IntensityNormalizer | its to_dict()}`` to reuse; others come
+    from :attr:`intensity_spec`. After ``setup``, ``.normalizers`` holds the ones used.
+    :meth:`input_spec` is everything a model trained on these batches needs to be fed new volumes
+    the same way (it travels in the checkpoint; :mod:`xpression.data.patches` is the one path).
     """
 
     def __init__(
@@ -221,14 +190,15 @@ class XPressionDataModule(pl.LightningDataModule):
         self.section_ids = None if sections is None else [str(s) for s in sections]
         self.max_residual_um, self.max_drop_fraction = float(max_residual_um), float(max_drop_fraction)
         self.slab_margin_um, self.cache_dtype = float(slab_margin_um), cache_dtype
+        if cache_dtype not in QUANTISATIONS:
+            raise DataError(None, f"data.cache_dtype must be one of {', '.join(QUANTISATIONS)}, got {cache_dtype!r}")
         self.check_tissue_mask = check_tissue_mask
         self.normalizers: dict[str, Any] = dict(normalizers or {})
         self.intensity_reference = intensity_reference
-        from xpression.data.intensity import SCALINGS
-
         if intensity not in SCALINGS:
             raise DataError(None, f"data.intensity must be one of {', '.join(SCALINGS)}, got {intensity!r}")
         self.intensity = str(intensity)
+        self._intensity_spec: IntensitySpec | None = None
         self._meta: dict | None = None
         self._prepared: dict | None = None
         self._datasets: dict[str, PatchDataset] | None = None
@@ -240,9 +210,6 @@ class XPressionDataModule(pl.LightningDataModule):
     def _load_meta(self) -> dict:
         if self._meta is not None:
             return self._meta
-        from xpression.data.manifest import Cohort, load_manifest
-        from xpression.data.volume import VolumeError, open_volume
-
         cohort = self.manifest if isinstance(self.manifest, Cohort) else load_manifest(self.manifest)
         entries = list(cohort.sections)
         if self.section_ids is not None:
@@ -293,25 +260,37 @@ class XPressionDataModule(pl.LightningDataModule):
         """One row per usable spot (batch ``index`` = row number)."""
         return self._prepare()["spots"]
 
+    @property
+    def spot_radius_um(self) -> float:
+        """The spot radius a model's spot value stands for (um): the platform's nominal Visium
+        spot radius. (Each section's registered radius, ``spots.spot_radius_um``, varies with
+        the landmark fit and is used for jitter; the model's disk does not.)"""
+        return SPOT_RADIUS_UM
+
+    @property
+    def intensity_spec(self) -> IntensitySpec:
+        """How every volume's intensities are normalised (samples the reference volume once)."""
+        if self._intensity_spec is None:
+            ref = resolve_reference(self.intensity_reference, self._load_meta()["cohort"])
+            try:
+                self._intensity_spec = IntensitySpec.fit(self.intensity, *(ref or (None, None)), seed=self.seed)
+            except ValueError as err:
+                raise DataError(None, str(err)) from err
+        return self._intensity_spec
+
+    def input_spec(self) -> InputSpec:
+        """The input contract of a model trained on this data module (see ``InputSpec``)."""
+        return InputSpec.build(self.sampler.geometry.size_um, self.voxel_size_um, self.patch_shape_vox,
+                               self.spot_radius_um, self.intensity_spec, self.cache_dtype, self.target_spec)
+
     # -- sections, targets, spot table, split ---------------------------------------------------------
     def _grid_for(self, section: Section, volume: Any) -> SlabGrid:
-        vs_vol = np.asarray(volume.voxel_size_um, float)
-        origin = np.asarray(getattr(volume, "origin_um", (0.0, 0.0, 0.0)), float)
-        spacing = np.asarray(self.voxel_size_um, float)
-        plane, anchor = section.plane, (0.0, 0.0)
-        if plane.is_axial and np.allclose(spacing, vs_vol, rtol=1e-6):
-            # Snap the plane and grid to the volume's voxels so the slab is a plain block read.
-            k = np.rint((plane.origin[0] - origin[0]) / vs_vol[0])
-            plane, anchor = Plane.axial(origin[0] + k * vs_vol[0]), (origin[2], origin[1])
         jitter = float(getattr(self.sampler, "jitter_fraction", 0.0)) * section.spot_radius_um
         margin = (self.slab_margin_um, self.slab_margin_um + jitter, self.slab_margin_um + jitter)
-        return SlabGrid.around(plane, section.uv_um, self.patch_shape_vox, spacing, margin, anchor)
+        return slab_grid(section.plane, volume, section.uv_um, self.patch_shape_vox, self.voxel_size_um, margin)
 
     def _inside(self, section: Section, grid: SlabGrid, volume: Any) -> np.ndarray:
-        hw = grid.index_of(section.uv_um)
-        vox = volume.to_voxel(grid.patch_corners(hw, self.patch_shape_vox).reshape(-1, 3)).reshape(-1, 8, 3)
-        hi = np.asarray(volume.shape, float) - 1
-        return np.all((vox >= -1e-6) & (vox <= hi + 1e-6), axis=(1, 2))
+        return patches_inside(volume, grid, grid.index_of(section.uv_um), self.patch_shape_vox)
 
     def _prepare(self) -> dict:
         if self._prepared is not None:
@@ -360,9 +339,6 @@ class XPressionDataModule(pl.LightningDataModule):
         return self._prepared
 
     def _check_mask(self, spots: pd.DataFrame, meta: dict) -> None:
-        from xpression.data.mask import tissue_mask
-        from xpression.data.volume import VolumeError
-
         for vid in spots["volume_id"].unique():
             volume = meta["volumes"][vid]
             try:
@@ -381,8 +357,6 @@ class XPressionDataModule(pl.LightningDataModule):
         """Read, normalise and cache one slab per section (once), then build the datasets."""
         if self._datasets is not None:
             return
-        from xpression.data.intensity import IntensityNormalizer
-
         prep, meta = self._prepare(), self._load_meta()
         norms = {k: IntensityNormalizer.from_dict(v) if isinstance(v, dict) else v for k, v in self.normalizers.items()}
         slabs = {}
@@ -390,9 +364,11 @@ class XPressionDataModule(pl.LightningDataModule):
             vid = prep["sections"][sid].volume_id
             volume = meta["volumes"][vid]
             if vid not in norms:
-                norms[vid] = volume_intensity_transform(volume, meta["cohort"], self.intensity_reference, self.seed,
-                                                        self.intensity)
-            slabs[sid] = (grid.read(volume, norms[vid], self.cache_dtype), grid)
+                try:
+                    norms[vid] = self.intensity_spec.transform_for(volume)
+                except ValueError as err:
+                    raise DataError(volume.path, str(err)) from err
+            slabs[sid] = (read_slab(volume, grid, norms[vid], self.cache_dtype), grid)
             log.info("section %s: cached slab %s (%s, %.1f MB)", sid, slabs[sid][0].shape, self.cache_dtype, slabs[sid][0].nbytes / 1e6)
         self.normalizers = norms
         spots = prep["spots"]

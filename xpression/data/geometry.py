@@ -181,48 +181,6 @@ class SlabGrid:
         idx = centre[:, None, :] + (signs * half)[None]
         return self.world(idx.reshape(-1, 3)).reshape(len(hw), 8, 3)
 
-    def read(self, volume, transform=None, dtype: str = "uint8") -> np.ndarray:
-        """Fill the grid from ``volume`` (a ``Volume``: ``voxel_size_um``, ``origin_um``,
-        ``read_block``), intensities mapped by ``transform`` to [0, 1], stored as ``dtype``
-        (``uint8`` = round(255 x) or ``float16``).
-
-        An axial grid on the volume's own voxels is a plain block read; anything else (tilted
-        plane, other spacing) is trilinear interpolation of the one block it needs, low-pass
-        filtered first when the grid is coarser than the voxels.
-        """
-        vs = np.asarray(volume.voxel_size_um, dtype=float)
-        vorigin = np.asarray(getattr(volume, "origin_um", (0.0, 0.0, 0.0)), dtype=float)
-        start_f = (self.world(np.zeros((1, 3)))[0] - vorigin) / vs
-        transform = transform or (lambda b: np.asarray(b, dtype=np.float32))
-        aligned = (
-            self.plane.is_axial
-            and np.allclose(self.spacing_um, vs, rtol=1e-6)
-            and np.allclose(start_f, np.rint(start_f), atol=1e-4)
-        )
-        if aligned:
-            start = np.rint(start_f).astype(np.int64)
-            data = transform(volume.read_block(start, start + np.asarray(self.shape)))
-        else:
-            far = np.asarray(self.shape, dtype=float) - 1
-            corners = np.array([[a, b, c] for a in (0, far[0]) for b in (0, far[1]) for c in (0, far[2])])
-            vox = (self.world(corners) - vorigin) / vs
-            lo = np.floor(vox.min(axis=0)).astype(np.int64) - 2
-            hi = np.ceil(vox.max(axis=0)).astype(np.int64) + 3
-            block = transform(volume.read_block(lo, hi))
-            factor = np.max(np.asarray(self.spacing_um)) / vs
-            sigma = np.sqrt(np.clip(factor**2 - 1.0, 0.0, None)) / 2.0
-            if np.any(sigma > 0.1):
-                block = ndimage.gaussian_filter(block, sigma=sigma, mode="nearest")
-            data = sample_frame(
-                block, lo, vs, self.world(np.zeros((1, 3)))[0], self.plane.axes, self.spacing_um, self.shape,
-                volume_origin_um=vorigin,
-            )
-        if dtype == "uint8":
-            return np.rint(np.clip(data, 0.0, 1.0) * 255.0).astype(np.uint8)
-        if dtype == "float16":
-            return np.asarray(data, dtype=np.float16)
-        raise ValueError(f"cache dtype must be 'uint8' or 'float16', got {dtype!r}")
-
     def index_of(self, uv_um: np.ndarray) -> np.ndarray:
         """Nearest grid ``(h, w)`` (N, 2) int of in-plane points ``(u, v)`` um."""
         uv = np.asarray(uv_um, dtype=float).reshape(-1, 2)

@@ -24,8 +24,8 @@ __all__ = [
     "intensity_transform",
     "MatchedNormalizer",
     "SCALINGS",
-    "Quantised",
     "has_torch_transform",
+    "match_to_reference",
 ]
 
 # How intensities reach ~[0, 1]: each volume's robust percentile range, or the 8-bit range
@@ -189,8 +189,13 @@ def histogram_match(
 
     Apply it per block: ``matcher(patch)`` gives float32 values in the reference's units.
     """
-    src = sample_voxels(volume_or_sample, sample, seed=seed)
     ref = np.sort(sample_voxels(reference, sample, seed=seed).astype(np.float64))
+    return match_to_reference(sample_voxels(volume_or_sample, sample, seed=seed), ref, n_quantiles)
+
+
+def match_to_reference(src: np.ndarray, ref: np.ndarray, n_quantiles: int = 2001) -> HistogramMatcher:
+    """The :class:`HistogramMatcher` of a source sample ``src`` onto a reference given by its
+    sorted float64 sample ``ref`` (what a checkpoint keeps of its reference volume)."""
     if src.size == 0 or ref.size == 0:
         raise ValueError("histogram_match: empty sample")
     if src.dtype.type in _LUT_DTYPES:
@@ -255,30 +260,6 @@ class MatchedNormalizer:
 
     def apply_torch(self, block: Any) -> Any:
         return self.normalizer.apply_torch(self.matcher.apply_torch(block))
-
-
-@dataclass(frozen=True)
-class Quantised:
-    """``transform`` followed by rounding to the 256 levels of a uint8 cache (``round(255 x) / 255``),
-    so blocks swept at inference match the training patches cached as uint8."""
-
-    transform: Callable[[np.ndarray], np.ndarray]
-
-    def __call__(self, block: np.ndarray) -> np.ndarray:
-        x = self.transform(block)
-        return np.rint(x * 255.0) * np.float32(1 / 255.0)
-
-    @property
-    def has_torch(self) -> bool:
-        return has_torch_transform(self.transform)
-
-    def apply_torch(self, block: Any) -> Any:
-        x = self.transform.apply_torch(block)  # type: ignore[attr-defined]
-        return x.mul_(255.0).round_().mul_(np.float32(1 / 255.0).item())
-
-    def to_dict(self) -> dict:
-        inner = self.transform.to_dict() if hasattr(self.transform, "to_dict") else {"transform": repr(self.transform)}
-        return {**inner, "quantised": "uint8"}
 
 
 def has_torch_transform(transform: Any) -> bool:

@@ -15,7 +15,10 @@ from typing import Any
 
 import yaml
 
-from xpression.data.volume import TIFF_SUFFIXES, ZARR_SUFFIXES
+from xpression.data.bigwarp import read_landmarks
+from xpression.data.geometry import DataError, Plane
+from xpression.data.spaceranger import find_spaceranger_files
+from xpression.data.volume import TIFF_SUFFIXES, VolumeError, ZARR_SUFFIXES, open_volume
 
 __all__ = ["Cohort", "ManifestError", "SectionEntry", "TruthEntry", "VolumeEntry", "load_manifest"]
 
@@ -294,9 +297,6 @@ def _sections(check: _Checker, raw: Any, where: str, volume_id: str, seen: set[s
 
 def _adata_path(check: _Checker, value: Any, where: str) -> Path | None:
     """An ``.h5ad`` file or a Space Ranger output folder (its required files checked here)."""
-    from xpression.data.geometry import DataError
-    from xpression.data.spaceranger import find_spaceranger_files
-
     if not isinstance(value, str) or not value:
         return check.path(value, where)
     full = Path(value) if Path(value).is_absolute() else check.root / value
@@ -316,9 +316,6 @@ def _adata_path(check: _Checker, value: Any, where: str) -> Path | None:
 
 def _landmarks_are_3d(check: _Checker, path: Path, where: str) -> bool:
     """Whether a section without z_um/plane may take its plane from its landmarks (a 3D table)."""
-    from xpression.data.bigwarp import read_landmarks
-    from xpression.data.geometry import DataError
-
     try:
         ndim = read_landmarks(path).ndim
     except DataError as err:
@@ -337,9 +334,6 @@ def _planes_in_volume(check: _Checker, image: Path, voxel: tuple[float, float, f
     if not any(s.z_um is not None or s.plane is not None for s in sections):
         return
     import numpy as np
-
-    from xpression.data.geometry import DataError, Plane
-    from xpression.data.volume import VolumeError, open_volume
 
     try:
         volume = open_volume(image, voxel)

@@ -15,8 +15,8 @@ import numpy as np
 import scipy.sparse as sp
 
 from xpression.data.geometry import DataError, Plane
-from xpression.data.registration import (SPOT_RADIUS_UM, VISIUM_PITCH_UM, AffineFit, Declaration, Registration,
-                                         register_section)
+from xpression.data.registration import AffineFit, Declaration, Registration, SPOT_RADIUS_UM, VISIUM_PITCH_UM, register_section
+from xpression.data.spaceranger import read_spaceranger
 
 __all__ = ["Section", "read_adata", "check_counts", "load_section"]
 
@@ -26,8 +26,6 @@ log = logging.getLogger(__name__)
 def read_adata(path: str | Path) -> Any:
     """Read an ``.h5ad`` file or a Space Ranger output folder (:mod:`xpression.data.spaceranger`)."""
     import anndata as ad
-
-    from xpression.data.spaceranger import read_spaceranger
 
     path = Path(path)
     if not path.exists():

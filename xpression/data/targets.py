@@ -20,19 +20,19 @@ import scipy.sparse as sp
 
 from xpression.data.chrysalis import CHRYSALIS_KEY, compartment_colors, compartment_names
 from xpression.data.geometry import DataError
+from xpression.data.kinds import KINDS, get_kind, refuse_negative
 
-__all__ = ["TargetSpec", "ObsmTarget", "GenesTarget", "ProgramsTarget", "FittedPrograms", "match_programs",
+__all__ = ["KINDS", "TargetSpec", "ObsmTarget", "GenesTarget", "ProgramsTarget", "FittedPrograms", "match_programs",
            "dominant_index", "to_composition"]
 
 log = logging.getLogger(__name__)
 
-TargetKind = Literal["composition", "log_expression", "counts"]
-KINDS = ("composition", "log_expression", "counts")
 
 
 @dataclass(frozen=True)
 class TargetSpec:
-    """Names of the T target columns, their kind (composition / log_expression / counts) and,
+    """Names of the T target columns, their kind (a registered ``xpression.data.kinds`` name:
+    composition / log_expression / counts / ...) and,
     optionally, one colour per target (any matplotlib colour) for maps and figures.
 
     ``reference``: for programs fitted from counts and matched to known programs,
@@ -41,14 +41,16 @@ class TargetSpec:
     """
 
     names: list[str]
-    kind: TargetKind
+    kind: str
     colors: list[str] | None = None
     reference: dict[str, str] | None = field(default=None, hash=False)
     reference_r: dict[str, float] | None = field(default=None, hash=False)
 
     def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise ValueError(f"TargetSpec.kind must be one of {KINDS}, got {self.kind!r}")
+        try:
+            get_kind(self.kind)
+        except ValueError:
+            raise ValueError(f"TargetSpec.kind must be one of {KINDS.names()}, got {self.kind!r}") from None
         if self.colors is not None:
             from matplotlib.colors import is_color_like
 
@@ -58,6 +60,17 @@ class TargetSpec:
     @property
     def n_targets(self) -> int:
         return len(self.names)
+
+    def to_dict(self) -> dict:
+        """Plain ``{"names": [...], "kind": ...}`` (checkpoints, metadata), with ``colors`` when
+        set and ``reference`` / ``reference_r`` when the targets were matched to known programs."""
+        out: dict = {"names": [str(n) for n in self.names], "kind": str(self.kind)}
+        if self.colors is not None:
+            out["colors"] = [str(c) for c in self.colors]
+        if self.reference:
+            out["reference"] = {str(k): str(v) for k, v in self.reference.items()}
+            out["reference_r"] = {str(k): float(v) for k, v in (self.reference_r or {}).items()}
+        return out
 
     def reference_name(self, name: str) -> str:
         """The reference program a target was matched to, else the target's own name (so
@@ -70,23 +83,11 @@ def _where(adata: Any, sid: str) -> str:
     return f"{path} (section {sid})" if path else f"section {sid}"
 
 
-COMPOSITION_SUM_TOLERANCE = 1e-3  # |row sum - 1| accepted as a composition (float32 scores round)
-
-
-def _refuse_negative(values: np.ndarray, where: object, what: str, hint: str) -> None:
-    """Raise :class:`DataError` for negative entries beyond float round-off (1e-6 of the largest value)."""
-    tolerance = 1e-6 * float(np.abs(values).max(initial=0.0))
-    negative = values < -tolerance
-    if negative.any():
-        rows = int(negative.any(axis=1).sum())
-        raise DataError(where, f"{what}: {rows} of {len(values)} spots have negative values (min {values.min():.4g}); {hint}")
-
-
 def to_composition(values: np.ndarray, where: object = None) -> np.ndarray:
     """Scale rows to sum to 1. Negative entries (beyond round-off, which is clipped to 0) and
     rows that sum to 0 raise :class:`DataError`: clipping signed scores would invent proportions."""
     v = np.asarray(values, dtype=np.float64)
-    _refuse_negative(v, where, "cannot renormalise the target to compositions",
+    refuse_negative(v, where, "cannot renormalise the target to compositions",
                      "signed scores are not proportions: set target.renormalize=false with target.kind=log_expression")
     v = np.clip(v, 0.0, None)
     s = v.sum(axis=1, keepdims=True)
@@ -96,27 +97,9 @@ def to_composition(values: np.ndarray, where: object = None) -> np.ndarray:
 
 
 def dominant_index(values: np.ndarray, kind: str) -> np.ndarray:
-    """Dominant column per spot: argmax for compositions, argmax of column z-scores otherwise."""
-    v = np.asarray(values, dtype=np.float64)
-    if kind != "composition":
-        v = (v - v.mean(axis=0)) / (v.std(axis=0) + 1e-12)
-    return v.argmax(axis=1).astype(np.int64)
-
-
-def _check_declared_kind(values: np.ndarray, kind: str, where: object, key: str) -> None:
-    """Targets used as they are (``renormalize=false``) must be what ``kind`` says: compositions
-    non-negative with rows summing to 1, counts non-negative."""
-    what = f"target {key!r} declared kind={kind} with renormalize=false"
-    if kind == "composition":
-        _refuse_negative(values, where, what, "proportions cannot be negative: for signed scores use target.kind=log_expression")
-        off = np.abs(values.sum(axis=1) - 1.0) > COMPOSITION_SUM_TOLERANCE
-        if off.any():
-            sums = values.sum(axis=1)[off]
-            raise DataError(where, f"{what}, but {int(off.sum())} of {len(values)} spots' values do not sum to 1 "
-                            f"(sums from {sums.min():.4g} to {sums.max():.4g}); set target.renormalize=true to scale "
-                            "each spot to proportions, or target.kind=log_expression")
-    elif kind == "counts":
-        _refuse_negative(values, where, what, "counts cannot be negative; use target.kind=log_expression")
+    """Dominant column per spot, as the kind defines it (``TargetKind.dominant``: the largest
+    proportion of a composition, the largest column z-score otherwise)."""
+    return get_kind(kind).dominant(values)
 
 
 def _check_finite(values: np.ndarray, where: object, what: str) -> np.ndarray:
@@ -141,7 +124,7 @@ class ObsmTarget:
 
     key: str = "programs_true"
     renormalize: bool = True
-    kind: TargetKind = "composition"
+    kind: str = "composition"
     table: str | None = None
     names: Sequence[str] | None = None
     colors: Sequence[str] | None = None
@@ -214,7 +197,8 @@ class ObsmTarget:
             if self.renormalize:
                 values = to_composition(values, where)
             else:
-                _check_declared_kind(values, self.kind, where, self.key)
+                get_kind(self.kind).check_declared(values, where, f"target {self.key!r} declared kind={self.kind} "
+                                                                  "with renormalize=false")
             these = self._names(adata, values.shape[1], columns)
             if names is not None and these != names:
                 raise DataError(where, f"target columns {these} differ from another section's {names}")

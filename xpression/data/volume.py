@@ -203,7 +203,45 @@ def _open_tiff(path: Path) -> tuple[Any, Any, dict]:
         raise VolumeError(path, f"corrupt or unreadable TIFF: {exc}") from exc
     if len(tif.series) > 1 and len(series.shape) == 2:
         raise VolumeError(path, "TIFF holds several series of different shapes, not one z stack")
-    return arr, tif, {"voxel_size_um": None, "origin_um": (0.0, 0.0, 0.0), "levels": ["0"]}
+    return arr, tif, {"voxel_size_um": tiff_voxel_size(tif, path), "origin_um": (0.0, 0.0, 0.0), "levels": ["0"]}
+
+
+# Length units of OME-XML (UnitsLength) and ImageJ's `unit`, in um; ImageJ escapes the micro sign.
+_UM_PER_UNIT = {"µm": 1.0, "μm": 1.0, "um": 1.0, "micron": 1.0, "microns": 1.0, "\\u00B5m": 1.0, "nm": 1e-3,
+                "mm": 1e3, "cm": 1e4, "m": 1e6, "pm": 1e-6, "Å": 1e-4}
+
+
+def _in_um(value: Any, unit: Any, path: Path, key: str) -> float:
+    factor = _UM_PER_UNIT.get(str(unit).strip())
+    if factor is None:
+        raise VolumeError(path, f"TIFF metadata {key}: unknown length unit {unit!r}")
+    return float(value) * factor
+
+
+def tiff_voxel_size(tif: Any, path: Path) -> tuple[float, float, float] | None:
+    """The voxel size [z, y, x] um an OME-TIFF (``Pixels`` ``PhysicalSize{Z,Y,X}`` and their
+    units, um by default) or an ImageJ hyperstack (``spacing``, the X/YResolution tags and
+    ``unit``) records, as tifffile reads them; None when the file records none (a plain TIFF, or
+    ImageJ's uncalibrated ``pixel`` unit)."""
+    import tifffile
+
+    if tif.is_ome:
+        image = tifffile.xml2dict(tif.ome_metadata).get("OME", {}).get("Image", {})
+        pixels = (image[0] if isinstance(image, list) else image).get("Pixels", {})
+        if all(f"PhysicalSize{a}" in pixels for a in "ZYX"):
+            return tuple(_in_um(pixels[f"PhysicalSize{a}"], pixels.get(f"PhysicalSize{a}Unit", "µm"), path,
+                                f"PhysicalSize{a}") for a in "ZYX")  # type: ignore[return-value]
+        return None
+    meta = tif.imagej_metadata if tif.is_imagej else None
+    if not meta or "spacing" not in meta or str(meta.get("unit", "pixel")).strip() in ("pixel", ""):
+        return None
+    tags = tif.pages.first.tags
+    if "XResolution" not in tags or "YResolution" not in tags:
+        return None
+    unit = meta["unit"]
+    per_px = [tags[k].value for k in ("YResolution", "XResolution")]  # (numerator, denominator): pixels per unit
+    y, x = (_in_um(den / num, unit, path, name) for (num, den), name in zip(per_px, ("YResolution", "XResolution")))
+    return (_in_um(meta["spacing"], unit, path, "spacing"), y, x)
 
 
 def _open_npy(path: Path) -> tuple[Any, dict]:

@@ -33,8 +33,11 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from xpression.evaluation.metrics import MIN_TRUTH_SD, format_score
+from xpression.evaluation.figures import PREDICTOR_STYLE
+from xpression.evaluation.scores import PREDICTOR_LABELS
 from xpression.evaluation.stats import PairedDifference, paired_difference
+from xpression.metrics import MIN_TRUTH_SD, format_score
+from xpression.plotting import new_figure, save_figure
 
 __all__ = ["collect_runs", "summarise_scores", "write_report", "findings", "main"]
 
@@ -394,10 +397,6 @@ def plot_accuracy_vs_distance(runs: pd.DataFrame, scores: pd.DataFrame, out: Pat
     row of panels per experiment and one panel per trained animal (held-out spots at 0), with
     the 2D extrusion and kNN baselines (mean over the experiment's runs) in grey; a last panel
     per row gives each unseen animal."""
-    from xpression.evaluation.figures import PREDICTOR_STYLE
-    from xpression.evaluation.scores import PREDICTOR_LABELS
-    from xpression.plotting import new_figure, save_figure
-
     places = _places(scores)
     trained = list(dict.fromkeys(v for v, p, _ in places if p != "volume"))
     unseen = [v for v, p, _ in places if p == "volume"]

@@ -17,6 +17,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from xpression.evaluation.scores import PREDICTOR_LABELS
 from xpression.plotting import add_scale_bar, new_figure, save_figure, target_cmap
 
 __all__ = ["plot_section_maps", "plot_training_curves", "plot_run_scores", "PREDICTOR_STYLE"]
@@ -152,8 +153,6 @@ def plot_run_scores(df: pd.DataFrame, out: str | Path, title: str = "") -> Path 
     planes at their distance, volumes without a training section to the right. The section
     plane itself (training data) and the training mean (the animal mean's stand-in where an
     animal has no section) are left out."""
-    from xpression.evaluation.scores import PREDICTOR_LABELS
-
     if df is None or df.empty:
         return None
     df = df.copy()

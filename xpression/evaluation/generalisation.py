@@ -14,9 +14,10 @@ is scored on the same points. Distances closer than that patch depth are not pro
 patches would read CT slices that training patches of the section also read) and neither is a
 plane closer than that depth to any trained section of its volume; ``excluded`` lists them.
 
-Each point gets one per-patch forward on a patch cut from the volume with the run's own
-intensity normalisation (the data module's per-volume normalisers, quantised as the training
-cache was; other volumes get the same transform the sweep would give them) and is compared with
+Each point gets one per-patch forward on a patch read by the training patch path
+(``xpression.data.patches.read_patches``: the run's model voxels, its per-volume intensity
+normalisation, quantised as the training cache was; other volumes get the transform the sweep
+would give them) and is compared with
 the *spot-averaged* truth: the programs the phantom gives for a Visium spot centred there (55 um
 disk x section thickness), the same quantity the training targets are. Beside the model, the
 baselines without CT (``xpression.evaluation.baselines``, from the run's training spots) and,
@@ -35,8 +36,15 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
+from xpression.data.geometry import Plane
+from xpression.data.manifest import Cohort, load_manifest
+from xpression.data.mask import tissue_mask
+from xpression.data.patches import read_patches
+from xpression.data.volume import open_volume
 from xpression.evaluation.baselines import KNN_K, TrainingSpots, baseline_predictions
 from xpression.evaluation.scores import score_rows
+from xpression.inference.predictor import Predictor
+from xpression.phantom import Phantom
 
 __all__ = ["OffPlaneProbe", "ProbePlane", "evaluate_off_plane", "probe_digest", "probe_points", "probe_set"]
 
@@ -108,9 +116,6 @@ def probe_set(cohort: Any, trained_sections: Sequence[str], probe: OffPlaneProbe
               ) -> tuple[list[ProbePlane], list[str]]:
     """The probe planes of a cohort trained on ``trained_sections``, and notes on what was left
     out and why. Deterministic in (cohort, trained sections, probe settings)."""
-    from xpression.data.mask import tissue_mask
-    from xpression.data.volume import open_volume
-
     probe = OffPlaneProbe.of(probe)
     depth, height, width = (float(v) for v in probe.max_patch_um)
     trained = set(trained_sections)
@@ -163,37 +168,10 @@ def probe_set(cohort: Any, trained_sections: Sequence[str], probe: OffPlaneProbe
     return planes, notes
 
 
-class _VolumeReader:
-    """Normalised patches of one volume at the model voxel size, one slab read per plane."""
-
-    def __init__(self, volume: Any, normalize: Any, quantise: bool, patch_shape: Sequence[int]):
-        self.volume, self.normalize, self.quantise = volume, normalize, quantise
-        self.half = np.asarray(patch_shape, int) // 2
-        self.shape = np.asarray(volume.shape, int)
-        self.voxel = np.asarray(volume.voxel_size_um, float)
-        self.origin = np.asarray(getattr(volume, "origin_um", (0.0, 0.0, 0.0)), float)
-
-    def patches(self, points_um: np.ndarray) -> np.ndarray:
-        """``(N, D, H, W)`` float32 patches centred on points of one axial plane."""
-        idx = np.rint((points_um - self.origin) / self.voxel).astype(int)
-        iz = int(idx[0, 0])
-        hd, hh, hw = self.half
-        if (idx - self.half < 0).any() or (idx + self.half >= self.shape).any():
-            raise ValueError(f"probe patch leaves the volume {getattr(self.volume, 'path', '')} at z={points_um[0, 0]:.1f} um: "
-                             "the run's patch is larger than off_plane.max_patch_um")
-        slab = self.volume.read_block((iz - hd, 0, 0), (iz + hd + 1, int(self.shape[1]), int(self.shape[2])))
-        slab = self.normalize(slab)
-        if self.quantise:
-            slab = np.rint(slab * 255.0) * np.float32(1 / 255.0)
-        return np.stack([slab[:, y - hh : y + hh + 1, x - hw : x + hw + 1] for _, y, x in idx]).astype(np.float32)
-
-
 def _predictor(model: Any) -> Any:
     """The model as a per-patch predictor on the device its weights are on (float32)."""
     if hasattr(model, "predict_patches"):
         return model
-    from xpression.inference.predictor import Predictor
-
     weights = next(iter(model.parameters()), None)
     device = weights.device if weights is not None else "cpu"
     return Predictor(model, device=device, precision="fp32")
@@ -231,12 +209,6 @@ def evaluate_off_plane(model: Any, datamodule: Any, spots: pd.DataFrame, probe: 
     "excluded": [notes], "digest": probe_digest, "probe": settings, "truth": ...}``; an empty
     dict when the cohort has no truth spec or no target is a truth program.
     """
-    from xpression.data.datamodule import volume_intensity_transform
-    from xpression.data.manifest import Cohort, load_manifest
-    from xpression.data.volume import open_volume
-    from xpression.inference.resample import ResampledVolume
-    from xpression.phantom import Phantom
-
     probe = OffPlaneProbe.of(probe)
     cohort = datamodule.manifest if isinstance(datamodule.manifest, Cohort) else load_manifest(datamodule.manifest)
     if cohort.truth is None or not cohort.truth.spec:
@@ -257,7 +229,6 @@ def evaluate_off_plane(model: Any, datamodule: Any, spots: pd.DataFrame, probe: 
     section = TrainingSpots.from_table(spots, [f"true/{n}" for n in spec.names], split=None)
     datamodule.setup("predict")
     planes, notes = probe_set(cohort, sorted(set(datamodule.spots["section_id"])), probe)
-    quantise = getattr(datamodule, "cache_dtype", "uint8") == "uint8"
     predictor = _predictor(model)
     pooled: dict[tuple[str, str, float], list[dict[str, np.ndarray]]] = {}
     for ventry in cohort.volumes:
@@ -265,13 +236,11 @@ def evaluate_off_plane(model: Any, datamodule: Any, spots: pd.DataFrame, probe: 
         if not mine:
             continue
         volume = open_volume(ventry.image, ventry.voxel_size_um)
-        norm = datamodule.normalizers.get(ventry.id) or volume_intensity_transform(
-            volume, cohort, getattr(datamodule, "intensity_reference", None), seed=datamodule.seed,
-            intensity=getattr(datamodule, "intensity", "robust"))
-        view = volume if np.allclose(volume.voxel_size_um, model_vs, rtol=1e-3) else ResampledVolume(volume, model_vs)
-        reader = _VolumeReader(view, norm, quantise, datamodule.patch_shape_vox)
+        norm = datamodule.normalizers.get(ventry.id) or datamodule.intensity_spec.transform_for(volume)
         for plane in mine:
-            patches = reader.patches(plane.points_um)
+            # the training patch path: the model's voxels, normalised and rounded as the cache was
+            patches = read_patches(volume, Plane.axial(plane.z_um), plane.points_um[:, [2, 1]], datamodule.patch_shape_vox,
+                                   model_vs, norm, datamodule.cache_dtype)
             preds = {"model": _predict(predictor, patches, probe.batch_size)[:, cols]}
             if ridge is not None:
                 preds["ridge"] = _predict(ridge, patches, probe.batch_size)[:, cols]

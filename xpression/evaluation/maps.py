@@ -28,10 +28,14 @@ import numpy as np
 import pandas as pd
 
 from xpression.evaluation.baselines import KNN_K, TrainingSpots, baseline_predictions
+from xpression.evaluation.figures import plot_run_scores
 from xpression.evaluation.scores import score_rows
+from xpression.inference.figures import plot_orthoviews
 from xpression.inference.grid import OutputGrid
+from xpression.inference.writers import read_maps
+from xpression.phantom import Phantom
 
-__all__ = ["DEFAULT_DISTANCES_UM", "score_volume", "evaluate_maps"]
+__all__ = ["DEFAULT_DISTANCES_UM", "score_volume", "score_uncertainty", "evaluate_maps"]
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +113,38 @@ def score_volume(
     return rows
 
 
+def score_uncertainty(maps: Any, grid: OutputGrid, trust: Mapping[str, Any], channels: Sequence[str],
+                      truth_fn: Callable[[np.ndarray], np.ndarray], program_names: Sequence[str], volume_id: str,
+                      condition: str | None = None, trained: bool = False, max_points: int = MAX_POINTS,
+                      seed: int = 0) -> dict | None:
+    """One :func:`~xpression.evaluation.uncertainty.uncertainty_scores` row for a trust map
+    (``trust``: the maps' ``uncertainty`` metadata; ``channels``: the store's channel names) over
+    every grid plane of the volume, on at most about ``max_points`` tissue points."""
+    from xpression.evaluation.uncertainty import uncertainty_scores
+
+    targets = list(trust["targets"])
+    names = [t for t in targets if t in program_names]
+    if not names:
+        return None
+    mean_cols = [channels.index(t) for t in names]
+    sd_cols = [channels.index(f"{t}_sd") for t in names] if trust.get("sd_channels") else []
+    ood_cols = [channels.index(trust["ood_channel"])] if trust.get("ood_channel") else []
+    cols = mean_cols + sd_cols + ood_cols
+    rng = np.random.default_rng(seed)
+    keep = min(1.0, max_points / max(grid.shape[0] * grid.shape[1] * grid.shape[2], 1))
+    parts = [_plane_points(maps, grid, iz, cols, keep, rng) for iz in range(grid.shape[0])]
+    values = np.concatenate([p for p, _ in parts])
+    pts = np.concatenate([q for _, q in parts])
+    if len(pts) < 3:
+        return None
+    T = len(names)
+    truth = np.asarray(truth_fn(pts))[:, [list(program_names).index(n) for n in names]]
+    ood_meta = trust.get("ood") or {}
+    row = uncertainty_scores(values[:, :T], truth, names, values[:, T : 2 * T] if sd_cols else None,
+                             values[:, -1] if ood_cols else None, ood_meta.get("train_p99"))
+    return {"volume_id": volume_id, "condition": condition, "trained": trained, "method": trust.get("method"), **row}
+
+
 def _training_spots(run_dir: Path, targets: Sequence[str]) -> tuple[TrainingSpots, TrainingSpots] | None:
     """The run's training spots and every spot of its sections, with their labels."""
     path = run_dir / "predictions.csv"
@@ -121,6 +157,12 @@ def _training_spots(run_dir: Path, targets: Sequence[str]) -> tuple[TrainingSpot
         log.info("%s lacks the labels of %s: maps scored without the baselines", path, list(targets))
         return None
     return TrainingSpots.from_table(table, labels), TrainingSpots.from_table(table, labels, split=None)
+
+
+def _target_reference(run_dir: Path) -> dict[str, str]:
+    """``{target: truth program}`` for fitted programs matched to the truth (``metrics.json``)."""
+    path = run_dir / "metrics.json"
+    return dict(json.loads(path.read_text()).get("target_reference") or {}) if path.is_file() else {}
 
 
 def _spot_rows(run_dir: Path) -> list[dict]:
@@ -137,39 +179,44 @@ def evaluate_maps(run_dir: str | Path, output: str | Path, volumes: Mapping[str,
                   k: int = KNN_K, max_points: int = MAX_POINTS, figures: bool = True) -> pd.DataFrame:
     """Score every swept volume of ``volumes`` (``{volume_id: {"path": maps store,
     "section_z_um": trained section z or None}}``) against ``cohort``'s truth; writes
-    ``<output>/evaluation.csv`` (score rows, held-out spot rows of the run included) and, with
+    ``<output>/evaluation.csv`` (score rows, held-out spot rows of the run included), for maps
+    with SD or ood channels ``<output>/uncertainty.csv`` (:func:`score_uncertainty`) and, with
     ``figures``, ``accuracy_vs_distance.png`` and ``<volume>/figures/truth_vs_prediction.png``.
     Returns the rows as a DataFrame."""
-    from xpression.evaluation.figures import plot_run_scores
-    from xpression.inference.figures import plot_orthoviews
-    from xpression.inference.writers import read_maps
-    from xpression.phantom import Phantom
-
     run_dir, output = Path(run_dir), Path(output)
     phantom = Phantom.from_spec(cohort.truth.spec)
     conditions = {v.id: v.condition for v in cohort.volumes}
     rows: list[dict] = list(_spot_rows(run_dir))
+    trust_rows: list[dict] = []
     train = None
+    reference = _target_reference(run_dir)
     for vid, job in volumes.items():
         maps, meta = read_maps(Path(job["path"]))
         grid = OutputGrid.from_dict(meta["grid"])
-        targets = list(meta["targets"])
+        targets = [reference.get(t, t) for t in meta["targets"]]  # fitted programs: the truth program each was matched to
         if train is None:
-            train = _training_spots(run_dir, targets)
+            train = _training_spots(run_dir, (meta.get("uncertainty") or {}).get("targets") or targets)
         base = None if train is None else (lambda p, v=vid: baseline_predictions(train[0], v, p, k, train[1]))
         truth = lambda p, v=vid: phantom.programs_at(v, p)  # noqa: E731
         z = job.get("section_z_um")
         rows += score_volume(maps, grid, targets, truth, phantom.program_names, vid, kind, z, distances_um, base,
                              conditions.get(vid), max_points)
-        if figures:
-            cols = [i for i, t in enumerate(targets) if t in phantom.program_names]
+        cols = [i for i, t in enumerate(targets) if t in phantom.program_names]
+        if figures and cols:
             plot_orthoviews(maps, grid, targets, output / vid / "figures" / "truth_vs_prediction.png",
                             title=f"{vid}: truth beside prediction", section_z_um=z, channels=cols,
                             truth=_GridTruth(truth, grid, [phantom.program_names.index(targets[i]) for i in cols]),
                             value_label="program proportion" if kind == "composition" else "value", views=(0, 1))
+        if meta.get("uncertainty"):  # [uncertainty hook] the SD / ood channels against the truth
+            urow = score_uncertainty(maps, grid, meta["uncertainty"], targets, truth, phantom.program_names, vid,
+                                     conditions.get(vid), z is not None, max_points)
+            if urow is not None:
+                trust_rows.append(urow)
     df = pd.DataFrame(rows)
     output.mkdir(parents=True, exist_ok=True)
     df.to_csv(output / "evaluation.csv", index=False)
+    if trust_rows:
+        pd.DataFrame(trust_rows).to_csv(output / "uncertainty.csv", index=False)
     if figures and len(df):
         plot_run_scores(df, output / "accuracy_vs_distance.png")
     return df
@@ -225,9 +272,43 @@ def evaluate_inference(cfg: Any, summary: Mapping[str, Any]) -> dict | None:
         "(held-out spots from training; planes and other volumes from the swept maps)"))
     out = Path(cfg.output)
     evaluation = {"csv": str(out / "evaluation.csv"), "rows": df.to_dict(orient="records")}
+    if (out / "uncertainty.csv").is_file() and meta.get("uncertainty"):  # [uncertainty hook]
+        trust = pd.read_csv(out / "uncertainty.csv")
+        Console(width=None if sys.stdout.isatty() else 200).print(uncertainty_table(trust))
+        evaluation["uncertainty"] = {"csv": str(out / "uncertainty.csv"), "rows": trust.to_dict(orient="records")}
+    if any(v.get("genes") for v in volumes.values()):  # hook: imputed gene maps (xpression.evaluation.gene_maps)
+        from xpression.evaluation.gene_maps import evaluate_gene_maps, gene_scores_table
+
+        genes = evaluate_gene_maps(cfg.output, volumes, cohort, figures=bool(cfg.get("figures", True)))
+        Console(width=None if sys.stdout.isatty() else 200).print(gene_scores_table(genes))
+        evaluation["genes"] = {"csv": str(out / "gene_evaluation.csv"), "rows": genes.to_dict(orient="records")}
     path = out / "summary.json"
     if path.is_file():
         full = json.loads(path.read_text())
         full["evaluation"] = evaluation
         path.write_text(json.dumps(full, indent=2, default=str))
     return evaluation
+
+
+def uncertainty_table(df: pd.DataFrame) -> Any:
+    """The per-volume uncertainty rows as a rich table (what ``infer.py`` prints)."""
+    from rich.table import Table
+
+    table = Table(title="Uncertainty per volume against the phantom truth (SD: spread of the members or passes; "
+                        "ood: Mahalanobis distance from the training spots' features)")
+    cols = [("volume", "volume_id"), ("trained", "trained"), ("points", "n"), ("|error|", "abs_error_mean"),
+            ("mean SD", "sd_mean"), ("Spearman SD~|error|", "spearman_sd_error"),
+            ("same, per target", "spearman_sd_error_targets"), ("+-2 SD coverage", "coverage_2sd"),
+            ("ood mean", "ood_mean"), ("ood p95", "ood_p95"), ("> train p99", "ood_above_train_p99"),
+            ("Spearman ood~|error|", "spearman_ood_error")]
+    cols = [(h, c) for h, c in cols if c in df.columns]
+    for h, _ in cols:
+        table.add_column(h, justify="left" if h == "volume" else "right")
+    for rec in df.to_dict(orient="records"):
+        cells = []
+        for _, c in cols:
+            v = rec.get(c)
+            cells.append(str(v) if isinstance(v, (str, bool, np.bool_)) or c == "n" else
+                         ("n/a" if v is None or not np.isfinite(v) else f"{v:.3f}"))
+        table.add_row(*cells)
+    return table

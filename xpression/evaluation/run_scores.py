@@ -14,8 +14,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from xpression.data.manifest import Cohort, load_manifest
 from xpression.evaluation.baselines import KNN_K
-from xpression.evaluation.scores import evaluate_spots
+from xpression.evaluation.generalisation import evaluate_off_plane
+from xpression.evaluation.scores import evaluate_spots, spot_baselines
+from xpression.models.ridge import RidgeBaseline
 
 __all__ = ["evaluate_run", "fit_ridge_baseline"]
 
@@ -24,17 +27,15 @@ log = logging.getLogger(__name__)
 
 def fit_ridge_baseline(datamodule: Any) -> Any:
     """The features + ridge baseline on the data module's patch and training spots."""
-    from xpression.models.ridge import RidgeBaseline
-
-    spot_radius_vox = 27.5 / float(datamodule.voxel_size_um[2])
-    return RidgeBaseline(datamodule.target_spec, datamodule.patch_shape_vox, spot_radius_vox).fit(datamodule)
+    spec = datamodule.input_spec()
+    return RidgeBaseline(spec.target_spec, spec.patch_shape_vox, input_spec=spec).fit(datamodule)
 
 
 def _ridge_columns(ridge: Any, datamodule: Any, table: pd.DataFrame) -> pd.DataFrame:
     names = list(datamodule.target_spec.names)
     pred = np.full((len(table), len(names)), np.nan)
     for batch in datamodule.predict_dataloader():
-        pred[batch["index"].numpy()] = ridge.predict_patches(batch["image"][:, 0].numpy())
+        pred[batch["index"].numpy()] = ridge(batch["image"]).numpy()  # the loader's uint8 levels -> [0, 1] first
     out = table.copy()
     for j, n in enumerate(names):
         out[f"ridge/{n}"] = pred[:, j]
@@ -57,10 +58,6 @@ def evaluate_run(model: Any, datamodule: Any, predictions: pd.DataFrame, off_pla
         ``off_plane`` the probe's counts and exclusions) and the spot table with every
         baseline's prediction added (``ridge/``, ``extrusion/``, ``knn/``, ... columns).
     """
-    from xpression.data.manifest import Cohort, load_manifest
-    from xpression.evaluation.scores import spot_baselines
-    from xpression.models.ridge import RidgeBaseline
-
     spec = datamodule.target_spec
     names = list(spec.names)
     cohort = datamodule.manifest if isinstance(datamodule.manifest, Cohort) else load_manifest(datamodule.manifest)
@@ -71,8 +68,6 @@ def evaluate_run(model: Any, datamodule: Any, predictions: pd.DataFrame, off_pla
         predictions = _ridge_columns(ridge_model, datamodule, predictions)
     metrics = evaluate_spots(predictions, names, spec.kind, k=k, conditions=conditions)
     if off_plane is not None:
-        from xpression.evaluation.generalisation import evaluate_off_plane
-
         off = evaluate_off_plane(model, datamodule, predictions, off_plane, ridge=ridge_model, k=k)
         metrics["scores"] += off.pop("scores", [])
         metrics["off_plane"] = off

@@ -22,7 +22,7 @@ import pandas as pd
 from rich.table import Table
 
 from xpression.evaluation.baselines import BASELINES, KNN_K, TrainingSpots, baseline_predictions
-from xpression.evaluation.metrics import format_score, regression_metrics
+from xpression.metrics import format_score, regression_metrics
 
 __all__ = ["PREDICTORS", "PREDICTOR_LABELS", "score_rows", "evaluate_spots", "scores_table", "spot_baselines"]
 

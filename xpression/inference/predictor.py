@@ -54,7 +54,8 @@ class Predictor:
     ``precision``: ``"fp32"``, ``"bf16"`` (autocast, CUDA) or ``"auto"`` (bf16 on CUDA, fp32 on
     CPU). ``channels_last``: use the channels-last-3d layout (default: on CUDA, and for
     networks with 3D convolutions on any device).
-    ``target_names``: names of the ``T`` outputs (default ``t0 .. t{T-1}``). ``compile``: run the
+    ``target_names``: names of the ``T`` outputs (default: the model's ``target_spec.names``,
+    else ``t0 .. t{T-1}``, see :meth:`output_names`). ``compile``: run the
     network through ``torch.compile`` (off by default: compilation takes minutes and each new
     input shape compiles again; it pays only for long sweeps with fixed tile shapes).
 
@@ -97,7 +98,10 @@ class Predictor:
         self._dense = (torch.compile(self.net.dense_forward, dynamic=False) if compile and self.can_dense
                        else getattr(self.net, "dense_forward", None))
         self._geometry: DenseGeometry | None = None
-        self.target_names = list(target_names) if target_names is not None else None
+        if target_names is None:  # a model that knows its targets names them
+            spec = getattr(model, "target_spec", None) or _attr(net, "target_spec")
+            target_names = getattr(spec, "names", None)
+        self.target_names = [str(n) for n in target_names] if target_names is not None else None
 
     def _accepts_dense_kwarg(self, name: str) -> bool:
         """Whether the dense path (an ``XPressionNet``'s backbone, or the network) takes ``name``."""
@@ -167,6 +171,12 @@ class Predictor:
     def predict_dense(self, blocks: np.ndarray, step: Sequence[int] = (1, 1, 1)) -> np.ndarray:
         """:meth:`dense_tensor` on numpy blocks: ``(B, D', H', W')`` -> ``(B, T, d, h, w)``."""
         return self.dense_tensor(self._tensor(blocks), step).cpu().numpy()
+
+    def output_names(self) -> list[str]:
+        """The names of the ``T`` outputs: ``target_names``, the model's own target names, or
+        ``t0 .. t{T-1}`` (``T`` from one forward), so a map store never has zero channels."""
+        self.num_targets  # noqa: B018  (fills the default names)
+        return list(self.target_names or [])
 
     @property
     def num_targets(self) -> int:

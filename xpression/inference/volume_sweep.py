@@ -10,6 +10,7 @@ not hold up the network; a tile is recorded as done only once its chunk is writt
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
 import queue
@@ -22,12 +23,12 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from xpression.inference.grid import OutputGrid, Tiling, choose_tile_shape, make_grid
-from xpression.inference.predictor import Predictor
+from xpression.inference.predictor import InferenceError, Predictor
 from xpression.inference.shards import shard, wait_for
 from xpression.inference.sweep import TileResult, default_overlap, dense_multiples, plan_sweep, sweep_tiles, tissue_tiles
 from xpression.inference.writers import MapStore, _read_meta
 
-__all__ = ["DEFAULT_TILE_VOX", "VolumeSweep", "auto_tile_vox", "infer_volume", "plan_grid", "slab_input_shape"]
+__all__ = ["DEFAULT_TILE_VOX", "SweepSettings", "VolumeSweep", "auto_tile_vox", "infer_volume", "plan_grid", "slab_input_shape"]
 
 # Tile extent (voxels, z y x) on the CPU and wherever no device memory is known.
 DEFAULT_TILE_VOX = (64, 256, 256)
@@ -64,8 +65,6 @@ def plan_grid(volume: Any, predictor: Predictor, spacing_um: Sequence[float] | f
     if predictor.can_dense:
         mult = dense_multiples(predictor, volume.voxel_size_um, spacing)
     elif mode == "dense":
-        from xpression.inference.predictor import InferenceError
-
         raise InferenceError(f"{type(predictor.net).__name__} has no dense mode; use mode=patch")
     return make_grid(volume.shape, volume.voxel_size_um, spacing, mult, anchor_um, getattr(volume, "origin_um", (0, 0, 0)))
 
@@ -244,61 +243,84 @@ class _WriteBehind:
             self._raise()
 
 
+@dataclass(frozen=True)
+class SweepSettings:
+    """How a volume is swept and stored (``infer.py``'s grid, sweep and store keys; a config
+    builds it with ``_target_: xpression.inference.volume_sweep.SweepSettings``).
+
+    ``spacing_um``: output grid spacing (um, z y x); ``mode``: ``dense`` or ``patch`` (one
+    forward per grid point); ``tile_vox``: tile extent (voxels, z y x, rounded to whole grid
+    steps and to storage chunks), or ``"auto"``/``None``: :func:`auto_tile_vox` (a resumed store
+    keeps its own tiles); ``overlap``, ``batch_size``, ``prefetch``, ``readers``, ``pad_tiles``:
+    as in :func:`~xpression.inference.sweep.sweep_tiles`; ``levels``: pyramid levels of the
+    store; ``overwrite``: replace a finished store (never done silently); ``write_queue``:
+    computed tiles waiting to be stored; ``wait_s``: how long a process waits for the others.
+    """
+
+    spacing_um: Sequence[float] | float = (33.6, 25.6, 25.6)
+    mode: str = "dense"
+    tile_vox: Sequence[int] | str | None = DEFAULT_TILE_VOX
+    overlap: float | None = None
+    batch_size: int = 64
+    prefetch: int | None = None
+    readers: int | None = None
+    pad_tiles: bool | None = None
+    levels: int = 3
+    overwrite: bool = False
+    write_queue: int = 4
+    progress: bool = True
+    wait_s: float = 86400.0
+
+    def replace(self, **changes: Any) -> "SweepSettings":
+        """A copy with ``changes``."""
+        return dataclasses.replace(self, **changes)
+
+
 def infer_volume(
     volume: Any,
     predictor: Predictor,
     out: str | Path,
+    settings: SweepSettings = SweepSettings(),
     *,
-    spacing_um: Sequence[float] | float,
-    mode: str = "dense",
-    tile_vox: Sequence[int] | str | None = DEFAULT_TILE_VOX,
-    overlap: float | None = None,
-    batch_size: int = 64,
     mask: Any = None,
     normalize: Callable[[np.ndarray], np.ndarray] | None = None,
     identity: dict | None = None,
     metadata: dict | None = None,
     anchor_um: Sequence[float | None] | None = None,
-    levels: int = 3,
-    overwrite: bool = False,
     rank: int = 0,
     world: int = 1,
-    prefetch: int | None = None,
-    readers: int | None = None,
-    pad_tiles: bool | None = None,
-    write_queue: int = 4,
-    progress: bool = True,
     on_tile: Callable[[TileResult], None] | None = None,
-    wait_s: float = 86400.0,
 ) -> VolumeSweep:
-    """Sweep ``volume`` into the map store ``out`` (see :mod:`xpression.inference.writers`).
+    """Sweep ``volume`` into the map store ``out`` (see :mod:`xpression.inference.writers`) as
+    ``settings`` say.
 
-    ``spacing_um``: output grid spacing (um); ``tile_vox``: tile extent (voxels, z y x, rounded
-    to whole grid steps and to storage chunks), or ``"auto"``/``None``: :func:`auto_tile_vox`
-    (a resumed store keeps its own tiles); ``write_queue``: computed tiles waiting to be
-    stored; other arguments as in :func:`~xpression.inference.sweep.sweep_tiles`.
-    ``identity``: the run's identity (a store holding another is an error). ``on_tile`` is
-    called (on the writing thread) after each tile is stored. A finished store is left alone
-    unless ``overwrite``.
+    ``mask``: the tissue mask (tiles without tissue are skipped, points outside are NaN);
+    ``normalize``: raw block -> the model's input intensities (``InputSpec.prepare``);
+    ``identity``: the run's identity (a store holding another is an error); ``metadata``: kept
+    in the store; ``anchor_um``: a plane the grid passes through (z, y, x; None: free);
+    ``rank``/``world``: this process's share of the tiles. ``on_tile`` is called (on the
+    writing thread) after each tile is stored. A finished store is left alone unless
+    ``settings.overwrite``.
     """
+    st = settings
+    spacing_um, mode, tile_vox, overlap, batch_size = st.spacing_um, st.mode, st.tile_vox, st.overlap, st.batch_size
+    overwrite, wait_s = st.overwrite, st.wait_s
     grid, notes = plan_grid(volume, predictor, spacing_um, mode, anchor_um)
     if overlap is None:
         overlap = default_overlap(predictor, mode)
     chunks = getattr(volume, "chunks", None)
     if tile_vox is None or isinstance(tile_vox, str):
         if tile_vox not in (None, "auto"):
-            from xpression.inference.predictor import InferenceError
-
             raise InferenceError(f"tile_vox must be 3 voxel counts (z, y, x) or 'auto', got {tile_vox!r}")
         tile_shape = _stored_tile_shape(Path(out), rank, overwrite, wait_s) or choose_tile_shape(
             grid, auto_tile_vox(predictor, grid, volume.shape, mode, overlap, batch_size, chunks), chunks)
     else:
         tile_shape = choose_tile_shape(grid, tile_vox, chunks)
-    settings = {"mode": mode, "overlap": float(overlap), "spacing_um": list(grid.spacing_um),
+    recorded = {"mode": mode, "overlap": float(overlap), "spacing_um": list(grid.spacing_um),
                 "volume_shape": list(volume.shape), "volume_path": str(getattr(volume, "path", ""))}
     ident = dict(identity or {}, model=predictor.identity())
-    store = MapStore.open(out, grid, tile_shape, predictor.target_names or [], ident, settings,
-                          metadata={**(metadata or {}), "notes": notes}, levels=levels,
+    store = MapStore.open(out, grid, tile_shape, predictor.output_names(), ident, recorded,
+                          metadata={**(metadata or {}), "notes": notes}, levels=st.levels,
                           overwrite=overwrite, rank=rank)
     res = VolumeSweep(store.path, grid, tile_shape, notes)
     if store.complete:
@@ -315,7 +337,8 @@ def infer_volume(
         log.info("dense forwards of %d input slab(s), not %d: a larger stack would hold a tensor over 2^31 elements",
                  slabs_per_forward, batch_size)
     t0 = time.perf_counter()
-    with _Progress(len(todo), f"{Path(out).name} [{mode}]", progress) as bar:
+    name = (metadata or {}).get("volume_id") or getattr(volume, "path", None) or Path(out).name
+    with _Progress(len(todo), f"{Path(str(name)).name} [{mode}]", st.progress) as bar:
 
         def stored(tr: TileResult) -> None:
             res.tiles_computed += 1
@@ -324,10 +347,10 @@ def infer_volume(
             if on_tile is not None:
                 on_tile(tr)
 
-        writer = _WriteBehind(store, stored, write_queue)
+        writer = _WriteBehind(store, stored, st.write_queue)
         try:
             for tr in sweep_tiles(volume, predictor, grid, tile_shape, mode, overlap, slabs_per_forward, mask,
-                                  normalize, tiles=todo, prefetch=prefetch, readers=readers, pad_tiles=pad_tiles):
+                                  normalize, tiles=todo, prefetch=st.prefetch, readers=st.readers, pad_tiles=st.pad_tiles):
                 writer.put(tr)
         except BaseException:
             writer.close(abort=True)

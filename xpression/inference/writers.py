@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from xpression.data.omezarr import remove_path
+from xpression.data.omezarr import remove_path, write_omezarr
 from xpression.inference.grid import OutputGrid, Tile, Tiling
 from xpression.inference.predictor import InferenceError
 from xpression.inference.shards import DoneLog, wait_for
@@ -227,8 +227,6 @@ def _diff(a: Any, b: Any) -> str:
 def write_ct_preview(volume: Any, grid: OutputGrid, out: str | os.PathLike, overwrite: bool = False) -> Path:
     """The CT sampled on the output grid (uint8, the volume's own values at the grid points)
     as a one-level OME-Zarr in the same physical frame as the maps, read plane by plane."""
-    from xpression.data.omezarr import write_omezarr
-
     zs = grid.centres_vox(0)
     ys = grid.centres_vox(1)
     xs = grid.centres_vox(2)

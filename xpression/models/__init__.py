@@ -7,7 +7,8 @@ from xpression.models.heads import Head, activate
 from xpression.models.losses import build_loss, list_losses, register_loss
 from xpression.models.module import XPressionModule
 from xpression.models.net import XPressionNet, build_net
-from xpression.models.registry import create_backbone, list_backbones, register_backbone
+from xpression.models.backbones import create_backbone, list_backbones
+from xpression.models.registry import BACKBONES, register_backbone
 
-__all__ = ["create_backbone", "list_backbones", "register_backbone", "XPressionNet", "build_net",
+__all__ = ["BACKBONES", "create_backbone", "list_backbones", "register_backbone", "XPressionNet", "build_net",
            "Head", "activate", "XPressionModule", "build_loss", "list_losses", "register_loss"]

@@ -1,32 +1,18 @@
-"""Target heads: a linear layer plus the activation that matches the target kind.
-
-=================  ==========  =====================================================
-kind               activation  raw output kept for
-=================  ==========  =====================================================
-composition        softmax     logits (``kl`` uses ``log_softmax`` on them)
-log_expression     identity    -
-counts             softplus    -
-=================  ==========  =====================================================
-"""
+"""Target heads: a linear layer plus the activation of the target kind (``xpression.data.kinds``:
+softmax for compositions, identity for log expression, softplus for counts). Raw outputs are kept
+for the losses (``kl`` uses ``log_softmax`` on a composition's logits)."""
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from xpression.models.targets import KINDS
+from xpression.data.kinds import get_kind
 
 
 def activate(raw: torch.Tensor, kind: str, dim: int = 1) -> torch.Tensor:
     """Map raw head outputs to target units (``dim`` is the target axis)."""
-    if kind == "composition":
-        return torch.softmax(raw, dim=dim)
-    if kind == "log_expression":
-        return raw
-    if kind == "counts":
-        return F.softplus(raw)
-    raise ValueError(f"unknown target kind {kind!r}; valid kinds: {', '.join(KINDS)}")
+    return get_kind(kind).activate(raw, dim=dim)
 
 
 class Head(nn.Module):
@@ -34,8 +20,7 @@ class Head(nn.Module):
 
     def __init__(self, num_features: int, num_targets: int, kind: str) -> None:
         super().__init__()
-        if kind not in KINDS:
-            raise ValueError(f"unknown target kind {kind!r}; valid kinds: {', '.join(KINDS)}")
+        self._kind = get_kind(kind)  # ValueError naming the registered kinds
         self.kind = kind
         self.fc = nn.Linear(num_features, num_targets)
 
@@ -48,4 +33,4 @@ class Head(nn.Module):
         return torch.movedim(self.fc(torch.movedim(fmap, 1, -1)), -1, 1)
 
     def activate(self, raw: torch.Tensor, dim: int = 1) -> torch.Tensor:
-        return activate(raw, self.kind, dim)
+        return self._kind.activate(raw, dim=dim)

@@ -23,16 +23,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from xpression.models.heads import activate
-from xpression.models.targets import KINDS
+from xpression.data.kinds import get_kind
+from xpression.registry import Registry
 
-_LOSSES: dict[str, type["Loss"]] = {}
+LOSSES: Registry[type["Loss"]] = Registry("loss")
 
 
 def register_loss(name: str) -> Callable[[type["Loss"]], type["Loss"]]:
     def deco(cls: type[Loss]) -> type[Loss]:
         cls.name = name
-        _LOSSES[name] = cls
+        LOSSES.register(name, cls)
         return cls
 
     return deco
@@ -40,24 +40,25 @@ def register_loss(name: str) -> Callable[[type["Loss"]], type["Loss"]]:
 
 def list_losses() -> list[str]:
     """Sorted names of the registered losses."""
-    return sorted(_LOSSES)
+    return LOSSES.names()
 
 
 class Loss(nn.Module):
-    """Base class: checks ``kind`` against ``accepts`` at construction."""
+    """Base class: checks ``kind`` against ``accepts`` (None: every kind) at construction."""
 
     name = "loss"
-    accepts: tuple[str, ...] = KINDS
+    accepts: tuple[str, ...] | None = None
 
     def __init__(self, kind: str) -> None:
         super().__init__()
-        if kind not in self.accepts:
+        self._kind = get_kind(kind)
+        if self.accepts is not None and kind not in self.accepts:
             raise ValueError(f"loss {self.name!r} accepts targets of kind {list(self.accepts)}, "
                              f"not {kind!r}")
         self.kind = kind
 
     def pred(self, raw: torch.Tensor) -> torch.Tensor:
-        return activate(raw, self.kind, dim=1)
+        return self._kind.activate(raw, dim=1)
 
 
 @register_loss("kl")
@@ -139,21 +140,16 @@ class MixLoss(Loss):
         return sum(w * term(raw, target) for w, term in zip(self.weights, self.terms))
 
 
-DEFAULT_LOSS = {"composition": "kl", "log_expression": "mse", "counts": "poisson"}
-
-
 def build_loss(cfg: str | Mapping[str, Any] | None, kind: str, **kwargs: Any) -> Loss:
     """A loss for targets of ``kind`` from a name or ``{"name": ..., **kwargs}``.
 
-    ``None`` or the name ``"auto"`` picks the kind's default (kl / mse / poisson). Unknown names
-    and kinds the loss cannot take raise ``ValueError``.
+    ``None`` or the name ``"auto"`` picks the kind's default (``TargetKind.default_loss``: kl /
+    mse / poisson). Unknown names and kinds the loss cannot take raise ``ValueError``.
     """
     if isinstance(cfg, str):
         cfg = {"name": cfg}
     cfg = {**dict(cfg or {}), **kwargs}
     name = cfg.pop("name", None)
     if name in (None, "auto"):
-        name = DEFAULT_LOSS.get(kind, "mse")
-    if name not in _LOSSES:
-        raise ValueError(f"unknown loss {name!r}; valid names: {', '.join(list_losses())}")
-    return _LOSSES[name](kind=kind, **cfg)
+        name = get_kind(kind).default_loss
+    return LOSSES.get(name)(kind=kind, **cfg)

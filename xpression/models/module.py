@@ -11,7 +11,8 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import OmegaConf
 
-from xpression.evaluation.metrics import regression_metrics
+from xpression.data.input_spec import INPUT_SPEC_KEY, InputSpec
+from xpression.metrics import regression_metrics
 from xpression.models.ema import EMA
 from xpression.models.losses import build_loss
 from xpression.models.net import XPressionNet, build_net
@@ -52,6 +53,9 @@ class XPressionModule(pl.LightningModule):
             It must predict the same targets (names and kind) with the same backbone config.
         freeze_encoder: train the head only (backbone frozen, kept in eval mode).
         init_from_source: record only: the ``init_from`` a saved run started from.
+        input_spec: the data's input contract (``InputSpec``; ``train.py`` passes the data
+            module's). Every checkpoint keeps it, with this model recorded, under
+            ``INPUT_SPEC_KEY``: ``infer.py`` needs nothing else.
     """
 
     def __init__(self, backbone: Mapping[str, Any], target_spec: Any, patch_shape: Sequence[int],
@@ -59,7 +63,7 @@ class XPressionModule(pl.LightningModule):
                  lr: float = 1e-3, weight_decay: float = 0.01, scheduler: str = "cosine",
                  warmup_steps: int = 0, min_lr_ratio: float = 0.0, ema_decay: float | None = None,
                  init_from: str | None = None, freeze_encoder: bool = False,
-                 init_from_source: str | None = None) -> None:
+                 init_from_source: str | None = None, input_spec: InputSpec | Mapping[str, Any] | None = None) -> None:
         super().__init__()
         if scheduler not in ("cosine", "none", None):
             raise ValueError(f"scheduler must be 'cosine' or 'none', got {scheduler!r}")
@@ -82,7 +86,49 @@ class XPressionModule(pl.LightningModule):
         if freeze_encoder:
             self.net.backbone.requires_grad_(False)
         self.ema = EMA(self.net, ema_decay) if ema_decay else None
+        self.input_spec = self._checked_spec(input_spec)
         self._outputs: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {s: [] for s in SPLITS}
+
+    # -- the input contract -------------------------------------------------------------------
+    def _checked_spec(self, spec: InputSpec | Mapping[str, Any] | None) -> InputSpec | None:
+        if spec is None:
+            return None
+        spec = spec if isinstance(spec, InputSpec) else InputSpec.from_dict(dict(spec))
+        if spec.target_spec.names != self.target_spec.names or spec.target_spec.kind != self.target_spec.kind:
+            raise ValueError(f"input_spec targets {spec.targets} differ from the module's {spec_to_dict(self.target_spec)}")
+        if tuple(spec.patch_shape_vox) != tuple(self.hparams.patch_shape):
+            raise ValueError(f"input_spec patch {list(spec.patch_shape_vox)} differs from the module's {self.hparams.patch_shape}")
+        return spec
+
+    def checkpoint_spec(self) -> dict | None:
+        """The input spec a checkpoint keeps: the data's, with this model's class, backbone and
+        dense geometry recorded."""
+        if self.input_spec is None:
+            return None
+        net = self.net
+        stride = net.output_stride
+        return self.input_spec.with_model(**{
+            "class": f"{type(self).__module__}.{type(self).__qualname__}", "family": self.hparams.backbone.get("name"),
+            "backbone": dict(self.hparams.backbone), "dense_equivalent": net.dense_equivalent,
+            "output_stride": None if stride is None else [int(s) for s in stride],
+            "dense": hasattr(net.backbone, "dense_features")}).to_dict()
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        spec = self.checkpoint_spec()
+        if spec is not None:
+            checkpoint[INPUT_SPEC_KEY] = spec
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if checkpoint.get(INPUT_SPEC_KEY) is not None:
+            self.input_spec = self._checked_spec(checkpoint[INPUT_SPEC_KEY])
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: dict[str, Any]) -> "XPressionModule":
+        """The module a loaded checkpoint dict holds (weights, EMA copy and input spec)."""
+        module = cls(**checkpoint["hyper_parameters"])
+        module.on_load_checkpoint(checkpoint)
+        module.load_state_dict(checkpoint["state_dict"])
+        return module
 
     # -- networks -----------------------------------------------------------------------------
     @property

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from xpression.models.backbones import create_backbone
 from xpression.models.heads import Head
 
 
@@ -70,8 +71,6 @@ def build_net(backbone: dict[str, Any], target_spec: Any, patch_shape: Any,
     ``patch_shape`` is ``(D, H, W)`` voxels; ``spot_radius_vox`` (in-plane voxels) is passed to
     the families that use it (unet).
     """
-    from xpression.models.registry import create_backbone
-
     cfg = dict(backbone)
     if "name" not in cfg:
         raise ValueError(f"backbone config needs a 'name', got keys {sorted(cfg)}")

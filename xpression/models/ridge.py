@@ -8,13 +8,17 @@ standard deviation). Features are standardised and a ridge regression per target
 the targets. It is fitted once on the training spots (no augmentation, no epochs) and evaluated
 by the same code as the networks (``xpression.training.train``).
 
-It is an ``nn.Module`` only so the training and evaluation code can treat it like a network:
-``forward`` takes the ``(B, 1, D, H, W)`` batch tensor; its coefficients are frozen parameters.
+It is an ``nn.Module`` so the training, evaluation and inference code treat it like a network:
+``forward`` takes the ``(B, 1, D, H, W)`` batch tensor and it has a ``patch_shape``; the scaler
+and the ridge coefficients are frozen tensors. :meth:`RidgeBaseline.save_checkpoint` writes a
+checkpoint with its :class:`~xpression.data.input_spec.InputSpec`, which ``infer.py`` sweeps
+(``mode=patch``) like any other model's.
 """
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -22,7 +26,12 @@ import torch
 from scipy import ndimage
 from torch import nn
 
+from xpression.data.input_spec import INPUT_SPEC_KEY, InputSpec
+from xpression.data.kinds import get_kind
+from xpression.data.patches import image_to_float
+from xpression.data.registration import SPOT_RADIUS_UM
 from xpression.models.targets import as_target_spec
+from xpression.runfolder import RUN_CONFIG_KEY
 
 __all__ = ["RidgeBaseline", "patch_features"]
 
@@ -80,27 +89,45 @@ class RidgeBaseline(nn.Module):
     """Features of the patch + ridge regression per target.
 
     Args:
-        target_spec: names and kind of the targets (compositions are clipped at 0 and
-            renormalised to sum 1 after the regression).
+        target_spec: names and kind of the targets (predictions are made valid for the kind:
+            compositions are clipped at 0 and rescaled to sum 1).
         patch_shape: ``(D, H, W)`` voxels of the input patch.
-        spot_radius_vox: spot radius in in-plane voxels (sets the in-plane voxel size in um).
+        spot_radius_vox: accepted (and unused) so every model is built with the same arguments.
         radii_um: air-fraction disc radii (um).
         air_threshold: normalised intensity below which a voxel is air.
         alphas: ridge penalties tried by leave-one-out on the training spots.
+        input_spec: the data's input contract (its voxel size sets the features' um); default:
+            the data module's, taken by :meth:`fit`.
     """
 
+    dense_equivalent = False
+    output_stride = None
+
     def __init__(self, target_spec: Any, patch_shape: Sequence[int], spot_radius_vox: float | None = None,
-                 radii_um: Sequence[float] = (27.5, 50.0, 100.0), air_threshold: float = 0.3,
-                 alphas: Sequence[float] = (0.01, 0.1, 1.0, 10.0, 100.0, 1000.0)) -> None:
+                 radii_um: Sequence[float] = (SPOT_RADIUS_UM, 50.0, 100.0), air_threshold: float = 0.3,
+                 alphas: Sequence[float] = (0.01, 0.1, 1.0, 10.0, 100.0, 1000.0),
+                 input_spec: InputSpec | dict | None = None) -> None:
         super().__init__()
         self.target_spec = as_target_spec(target_spec)
         self.patch_shape = tuple(int(s) for s in patch_shape)
-        in_plane = 27.5 / float(spot_radius_vox) if spot_radius_vox else 1.0
-        self.voxel_size_um = (in_plane, in_plane, in_plane)
         self.radii_um, self.air_threshold = [float(r) for r in radii_um], float(air_threshold)
         self.alphas = [float(a) for a in alphas]
-        self.model: Any = None
-        self.coef = nn.Parameter(torch.zeros(0), requires_grad=False)
+        self.input_spec = InputSpec.from_dict(input_spec) if isinstance(input_spec, dict) else input_spec
+        self.alpha: float | None = None
+        self.coef = nn.Parameter(torch.zeros(0, dtype=torch.float64), requires_grad=False)  # (T, F)
+        self.intercept = nn.Parameter(torch.zeros(0, dtype=torch.float64), requires_grad=False)  # (T,)
+        self.register_buffer("feature_mean", torch.zeros(0, dtype=torch.float64))  # (F,) standardisation
+        self.register_buffer("feature_scale", torch.zeros(0, dtype=torch.float64))
+
+    @property
+    def voxel_size_um(self) -> tuple[float, float, float]:
+        if self.input_spec is None:
+            raise RuntimeError("RidgeBaseline has no input spec (voxel size); call fit(datamodule) or pass input_spec")
+        return self.input_spec.voxel_size_um
+
+    @property
+    def fitted(self) -> bool:
+        return self.coef.numel() > 0
 
     def features(self, patches: np.ndarray) -> np.ndarray:
         """``(B, D, H, W)`` -> ``(B, F)`` (see :func:`patch_features`)."""
@@ -112,37 +139,73 @@ class RidgeBaseline(nn.Module):
         from sklearn.pipeline import make_pipeline
         from sklearn.preprocessing import StandardScaler
 
-        self.voxel_size_um = tuple(float(v) for v in datamodule.voxel_size_um)
+        if self.input_spec is None:
+            self.input_spec = datamodule.input_spec()
         datamodule.setup("fit")
         train = datamodule.spots["split"].to_numpy() == "train"
         feats, targets = [], []
-        from xpression.data.datamodule import image_to_float
-
         for batch in datamodule.predict_dataloader():
             keep = train[batch["index"].numpy()]
             if keep.any():
                 feats.append(self.features(image_to_float(batch["image"][keep, 0]).numpy()))
                 targets.append(batch["target"][keep].numpy())
         x, y = np.concatenate(feats), np.concatenate(targets)
-        self.model = make_pipeline(StandardScaler(), RidgeCV(alphas=self.alphas)).fit(x, y)
-        ridge = self.model[-1]
-        self.coef = nn.Parameter(torch.as_tensor(np.column_stack([ridge.coef_.reshape(y.shape[1], -1), np.atleast_1d(ridge.intercept_)]),
-                                                 dtype=torch.float32), requires_grad=False)
+        pipeline = make_pipeline(StandardScaler(), RidgeCV(alphas=self.alphas)).fit(x, y)
+        scaler, ridge = pipeline[0], pipeline[-1]
+        self.feature_mean = torch.as_tensor(scaler.mean_, dtype=torch.float64)
+        self.feature_scale = torch.as_tensor(scaler.scale_, dtype=torch.float64)
+        self.coef = nn.Parameter(torch.as_tensor(np.asarray(ridge.coef_).reshape(y.shape[1], -1), dtype=torch.float64),
+                                 requires_grad=False)
+        self.intercept = nn.Parameter(torch.as_tensor(np.atleast_1d(ridge.intercept_), dtype=torch.float64),
+                                      requires_grad=False)
+        self.alpha = float(ridge.alpha_)
         log.info("ridge baseline: %d training spots, %d features, alpha %.3g", len(x), x.shape[1], ridge.alpha_)
         return self
 
     def predict_patches(self, patches: np.ndarray) -> np.ndarray:
-        """``(B, D, H, W)`` normalised patches -> ``(B, T)`` float32 predictions."""
-        if self.model is None:
+        """``(B, D, H, W)`` normalised patches -> ``(B, T)`` float32 predictions: the standardised
+        features times the ridge coefficients (scikit-learn's ``Pipeline.predict``, same numbers)."""
+        if not self.fitted:
             raise RuntimeError("RidgeBaseline is not fitted; call fit(datamodule) first")
-        pred = self.model.predict(self.features(patches)).reshape(len(patches), -1)
-        if self.target_spec.kind == "composition":
-            pred = np.clip(pred, 0.0, None)
-            pred = pred / np.maximum(pred.sum(1, keepdims=True), 1e-12)
-        return pred.astype(np.float32)
+        x = self.features(patches)
+        z = (x - self.feature_mean.cpu().numpy()) / self.feature_scale.cpu().numpy()
+        pred = (z @ self.coef.detach().cpu().numpy().T + self.intercept.detach().cpu().numpy()).reshape(len(patches), -1)
+        return get_kind(self.target_spec.kind).activate_numpy(pred).astype(np.float32)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, 1, D, H, W)`` (float intensities, or a loader's uint8 levels) -> ``(B, T)``."""
-        from xpression.data.datamodule import image_to_float
-
         return torch.from_numpy(self.predict_patches(image_to_float(x[:, 0].detach().cpu()).numpy()))
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def hyper_parameters(self) -> dict:
+        return {"target_spec": self.target_spec.to_dict(), "patch_shape": list(self.patch_shape),
+                "radii_um": list(self.radii_um), "air_threshold": self.air_threshold, "alphas": list(self.alphas)}
+
+    def save_checkpoint(self, path: str | Path, run_config: dict | None = None) -> Path:
+        """A checkpoint ``infer.py`` loads like a network's: weights, constructor arguments, the
+        input spec (with this model recorded) and, when given, the run's config."""
+        if not self.fitted:
+            raise RuntimeError("RidgeBaseline is not fitted; nothing to save")
+        spec = self.input_spec.with_model(**{"class": f"{type(self).__module__}.{type(self).__qualname__}",
+                                             "family": "ridge", "alpha": self.alpha, "dense_equivalent": False,
+                                             "output_stride": None})
+        ckpt = {"state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()},
+                "hyper_parameters": self.hyper_parameters(), INPUT_SPEC_KEY: spec.to_dict()}
+        if run_config is not None:
+            ckpt[RUN_CONFIG_KEY] = run_config
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(ckpt, path)
+        return path
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: dict) -> "RidgeBaseline":
+        """The fitted baseline a :meth:`save_checkpoint` dict holds."""
+        spec = ckpt.get(INPUT_SPEC_KEY)
+        model = cls(**ckpt["hyper_parameters"], input_spec=None if spec is None else InputSpec.from_dict(spec))
+        state = ckpt["state_dict"]
+        model.coef = nn.Parameter(state["coef"].to(torch.float64), requires_grad=False)
+        model.intercept = nn.Parameter(state["intercept"].to(torch.float64), requires_grad=False)
+        model.feature_mean, model.feature_scale = state["feature_mean"], state["feature_scale"]
+        model.alpha = (spec or {}).get("model", {}).get("alpha")
+        return model

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from xpression.data.targets import KINDS, TargetSpec
+from xpression.data.kinds import KINDS, get_kind
+from xpression.data.targets import TargetSpec
 
 __all__ = ["KINDS", "TargetSpec", "as_target_spec", "spec_to_dict"]
 
@@ -19,8 +20,7 @@ def as_target_spec(spec: Any) -> Any:
         names, kind, colors = spec.names, spec.kind, getattr(spec, "colors", None)
         reference, reference_r = getattr(spec, "reference", None), getattr(spec, "reference_r", None)
     names = [str(n) for n in names]
-    if kind not in KINDS:
-        raise ValueError(f"unknown target kind {kind!r}; valid kinds: {', '.join(KINDS)}")
+    get_kind(kind)  # ValueError naming the registered kinds
     if not names:
         raise ValueError("a TargetSpec needs at least one target name")
     if isinstance(spec, TargetSpec):
@@ -31,12 +31,5 @@ def as_target_spec(spec: Any) -> Any:
 
 
 def spec_to_dict(spec: Any) -> dict:
-    """Plain ``{"names": [...], "kind": ...}`` (for hyper-parameters and checkpoints), with
-    ``colors`` when set and ``reference`` / ``reference_r`` when the targets were matched to known programs."""
-    out = {"names": [str(n) for n in spec.names], "kind": str(spec.kind)}
-    if getattr(spec, "colors", None) is not None:
-        out["colors"] = [str(c) for c in spec.colors]
-    if getattr(spec, "reference", None):
-        out["reference"] = {str(k): str(v) for k, v in spec.reference.items()}
-        out["reference_r"] = {str(k): float(v) for k, v in (spec.reference_r or {}).items()}
-    return out
+    """Plain ``{"names": [...], "kind": ...}`` of a spec or mapping (``TargetSpec.to_dict``)."""
+    return as_target_spec(spec).to_dict()

@@ -97,7 +97,9 @@ def write_program_field(path: Path, name: str, field: np.ndarray, spacing_um: fl
 
 
 def write_tiff(path: Path, array: zarr.Array, voxel: list[float], slab: int = 64) -> None:
-    """BigTIFF stack, one page per z slice, streamed from level 0 slab by slab."""
+    """OME-TIFF (BigTIFF) stack, one page per z slice, streamed from level 0 slab by slab; the
+    voxel size [z, y, x] um as OME ``Pixels`` ``PhysicalSize{Z,Y,X}`` (tifffile's ``ome=True``
+    metadata), so readers (tifffile, Fiji/Bio-Formats, ``open_volume``) need no extra argument."""
     import tifffile
 
     def pages() -> Iterator[np.ndarray]:
@@ -105,11 +107,12 @@ def write_tiff(path: Path, array: zarr.Array, voxel: list[float], slab: int = 64
             block = array[z0:z0 + slab]
             yield from block
 
-    tifffile.imwrite(
-        str(path), data=pages(), shape=array.shape, dtype=np.uint8, bigtiff=True,
-        photometric="minisblack", resolution=(1.0 / voxel[2], 1.0 / voxel[1]),
-        resolutionunit="MICROMETER",
-        metadata={"axes": "ZYX", "spacing": voxel[0], "unit": "um", "voxel_size_um": list(voxel)})
+    physical = {}
+    for axis, size in zip("ZYX", voxel):
+        physical[f"PhysicalSize{axis}"] = float(size)
+        physical[f"PhysicalSize{axis}Unit"] = "µm"
+    tifffile.imwrite(str(path), data=pages(), shape=array.shape, dtype=np.uint8, bigtiff=True, ome=True,
+                     photometric="minisblack", metadata={"axes": "ZYX", **physical})
 
 
 def write_h5ad(adata: Any, path: Path) -> None:

@@ -1,4 +1,5 @@
-"""Backbone families, one module each; importing this package registers them all.
+"""Backbone families, one module each; importing this package registers them all (every module
+of this folder is imported, so a new family is one new file with ``@register_backbone(name)``).
 
 ``XPressionNet.dense_forward`` runs a backbone over an input larger than its patch:
 
@@ -25,11 +26,43 @@ name             dense-equivalent  dense output
 ===============  ================  ==========================================================
 """
 
-from xpression.models.backbones import cnn3d, resnet3d, timm2d, unet, vit3d  # noqa: F401
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from torch import nn
+
 from xpression.models.backbones.cnn3d import CNN3D
 from xpression.models.backbones.resnet3d import ResNet3D
 from xpression.models.backbones.timm2d import TimmBackbone
 from xpression.models.backbones.unet import UNet
 from xpression.models.backbones.vit3d import ViT3D
+from xpression.models.registry import BACKBONES
+from xpression.registry import import_submodules
 
-__all__ = ["CNN3D", "ResNet3D", "TimmBackbone", "UNet", "ViT3D"]
+__all__ = ["CNN3D", "ResNet3D", "TimmBackbone", "UNet", "ViT3D", "create_backbone", "list_backbones"]
+
+import_submodules(__name__)
+
+
+def list_backbones() -> list[str]:
+    """Sorted names of the registered backbones."""
+    return BACKBONES.names()
+
+
+def create_backbone(name: str, **kwargs: Any) -> nn.Module:
+    """Build the backbone registered as ``name``.
+
+    Context arguments that a family does not take (``spot_radius_vox`` for a per-patch network)
+    are dropped, so a caller can pass the same set to every family; any other unknown keyword is
+    an error.
+    """
+    fn = BACKBONES.get(name)
+    params = inspect.signature(fn).parameters
+    takes_var_kw = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    if not takes_var_kw:
+        for optional in ("spot_radius_vox",):
+            if optional not in params:
+                kwargs.pop(optional, None)
+    return fn(**kwargs)

@@ -1,4 +1,5 @@
-"""Regression and composition metrics on ``(N, T)`` arrays (numpy), per target and averaged.
+"""Regression metrics on ``(N, T)`` arrays (numpy), per target and averaged, plus each target
+kind's own (``TargetKind.metrics``: JSD, dominant accuracy and AUC for compositions).
 
 ``regression_metrics`` is the one scoring function of the project: training monitors, held-out
 spots, the off-plane probe, swept maps and the benchmark all call it, always on the points of
@@ -23,19 +24,16 @@ from typing import Any, Sequence
 import numpy as np
 from scipy.stats import rankdata
 
+from xpression.data.kinds import get_kind
+from xpression.data.kinds import paired as _check
+from xpression.data.kinds.composition import js_divergence, macro_auc
+
+__all__ = ["MIN_TRUTH_SD", "format_score", "js_divergence", "macro_auc", "mse_per_target", "pearson_per_target",
+           "r2_per_target", "regression_metrics", "spearman_per_target"]
+
 MIN_TRUTH_SD = 0.02
 """Below this standard deviation of the truth (target units) over the scored points, a target's
 correlations and R^2 are undefined (n/a)."""
-
-
-def _check(pred: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    p = np.asarray(pred, dtype=np.float64)
-    y = np.asarray(target, dtype=np.float64)
-    if p.ndim == 1:
-        p, y = p[:, None], y[:, None] if y.ndim == 1 else y
-    if p.shape != y.shape or p.ndim != 2:
-        raise ValueError(f"pred and target must both be (N, T), got {p.shape} and {y.shape}")
-    return p, y
 
 
 def pearson_per_target(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
@@ -73,55 +71,18 @@ def mse_per_target(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
     return ((p - y) ** 2).mean(0)
 
 
-def js_divergence(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
-    """Jensen-Shannon divergence per row ``(N,)`` in bits (0..1); rows are renormalised to sum 1."""
-    p, y = _check(pred, target)
-    p = np.clip(p, 0, None)
-    y = np.clip(y, 0, None)
-    p = p / np.maximum(p.sum(1, keepdims=True), 1e-300)
-    y = y / np.maximum(y.sum(1, keepdims=True), 1e-300)
-    m = 0.5 * (p + y)
-
-    def kl(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        with np.errstate(invalid="ignore", divide="ignore"):
-            t = np.where(a > 0, a * np.log2(a / np.where(b > 0, b, 1)), 0.0)
-        return t.sum(1)
-
-    return np.clip(0.5 * kl(p, m) + 0.5 * kl(y, m), 0.0, 1.0)
-
-
 def _mean(v: np.ndarray, undefined: float) -> float:
     v = v[np.isfinite(v)]
     return float(v.mean()) if v.size else float(undefined)
-
-
-def macro_auc(pred: np.ndarray, target: np.ndarray) -> float:
-    """One-vs-rest ROC AUC on the dominant program, averaged over the programs that are dominant
-    at some but not all points: for program ``k`` the positives are the points whose true
-    arg-max is ``k`` and the score is the predicted value of ``k`` (ties count half, as in
-    scikit-learn's ``roc_auc_score``). NaN when no program qualifies (e.g. one program
-    dominates everywhere)."""
-    p, y = _check(pred, target)
-    dominant = y.argmax(1)
-    aucs = []
-    for k in range(p.shape[1]):
-        pos = dominant == k
-        n_pos = int(pos.sum())
-        n_neg = len(p) - n_pos
-        if n_pos == 0 or n_neg == 0:
-            continue
-        ranks = rankdata(p[:, k])  # Mann-Whitney U from average ranks
-        aucs.append((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-    return float(np.mean(aucs)) if aucs else math.nan
 
 
 def regression_metrics(pred: np.ndarray, target: np.ndarray, names: Sequence[str],
                        kind: str = "log_expression", undefined: float = float("nan"),
                        min_truth_sd: float = MIN_TRUTH_SD) -> dict[str, float]:
     """Flat dict of metrics: ``{"pearson_mean", "pearson/<name>", "spearman_*", "r2_*", "mse_*"}``
-    and, for ``kind == "composition"``, ``"jsd_mean"`` (bits, averaged over spots),
-    ``"dominant_acc"`` (fraction of points whose arg-max program matches) and ``"macro_auc"``
-    (:func:`macro_auc`).
+    and the kind's own metrics (``TargetKind.metrics``; for compositions ``"jsd_mean"`` (bits,
+    averaged over spots), ``"dominant_acc"`` (fraction of points whose arg-max program matches)
+    and ``"macro_auc"`` (:func:`macro_auc`)).
 
     Args:
         pred, target: ``(N, T)`` in target units (compositions: rows summing to 1), the points of
@@ -148,11 +109,7 @@ def regression_metrics(pred: np.ndarray, target: np.ndarray, names: Sequence[str
         out[f"{key}_mean"] = _mean(vals, undefined)
         for n, v in zip(names, vals):
             out[f"{key}/{n}"] = float(v) if np.isfinite(v) else float(undefined)
-    if kind == "composition":
-        out["jsd_mean"] = float(js_divergence(p, y).mean()) if len(p) else float(undefined)
-        out["dominant_acc"] = float((p.argmax(1) == y.argmax(1)).mean()) if len(p) else float(undefined)
-        auc = macro_auc(p, y) if len(p) else math.nan
-        out["macro_auc"] = auc if np.isfinite(auc) else float(undefined)
+    out.update(get_kind(kind).metrics(p, y, undefined))
     return out
 
 

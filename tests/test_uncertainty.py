@@ -1,0 +1,266 @@
+"""Uncertainty (ensembles, MC dropout) and the out-of-distribution channel, on a tiny phantom."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from tests._inference_models import make_run
+from xpression.config import ConfigError, compose
+from xpression.evaluation.maps import evaluate_inference
+from xpression.evaluation.uncertainty import uncertainty_scores
+from xpression.inference.ood import OOD_FILE, OODFit, fit_ood, mahalanobis, ood_fit_for_run, weights_digest
+from xpression.inference.pipeline import infer
+from xpression.inference.predictor import InferenceError, Predictor
+from xpression.inference.runs import load_predictor, resolve_run
+from xpression.inference.uncertainty import TrustNet
+from xpression.inference.writers import read_maps
+
+torch.set_num_threads(1)
+REPO = Path(__file__).resolve().parents[1]
+NAMES = ["alveolar", "airway", "vascular", "infected", "immune", "remodelling"]
+SD = [f"{t}_sd" for t in NAMES]
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    out = tmp_path_factory.mktemp("phantom") / "c"
+    subprocess.run([sys.executable, "-m", "xpression.phantom", "--out", str(out), "--preset", "tiny", "--volumes", "2",
+                    "--size-um", "160", "500", "500", "--quiet", "--workers", "1"], check=True, cwd=REPO)
+    return out / "cohort.yaml"
+
+
+@pytest.fixture(scope="module")
+def runs(cohort, tmp_path_factory):
+    """A multirun-like folder of two untrained cnn3d runs (seeds 0 and 1), no dropout."""
+    root = tmp_path_factory.mktemp("multirun")
+    return root, [make_run(root / str(i), cohort, seed=i) for i in range(2)]
+
+
+def config(**over):
+    cfg = compose("infer", ["run=unset"])  # conf/infer.yaml and its groups, outside a Hydra app
+    OmegaConf.set_struct(cfg, False)
+    del cfg["paths"]  # Hydra's runtime folder: every test sets output itself
+    cfg.progress = False
+    cfg.tile_vox = [16, 64, 64]
+    cfg.volumes = ["mock_0"]
+    cfg.figures = cfg.ct_preview = cfg.evaluate = False
+    for k, v in over.items():
+        OmegaConf.update(cfg, k, v)
+    return cfg
+
+
+def _maps(out: Path, vid: str = "mock_0") -> tuple[np.ndarray, dict]:
+    arr, meta = read_maps(out / vid / "maps.ome.zarr")
+    return arr[:].astype(np.float32), meta
+
+
+def test_identical_members_have_sd_zero_and_the_single_run_mean(runs, tmp_path):
+    _, (r0, _) = runs
+    infer(config(run=str(r0), output=str(tmp_path / "one")))
+    infer(config(run=None, uncertainty="ensemble", members=[str(r0), str(r0)], output=str(tmp_path / "ens")))
+    single, _ = _maps(tmp_path / "one")
+    ens, meta = _maps(tmp_path / "ens")
+    assert meta["targets"] == NAMES + SD  # the mean channels keep their names
+    assert meta["uncertainty"]["method"] == "ensemble" and len(meta["uncertainty"]["members"]) == 2
+    tissue = np.isfinite(single[0])
+    assert tissue.sum() > 100
+    np.testing.assert_array_equal(ens[6:][:, tissue], 0.0)
+    np.testing.assert_allclose(ens[:6], single, atol=1e-3, equal_nan=True)  # float16 storage
+
+
+def test_dense_ensemble_equals_patch_ensemble(runs, tmp_path):
+    root, _ = runs
+    infer(config(run=str(root), uncertainty="ensemble", output=str(tmp_path / "dense")))  # the runs of the folder
+    infer(config(run=str(root), uncertainty="ensemble", output=str(tmp_path / "patch"), mode="patch"))
+    dense, meta = _maps(tmp_path / "dense")
+    patch, _ = _maps(tmp_path / "patch")
+    assert [Path(m["run_dir"]).name for m in meta["uncertainty"]["members"]] == ["0", "1"]
+    np.testing.assert_allclose(dense, patch, atol=2e-3, equal_nan=True)
+    sd = dense[6:][np.isfinite(dense[6:])]
+    assert sd.min() >= 0 and sd.mean() > 1e-3  # two different random networks disagree
+
+
+def test_ensemble_sd_is_the_members_sample_sd(runs):
+    """The streamed combination against the members' outputs computed one by one."""
+    _, paths = runs
+    nets = [load_predictor(resolve_run(p), "cpu", "fp32").net for p in paths]
+    x = torch.rand(3, 1, 5, 33, 33, generator=torch.Generator().manual_seed(0))
+    trust = TrustNet(nets, "ensemble").eval()
+    with torch.inference_mode():
+        each = torch.stack([n(x) for n in nets])
+        out = trust(x)
+        dense = trust.dense_forward(torch.rand(2, 1, 5, 41, 45))
+    np.testing.assert_allclose(out[:, :6], each.mean(0), atol=1e-6)
+    np.testing.assert_allclose(out[:, 6:], each.std(0, unbiased=True), atol=1e-6)
+    assert dense.shape == (2, 12, 1, 3, 4)
+
+
+def test_members_must_share_the_input_contract(cohort, runs, tmp_path):
+    _, (r0, _) = runs
+    other_patch = make_run(tmp_path / "p", cohort, patch_shape=(7, 33, 33), seed=2)
+    with pytest.raises(InferenceError, match=rf"ensemble member {other_patch}.*patch_shape"):
+        infer(config(run=None, uncertainty="ensemble", members=[str(r0), str(other_patch)], output=str(tmp_path / "o")))
+    other_vs = make_run(tmp_path / "v", cohort, voxel_size_um=(3.2, 3.2, 3.2), seed=3)
+    with pytest.raises(InferenceError, match=rf"ensemble member {other_vs} was trained at voxel size"):
+        infer(config(run=None, uncertainty="ensemble", members=[str(r0), str(other_vs)], output=str(tmp_path / "o")))
+    with pytest.raises(InferenceError, match="is a single run"):
+        infer(config(run=str(r0), uncertainty="ensemble", output=str(tmp_path / "o")))
+    with pytest.raises(ConfigError, match="mc_samples: must be an integer >= 2"):
+        infer(config(run=str(r0), uncertainty="mc_dropout", mc_samples=1, output=str(tmp_path / "o")))
+    assert not (tmp_path / "o").exists()
+
+
+def test_mc_dropout_refuses_a_network_without_dropout(runs, tmp_path):
+    _, (r0, _) = runs
+    with pytest.raises(InferenceError, match=r"mc_dropout: the network of .* has no dropout layer"):
+        infer(config(run=str(r0), uncertainty="mc_dropout", output=str(tmp_path / "o")))
+
+
+def test_mc_dropout_spreads_and_keeps_the_mean_near_the_deterministic_map(cohort, tmp_path):
+    backbone = {"name": "cnn3d", "widths": [4, 8, 8], "kernel_size": [[3, 5, 5], [3, 3, 3], [1, 3, 3]],
+                "pool": [1, 2, 2], "padding": "valid", "dense_width": 16, "dropout": 0.2}
+    run = make_run(tmp_path / "drop", cohort, backbone=backbone)
+    infer(config(run=str(run), output=str(tmp_path / "det")))
+    infer(config(run=str(run), uncertainty="mc_dropout", mc_samples=30, output=str(tmp_path / "mc")))
+    det, _ = _maps(tmp_path / "det")
+    mc, meta = _maps(tmp_path / "mc")
+    assert meta["targets"] == NAMES + SD and meta["uncertainty"]["mc_samples"] == 30
+    tissue = np.isfinite(det[0])
+    assert (mc[6:][:, tissue] > 0).mean() > 0.99  # every point varies between passes
+    # the MC mean is the mean of 30 noisy passes: near the deterministic map, within a few SD/sqrt(30)
+    gap = np.abs(mc[:6] - det)[:, tissue]
+    assert np.median(gap / (mc[6:][:, tissue] / np.sqrt(30) + 1e-3)) < 3
+
+
+def test_mc_dropout_runs_the_trunk_once_with_the_same_numbers(cohort, tmp_path):
+    """cnn3d's dropout is its last step: the passes share one trunk forward and give, seed for
+    seed, what full passes give."""
+    backbone = {"name": "cnn3d", "widths": [4, 8, 8], "kernel_size": [[3, 5, 5], [3, 3, 3], [1, 3, 3]],
+                "pool": [1, 2, 2], "padding": "valid", "dense_width": 16, "dropout": 0.3}
+    net = load_predictor(resolve_run(make_run(tmp_path / "d", cohort, backbone=backbone)), "cpu", "fp32").net
+    trust = TrustNet([net], "mc_dropout", samples=7).eval()
+    calls = []
+    net.backbone.trunk.register_forward_hook(lambda *a: calls.append(1))
+    x = torch.rand(4, 1, 5, 33, 33, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        torch.manual_seed(5)
+        fast = trust(x)
+        assert len(calls) == 1
+        trust._mc_last_dropout = lambda run, head: None  # every pass through the whole network
+        torch.manual_seed(5)
+        full = trust(x)
+    assert len(calls) == 1 + 7
+    np.testing.assert_allclose(fast, full, atol=1e-6)
+    assert (fast[:, 6:] > 0).all()
+
+
+def test_mahalanobis_fit_on_known_features():
+    rng = np.random.default_rng(0)
+    cov = np.array([[4.0, 1.5], [1.5, 1.0]])
+    x = rng.multivariate_normal([1.0, -2.0], cov, size=4000)
+    fit = fit_ood(x, "abc")
+    assert fit.shrinkage < 0.01  # plenty of samples: almost no shrinkage
+    pts = np.array([[1.0, -2.0], [3.0, -2.0]])
+    expect = np.sqrt([0.0, np.array([2.0, 0.0]) @ np.linalg.inv(cov) @ np.array([2.0, 0.0])])
+    np.testing.assert_allclose(fit.score(pts), expect, atol=0.08)
+    # squared distances of training points follow chi2 with 2 dof: 99th percentile sqrt(9.21) = 3.03
+    assert abs(fit.train_p99 - 3.03) < 0.15
+    t = mahalanobis(torch.tensor(pts.T[None, :, :, None], dtype=torch.float32), torch.tensor(fit.mean, dtype=torch.float32),
+                    torch.tensor(fit.whiten, dtype=torch.float32), dim=1)
+    np.testing.assert_allclose(t.numpy()[0, :, 0], fit.score(pts), rtol=1e-5)
+    # constant features (ReLUs that never fire) and fewer spots than features stay finite
+    few = np.concatenate([rng.normal(size=(10, 30)), np.zeros((10, 5))], axis=1)
+    small = fit_ood(few)
+    assert np.isfinite(small.score(few)).all() and small.shrinkage > 0.1
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_cohort, tmp_path_factory):
+    """A real train.py run (a few steps of the default cnn3d) on the tiny phantom."""
+    from tests.test_train import _cfg
+    from xpression.training import train
+
+    out = tmp_path_factory.mktemp("trained")
+    train(_cfg(out, tiny_cohort, ["figures=false", "baselines.ridge=false"]))
+    return out
+
+
+def test_ood_larger_for_an_input_made_out_of_distribution(trained, tmp_path):
+    assert (trained / OOD_FILE).is_file()
+    info = resolve_run(trained)
+    pred = load_predictor(info, "cpu", "fp32")
+    fit = OODFit.load(trained / OOD_FILE)
+    assert fit.weights_sha256 == weights_digest(pred.net) and fit.num_features == 64
+    trust = Predictor(TrustNet([pred.net], "none", ood_fits=[fit]), device="cpu", precision="fp32")
+    # the training patches, as training saw them
+    from omegaconf import OmegaConf as OC
+    from hydra.utils import instantiate
+
+    conf = OC.create(info.config)
+    dm = instantiate(conf.data, target=conf.target, sampler=conf.sampler, split=conf.split, seed=conf.seed,
+                     _recursive_=False, num_workers=0, persistent_workers=False, pin_memory=False)
+    dm.setup("predict")
+    batch = next(iter(dm.predict_dataloader()))
+    from xpression.data.datamodule import image_to_float
+
+    patches = image_to_float(batch["image"])[:, 0].numpy()
+    inside = trust.predict_patches(patches)[:, -1]
+    assert inside.shape == (len(patches),)
+    assert np.median(inside) < fit.train_p99
+    # the same patches with 3x their contrast (intensities up to 3, training saw [0, 1]), and
+    # white noise: inputs out of distribution on purpose
+    bright = trust.predict_patches(3.0 * patches)[:, -1]
+    noise = trust.predict_patches(np.random.default_rng(0).random(patches.shape).astype(np.float32))[:, -1]
+    assert np.median(bright) > 2 * np.median(inside) and (bright > fit.train_p99).mean() > 0.9
+    assert np.median(noise) > np.median(inside)
+    # at inference the fit is made again from the training spots when the file is missing: same numbers
+    (trained / OOD_FILE).rename(tmp_path / OOD_FILE)
+    try:
+        refit = ood_fit_for_run(info, pred.net)
+    finally:
+        (tmp_path / OOD_FILE).rename(trained / OOD_FILE)
+    np.testing.assert_allclose(refit.mean, fit.mean, atol=1e-4)
+    assert abs(refit.train_p99 - fit.train_p99) < 1e-3 * fit.train_p99
+
+
+def test_infer_with_ood_and_mc_dropout_scores_against_the_truth(trained, tiny_cohort, tmp_path):
+    out = tmp_path / "o"
+    cfg = config(run=str(trained), output=str(out), uncertainty="mc_dropout", mc_samples=8, ood=True, volumes=None,
+                 evaluate=True, figures=True, tile_vox=[16, 128, 128])
+    summary = infer(cfg)
+    maps, meta = _maps(out, next(iter(summary["volumes"])))
+    names = meta["uncertainty"]["targets"]
+    assert meta["targets"] == names + [f"{t}_sd" for t in names] + ["ood"]
+    ood = maps[-1][np.isfinite(maps[-1])]
+    assert ood.size and ood.min() > 0
+    evaluation = evaluate_inference(cfg, summary)
+    rows = pd.read_csv(out / "uncertainty.csv")
+    assert set(rows["volume_id"]) == set(summary["volumes"])
+    for col in ("sd_mean", "coverage_2sd", "spearman_sd_error", "ood_mean", "ood_p95", "ood_above_train_p99"):
+        assert np.isfinite(rows[col]).all(), col
+    assert ((rows["coverage_2sd"] >= 0) & (rows["coverage_2sd"] <= 1)).all()
+    assert evaluation["uncertainty"]["rows"] and json.loads((out / "summary.json").read_text())["evaluation"]["uncertainty"]
+    vid = next(iter(summary["volumes"]))
+    assert (out / vid / "figures" / "uncertainty.png").is_file() and (out / vid / "figures" / "orthoviews.png").is_file()
+
+
+def test_uncertainty_scores_on_known_numbers():
+    truth = np.zeros((5, 2))
+    pred = np.array([[0.1, 0.0], [0.2, 0.1], [0.3, 0.2], [0.4, 0.3], [0.5, 0.9]])
+    sd = np.array([[0.05, 0.1], [0.2, 0.1], [0.1, 0.3], [0.3, 0.4], [0.2, 0.05]])
+    row = uncertainty_scores(pred, truth, ["a", "b"], sd, ood=np.array([1.0, 2.0, 3.0, 4.0, 10.0]), ood_threshold=3.5)
+    assert row["n"] == 5 and row["sd_mean"] == pytest.approx(sd.mean())
+    assert row["coverage_2sd"] == pytest.approx(7 / 10)  # |error| <= 2 SD: a 3 of 5, b all but the 0.9
+    assert row["coverage_2sd/a"] == pytest.approx(3 / 5) and row["coverage_2sd/b"] == pytest.approx(4 / 5)
+    assert row["spearman_sd_error/a"] == pytest.approx(6.5 / np.sqrt(95))  # ranks of sd 1, 3.5, 2, 5, 3.5 against 1..5
+    assert row["ood_above_train_p99"] == pytest.approx(2 / 5) and row["ood_p95"] == pytest.approx(8.8)
+    assert row["spearman_ood_error"] == pytest.approx(1.0)

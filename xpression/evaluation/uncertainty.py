@@ -1,0 +1,61 @@
+"""Does a map know where it is wrong? Its SD and ood channels scored against the truth.
+
+One row per volume (``uncertainty_scores``), on the same points as the accuracy rows:
+
+- ``sd_mean`` / ``abs_error_mean``: mean SD and mean absolute error over points and targets
+  (target units: proportions for compositions);
+- ``spearman_sd_error``: Spearman correlation, over the volume's points, of the per-point SD
+  (mean over targets) with the per-point absolute error (mean over targets); per target
+  ``spearman_sd_error/<target>`` and their mean ``spearman_sd_error_targets``;
+- ``coverage_2sd``: the fraction of (point, target) pairs whose truth lies within the mean
+  +- 2 SD (0.954 for a calibrated Gaussian); per target ``coverage_2sd/<target>``;
+- ``ood_mean``, ``ood_p95``, ``ood_above_train_p99`` (the fraction of points scoring above the
+  training spots' own 99th percentile) and ``spearman_ood_error``.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+from scipy.stats import spearmanr
+
+__all__ = ["uncertainty_scores", "UNCERTAINTY_COLUMNS"]
+
+UNCERTAINTY_COLUMNS = ("volume_id", "condition", "trained", "n", "sd_mean", "abs_error_mean", "spearman_sd_error",
+                       "spearman_sd_error_targets", "coverage_2sd", "ood_mean", "ood_p95", "ood_above_train_p99",
+                       "spearman_ood_error")
+
+
+def _spearman(a: np.ndarray, b: np.ndarray) -> float:
+    if len(a) < 3 or np.ptp(a) == 0 or np.ptp(b) == 0:
+        return float("nan")
+    return float(spearmanr(a, b).statistic)
+
+
+def uncertainty_scores(pred: np.ndarray, truth: np.ndarray, names: Sequence[str], sd: np.ndarray | None = None,
+                       ood: np.ndarray | None = None, ood_threshold: float | None = None) -> dict:
+    """Scores of ``(N, T)`` predictions ``pred`` against ``truth`` with their ``(N, T)`` ``sd``
+    and ``(N,)`` ``ood`` (either may be None); ``ood_threshold``: the training spots' 99th
+    percentile. Undefined correlations (a constant SD) are NaN."""
+    pred, truth = np.asarray(pred, np.float64), np.asarray(truth, np.float64)
+    err = np.abs(pred - truth)
+    row: dict = {"n": int(len(pred)), "abs_error_mean": float(err.mean()) if err.size else float("nan")}
+    if sd is not None:
+        sd = np.asarray(sd, np.float64)
+        row["sd_mean"] = float(sd.mean())
+        row["spearman_sd_error"] = _spearman(sd.mean(axis=1), err.mean(axis=1))
+        per = [_spearman(sd[:, j], err[:, j]) for j in range(len(names))]
+        row["spearman_sd_error_targets"] = float(np.nanmean(per)) if np.isfinite(per).any() else float("nan")
+        row["coverage_2sd"] = float(np.mean(err <= 2 * sd))
+        for j, t in enumerate(names):
+            row[f"spearman_sd_error/{t}"] = per[j]
+            row[f"coverage_2sd/{t}"] = float(np.mean(err[:, j] <= 2 * sd[:, j]))
+    if ood is not None:
+        ood = np.asarray(ood, np.float64)
+        row["ood_mean"] = float(ood.mean())
+        row["ood_p95"] = float(np.percentile(ood, 95))
+        if ood_threshold is not None:
+            row["ood_above_train_p99"] = float(np.mean(ood > ood_threshold))
+        row["spearman_ood_error"] = _spearman(ood, err.mean(axis=1))
+    return row
