@@ -107,3 +107,33 @@ def make_run(run_dir, manifest, patch_shape=(5, 33, 33), voxel_size_um=(6.4, 6.4
     (run_dir / "metrics.json").write_text(json.dumps({"voxel_size_um": list(voxel_size_um),
                                                       "patch_shape_vox": list(patch_shape)}))
     return run_dir
+
+
+def two_volume_cohort(out: "Path") -> "Path":
+    """A tiny phantom cohort of two small volumes (mock_0, infected_0) written to ``out``;
+    returns its manifest."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    subprocess.run([sys.executable, "-m", "xpression.phantom", "--out", str(out), "--preset", "tiny", "--volumes", "2",
+                    "--size-um", "160", "500", "500", "--quiet", "--workers", "1"], check=True,
+                   cwd=Path(__file__).resolve().parents[1])
+    return Path(out) / "cohort.yaml"
+
+
+def infer_config(**over):
+    """The composed `infer.py` config (conf/infer.yaml and its groups) outside a Hydra app, quiet
+    and with small tiles; ``over``: dotted keys to set (every test sets ``output`` itself)."""
+    from omegaconf import OmegaConf
+
+    from xpression.config import compose
+
+    cfg = compose("infer", ["run=unset"])
+    OmegaConf.set_struct(cfg, False)
+    del cfg["paths"]  # Hydra's runtime folder
+    cfg.progress = False
+    cfg.tile_vox = [16, 64, 64]
+    for k, v in over.items():
+        OmegaConf.update(cfg, k, v)
+    return cfg

@@ -3,9 +3,6 @@ reads, and the command writes figures for spots and 3D points of a run on the ti
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -15,9 +12,9 @@ from torch import nn
 
 from xpression.evaluation.attribute import main, parse_point, read_patch
 from xpression.evaluation.attribution import integrated_gradients, occlusion
+from tests._inference_models import two_volume_cohort
 
 torch.set_num_threads(1)
-REPO = Path(__file__).resolve().parents[1]
 SHAPE = (5, 9, 9)
 
 
@@ -111,10 +108,7 @@ def test_points_parse_and_patches_refuse_the_edge():
 
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory):
-    out = tmp_path_factory.mktemp("phantom") / "c"
-    subprocess.run([sys.executable, "-m", "xpression.phantom", "--out", str(out), "--preset", "tiny", "--volumes", "2",
-                    "--size-um", "160", "500", "500", "--quiet", "--workers", "1"], check=True, cwd=REPO)
-    return out / "cohort.yaml"
+    return two_volume_cohort(tmp_path_factory.mktemp("phantom") / "c")
 
 
 def test_command_on_a_run_of_the_tiny_cohort(cohort, tmp_path, capsys):

@@ -4,8 +4,6 @@ fitted here, the gene store beside the maps, and scores against the phantom's tr
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import anndata as ad
@@ -15,15 +13,13 @@ import pytest
 import scipy.sparse as sp
 import torch
 import yaml
-from omegaconf import OmegaConf
 
-from xpression.config import compose
 from xpression.inference.genes import GeneLoadings, chrysalis_loadings
 from xpression.inference.predictor import InferenceError
 from xpression.runfolder import RUN_CONFIG_KEY
+from tests._inference_models import infer_config, two_volume_cohort
 
 torch.set_num_threads(1)
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _chrysalis_adata(rng: np.random.Generator, n_spots: int = 300, k: int = 4, n_genes: int = 30):
@@ -97,21 +93,10 @@ def test_scores_are_one_when_the_maps_are_the_truth(tmp_path):
 
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory):
-    out = tmp_path_factory.mktemp("phantom") / "c"
-    subprocess.run([sys.executable, "-m", "xpression.phantom", "--out", str(out), "--preset", "tiny", "--volumes", "2",
-                    "--size-um", "160", "500", "500", "--quiet", "--workers", "1"], check=True, cwd=REPO)
-    return out / "cohort.yaml"
+    return two_volume_cohort(tmp_path_factory.mktemp("phantom") / "c")
 
 
-def _config(**over):
-    cfg = compose("infer", ["run=unset"])  # conf/infer.yaml and its groups, outside a Hydra app
-    OmegaConf.set_struct(cfg, False)
-    del cfg["paths"]  # Hydra's runtime folder: every test sets output itself
-    cfg.progress = False
-    cfg.tile_vox = [16, 64, 64]
-    for k, v in over.items():
-        OmegaConf.update(cfg, k, v)
-    return cfg
+_config = infer_config
 
 
 def _set_run_config(run: Path, cfg: dict) -> None:

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
 
 import json
 
@@ -12,10 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from omegaconf import OmegaConf
 
-from tests._inference_models import make_run
-from xpression.config import compose
+from tests._inference_models import infer_config, make_run, two_volume_cohort
 from xpression.evaluation.maps import evaluate_inference
 from xpression.inference.grid import GridError
 from xpression.inference.pipeline import infer
@@ -23,15 +18,11 @@ from xpression.inference.predictor import InferenceError
 from xpression.inference.writers import read_maps
 
 torch.set_num_threads(1)
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory):
-    out = tmp_path_factory.mktemp("phantom") / "c"
-    subprocess.run([sys.executable, "-m", "xpression.phantom", "--out", str(out), "--preset", "tiny", "--volumes", "2",
-                    "--size-um", "160", "500", "500", "--quiet", "--workers", "1"], check=True, cwd=REPO)
-    return out / "cohort.yaml"
+    return two_volume_cohort(tmp_path_factory.mktemp("phantom") / "c")
 
 
 @pytest.fixture(scope="module")
@@ -39,16 +30,7 @@ def run(cohort, tmp_path_factory):
     return make_run(tmp_path_factory.mktemp("run") / "r", cohort)
 
 
-def config(**over):
-    """The composed `infer.py` config (conf/infer.yaml and its groups), outside a Hydra app."""
-    cfg = compose("infer", ["run=unset"])
-    OmegaConf.set_struct(cfg, False)
-    del cfg["paths"]  # Hydra's runtime folder: every test sets output itself
-    cfg.progress = False
-    cfg.tile_vox = [16, 64, 64]
-    for k, v in over.items():
-        OmegaConf.update(cfg, k, v)
-    return cfg
+config = infer_config
 
 
 def test_cohort_sweep_end_to_end(run, tmp_path):

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +11,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from tests._inference_models import make_run
-from xpression.config import ConfigError, compose
+from tests._inference_models import infer_config, make_run, two_volume_cohort
+from xpression.config import ConfigError
 from xpression.evaluation.maps import evaluate_inference
 from xpression.evaluation.uncertainty import uncertainty_scores
 from xpression.inference.ood import OOD_FILE, OODFit, fit_ood, mahalanobis, ood_fit_for_run, weights_digest
@@ -25,17 +23,13 @@ from xpression.inference.uncertainty import TrustNet
 from xpression.inference.writers import read_maps
 
 torch.set_num_threads(1)
-REPO = Path(__file__).resolve().parents[1]
 NAMES = ["alveolar", "airway", "vascular", "infected", "immune", "remodelling"]
 SD = [f"{t}_sd" for t in NAMES]
 
 
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory):
-    out = tmp_path_factory.mktemp("phantom") / "c"
-    subprocess.run([sys.executable, "-m", "xpression.phantom", "--out", str(out), "--preset", "tiny", "--volumes", "2",
-                    "--size-um", "160", "500", "500", "--quiet", "--workers", "1"], check=True, cwd=REPO)
-    return out / "cohort.yaml"
+    return two_volume_cohort(tmp_path_factory.mktemp("phantom") / "c")
 
 
 @pytest.fixture(scope="module")
@@ -46,16 +40,8 @@ def runs(cohort, tmp_path_factory):
 
 
 def config(**over):
-    cfg = compose("infer", ["run=unset"])  # conf/infer.yaml and its groups, outside a Hydra app
-    OmegaConf.set_struct(cfg, False)
-    del cfg["paths"]  # Hydra's runtime folder: every test sets output itself
-    cfg.progress = False
-    cfg.tile_vox = [16, 64, 64]
-    cfg.volumes = ["mock_0"]
-    cfg.figures = cfg.ct_preview = cfg.evaluate = False
-    for k, v in over.items():
-        OmegaConf.update(cfg, k, v)
-    return cfg
+    """One volume, no figures, preview or scoring unless asked."""
+    return infer_config(**{"volumes": ["mock_0"], "figures": False, "ct_preview": False, "evaluate": False, **over})
 
 
 def _maps(out: Path, vid: str = "mock_0") -> tuple[np.ndarray, dict]:
