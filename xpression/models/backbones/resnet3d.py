@@ -35,22 +35,13 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models.video.resnet import BasicBlock, Conv2Plus1D, Conv3DNoTemporal, Conv3DSimple
 
+from xpression.models.backbones.cnn3d import Triple, _triple
 from xpression.models.backbones.weights import load_into, read_state_dict
 from xpression.models.registry import register_backbone
 
-Triple = tuple[int, int, int]
 log = logging.getLogger(__name__)
 
 ARCHS = ("r3d", "mc3", "r2plus1d")
-
-
-def _triple(v: int | Sequence[int], what: str) -> Triple:
-    if isinstance(v, int):
-        return (v, v, v)
-    t = tuple(int(x) for x in v)
-    if len(t) != 3:
-        raise ValueError(f"{what} must be an int or 3 ints (z, y, x), got {v!r}")
-    return t  # type: ignore[return-value]
 
 
 def _conv_builder(kind: type, padding: int) -> Callable[..., nn.Module]:
