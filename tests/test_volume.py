@@ -281,3 +281,20 @@ def test_forked_workers_read_tiff_correctly(files, data):
     assert [s for _, s in got] == [int(data[z : z + 4, 10:60, 5:80].astype(np.int64).sum()) for z in zs]
     assert os.getpid() not in {pid for pid, _ in got}
     np.testing.assert_array_equal(vol[7:9], data[7:9])  # the parent's handle still works
+
+
+def test_tiff_voxel_size_as_fiji_and_ome_write_it(tmp_path):
+    """Voxel sizes from TIFFs written the way tifffile documents ImageJ hyperstacks (X/YResolution
+    in pixels per unit, ``spacing`` and ``unit`` in the ImageJ description) and OME-TIFF
+    (``PhysicalSize{X,Y,Z}`` with their units), not with this project's writer."""
+    data = np.arange(4 * 6 * 8, dtype=np.uint8).reshape(4, 6, 8)
+    fiji = tmp_path / "fiji.tif"
+    tifffile.imwrite(fiji, data, imagej=True, resolution=(1 / 0.8, 1 / 0.6),  # x, y: pixels per micron
+                     metadata={"spacing": 2.5, "unit": "um", "axes": "ZYX"})
+    assert open_volume(fiji).voxel_size_um == pytest.approx((2.5, 0.6, 0.8))
+    ome = tmp_path / "scan.ome.tif"
+    tifffile.imwrite(ome, data, ome=True, metadata={
+        "axes": "ZYX", "PhysicalSizeX": 0.0016, "PhysicalSizeXUnit": "mm", "PhysicalSizeY": 1.6,
+        "PhysicalSizeYUnit": "µm", "PhysicalSizeZ": 3.2, "PhysicalSizeZUnit": "µm"})
+    assert open_volume(ome).voxel_size_um == pytest.approx((3.2, 1.6, 1.6))
+    np.testing.assert_array_equal(open_volume(ome).read_block((0, 0, 0), (4, 6, 8)), data)
