@@ -125,3 +125,17 @@ def test_runs_without_scores_are_an_error(tmp_path):
     (tmp_path / "old" / "metrics.json").write_text(json.dumps({"pearson_mean": 0.4}))
     with pytest.raises(SystemExit):
         write_report([tmp_path], tmp_path / "out")
+
+
+def test_label_chain_finding(tmp_path):
+    """The labels experiment: fitted-from-counts labels against the noise-free ones, paired by seed."""
+    for seed in range(3):
+        _fake_run(tmp_path / "labels" / str(seed), ["target=obsm", f"seed={seed}", "experiment=labels"],
+                  0.50 + 0.01 * seed, 0.3, 0.3, spots_r=0.60)
+        _fake_run(tmp_path / "labels" / str(3 + seed), ["target=programs_fitted", f"seed={seed}", "experiment=labels"],
+                  0.40 + 0.01 * seed, 0.3, 0.3, spots_r=0.60 - 0.05 * seed)
+    notes = [n for n in findings(*collect_runs([tmp_path / "labels"])) if n.startswith("Trained on programs fitted")]
+    planes = [n for n in notes if "probe planes" in n][0]
+    assert "loses to" in planes and "-0.100 [-0.100, -0.100]" in planes
+    spots = [n for n in notes if "held-out spots" in n][0]
+    assert "-0.050" in spots  # 0, -0.05, -0.10 below: mean -0.05

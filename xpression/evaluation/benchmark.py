@@ -379,6 +379,14 @@ def findings(runs: pd.DataFrame, scores: pd.DataFrame, comparisons: list[dict] |
                 if comparisons is not None:
                     comparisons.append(_comparison("stratified: spots - planes", "blocks: spots - planes", "pearson_mean",
                                                    "mean", "held-out spots - plane", math.nan, diff))
+    labels = cfg.loc["labels"] if "labels" in cfg.index.get_level_values(0) else None
+    if labels is not None:
+        fitted = [c for c in labels.index if "programs_fitted" in c]
+        truth = [c for c in labels.index if c not in fitted]
+        if fitted and truth:
+            for place in ("held-out spots", "plane", UNSEEN_SAME, UNSEEN_OTHER):
+                compare(("labels", fitted[0]), ("labels", truth[0]), "pearson_mean", place,
+                        "Trained on programs fitted from counts, the model", "on the noise-free programs")
     return out
 
 
