@@ -55,7 +55,8 @@ def final_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
 class RunScores(PostFit):
     """Scores the run after fit (``evaluate_run``) and reports it: the metrics and the baselines'
     spot predictions join the run record, the per-volume table is printed, the final metrics go
-    to every logger and to ``trainer.callback_metrics`` (what ``train`` returns to sweepers).
+    to every logger, and the split metrics (``final/<split>/<metric>``) to
+    ``trainer.callback_metrics``.
 
     Args:
         ridge: also fit and score the features + ridge baseline on the run's patch.
@@ -95,7 +96,10 @@ class RunScores(PostFit):
         for logger in trainer.loggers:
             logger.log_metrics(final, step=trainer.global_step)
             logger.save()
-        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in final.items()})
+        # Only the split metrics join callback_metrics: a spawn-based strategy sends them to the main
+        # process through a pipe it reads only once its workers have exited, so the hundreds of
+        # per-volume scores would fill the pipe and the worker would never exit (ddp_spawn hangs).
+        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in final.items() if k.count("/") == 2})
 
     def teardown(self, trainer: pl.Trainer, pl_module: Any, stage: str) -> None:
         """Print the table once the progress bar has closed."""
