@@ -134,7 +134,7 @@ def test_label_chain_finding(tmp_path):
                   0.50 + 0.01 * seed, 0.3, 0.3, spots_r=0.60)
         _fake_run(tmp_path / "labels" / str(3 + seed), ["target=programs_fitted", f"seed={seed}", "experiment=labels"],
                   0.40 + 0.01 * seed, 0.3, 0.3, spots_r=0.60 - 0.05 * seed)
-    notes = [n for n in findings(*collect_runs([tmp_path / "labels"])) if n.startswith("Trained on programs fitted")]
+    notes = [n for n in findings(*collect_runs([tmp_path / "labels"])) if n.startswith("The network trained on programs fitted")]
     planes = [n for n in notes if "probe planes" in n][0]
     assert "loses to" in planes and "-0.100 [-0.100, -0.100]" in planes
     spots = [n for n in notes if "held-out spots" in n][0]

@@ -386,7 +386,7 @@ def findings(runs: pd.DataFrame, scores: pd.DataFrame, comparisons: list[dict] |
         if fitted and truth:
             for place in ("held-out spots", "plane", UNSEEN_SAME, UNSEEN_OTHER):
                 compare(("labels", fitted[0]), ("labels", truth[0]), "pearson_mean", place,
-                        "Trained on programs fitted from counts, the model", "on the noise-free programs")
+                        "The network trained on programs fitted from counts", "the same network trained on the noise-free programs")
     return out
 
 
