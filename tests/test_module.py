@@ -90,6 +90,34 @@ def test_logs_metrics_per_split_and_predicts():
     assert m.hparams.target_spec == {"names": SPEC.names, "kind": "composition"}
 
 
+def test_epoch_metrics_are_per_volume_means():
+    """Two volumes whose spots differ in level: the epoch metric is each volume's score averaged,
+    as the post-fit scores are, not one correlation pooled across animals."""
+    import numpy as np
+    import pandas as pd
+
+    from xpression.metrics import regression_metrics
+
+    m = make()
+    spots = pd.DataFrame({"volume_id": ["a"] * 6 + ["b"] * 6})
+    m._trainer = type("T", (), {"datamodule": type("D", (), {"spots": spots})(), "world_size": 1,
+                                "sanity_checking": False})()
+    g = torch.Generator().manual_seed(1)
+    target = torch.softmax(torch.rand(12, 3, generator=g) * 3, 1)
+    pred = target + 0.05 * torch.randn(12, 3, generator=g)
+    pred[6:] += 0.3  # volume b predicted higher: pooled r drops, per-volume r does not
+    index = torch.randperm(12, generator=g)
+    m._outputs["val"] = [(pred[index], target[index], index)]
+    logged = {}
+    m.log_dict = lambda d, **kw: logged.update(d)
+    m._epoch_metrics("val")
+    per = [regression_metrics(pred[r].numpy(), target[r].numpy(), SPEC.names, "composition")["pearson_mean"]
+           for r in (slice(0, 6), slice(6, 12))]
+    pooled = regression_metrics(pred.numpy(), target.numpy(), SPEC.names, "composition")["pearson_mean"]
+    assert logged["val/pearson_mean"] == pytest.approx(np.mean(per), abs=1e-6)
+    assert abs(pooled - np.mean(per)) > 0.05
+
+
 def test_cosine_warmup_schedule():
     assert cosine_warmup(0, 100, 10) == pytest.approx(0.1)
     assert cosine_warmup(9, 100, 10) == pytest.approx(1.0)

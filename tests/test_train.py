@@ -119,8 +119,6 @@ def test_poisson_loss_on_counts(tiny_cohort, tmp_path):
     assert metrics["splits"]["train"]["mse_mean"] > 0
 
 
-@pytest.mark.skip(reason="known defect: with the post-fit evaluation as callbacks, a ddp_spawn worker does not exit "
-                         "after the post-fit steps, so trainer.fit never returns (open in the issue tracker)")
 def test_ddp_sim_two_processes(tiny_cohort, tmp_path):
     """Each rank validates half the spots; the epoch metrics gather both halves. The validation
     metric logged at the end of the (only) epoch is then the one of every validation spot with

@@ -158,7 +158,8 @@ class XPressionModule(pl.LightningModule):
         pred = net.head.activate(raw.detach()).float()
         # kept on the device until the epoch ends: a copy to the host here would wait for the
         # step to finish and leave the GPU idle while the next one is prepared
-        self._outputs[split].append((pred, target.detach().float()))
+        index = batch.get("index", torch.full((bs,), -1, dtype=torch.int64))
+        self._outputs[split].append((pred, target.detach().float(), index.detach()))
         return loss
 
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -184,22 +185,36 @@ class XPressionModule(pl.LightningModule):
 
     # -- epoch metrics ------------------------------------------------------------------------
     def _epoch_metrics(self, split: str) -> None:
+        """The split's metrics over the epoch, per volume and then averaged over volumes (never
+        pooled across animals, as the post-fit scores), gathered from every rank first."""
         outs, self._outputs[split] = self._outputs[split], []
         if self.trainer is not None and self.trainer.sanity_checking:
             return
         t = len(self.target_spec.names)
         pred = torch.cat([o[0] for o in outs]).cpu() if outs else torch.zeros(0, t)
         target = torch.cat([o[1] for o in outs]).cpu() if outs else torch.zeros(0, t)
+        index = torch.cat([o[2] for o in outs]).cpu() if outs else torch.zeros(0, dtype=torch.int64)
         if self.trainer is not None and self.trainer.world_size > 1:
             # every rank joins the gather, even one that saw no batch
-            pred, target = self._gather(pred), self._gather(target)
+            pred, target, index = self._gather(pred), self._gather(target), self._gather(index)
         if not len(pred):
             return
-        m = regression_metrics(pred.numpy(), target.numpy(), self.target_spec.names,
-                               self.target_spec.kind, undefined=0.0)
+        per_volume = [regression_metrics(pred[rows].numpy(), target[rows].numpy(), self.target_spec.names,
+                                         self.target_spec.kind) for rows in self._volume_rows(index.numpy())]
+        m = {k: float(np.nanmean([v[k] for v in per_volume])) if any(np.isfinite(v[k]) for v in per_volume) else 0.0
+             for k in per_volume[0]}
         # identical on every rank after the gather; sync_dist only keeps Lightning from warning
         self.log_dict({f"{split}/{k}": float(np.float32(v)) for k, v in m.items()},
                       batch_size=len(pred), sync_dist=self.trainer is not None and self.trainer.world_size > 1)
+
+    def _volume_rows(self, index: np.ndarray) -> list[np.ndarray]:
+        """Positions of ``index`` (spot-table rows of the data module) grouped by volume; one group
+        when the spots' volumes are unknown (no data module, or batches without indices)."""
+        spots = getattr(getattr(self._trainer, "datamodule", None), "spots", None)
+        if spots is None or "volume_id" not in spots or len(index) == 0 or index.min() < 0:
+            return [np.arange(len(index))]
+        volume = spots["volume_id"].to_numpy()[index]
+        return [np.flatnonzero(volume == v) for v in dict.fromkeys(volume)]
 
     def _gather(self, x: torch.Tensor) -> torch.Tensor:
         """Concatenate ``(N_rank, T)`` from every rank (ranks may hold different ``N``)."""
