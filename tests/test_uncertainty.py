@@ -250,3 +250,128 @@ def test_uncertainty_scores_on_known_numbers():
     assert row["spearman_sd_error/a"] == pytest.approx(6.5 / np.sqrt(95))  # ranks of sd 1, 3.5, 2, 5, 3.5 against 1..5
     assert row["ood_above_train_p99"] == pytest.approx(2 / 5) and row["ood_p95"] == pytest.approx(8.8)
     assert row["spearman_ood_error"] == pytest.approx(1.0)
+
+
+# -- calibration of the SD, and the knn out-of-distribution score ----------------------------------
+
+
+def test_sd_scale_recovers_known_factors_on_gaussian_errors():
+    from xpression.inference.calibration import COVERAGE_2SD, fit_sd_scale
+
+    rng = np.random.default_rng(0)
+    n, factors = 20000, np.array([0.5, 2.0, 5.0])
+    sd = rng.uniform(0.01, 0.1, size=(n, 3))
+    err = np.abs(rng.normal(size=(n, 3)) * sd * factors)  # errors whose true SD is factor x sd
+    scale = fit_sd_scale(err, sd)
+    np.testing.assert_allclose(scale, factors, rtol=0.04)
+    assert np.mean(err <= 2 * sd * scale) == pytest.approx(COVERAGE_2SD, abs=0.003)
+    assert np.mean(err <= 2 * sd) == pytest.approx(np.mean([0.99994, 0.683, 0.31]), abs=0.01)  # before: P(|z| <= 2/f)
+    # a target whose SD is 0 everywhere keeps 1; mismatched shapes are refused
+    assert fit_sd_scale(err[:, :1], np.zeros((n, 1)))[0] == 1.0
+    with pytest.raises(InferenceError, match="same"):
+        fit_sd_scale(err, sd[:, :2])
+
+
+def test_calibration_spots_leave_out_what_any_member_trained_on():
+    from types import SimpleNamespace
+
+    from xpression.inference.calibration import calibration_spots
+
+    def dm(splits):
+        return SimpleNamespace(spots=pd.DataFrame({"section_id": "s", "barcode": list("abcde"), "split": splits}))
+
+    first = dm(["train", "val", "val", "test", "excluded"])
+    other = dm(["val", "train", "val", "val", "train"])  # trained on b and e
+    assert calibration_spots([first]).tolist() == [1, 2, 3, 4]
+    assert calibration_spots([first, other]).tolist() == [2, 3]
+
+
+def test_knn_distance_on_known_geometry():
+    from xpression.inference.ood import knn_distance
+
+    bank = torch.eye(3)[:2]  # unit vectors x and y
+    q = torch.tensor([[2.0, 0.0, 0.0], [0.0, 0.0, 5.0], [1.0, 1.0, 0.0]])  # on x (any length), on z, between
+    d1 = knn_distance(q, bank, 1)
+    np.testing.assert_allclose(d1.numpy(), [0.0, np.sqrt(2), np.sqrt(2 - np.sqrt(2))], atol=1e-6)
+    d2 = knn_distance(q, bank, 2)  # the 2nd neighbour: y for the first query
+    np.testing.assert_allclose(d2.numpy()[0], np.sqrt(2), atol=1e-6)
+    # dense layout (B, F, *spatial) gives the same numbers; k beyond the bank is capped
+    dense = knn_distance(q.T.reshape(1, 3, 3, 1), bank, 1, dim=1, chunk=2)
+    np.testing.assert_allclose(dense.numpy().ravel(), d1.numpy(), atol=1e-6)
+    assert torch.equal(knn_distance(q, bank, 5), knn_distance(q, bank, 2))
+
+
+def test_knn_fit_grows_with_the_shift_from_the_training_features(tmp_path):
+    rng = np.random.default_rng(1)
+    centre = np.zeros(8)
+    centre[0] = 5.0
+    x = centre + rng.normal(size=(400, 8))  # training features around one direction
+    fit = fit_ood(x).using("knn")
+    assert fit.k == 10 and fit.bank.shape == (400, 8)
+    away = np.zeros(8)
+    away[1] = 5.0
+    scores = [np.median(fit.score(centre + rng.normal(size=(200, 8)) + t * (away - centre))) for t in (0.0, 0.3, 0.6, 1.0)]
+    assert np.all(np.diff(scores) > 0)  # further from the training direction: further from its neighbours
+    assert scores[0] < fit.threshold < scores[-1]
+    # saved and loaded with the bank; a fit saved without it refuses knn
+    back = OODFit.load(fit.save(tmp_path / "f.npz")).using("knn")
+    np.testing.assert_allclose(back.score(x[:5]), fit.score(x[:5]))
+    assert back.threshold == pytest.approx(fit.threshold)
+    old = OODFit(fit.mean, fit.whiten, fit.train_p99, fit.n_spots, fit.shrinkage)
+    with pytest.raises(InferenceError, match="knn"):
+        OODFit.load(old.save(tmp_path / "old.npz")).using("knn")
+
+
+def test_knn_ood_channel_is_the_fit_score_and_grows_with_contrast(trained):
+    info = resolve_run(trained)
+    pred = load_predictor(info, "cpu", "fp32")
+    fit = ood_fit_for_run(info, pred.net, method="knn")
+    assert fit.method == "knn" and fit.bank is not None
+    trust = Predictor(TrustNet([pred.net], "none", ood_fits=[fit]), device="cpu", precision="fp32")
+    from xpression.data.datamodule import image_to_float
+    from xpression.inference.ood import run_datamodule
+
+    dm = run_datamodule(info)
+    dm.setup("predict")
+    patches = image_to_float(next(iter(dm.predict_dataloader()))["image"])[:, 0].numpy()
+    inside = trust.predict_patches(patches)[:, -1]
+    np.testing.assert_allclose(inside, fit.score(pred.net.forward_features(torch.as_tensor(patches[:, None])).detach().numpy()),
+                               atol=1e-5)
+    # a feature grown in size moves its direction too (ReLUs, biases): 3x the contrast scores higher
+    bright = trust.predict_patches(3.0 * patches)[:, -1]
+    assert np.median(inside) < fit.threshold and np.median(bright) > np.median(inside)
+
+
+def test_calibrated_mc_dropout_scales_the_sd_by_the_fitted_factor(trained, tmp_path):
+    from xpression.inference.uncertainty import trust_identity, trust_predictor
+
+    info = resolve_run(trained)
+    pred = load_predictor(info, "cpu", "fp32")
+    base = dict(run=str(trained), uncertainty="mc_dropout", mc_samples=6, mc_seed=3, ood=False)
+    raw, raw_meta = trust_predictor(OmegaConf.create({**base, "calibrate": False}), info, [], pred)
+    pred2 = load_predictor(info, "cpu", "fp32")
+    cal, meta = trust_predictor(OmegaConf.create({**base, "calibrate": True}), info, [], pred2)
+    c = meta["calibration"]
+    scale = np.asarray(c["scale"])
+    assert scale.shape == (6,) and (scale > 0).all() and c["n_spots"] >= 10
+    assert c["coverage_after"] >= 0.9 and c["coverage_after"] >= c["coverage_before"]
+    patches = np.random.default_rng(0).random((4, *pred.patch_shape)).astype(np.float32)
+    torch.manual_seed(3)
+    a = raw.predict_patches(patches)
+    torch.manual_seed(3)  # the same dropout masks
+    b = cal.predict_patches(patches)
+    np.testing.assert_allclose(b[:, :6], a[:, :6], atol=1e-6)
+    np.testing.assert_allclose(b[:, 6:], a[:, 6:] * scale, rtol=1e-4, atol=1e-7)
+    assert trust_identity(meta) != trust_identity(raw_meta)  # a calibrated map never resumes an uncalibrated one
+    with pytest.raises(InferenceError, match="calibrate=true"):
+        trust_predictor(OmegaConf.create({**base, "uncertainty": "none", "ood": True, "calibrate": True}), info, [],
+                        load_predictor(info, "cpu", "fp32"))
+
+
+def test_uncertainty_scores_report_coverage_before_calibration():
+    truth = np.zeros((4, 1))
+    pred = np.array([[0.1], [0.2], [0.3], [0.4]])
+    sd = np.full((4, 1), 0.1)  # stored SD, already times 2
+    row = uncertainty_scores(pred, truth, ["a"], sd, sd_scale=[2.0])
+    assert row["coverage_2sd"] == pytest.approx(2 / 4)  # |error| <= 0.2
+    assert row["coverage_2sd_uncalibrated"] == pytest.approx(1 / 4)  # |error| <= 0.1

@@ -165,7 +165,9 @@ INFER_RULES: dict[str, _Rule] = {
                                  and all(isinstance(x, str) and x for x in v))),
     "mc_samples": _Rule("an integer >= 2", lambda v: _is_int(v) and v >= 2),
     "mc_seed": NON_NEGATIVE_INT,
+    "calibrate": BOOL,
     "ood": BOOL,
+    "ood_method": _choice("knn", "mahalanobis"),
     "genes": _optional(_Rule("a list of gene names", lambda v: isinstance(v, (list, tuple)) and len(v) > 0
                              and all(isinstance(g, str) and g for g in v))),
 }
@@ -408,7 +410,9 @@ class InferConfig:
     members: list[str] | None = None
     mc_samples: int = 20
     mc_seed: int = 0
+    calibrate: bool = False
     ood: bool = False
+    ood_method: str = "mahalanobis"
     genes: list[str] | None = None
     paths: PathsConfig | None = None
     # infer/grid

@@ -140,8 +140,11 @@ def score_uncertainty(maps: Any, grid: OutputGrid, trust: Mapping[str, Any], cha
     T = len(names)
     truth = np.asarray(truth_fn(pts))[:, [list(program_names).index(n) for n in names]]
     ood_meta = trust.get("ood") or {}
+    scale = (trust.get("calibration") or {}).get("scale")
+    if scale is not None:  # the scale of each kept target, in the order of names
+        scale = [scale[targets.index(n)] for n in names]
     row = uncertainty_scores(values[:, :T], truth, names, values[:, T : 2 * T] if sd_cols else None,
-                             values[:, -1] if ood_cols else None, ood_meta.get("train_p99"))
+                             values[:, -1] if ood_cols else None, ood_meta.get("train_p99"), scale)
     return {"volume_id": volume_id, "condition": condition, "trained": trained, "method": trust.get("method"), **row}
 
 
@@ -295,10 +298,11 @@ def uncertainty_table(df: pd.DataFrame) -> Any:
     from rich.table import Table
 
     table = Table(title="Uncertainty per volume against the phantom truth (SD: spread of the members or passes; "
-                        "ood: Mahalanobis distance from the training spots' features)")
+                        "ood: distance from the training spots' features)")
     cols = [("volume", "volume_id"), ("trained", "trained"), ("points", "n"), ("|error|", "abs_error_mean"),
             ("mean SD", "sd_mean"), ("Spearman SD~|error|", "spearman_sd_error"),
             ("same, per target", "spearman_sd_error_targets"), ("+-2 SD coverage", "coverage_2sd"),
+            ("uncalibrated", "coverage_2sd_uncalibrated"),
             ("ood mean", "ood_mean"), ("ood p95", "ood_p95"), ("> train p99", "ood_above_train_p99"),
             ("Spearman ood~|error|", "spearman_ood_error")]
     cols = [(h, c) for h, c in cols if c in df.columns]

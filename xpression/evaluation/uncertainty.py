@@ -8,7 +8,9 @@ One row per volume (``uncertainty_scores``), on the same points as the accuracy 
   (mean over targets) with the per-point absolute error (mean over targets); per target
   ``spearman_sd_error/<target>`` and their mean ``spearman_sd_error_targets``;
 - ``coverage_2sd``: the fraction of (point, target) pairs whose truth lies within the mean
-  +- 2 SD (0.954 for a calibrated Gaussian); per target ``coverage_2sd/<target>``;
+  +- 2 SD (0.954 for a calibrated Gaussian); per target ``coverage_2sd/<target>``; for a
+  calibrated map (``calibrate=true``) ``coverage_2sd_uncalibrated`` is the same with the SD
+  divided back by its per-target scale (the members' spread alone);
 - ``ood_mean``, ``ood_p95``, ``ood_above_train_p99`` (the fraction of points scoring above the
   training spots' own 99th percentile) and ``spearman_ood_error``.
 """
@@ -23,7 +25,7 @@ from scipy.stats import spearmanr
 __all__ = ["uncertainty_scores", "UNCERTAINTY_COLUMNS"]
 
 UNCERTAINTY_COLUMNS = ("volume_id", "condition", "trained", "n", "sd_mean", "abs_error_mean", "spearman_sd_error",
-                       "spearman_sd_error_targets", "coverage_2sd", "ood_mean", "ood_p95", "ood_above_train_p99",
+                       "spearman_sd_error_targets", "coverage_2sd", "coverage_2sd_uncalibrated", "ood_mean", "ood_p95", "ood_above_train_p99",
                        "spearman_ood_error")
 
 
@@ -34,10 +36,12 @@ def _spearman(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def uncertainty_scores(pred: np.ndarray, truth: np.ndarray, names: Sequence[str], sd: np.ndarray | None = None,
-                       ood: np.ndarray | None = None, ood_threshold: float | None = None) -> dict:
+                       ood: np.ndarray | None = None, ood_threshold: float | None = None,
+                       sd_scale: Sequence[float] | None = None) -> dict:
     """Scores of ``(N, T)`` predictions ``pred`` against ``truth`` with their ``(N, T)`` ``sd``
     and ``(N,)`` ``ood`` (either may be None); ``ood_threshold``: the training spots' 99th
-    percentile. Undefined correlations (a constant SD) are NaN."""
+    percentile; ``sd_scale``: the ``(T,)`` calibration factors already in ``sd`` (or None).
+    Undefined correlations (a constant SD) are NaN."""
     pred, truth = np.asarray(pred, np.float64), np.asarray(truth, np.float64)
     err = np.abs(pred - truth)
     row: dict = {"n": int(len(pred)), "abs_error_mean": float(err.mean()) if err.size else float("nan")}
@@ -48,6 +52,8 @@ def uncertainty_scores(pred: np.ndarray, truth: np.ndarray, names: Sequence[str]
         per = [_spearman(sd[:, j], err[:, j]) for j in range(len(names))]
         row["spearman_sd_error_targets"] = float(np.nanmean(per)) if np.isfinite(per).any() else float("nan")
         row["coverage_2sd"] = float(np.mean(err <= 2 * sd))
+        if sd_scale is not None:
+            row["coverage_2sd_uncalibrated"] = float(np.mean(err <= 2 * sd / np.asarray(sd_scale, np.float64)))
         for j, t in enumerate(names):
             row[f"spearman_sd_error/{t}"] = per[j]
             row[f"coverage_2sd/{t}"] = float(np.mean(err[:, j] <= 2 * sd[:, j]))

@@ -1,11 +1,21 @@
-"""How far an input lies from the training patches: Mahalanobis distance in feature space.
+"""How far an input lies from the training patches, in the feature space of the network.
 
 The features are those entering the target head (``net.forward_features``, or the backbone's
-``dense_features`` in a dense sweep, one vector per output position). Their mean and a
-Ledoit-Wolf shrinkage covariance are fitted on the run's *training* spots; the score of an input
-is ``sqrt((f - mean)^T cov^-1 (f - mean))``, in units of the training features' spread (a
-training spot scores about ``sqrt(F)``, ``F`` the feature count). The fit also keeps the 99th
-percentile of the training spots' own scores, the threshold the evaluation reports against.
+``dense_features`` in a dense sweep, one vector per output position), fitted on the run's
+*training* spots. Two scores (``infer.py ood_method=``):
+
+- ``mahalanobis`` (the default): ``sqrt((f - mean)^T cov^-1 (f - mean))`` with the training
+  features' mean and a Ledoit-Wolf shrinkage covariance, in units of their spread (a training
+  spot scores about ``sqrt(F)``, ``F`` the feature count).
+- ``knn`` (Deep kNN, Sun et al. 2022): the Euclidean distance of the L2-normalised feature
+  vector to its ``k``-th nearest L2-normalised training feature (0 to 2). It reads the direction
+  of the features only: on the benchmark cohort it ranked the map's errors better than
+  ``mahalanobis`` within every volume, but a patch of white noise scored as low as tissue
+  (Mahalanobis: five times the training median), so it is no guard against a broken input.
+
+The fit keeps both, and per score the 99th percentile of the training spots' own scores (for
+``knn`` each spot's distance to the others, itself left out), the threshold the evaluation
+reports against.
 
 Where the fit comes from (:func:`ood_fit_for_run`): ``train.py`` writes ``RUN/ood_fit.npz`` for
 the weights it scores (the best checkpoint) (seconds: one pass over the training spots it has in memory); a run
@@ -16,7 +26,7 @@ without one, or used with another checkpoint, is fitted at inference from its tr
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -25,19 +35,24 @@ import torch
 
 from xpression.inference.predictor import InferenceError
 
-__all__ = ["OOD_FILE", "OODFit", "fit_ood", "mahalanobis", "spot_features", "fit_training_spots", "ood_fit_for_run",
+__all__ = ["OOD_FILE", "OOD_METHODS", "KNN_K", "OODFit", "fit_ood", "mahalanobis", "knn_distance", "spot_features", "fit_training_spots", "ood_fit_for_run", "run_datamodule",
            "weights_digest"]
 
 log = logging.getLogger(__name__)
 
 OOD_FILE = "ood_fit.npz"
+OOD_METHODS = ("knn", "mahalanobis")
+KNN_K = 10  # the neighbour whose distance is the score (Sun et al. 2022 used 1-1000; 5-20 scored alike here)
 
 
 @dataclass
 class OODFit:
     """``mean`` ``(F,)`` and ``whiten`` ``(F, F)`` with ``cov^-1 = whiten @ whiten.T``;
-    ``train_p99``: 99th percentile of the training spots' scores; ``shrinkage``: Ledoit-Wolf's
-    weight on the scaled identity; ``weights_sha256``: the weights the features came from."""
+    ``train_p99``: 99th percentile of the training spots' Mahalanobis scores; ``shrinkage``:
+    Ledoit-Wolf's weight on the scaled identity; ``weights_sha256``: the weights the features came
+    from; ``bank`` ``(N, F)``: the training features, L2-normalised (None in fits saved before
+    ``knn`` existed); ``knn_train_p99``: 99th percentile of their leave-one-out ``knn`` scores;
+    ``method``: which score :meth:`score` and :attr:`threshold` give."""
 
     mean: np.ndarray
     whiten: np.ndarray
@@ -45,32 +60,57 @@ class OODFit:
     n_spots: int
     shrinkage: float
     weights_sha256: str = ""
+    bank: np.ndarray | None = None
+    knn_train_p99: float = float("nan")
+    k: int = KNN_K
+    method: str = "mahalanobis"
 
     @property
     def num_features(self) -> int:
         return int(self.mean.shape[0])
 
+    @property
+    def threshold(self) -> float:
+        """The training spots' 99th percentile of the chosen score."""
+        return self.knn_train_p99 if self.method == "knn" else self.train_p99
+
+    def using(self, method: str) -> "OODFit":
+        """This fit scoring with ``method`` (``knn`` needs the bank)."""
+        if method not in OOD_METHODS:
+            raise InferenceError(f"ood_method must be one of {', '.join(OOD_METHODS)}, got {method!r}")
+        if method == "knn" and self.bank is None:
+            raise InferenceError("this out-of-distribution fit holds no training features for ood_method=knn; fit it again")
+        return replace(self, method=method)
+
     def score(self, features: np.ndarray) -> np.ndarray:
-        """``(N, F)`` features -> ``(N,)`` Mahalanobis distances (float64)."""
+        """``(N, F)`` features -> ``(N,)`` scores (float64) of :attr:`method`."""
+        if self.method == "knn":
+            return knn_distance(torch.as_tensor(np.asarray(features, np.float64)), torch.as_tensor(self.bank), self.k,
+                                dim=1).numpy()
         z = (np.asarray(features, np.float64) - self.mean) @ self.whiten
         return np.sqrt(np.sum(z * z, axis=1))
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
+        extra = {} if self.bank is None else {"bank": self.bank, "knn_train_p99": self.knn_train_p99, "k": self.k}
         np.savez(path, mean=self.mean, whiten=self.whiten, train_p99=self.train_p99, n_spots=self.n_spots,
-                 shrinkage=self.shrinkage, weights_sha256=np.array(self.weights_sha256))
+                 shrinkage=self.shrinkage, weights_sha256=np.array(self.weights_sha256), **extra)
         return path
 
     @classmethod
     def load(cls, path: str | Path) -> "OODFit":
         with np.load(path, allow_pickle=False) as z:
             digest = str(z["weights_sha256"]) if "weights_sha256" in z.files else ""  # none: refitted
-            return cls(z["mean"], z["whiten"], float(z["train_p99"]), int(z["n_spots"]), float(z["shrinkage"]), digest)
+            knn = {"bank": z["bank"], "knn_train_p99": float(z["knn_train_p99"]), "k": int(z["k"])} if "bank" in z.files else {}
+            return cls(z["mean"], z["whiten"], float(z["train_p99"]), int(z["n_spots"]), float(z["shrinkage"]), digest, **knn)
 
     def to_dict(self) -> dict:
         """What the map metadata records (not the matrices)."""
-        return {"features": self.num_features, "n_spots": self.n_spots, "shrinkage": round(self.shrinkage, 6),
-                "train_p99": self.train_p99, "weights_sha256": self.weights_sha256}
+        return {"method": self.method, "features": self.num_features, "n_spots": self.n_spots,
+                "shrinkage": round(self.shrinkage, 6), "train_p99": self.train_p99,
+                "knn_k": self.k if self.bank is not None else None,
+                "knn_train_p99": self.knn_train_p99 if self.bank is not None else None,
+                "weights_sha256": self.weights_sha256}
 
 
 def weights_digest(net: torch.nn.Module) -> str:
@@ -85,7 +125,8 @@ def weights_digest(net: torch.nn.Module) -> str:
 
 
 def fit_ood(features: np.ndarray, weights_sha256: str = "") -> OODFit:
-    """Mean and Ledoit-Wolf shrinkage covariance of ``(N, F)`` training features (N >= 2).
+    """Mean and Ledoit-Wolf shrinkage covariance of ``(N, F)`` training features (N >= 2), and
+    the features L2-normalised for ``knn`` (``k`` = :data:`KNN_K`, at most ``N - 1``).
 
     Shrinkage keeps the inverse finite when ``N`` is near ``F`` or features are constant
     (ReLU features that never fire): those directions get the average variance."""
@@ -100,9 +141,17 @@ def fit_ood(features: np.ndarray, weights_sha256: str = "") -> OODFit:
     lam, vec = np.linalg.eigh(cov)
     lam = np.maximum(lam, max(float(lam.max()), 1.0) * 1e-9)
     whiten = vec / np.sqrt(lam)
-    fit = OODFit(mean, whiten, 0.0, len(x), float(shrinkage), weights_sha256)
+    bank = _unit_rows(x)
+    fit = OODFit(mean, whiten, 0.0, len(x), float(shrinkage), weights_sha256, bank, float("nan"), min(KNN_K, len(x) - 1))
     fit.train_p99 = float(np.percentile(fit.score(x), 99))
+    # leave-one-out: each training spot against the others (its own distance 0 is the 1st neighbour)
+    loo = knn_distance(torch.as_tensor(bank), torch.as_tensor(bank), fit.k + 1, dim=1).numpy()
+    fit.knn_train_p99 = float(np.percentile(loo, 99))
     return fit
+
+
+def _unit_rows(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
 def mahalanobis(features: torch.Tensor, mean: torch.Tensor, whiten: torch.Tensor, dim: int = 1) -> torch.Tensor:
@@ -111,6 +160,23 @@ def mahalanobis(features: torch.Tensor, mean: torch.Tensor, whiten: torch.Tensor
     f = torch.movedim(features.float(), dim, -1) - mean
     z = f @ whiten
     return torch.sqrt((z * z).sum(-1))
+
+
+def knn_distance(features: torch.Tensor, bank: torch.Tensor, k: int, dim: int = 1, chunk: int = 65536) -> torch.Tensor:
+    """Distances of feature vectors along ``dim`` (``(B, F)`` or ``(B, F, *spatial)``), each
+    L2-normalised, to their ``k``-th nearest row of ``bank`` ``(N, F)`` (unit rows), that axis
+    removed; ``k`` is capped at ``N``. In the features' dtype (float32 in a sweep), ``chunk``
+    vectors at a time so memory stays ``chunk x N``."""
+    f = torch.movedim(features, dim, -1)
+    shape = f.shape[:-1]
+    f = torch.nn.functional.normalize(f.reshape(-1, f.shape[-1]), dim=1)
+    bank = bank.to(device=f.device, dtype=f.dtype)
+    k = min(int(k), bank.shape[0])
+    out = []
+    for part in torch.split(f, chunk):
+        d2 = torch.clamp(2.0 - 2.0 * part @ bank.T, min=0)  # |a - b|^2 of unit vectors
+        out.append(torch.sqrt(torch.topk(d2, k, dim=1, largest=False).values[:, -1]))
+    return torch.cat(out).reshape(shape) if out else f.new_zeros(shape)
 
 
 def spot_features(net: torch.nn.Module, batches: Iterable[dict], device: torch.device | str = "cpu") -> tuple[np.ndarray, np.ndarray]:
@@ -135,29 +201,36 @@ def fit_training_spots(net: torch.nn.Module, datamodule: Any, device: torch.devi
     return fit_ood(feats[split == "train"], weights_digest(net))
 
 
-def ood_fit_for_run(info: Any, net: torch.nn.Module, device: torch.device | str = "cpu") -> OODFit:
-    """The fit for ``net`` (``info``'s network): ``RUN/ood_fit.npz`` when it was made from these
-    weights, else fitted now from the run's training spots (the DataModule rebuilt from
-    ``info.config``, as ``train.py`` built it)."""
+def ood_fit_for_run(info: Any, net: torch.nn.Module, device: torch.device | str = "cpu",
+                    method: str = "mahalanobis") -> OODFit:
+    """The fit for ``net`` (``info``'s network), scoring with ``method``: ``RUN/ood_fit.npz``
+    when it was made from these weights (and, for ``knn``, holds the training features), else
+    fitted now from the run's training spots (the DataModule rebuilt from ``info.config``, as
+    ``train.py`` built it)."""
     path = Path(info.run_dir) / OOD_FILE
     if path.is_file():
         fit = OODFit.load(path)
-        if fit.weights_sha256 == weights_digest(net):
-            return fit
-        log.info("%s was fitted for other weights than %s; fitting again from the training spots", path, info.checkpoint)
+        if fit.weights_sha256 == weights_digest(net) and (method != "knn" or fit.bank is not None):
+            return fit.using(method)
+        log.info("%s was fitted for other weights than %s or without the training features; fitting again from the "
+                 "training spots", path, info.checkpoint)
+    log.info("fitting the out-of-distribution score on the training spots of %s", info.run_dir)
+    return fit_training_spots(net, run_datamodule(info, f"ood=true: run {info.run_dir} has no {OOD_FILE} for "
+                                                        f"{Path(info.checkpoint).name} and", "pass ood=false"),
+                              device).using(method)
+
+
+def run_datamodule(info: Any, why: str = "", fix: str = "") -> Any:
+    """The DataModule ``train.py`` built for run ``info`` (rebuilt from its config: cohort,
+    target, sampler, split and seed), with no worker processes. ``why`` starts the error, ``fix`` ends it."""
     cfg = info.config
     missing = [k for k in ("data", "target", "sampler", "split") if not isinstance(cfg.get(k), dict) or
                (k != "split" and "_target_" not in cfg[k])]
     if missing:
-        raise InferenceError(
-            f"ood=true: run {info.run_dir} has no {OOD_FILE} for {Path(info.checkpoint).name} and its config lacks "
-            f"{missing} to rebuild its training spots; pass ood=false")
+        raise InferenceError(f"{why or f'run {info.run_dir}:'} its config lacks {missing} to rebuild its training spots" + (f"; {fix}" if fix else ""))
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
     conf = OmegaConf.create(cfg)
-    log.info("fitting the out-of-distribution score on the training spots of %s", info.run_dir)
-    datamodule = instantiate(conf.data, target=conf.target, sampler=conf.sampler, split=conf.split,
-                             seed=conf.get("seed", 0), _recursive_=False, num_workers=0, persistent_workers=False,
-                             pin_memory=False)
-    return fit_training_spots(net, datamodule, device)
+    return instantiate(conf.data, target=conf.target, sampler=conf.sampler, split=conf.split, seed=conf.get("seed", 0),
+                       _recursive_=False, num_workers=0, persistent_workers=False, pin_memory=False)

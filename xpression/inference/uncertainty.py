@@ -20,8 +20,11 @@ the tile, never by the number of members).
 - SD: the sample standard deviation (``ddof = 1``) of the members' (passes') predictions in
   target units (proportions for compositions), i.e. their disagreement, not the noise of the
   labels.
-- ``ood``: the Mahalanobis distance of the features entering the head from the training spots'
-  (:mod:`xpression.inference.ood`), averaged over the members, computed with dropout off.
+- ``ood``: the distance of the features entering the head from the training spots' (``knn`` or
+  ``mahalanobis``, :mod:`xpression.inference.ood`), averaged over the members, computed with
+  dropout off.
+- ``calibrate=true``: the SD channels times a per-target factor fitted on the held-out spots
+  (:mod:`xpression.inference.calibration`), recorded in the metadata (``calibration``).
 """
 
 from __future__ import annotations
@@ -109,10 +112,20 @@ class TrustNet(nn.Module):
         offset = getattr(first, "dense_offset", None) or getattr(getattr(first, "backbone", None), "dense_offset", None)
         if offset is not None:
             self.dense_offset = tuple(offset)
+        # per-target factor on the SD channels (xpression.inference.calibration); 1 = the raw spread
+        fc = getattr(getattr(first, "head", None), "fc", None)
+        self.register_buffer("sd_scale", torch.ones(int(fc.out_features) if fc is not None else 0))
         if self.with_ood:
+            self.ood_method = ood_fits[0].method  # type: ignore[index]
             for i, fit in enumerate(ood_fits):  # type: ignore[arg-type]
-                self.register_buffer(f"ood_mean_{i}", torch.as_tensor(fit.mean, dtype=torch.float32))
-                self.register_buffer(f"ood_whiten_{i}", torch.as_tensor(fit.whiten, dtype=torch.float32))
+                if fit.method != self.ood_method:
+                    raise InferenceError(f"the members' out-of-distribution fits score differently: {fit.method} vs {self.ood_method}")
+                if fit.method == "knn":
+                    self.register_buffer(f"ood_bank_{i}", torch.as_tensor(fit.bank, dtype=torch.float32))
+                    self.ood_k = fit.k
+                else:
+                    self.register_buffer(f"ood_mean_{i}", torch.as_tensor(fit.mean, dtype=torch.float32))
+                    self.register_buffer(f"ood_whiten_{i}", torch.as_tensor(fit.whiten, dtype=torch.float32))
 
     # -- the passes ----------------------------------------------------------------------------
     def _passes(self) -> list[tuple[int, bool]]:
@@ -125,10 +138,18 @@ class TrustNet(nn.Module):
         for m in dropout_layers(net):
             m.train(active)
 
+    def _scaled(self, sd: torch.Tensor) -> torch.Tensor:
+        """``(B, T, ...)`` SDs times the per-target calibration factor (none set: unchanged)."""
+        if self.sd_scale.numel() == 0:
+            return sd
+        return sd * self.sd_scale.view((1, -1) + (1,) * (sd.ndim - 2)).to(sd.dtype)
+
     def _ood(self, i: int, feats: torch.Tensor) -> torch.Tensor:
-        from xpression.inference.ood import mahalanobis
+        from xpression.inference.ood import knn_distance, mahalanobis
 
         with torch.autocast(device_type=feats.device.type, enabled=False):
+            if self.ood_method == "knn":
+                return knn_distance(feats.float(), getattr(self, f"ood_bank_{i}"), self.ood_k, dim=1)
             return mahalanobis(feats, getattr(self, f"ood_mean_{i}"), getattr(self, f"ood_whiten_{i}"), dim=1)
 
     def _mc_last_dropout(self, run: Any, head: Any) -> torch.Tensor | None:
@@ -157,7 +178,7 @@ class TrustNet(nn.Module):
         p = float(drops[0].p)
         for _ in range(self.samples):
             stats.add(head(net, torch.nn.functional.dropout(feats, p, training=True)))
-        out = [stats.mean, stats.sd()] + ([self._ood(0, feats).unsqueeze(1)] if self.with_ood else [])
+        out = [stats.mean, self._scaled(stats.sd())] + ([self._ood(0, feats).unsqueeze(1)] if self.with_ood else [])
         return torch.cat(out, dim=1)
 
     def _combine(self, run: Any, head: Any) -> torch.Tensor:
@@ -179,7 +200,7 @@ class TrustNet(nn.Module):
             stats.add(pred)
             if feats is not None:
                 deterministic_feats[i] = feats
-        out = [stats.mean] + ([stats.sd()] if self.with_sd else [])
+        out = [stats.mean] + ([self._scaled(stats.sd())] if self.with_sd else [])
         if self.with_ood:
             for i in range(len(self.members)):
                 if i not in deterministic_feats:  # mc_dropout: features with dropout off
@@ -363,9 +384,19 @@ def trust_predictor(cfg: Any, info: Any, members: Sequence[Any], pred: Predictor
     if want_ood:
         from xpression.inference.ood import ood_fit_for_run
 
-        fits = [ood_fit_for_run(i, n, pred.device) for i, n in zip(infos, nets)]
+        ood_method = str(cfg.get("ood_method") or "mahalanobis")
+        fits = [ood_fit_for_run(i, n, pred.device, ood_method) for i, n in zip(infos, nets)]
     samples = int(cfg.get("mc_samples", 20))
-    net = TrustNet(nets, method, samples, fits)
+    net = TrustNet(nets, method, samples, fits).to(pred.device)
+    calibration = None
+    if bool(cfg.get("calibrate", False)):
+        if method == "none":
+            raise InferenceError("calibrate=true scales the SD channels: give uncertainty=ensemble or mc_dropout")
+        from xpression.inference.calibration import calibrate_trust_net
+
+        calibration = calibrate_trust_net(net, infos, pred.device)
+        if method == "mc_dropout":
+            torch.manual_seed(int(cfg.get("mc_seed", 0)))  # the sweep's masks as without calibration
     names = trust_channels(targets, method != "none", want_ood)
     wrapped = Predictor(net, device=pred.device, precision=pred.precision, target_names=names,
                         compile=bool(cfg.get("compile", False)))
@@ -375,7 +406,8 @@ def trust_predictor(cfg: Any, info: Any, members: Sequence[Any], pred: Predictor
                         for i in infos],
             "mc_samples": samples if method == "mc_dropout" else None,
             "mc_seed": int(cfg.get("mc_seed", 0)) if method == "mc_dropout" else None,
-            "ood": None if fits is None else {"train_p99": float(np.mean([f.train_p99 for f in fits])),
+            "calibration": calibration,
+            "ood": None if fits is None else {"method": fits[0].method, "train_p99": float(np.mean([f.threshold for f in fits])),
                                               "fits": [f.to_dict() for f in fits]}}
     return wrapped, meta
 
@@ -386,4 +418,5 @@ def trust_identity(meta: dict | None) -> dict:
         return {}
     return {"uncertainty": {"method": meta["method"], "members": [m["checkpoint_sha256"] for m in meta["members"]],
                             "mc_samples": meta["mc_samples"], "mc_seed": meta["mc_seed"],
-                            "ood": meta["ood_channel"] is not None}}
+                            "ood": meta["ood_channel"] is not None and (meta["ood"] or {}).get("method", "mahalanobis"),
+                            "sd_scale": (meta.get("calibration") or {}).get("scale")}}
