@@ -9,8 +9,8 @@ The decoder: one linear layer from the features to a coarse ``channels x D x cei
 ceil(W/4)`` map, a 3x3x3 convolution there, a 1x1x1 convolution to one channel, then trilinear
 upsampling to the patch (about 1 M parameters for a 9 x 33 x 33 patch; it is dropped after
 pretraining), added to the patch's mean over its visible voxels (:func:`visible_mean`): it
-starts at zero, so the loss starts where a mean fill is and falls only as far as the encoder's
-features describe the blanked structure.
+starts near zero, so the loss starts near where a mean fill is and falls only as far as the
+encoder's features describe the blanked structure.
 
 An encoder checkpoint (:func:`save_encoder`) holds the backbone's weights under ``backbone.``
 and, under :data:`ENCODER_KEY`, the backbone config, patch and input normalisation it was
@@ -91,9 +91,10 @@ class MaskedReconstruction(nn.Module):
             "out": nn.Conv3d(c, 1, 1),
         })
         self.decoder_channels = c
-        # the decoder adds detail to each patch's visible mean, starting from none: the loss starts
-        # at what filling with the mean gives, and falls only as the features carry structure
-        nn.init.zeros_(self.decoder["out"].weight)
+        # the decoder adds detail to each patch's visible mean, starting from almost none: the loss
+        # starts near what filling with the mean gives and falls only as the features carry
+        # structure (not zero: gradients reach the encoder from the first step)
+        nn.init.normal_(self.decoder["out"].weight, std=0.01)
         nn.init.zeros_(self.decoder["out"].bias)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -36,7 +36,7 @@ class PretrainSettings:
 
     steps: int = 2000
     batch_size: int = 32
-    lr: float = 1e-3
+    lr: float = 2e-3
     weight_decay: float = 0.05
     warmup_steps: int = 100
     mask_block_um: tuple[float, float, float] = (19.2, 51.2, 51.2)

@@ -22,6 +22,8 @@ __all__ = ["pretrain", "settings_from"]
 
 log = logging.getLogger(__name__)
 
+DROPOUT_KEYS = ("dropout", "drop_rate", "drop_path_rate")  # the backbone configs' names for dropout
+
 
 def settings_from(node: DictConfig) -> PretrainSettings:
     """The loop's settings from the ``pretrain`` node."""
@@ -45,6 +47,8 @@ def pretrain(cfg: DictConfig) -> dict:
     data = open_cohort_volumes(cfg.data.manifest, node.volumes, cfg.patch.size_um, cfg.patch.voxel_size_um,
                                cfg.data.intensity, cfg.data.intensity_reference, int(cfg.seed))
     backbone = OmegaConf.to_container(cfg.model.backbone, resolve=True)
+    if node.get("dropout") is not None:  # no weights change: the fine-tuned network keeps the model's own
+        backbone = {k: float(node.dropout) if k in DROPOUT_KEYS else v for k, v in backbone.items()}  # type: ignore[union-attr]
     torch.manual_seed(int(cfg.seed))
     try:
         model = MaskedReconstruction(backbone, data.patch_shape, int(node.decoder_channels))  # type: ignore[arg-type]
