@@ -8,6 +8,9 @@
 #   histmatch  cnn3d, LONG epochs, every volume's histogram matched to mock_0 first
 #   vit3d      vit3d_tiny, LONG epochs
 #   resnet3d   resnet3d_valid, LONG epochs
+#   ssl        cnn3d, LONG epochs, from an encoder pretrained without labels on every volume of the
+#              cohort (python -m xpression.pretrain: masked-volume reconstruction, PRETRAIN_STEPS
+#              steps, at most PRETRAIN_MINUTES minutes; $OUT/ssl_pretrain/encoder.ckpt, reused if there)
 # On a GPU: TRAINER=gpu benchmarks/levers.sh. On a 2-core CPU the defaults take hours (the 3D
 # ViT dominates); THREADS=1 LONG=24 keeps it near half an hour. The cohort is generated when
 # COHORT does not exist yet.
@@ -19,6 +22,8 @@ TRAINER=${TRAINER:-cpu}
 LONG=${LONG:-40}
 SEEDS=${SEEDS:-0,1}
 THREADS=${THREADS:-2}
+PRETRAIN_STEPS=${PRETRAIN_STEPS:-1500}
+PRETRAIN_MINUTES=${PRETRAIN_MINUTES:-10}
 if [ ! -f "$COHORT" ]; then
     "$PY" -m xpression.phantom --out "$(dirname "$COHORT")" --preset benchmark --seed 0 --quiet \
         --workers "$(nproc)"
@@ -36,7 +41,16 @@ run() {  # run <name> [overrides...]
         || { echo "$name failed; see $OUT/$name.log" >&2; return 1; }
     echo "$(date +%T) $name done"
 }
-LEVERS=${LEVERS:-short long no_jitter histmatch vit3d resnet3d}  # a subset, e.g. LEVERS="short long"
+pretrain() {  # pretrain <name> [overrides...]: $OUT/<name>/encoder.ckpt from every volume of the cohort
+    local name=$1; shift
+    [ -f "$OUT/$name/encoder.ckpt" ] && { echo "$(date +%T) $name: reusing $OUT/$name/encoder.ckpt"; return 0; }
+    OMP_NUM_THREADS=$THREADS "$PY" -m xpression.pretrain "hydra.run.dir=$OUT/$name" data=phantom_benchmark \
+        "data.manifest=$COHORT" "patch.size_um=[57.6,205,205]" "pretrain.steps=$PRETRAIN_STEPS" \
+        "pretrain.max_minutes=$PRETRAIN_MINUTES" pretrain.progress=false "$@" > "$OUT/$name.log" 2>&1 \
+        || { echo "$name failed; see $OUT/$name.log" >&2; return 1; }
+    echo "$(date +%T) $name done"
+}
+LEVERS=${LEVERS:-short long no_jitter histmatch vit3d resnet3d}  # a subset, e.g. LEVERS="short long"; ssl is not in the default set
 lever() {  # lever <name>: its overrides
     case $1 in
         short) echo model=cnn3d trainer.max_epochs=8 ;;
@@ -45,6 +59,7 @@ lever() {  # lever <name>: its overrides
         histmatch) echo model=cnn3d "trainer.max_epochs=$LONG" data.intensity_reference=mock_0 ;;
         vit3d) echo model=vit3d_tiny "trainer.max_epochs=$LONG" ;;
         resnet3d) echo model=resnet3d_valid "trainer.max_epochs=$LONG" ;;
+        ssl) echo model=cnn3d "trainer.max_epochs=$LONG" "model.init_from=$OUT/ssl_pretrain/encoder.ckpt" ;;
         *) echo "unknown lever '$1'" >&2; return 1 ;;
     esac
 }
@@ -52,7 +67,11 @@ started=$(date +%s)
 pids=() dirs=()
 for name in $LEVERS; do
     read -r -a args <<< "$(lever "$name")"
-    run "$name" "${args[@]}" & pids+=($!)
+    if [ "$name" = ssl ]; then
+        { pretrain ssl_pretrain model=cnn3d && run "$name" "${args[@]}"; } & pids+=($!)
+    else
+        run "$name" "${args[@]}" & pids+=($!)
+    fi
     dirs+=("$OUT/$name")
 done
 status=0

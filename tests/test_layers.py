@@ -34,6 +34,8 @@ ALLOWED = {
     # Entry points (train.py / infer.py and what only they call): anything.
     "xpression.training": TRAINING | {"xpression.inference", "xpression.evaluation"},
     "xpression.cli": TRAINING | {"xpression.inference"},
+    # python -m xpression.pretrain: unlabelled CT -> an encoder checkpoint for model.init_from
+    "xpression.pretrain": MODELS | {"xpression.cli", "xpression.resolvers"},
     "xpression.view": DATA | {"xpression.inference"},  # python -m xpression.view: reads infer.py's output
     "xpression.resolvers": {"xpression.phantom"},
     "xpression": set(),

@@ -25,9 +25,10 @@ def _input_error_types() -> tuple[type[BaseException], ...]:
     from xpression.data.manifest import ManifestError
     from xpression.data.volume import VolumeError
     from xpression.inference.predictor import InferenceError
+    from xpression.models.masked import InitFromError
     from xpression.resume import ResumeError
 
-    return (ConfigError, DataError, ManifestError, VolumeError, InferenceError, ResumeError)
+    return (ConfigError, DataError, ManifestError, VolumeError, InferenceError, InitFromError, ResumeError)
 
 
 def input_error(err: BaseException) -> BaseException | None:

@@ -15,6 +15,7 @@ from xpression.data.input_spec import INPUT_SPEC_KEY, InputSpec
 from xpression.metrics import regression_metrics
 from xpression.models.ema import EMA
 from xpression.models.losses import build_loss
+from xpression.models.masked import ENCODER_KEY, InitFromError, load_encoder
 from xpression.models.net import XPressionNet, build_net
 from xpression.models.targets import as_target_spec, spec_to_dict
 
@@ -51,6 +52,8 @@ class XPressionModule(pl.LightningModule):
         ema_decay: keep an EMA of the weights with this decay, used for val/test/predict.
         init_from: a checkpoint of this module to start from (its EMA weights if it kept them).
             It must predict the same targets (names and kind) with the same backbone config.
+            Or an encoder checkpoint of ``python -m xpression.pretrain`` (same backbone config
+            and patch): the backbone starts from it, the head from scratch.
         freeze_encoder: train the head only (backbone frozen, kept in eval mode).
         init_from_source: record only: the ``init_from`` a saved run started from.
         input_spec: the data's input contract (``InputSpec``; ``train.py`` passes the data
@@ -266,21 +269,27 @@ def cosine_warmup(step: int, total: int, warmup: int, min_ratio: float = 0.0) ->
 
 
 def load_net_weights(net: XPressionNet, path: str | Path, hparams: Mapping[str, Any]) -> None:
-    """Load a checkpoint's network weights (its EMA copy if it has one) into ``net``.
+    """Load a checkpoint's network weights (its EMA copy if it has one) into ``net``, or, from an
+    encoder checkpoint of ``xpression.pretrain``, the backbone's weights alone.
 
-    Raises ``ValueError`` if the checkpoint predicts other targets or holds another network.
+    Raises :class:`~xpression.models.masked.InitFromError` (a ``ValueError``) if the checkpoint
+    predicts other targets or holds another network.
     """
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"init_from checkpoint not found: {path}")
     # our own Lightning checkpoint (trusted local file): it also holds optimizer/loop state
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    if ENCODER_KEY in ckpt:  # an encoder pretrained without labels (xpression.pretrain): the head starts fresh
+        load_encoder(net.backbone, ckpt, path, hparams["backbone"], hparams["patch_shape"])
+        return
     src_hp = ckpt.get("hyper_parameters", {})
     src, dst = src_hp.get("target_spec"), hparams["target_spec"]
     if src is None:
-        raise ValueError(f"{path} holds no target_spec: not an XPressionModule checkpoint")
+        raise InitFromError(f"init_from {path} holds no target_spec: neither an XPressionModule checkpoint "
+                            f"nor an encoder of python -m xpression.pretrain")
     if list(src["names"]) != list(dst["names"]) or src["kind"] != dst["kind"]:
-        raise ValueError(
+        raise InitFromError(
             f"init_from {path} predicts {src['kind']} targets {list(src['names'])}, but this run "
             f"predicts {dst['kind']} targets {list(dst['names'])}; the target sets must match")
     state = ckpt["state_dict"]
@@ -289,5 +298,5 @@ def load_net_weights(net: XPressionNet, path: str | Path, hparams: Mapping[str, 
     try:
         net.load_state_dict(sub)
     except RuntimeError as e:
-        raise ValueError(f"init_from {path}: its network (backbone {src_hp.get('backbone')}) does "
+        raise InitFromError(f"init_from {path}: its network (backbone {src_hp.get('backbone')}) does "
                          f"not match this one (backbone {hparams['backbone']}): {e}") from e
