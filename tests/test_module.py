@@ -219,7 +219,8 @@ def test_model_configs_instantiate(model):
         assert isinstance(m, XPressionModule)
         assert m.loss_fn.name == loss
         assert m.hparams.loss == OmegaConf.to_container(cfg.loss)
-    assert m(torch.rand(2, 1, *patch)).shape == (2, 3)
+    views = getattr(m.net.backbone, "views", 1)  # 2: a multi-scale model's patch and context view
+    assert m(torch.rand(2, views, *patch)).shape == (2, 3)
 
 
 @pytest.mark.parametrize("loss", sorted(p.stem for p in (CONF / "loss").glob("*.yaml")))

@@ -100,6 +100,7 @@ def test_each_backbone_trains(tiny_cohort, tmp_path, model):
     pytest.param("resnet3d_valid", [], id="resnet3d_valid"),
     pytest.param("r2plus1d_18", ["model.backbone.widths=[8,8,16,16]"], id="r2plus1d_18"),  # narrow
     pytest.param("vit3d_tiny", ["model.backbone.embed_dim=48", "model.backbone.depth=2"], id="vit3d_tiny"),
+    pytest.param("multiscale_cnn3d", ["patch.context_um=[100,600,600]"], id="multiscale_cnn3d"),
 ])
 def test_each_3d_backbone_trains(tiny_cohort, tmp_path, model, overrides):
     metrics = _run(tmp_path, tiny_cohort, f"model={model}", *overrides, "figures=false")

@@ -105,6 +105,7 @@ TRAIN_RULES: dict[str, _Rule] = {
     "patch.size_um": _Rule("3 positive numbers [depth, height, width] in um",
                            lambda v: _numbers(v, 3) and all(x > 0 for x in v)),
     "patch.voxel_size_um": VOXEL_SIZE,
+    "patch.context_um": _optional(POSITIVE_TRIPLE),
     "sampler.patch_size_um": _Rule("3 positive numbers [depth, height, width] in um",
                                    lambda v: _numbers(v, 3) and all(x > 0 for x in v)),
     "sampler.voxel_size_um": VOXEL_SIZE,
@@ -236,7 +237,7 @@ def sync_patch(cfg: DictConfig) -> None:
     sampler, patch = cfg.get("sampler"), cfg.get("patch")
     if not isinstance(sampler, DictConfig) or not isinstance(patch, DictConfig):
         return
-    for own, shared in (("patch_size_um", "size_um"), ("voxel_size_um", "voxel_size_um")):
+    for own, shared in (("patch_size_um", "size_um"), ("voxel_size_um", "voxel_size_um"), ("context_um", "context_um")):
         if own in sampler and not OmegaConf.is_interpolation(sampler, own):
             with open_dict(patch):
                 patch[shared] = f"${{sampler.{own}}}"
@@ -329,6 +330,7 @@ class PatchConfig:
 
     size_um: list[float]
     voxel_size_um: float | list[float] | None = None
+    context_um: list[float] | None = None  # a multi-scale model's context view [z, y, x]; None = patch only
 
 
 @dataclass

@@ -23,6 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from xpression.data.augment import TRANSFORM_NAMES, Augment, keeps_shape, transform_patch
+from xpression.data.context import ContextView
 from xpression.data.geometry import DataError, SlabGrid
 from xpression.data.input_spec import InputSpec, IntensitySpec, resolve_reference
 from xpression.data.intensity import SCALINGS, IntensityNormalizer
@@ -78,25 +79,43 @@ class PatchDataset(Dataset):
 
     The slabs live in shared memory: pickling the dataset (worker processes started by spawn or
     forkserver) sends handles, not voxels; in a worker, each batch is written straight into
-    shared memory, so handing it to the main process copies nothing."""
+    shared memory, so handing it to the main process copies nothing.
 
-    def __init__(self, slabs: dict[str, tuple[np.ndarray, SlabGrid]], section: np.ndarray, centre_hw: np.ndarray, targets: np.ndarray, patch_shape: Sequence[int]):
+    With a ``context`` view (a multi-scale model), ``context_slabs`` and ``context_hw`` hold its
+    filtered slabs and each row's centre in them; ``image`` is then ``(B, 2, D, H, W)``: the patch,
+    then the context view around the same centre (shifted and transformed with it)."""
+
+    def __init__(self, slabs: dict[str, tuple[np.ndarray, SlabGrid]], section: np.ndarray, centre_hw: np.ndarray, targets: np.ndarray, patch_shape: Sequence[int],
+                 context: ContextView | None = None, context_slabs: dict[str, tuple[np.ndarray, SlabGrid]] | None = None,
+                 context_hw: np.ndarray | None = None):
         self._tensors = {sid: (_shared(data), grid) for sid, (data, grid) in slabs.items()}
-        self.slabs = {sid: (t.numpy(), grid) for sid, (t, grid) in self._tensors.items()}
+        self._context_tensors = {sid: (_shared(data), grid) for sid, (data, grid) in (context_slabs or {}).items()}
+        self._views()
+        self.context = context
+        self.context_hw = None if context_hw is None else np.asarray(context_hw, dtype=np.int64)
         self.section = np.asarray(section)
         self.centre_hw = np.asarray(centre_hw, dtype=np.int64)
         self.targets = torch.from_numpy(np.ascontiguousarray(targets, dtype=np.float32))
         self.half = np.array([int(p) // 2 for p in patch_shape])
         self.patch_shape = tuple(int(2 * h + 1) for h in self.half)
 
+    def _views(self) -> None:
+        self.slabs = {sid: (t.numpy(), grid) for sid, (t, grid) in self._tensors.items()}
+        self.context_slabs = {sid: (t.numpy(), grid) for sid, (t, grid) in self._context_tensors.items()}
+
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        del state["slabs"]  # numpy views would pickle their data; the shared tensors go instead
+        del state["slabs"], state["context_slabs"]  # numpy views would pickle their data; the shared tensors go instead
         return state
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
-        self.slabs = {sid: (t.numpy(), grid) for sid, (t, grid) in self._tensors.items()}
+        self._views()
+
+    @property
+    def channels(self) -> int:
+        """1 (the patch) or 2 (the patch and its context view)."""
+        return 1 if self.context is None else 2
 
     def __len__(self) -> int:
         return len(self.section)
@@ -107,7 +126,8 @@ class PatchDataset(Dataset):
         transform = 0 if np.isscalar(item) or len(item) < 4 else int(item[3])
         row = int(row)
         data, grid = self.slabs[self.section[row]]
-        h, w = self.centre_hw[row]
+        h0, w0 = self.centre_hw[row]
+        h, w = h0, w0
         if du or dv:
             h += int(np.rint(dv / grid.spacing_um[1]))
             w += int(np.rint(du / grid.spacing_um[2]))
@@ -115,18 +135,22 @@ class PatchDataset(Dataset):
         h = int(np.clip(h, hh, data.shape[1] - hh - 1))
         w = int(np.clip(w, hw, data.shape[2] - hw - 1))
         patch = cut_patch(data, grid, h, w, self.patch_shape)
+        if self.context is not None:  # the same shift, on the context slab's grid
+            cdata, cgrid = self.context_slabs[self.section[row]]
+            ch, cw = self.context_hw[row] + (h - h0, w - w0)  # type: ignore[index]
+            patch = np.stack([patch, self.context.cut(cdata, cgrid, int(ch), int(cw))])
         return (transform_patch(patch, TRANSFORM_NAMES[transform]) if transform else patch), row
 
     def __getitems__(self, items: Sequence[Any]) -> dict[str, torch.Tensor]:
         patches, rows = zip(*(self.patch(i) for i in items))
-        shape = (len(patches), 1) + self.patch_shape
+        shape = (len(patches), self.channels) + self.patch_shape
         dtype = torch.from_numpy(np.empty(0, patches[0].dtype)).dtype  # patches may be flipped views
         if torch.utils.data.get_worker_info() is not None:  # a worker: build the batch in shared memory
             storage = torch.UntypedStorage._new_shared(int(np.prod(shape)) * patches[0].itemsize)
             image = torch.empty(0, dtype=dtype).set_(storage, 0, shape)
         else:
             image = torch.empty(shape, dtype=dtype)
-        np.stack(patches, out=image.numpy()[:, 0])
+        np.stack(patches, out=image.numpy() if self.context is not None else image.numpy()[:, 0])
         index = torch.as_tensor(rows, dtype=torch.int64)
         return {"image": image, "target": self.targets[index], "index": index}
 
@@ -237,7 +261,16 @@ class XPressionDataModule(pl.LightningDataModule):
         if turning:
             raise DataError(cohort.path, f"sampler.copy_transforms {turning} would turn the {shape[1]} x {shape[2]} voxel "
                                          "patch on its side; use a square patch or shape-keeping symmetries")
-        self._meta = {"cohort": cohort, "entries": entries, "volumes": volumes, "voxel_size_um": model_vs, "patch_shape": shape}
+        context = None
+        if getattr(self.sampler, "context_um", None) is not None:
+            try:
+                context = ContextView.of(self.sampler.context_um, self.sampler.geometry.size_um, shape, model_vs)
+            except ValueError as err:
+                raise DataError(None, str(err)) from err
+            log.info("context view: %s um around each patch, every %s model voxels (%s um voxels)",
+                     [round(e, 1) for e in context.extent_um], list(context.stride), [round(v, 2) for v in context.step_um])
+        self._meta = {"cohort": cohort, "entries": entries, "volumes": volumes, "voxel_size_um": model_vs, "patch_shape": shape,
+                      "context": context}
         return self._meta
 
     @property
@@ -249,6 +282,11 @@ class XPressionDataModule(pl.LightningDataModule):
     def patch_shape_vox(self) -> tuple[int, int, int]:
         """Patch (D, H, W) voxels at the model voxel size (odd, centred on the spot)."""
         return self._load_meta()["patch_shape"]
+
+    @property
+    def context(self) -> ContextView | None:
+        """The context view of a multi-scale model (``sampler.context_um``), or None."""
+        return self._load_meta()["context"]
 
     @property
     def target_spec(self) -> TargetSpec:
@@ -281,13 +319,16 @@ class XPressionDataModule(pl.LightningDataModule):
     def input_spec(self) -> InputSpec:
         """The input contract of a model trained on this data module (see ``InputSpec``)."""
         return InputSpec.build(self.sampler.geometry.size_um, self.voxel_size_um, self.patch_shape_vox,
-                               self.spot_radius_um, self.intensity_spec, self.cache_dtype, self.target_spec)
+                               self.spot_radius_um, self.intensity_spec, self.cache_dtype, self.target_spec,
+                               None if self.context is None else self.context.size_um)
 
     # -- sections, targets, spot table, split ---------------------------------------------------------
-    def _grid_for(self, section: Section, volume: Any) -> SlabGrid:
+    def _margin(self, section: Section) -> tuple[float, float, float]:
         jitter = float(getattr(self.sampler, "jitter_fraction", 0.0)) * section.spot_radius_um
-        margin = (self.slab_margin_um, self.slab_margin_um + jitter, self.slab_margin_um + jitter)
-        return slab_grid(section.plane, volume, section.uv_um, self.patch_shape_vox, self.voxel_size_um, margin)
+        return (self.slab_margin_um, self.slab_margin_um + jitter, self.slab_margin_um + jitter)
+
+    def _grid_for(self, section: Section, volume: Any) -> SlabGrid:
+        return slab_grid(section.plane, volume, section.uv_um, self.patch_shape_vox, self.voxel_size_um, self._margin(section))
 
     def _inside(self, section: Section, grid: SlabGrid, volume: Any) -> np.ndarray:
         return patches_inside(volume, grid, grid.index_of(section.uv_um), self.patch_shape_vox)
@@ -302,6 +343,7 @@ class XPressionDataModule(pl.LightningDataModule):
             sections[entry.id] = load_section(entry, max_residual_um=self.max_residual_um, voxel_size_um=voxel)
         values, spec = self.target.compute({sid: s.adata for sid, s in sections.items()})
         frames, grids, keep_targets = [], {}, []
+        context, context_grids, context_hw = self.context, {}, []
         for sid, sec in sections.items():
             volume = meta["volumes"][sec.volume_id]
             grid = self._grid_for(sec, volume)
@@ -325,6 +367,9 @@ class XPressionDataModule(pl.LightningDataModule):
                 "spot_radius_um": sec.spot_radius_um, "slab_h": hw[:, 0], "slab_w": hw[:, 1],
             }))
             keep_targets.append(values[sid][inside])
+            if context is not None:  # the view may leave the volume (read with its fill): no spot is dropped for it
+                context_grids[sid] = context.grid(sec.plane, volume, sec.uv_um, self._margin(sec))
+                context_hw.append(context_grids[sid].index_of(sec.uv_um)[inside])
         spots = pd.concat(frames, ignore_index=True)
         targets = np.concatenate(keep_targets).astype(np.float32)
         dom = dominant_index(targets, spec.kind)
@@ -335,7 +380,8 @@ class XPressionDataModule(pl.LightningDataModule):
         planes = {sid: sections[sid].plane for sid in grids}
         size_um = self.sampler.geometry.extent_um(self.voxel_size_um)
         spots["split"] = self.split.assign(spots, planes, size_um, self.seed)
-        self._prepared = {"sections": sections, "spec": spec, "spots": spots, "targets": targets, "grids": grids, "planes": planes}
+        self._prepared = {"sections": sections, "spec": spec, "spots": spots, "targets": targets, "grids": grids, "planes": planes,
+                          "context_grids": context_grids, "context_hw": np.concatenate(context_hw) if context_hw else None}
         return self._prepared
 
     def _check_mask(self, spots: pd.DataFrame, meta: dict) -> None:
@@ -359,7 +405,7 @@ class XPressionDataModule(pl.LightningDataModule):
             return
         prep, meta = self._prepare(), self._load_meta()
         norms = {k: IntensityNormalizer.from_dict(v) if isinstance(v, dict) else v for k, v in self.normalizers.items()}
-        slabs = {}
+        slabs, context_slabs = {}, {}
         for sid, grid in prep["grids"].items():
             vid = prep["sections"][sid].volume_id
             volume = meta["volumes"][vid]
@@ -370,9 +416,14 @@ class XPressionDataModule(pl.LightningDataModule):
                     raise DataError(volume.path, str(err)) from err
             slabs[sid] = (read_slab(volume, grid, norms[vid], self.cache_dtype), grid)
             log.info("section %s: cached slab %s (%s, %.1f MB)", sid, slabs[sid][0].shape, self.cache_dtype, slabs[sid][0].nbytes / 1e6)
+            if self.context is not None:
+                cgrid = prep["context_grids"][sid]
+                context_slabs[sid] = (self.context.read_slab(volume, cgrid, norms[vid], self.cache_dtype), cgrid)
+                log.info("section %s: cached context slab %s (%.1f MB)", sid, cgrid.shape, context_slabs[sid][0].nbytes / 1e6)
         self.normalizers = norms
         spots = prep["spots"]
-        full = PatchDataset(slabs, spots["section_id"].to_numpy(), spots[["slab_h", "slab_w"]].to_numpy(), prep["targets"], self.patch_shape_vox)
+        full = PatchDataset(slabs, spots["section_id"].to_numpy(), spots[["slab_h", "slab_w"]].to_numpy(), prep["targets"], self.patch_shape_vox,
+                            self.context, context_slabs, prep["context_hw"])
         self._datasets = {"all": full}
         self._aug_gen = torch.Generator().manual_seed(self.seed)
 

@@ -13,7 +13,10 @@ the model new volumes exactly as in training, with no run folder, config or trai
 - the targets: names, kind, colours and, for fitted programs, the truth programs they were
   matched to;
 - the model: its class, its family (backbone config) and its dense geometry (output stride,
-  dense-equivalent), filled in by the model when it saves itself.
+  dense-equivalent), filled in by the model when it saves itself;
+- for a multi-scale model, the context view's field of view in um (``context_um``;
+  :class:`~xpression.data.context.ContextView` derives its stride from it and the patch). Such a
+  spec is written as version 2, which older readers refuse rather than feed the model one view.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from xpression.data.context import ContextView
 from xpression.data.geometry import DataError
 from xpression.data.intensity import SCALINGS, IntensityNormalizer, MatchedNormalizer, match_to_reference, sample_voxels
 from xpression.data.patches import QUANTISATIONS, Quantised, ResampledVolume, same_voxel_size
@@ -36,7 +40,7 @@ __all__ = ["INPUT_SPEC_KEY", "InputSpec", "IntensitySpec", "ReferenceHistogram",
 log = logging.getLogger(__name__)
 
 INPUT_SPEC_KEY = "xpression_input_spec"  # where a checkpoint keeps its InputSpec (a plain dict)
-INPUT_SPEC_VERSION = 1
+INPUT_SPEC_VERSION = 2  # the newest version this reads; a spec without a context view is written as 1
 
 
 @dataclass(frozen=True)
@@ -155,9 +159,12 @@ class InputSpec:
     quantisation: str
     targets: dict
     model: dict = field(default_factory=dict)
-    version: int = INPUT_SPEC_VERSION
+    version: int = 1
+    context_um: tuple[float, float, float] | None = None
 
     def __post_init__(self) -> None:
+        if self.context_um is not None:
+            self.context  # checks the size against the patch
         if self.quantisation not in QUANTISATIONS:
             raise ValueError(f"InputSpec.quantisation must be one of {', '.join(QUANTISATIONS)}, got {self.quantisation!r}")
         TargetSpec(list(self.targets["names"]), self.targets["kind"], self.targets.get("colors"))  # checks names/kind/colours
@@ -169,6 +176,18 @@ class InputSpec:
         return TargetSpec(list(t["names"]), t["kind"], t.get("colors"), t.get("reference"), t.get("reference_r"))
 
     @property
+    def context(self) -> ContextView | None:
+        """The context view of a multi-scale model; None for a model that sees the patch only."""
+        if self.context_um is None:
+            return None
+        return ContextView.of(self.context_um, self.patch_size_um, self.patch_shape_vox, self.voxel_size_um, "context_um")
+
+    @property
+    def views(self) -> int:
+        """Input channels the model takes: 1 (the patch) or 2 (the patch and its context view)."""
+        return 1 if self.context_um is None else 2
+
+    @property
     def spot_radius_vox(self) -> float:
         """The spot radius in in-plane (x) model voxels."""
         return float(self.spot_radius_um) / float(self.voxel_size_um[2])
@@ -176,6 +195,16 @@ class InputSpec:
     def with_model(self, **model: Any) -> "InputSpec":
         """A copy recording the model (class, family, dense geometry)."""
         return replace(self, model={**self.model, **model})
+
+    def prepare_context(self, volume: Any) -> tuple[Any, Quantised]:
+        """As :meth:`prepare`, for the context view: ``volume`` normalised on the model's voxels and
+        low-pass filtered for the view's step (a :class:`~xpression.data.patches.ResampledVolume`;
+        the view is every ``context.stride``-th voxel of it), and the quantisation alone."""
+        context = self.context
+        if context is None:
+            raise ValueError("this model has no context view")
+        view = ResampledVolume(volume, self.voxel_size_um, self.intensity.transform_for(volume), low_pass_um=context.step_um)
+        return view, Quantised(None, self.quantisation)
 
     def prepare(self, volume: Any) -> tuple[Any, Quantised]:
         """``volume`` as the sweep must read it, and the normaliser of its blocks: at the model's
@@ -190,10 +219,14 @@ class InputSpec:
     # -- storage -------------------------------------------------------------------------------
     def to_dict(self) -> dict:
         """Plain python (numpy arrays for the reference histogram) for a checkpoint."""
-        return {"version": self.version, "patch_size_um": list(self.patch_size_um), "voxel_size_um": list(self.voxel_size_um),
-                "patch_shape_vox": list(self.patch_shape_vox), "spot_radius_um": float(self.spot_radius_um),
-                "intensity": self.intensity.to_dict(), "quantisation": self.quantisation, "targets": dict(self.targets),
-                "model": dict(self.model)}
+        d = {"version": self.version, "patch_size_um": list(self.patch_size_um), "voxel_size_um": list(self.voxel_size_um),
+             "patch_shape_vox": list(self.patch_shape_vox), "spot_radius_um": float(self.spot_radius_um),
+             "intensity": self.intensity.to_dict(), "quantisation": self.quantisation, "targets": dict(self.targets),
+             "model": dict(self.model)}
+        if self.context is not None:
+            d["context_um"] = list(self.context_um)  # type: ignore[arg-type]
+            d["context"] = self.context.to_dict()  # derived, for readers; from_dict recomputes it
+        return d
 
     def describe(self) -> dict:
         """JSON-able summary for map metadata."""
@@ -210,17 +243,20 @@ class InputSpec:
                        patch_shape_vox=tuple(int(s) for s in d["patch_shape_vox"]),  # type: ignore[arg-type]
                        spot_radius_um=float(d["spot_radius_um"]), intensity=IntensitySpec.from_dict(d["intensity"]),
                        quantisation=str(d["quantisation"]), targets=dict(d["targets"]), model=dict(d.get("model") or {}),
-                       version=version)
+                       version=version, context_um=None if d.get("context_um") is None else _triple(d["context_um"]))
         except (KeyError, TypeError, ValueError) as err:
             raise DataError(where, f"invalid input spec ({type(err).__name__}: {err})") from err
 
     @classmethod
     def build(cls, patch_size_um: Sequence[float], voxel_size_um: Sequence[float], patch_shape_vox: Sequence[int],
-              spot_radius_um: float, intensity: IntensitySpec, quantisation: str, targets: Any) -> "InputSpec":
-        """A spec from the data module's values; ``targets``: a ``TargetSpec`` (or its dict)."""
+              spot_radius_um: float, intensity: IntensitySpec, quantisation: str, targets: Any,
+              context_um: Sequence[float] | None = None) -> "InputSpec":
+        """A spec from the data module's values; ``targets``: a ``TargetSpec`` (or its dict);
+        ``context_um``: the context view's field of view (z, y, x) um of a multi-scale model."""
         t = targets if isinstance(targets, dict) else targets.to_dict()
         return cls(_triple(patch_size_um), _triple(voxel_size_um), tuple(int(s) for s in patch_shape_vox),  # type: ignore[arg-type]
-                   float(spot_radius_um), intensity, str(quantisation), t)
+                   float(spot_radius_um), intensity, str(quantisation), t,
+                   version=1 if context_um is None else 2, context_um=None if context_um is None else _triple(context_um))
 
 
 def resolve_reference(reference: str | None, cohort: Any) -> tuple[Any, str] | None:

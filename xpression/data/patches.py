@@ -117,19 +117,25 @@ def _identity(block: np.ndarray) -> np.ndarray:
     return np.asarray(block, dtype=np.float32)
 
 
-def _low_pass_sigma(grid: SlabGrid, voxel_size_um: np.ndarray) -> np.ndarray:
+def _low_pass_sigma(grid: SlabGrid, voxel_size_um: np.ndarray, low_pass_um: Sequence[float] | None = None) -> np.ndarray:
     """Gaussian sigma per volume axis (voxels) before sampling ``grid``: ``sqrt(f^2 - 1) / 2`` for
     a grid step ``f`` times coarser than the voxels along that axis (the grid's axes projected on
-    it, so a tilted grid counts its in-plane steps on z too); 0 where the grid is as fine."""
-    steps = np.abs(grid.plane.axes) * np.asarray(grid.spacing_um, float)[:, None]  # (grid axis, volume axis)
+    it, so a tilted grid counts its in-plane steps on z too); 0 where the grid is as fine.
+    ``low_pass_um`` (per grid axis, um): filter as for a step this coarse where the grid is finer."""
+    spacing = np.asarray(grid.spacing_um, float)
+    if low_pass_um is not None:
+        spacing = np.maximum(spacing, np.asarray(low_pass_um, float))
+    steps = np.abs(grid.plane.axes) * spacing[:, None]  # (grid axis, volume axis)
     factor = steps.max(axis=0) / voxel_size_um
     return np.sqrt(np.clip(factor**2 - 1.0, 0.0, None)) / 2.0
 
 
 def read_slab(volume: Any, grid: SlabGrid, transform: Callable[[np.ndarray], np.ndarray] | None = None,
-              dtype: str = "float32") -> np.ndarray:
+              dtype: str = "float32", low_pass_um: Sequence[float] | None = None) -> np.ndarray:
     """``grid`` filled from ``volume`` (``voxel_size_um``, ``origin_um``, ``read_block``):
     intensities normalised by ``transform``, resampled, then stored as ``dtype`` (:func:`quantise`).
+    ``low_pass_um`` (n, v, u um): low-pass filter as for a grid this coarse (a context view that
+    keeps every k-th grid point, :mod:`xpression.data.context`); None = the grid's own spacing.
 
     A grid on the volume's own voxels (axial, the volume's voxel size, on its voxel lattice) is a
     plain block read. Anything else reads the one block it needs, with a margin wide enough that
@@ -142,16 +148,17 @@ def read_slab(volume: Any, grid: SlabGrid, transform: Callable[[np.ndarray], np.
     origin = grid.world(np.zeros((1, 3)))[0]
     start_f = (origin - vorigin) / vs
     transform = transform or _identity
+    sigma = _low_pass_sigma(grid, vs, low_pass_um)
+    filtered = np.any(sigma > 0.1)
     aligned = (
-        grid.plane.is_axial
+        not filtered
+        and grid.plane.is_axial
         and np.allclose(grid.spacing_um, vs, rtol=1e-6)
         and np.allclose(start_f, np.rint(start_f), atol=1e-4)
     )
     if aligned:
         start = np.rint(start_f).astype(np.int64)
         return quantise(transform(volume.read_block(start, start + np.asarray(grid.shape))), dtype)
-    sigma = _low_pass_sigma(grid, vs)
-    filtered = np.any(sigma > 0.1)
     margin = 2 + (np.asarray([int(4.0 * s + 0.5) for s in sigma]) if filtered else 0)  # scipy's truncate=4 radius
     far = np.asarray(grid.shape, dtype=float) - 1
     corners = np.array([[a, b, c] for a in (0, far[0]) for b in (0, far[1]) for c in (0, far[2])])
@@ -243,13 +250,15 @@ def read_patches(volume: Any, plane: Plane, uv_um: np.ndarray, patch_shape: Sequ
 
 class ResampledVolume:
     """``volume`` as the model sees it at another voxel size: normalised by ``transform`` and
-    resampled (:func:`read_slab`) on the lattice ``origin_um + i * voxel_size_um`` (z, y, x), same
-    physical frame. ``read_block`` returns float32 normalised intensities (not quantised: the
+    resampled (:func:`read_slab`, low-pass filtered for ``low_pass_um`` if given) on the lattice
+    ``origin_um + i * voxel_size_um`` (z, y, x), same physical frame. ``read_block`` returns float32 normalised intensities (not quantised: the
     sweep's :class:`Quantised` does that, as for a volume read at its own voxel size)."""
 
-    def __init__(self, volume: Any, voxel_size_um: Sequence[float], transform: Callable[[np.ndarray], np.ndarray] | None):
+    def __init__(self, volume: Any, voxel_size_um: Sequence[float], transform: Callable[[np.ndarray], np.ndarray] | None,
+                 low_pass_um: Sequence[float] | None = None):
         self.source = volume
         self.transform = transform
+        self.low_pass_um = low_pass_um
         self.voxel_size_um = tuple(float(v) for v in np.broadcast_to(np.asarray(voxel_size_um, float), (3,)))
         self.origin_um = tuple(float(o) for o in getattr(volume, "origin_um", (0.0, 0.0, 0.0)))
         ratio = np.asarray(self.voxel_size_um) / np.asarray(volume.voxel_size_um)
@@ -269,7 +278,7 @@ class ResampledVolume:
         grid = SlabGrid(Plane.axial(float(corner[0])), self.voxel_size_um, (float(corner[2]), float(corner[1])),
                         tuple(int(n) for n in stop - start), 0)  # type: ignore[arg-type]
         source = _Filled(self.source, fill) if fill != 0 else self.source
-        data = read_slab(source, grid, self.transform)
+        data = read_slab(source, grid, self.transform, low_pass_um=self.low_pass_um)
         if out is None:
             return data
         out[...] = data

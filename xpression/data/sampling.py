@@ -115,11 +115,14 @@ class SpotSampler:
     """Every training spot once per epoch, shuffled.
 
     ``patch_size_um`` = (depth, height, width) um of the field of view; ``voxel_size_um`` the
-    model's voxel size (z, y, x) or a scalar, None = the volume's.
+    model's voxel size (z, y, x) or a scalar, None = the volume's; ``context_um``: the field of
+    view (z, y, x) um of a multi-scale model's context view around the same centre
+    (:class:`~xpression.data.context.ContextView`), None = the patch only.
     """
 
     patch_size_um: Sequence[float] = field(default_factory=lambda: list(PAPER_PATCH_UM))
     voxel_size_um: Sequence[float] | float | None = None
+    context_um: Sequence[float] | None = None
 
     @property
     def geometry(self) -> PatchGeometry:

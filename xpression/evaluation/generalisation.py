@@ -239,9 +239,13 @@ def evaluate_off_plane(model: Any, datamodule: Any, spots: pd.DataFrame, probe: 
         norm = datamodule.normalizers.get(ventry.id) or datamodule.intensity_spec.transform_for(volume)
         for plane in mine:
             # the training patch path: the model's voxels, normalised and rounded as the cache was
-            patches = read_patches(volume, Plane.axial(plane.z_um), plane.points_um[:, [2, 1]], datamodule.patch_shape_vox,
+            uv = plane.points_um[:, [2, 1]]
+            patches = read_patches(volume, Plane.axial(plane.z_um), uv, datamodule.patch_shape_vox,
                                    model_vs, norm, datamodule.cache_dtype)
-            preds = {"model": _predict(predictor, patches, probe.batch_size)[:, cols]}
+            views = patches
+            if datamodule.context is not None:  # a multi-scale model: the patch, then its context view
+                views = np.stack([patches, datamodule.context.read(volume, Plane.axial(plane.z_um), uv, norm, datamodule.cache_dtype)], axis=1)
+            preds = {"model": _predict(predictor, views, probe.batch_size)[:, cols]}
             if ridge is not None:
                 preds["ridge"] = _predict(ridge, patches, probe.batch_size)[:, cols]
             preds.update({b: v[:, cols] for b, v in baseline_predictions(train, ventry.id, plane.points_um, k, section).items()})

@@ -26,6 +26,7 @@ from xpression.data.volume import VolumeError, open_volume
 from xpression.inference.predictor import InferenceError, Predictor
 from xpression.inference.runs import RunInfo, load_predictor
 from xpression.inference.shards import dist_rank_world, process_device
+from xpression.inference.sweep import ContextSource
 from xpression.inference.sinks import check_exports, write_exports
 from xpression.inference.uncertainty import ChannelView, resolve_trust_runs, trust_identity, trust_predictor
 from xpression.inference.volume_sweep import SweepSettings, infer_volume, plan_grid
@@ -49,6 +50,7 @@ class VolumeJob:
     model_voxel_um: tuple[float, float, float]
     volume: Any = None
     normalize: Any = None
+    context: Any = None  # a multi-scale model's ContextSource (xpression.inference.sweep)
 
     def __post_init__(self) -> None:
         # Until _prepare: the raw voxels on the model's lattice (grid checks, the CT preview).
@@ -107,6 +109,8 @@ def _prepare(job: VolumeJob, info: RunInfo) -> dict:
     patch path); returns the normaliser's description for the map metadata."""
     try:
         job.volume, job.normalize = info.spec.prepare(job.raw)
+        if info.spec.context is not None:
+            job.context = ContextSource(*info.spec.prepare_context(job.raw), info.spec.context)
     except ValueError as err:
         raise InferenceError(f"volume {job.volume_id}: {err}") from err
     transform = job.normalize.transform if job.volume is job.raw else job.volume.transform
@@ -167,6 +171,9 @@ def infer(cfg: Any) -> dict:
         torch.cuda.set_device(pred.device)
         if cfg.get("cudnn_benchmark", True):
             torch.backends.cudnn.benchmark = True  # tiles of one shape: each convolution autotuned once
+    if info.spec.context is not None and cfg.mode == "dense":
+        log.info("multi-scale model (patch and context view): no dense mode, predicting patch by patch (mode=patch)")
+        cfg.mode = "patch"
     jobs, cohort = plan_jobs(cfg, info)
     identity = {**info.identity(), **trust_identity(trust)}
     _precheck(jobs, pred, cfg, identity)
@@ -184,7 +191,7 @@ def infer(cfg: Any) -> dict:
         mask = _mask(job.raw, cfg)
         res = infer_volume(
             job.volume, pred, job.out_dir / "maps.ome.zarr", settings, mask=mask, normalize=job.normalize,
-            identity=identity, anchor_um=(job.section_z_um, None, None), rank=rank, world=world,
+            identity=identity, anchor_um=(job.section_z_um, None, None), rank=rank, world=world, context=job.context,
             metadata={**meta_common, "volume_id": job.volume_id, "normalizer": norm_meta,
                       "ct": {"path": str(getattr(job.raw, "path", "")), "preview": "../ct_preview.ome.zarr"}})
         for note in res.notes:

@@ -127,8 +127,9 @@ class Predictor:
         return t.to(self.device, non_blocking=True)
 
     def _layout(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, D, H, W)`` -> the network's ``(B, 1, D, H, W)`` input in its memory layout."""
-        x = x[:, None]
+        """``(B, D, H, W)`` -> the network's ``(B, 1, D, H, W)`` input in its memory layout
+        (``(B, C, D, H, W)``, e.g. a multi-scale model's patch and context view, as it is)."""
+        x = x[:, None] if x.ndim == 4 else x
         return x.contiguous(memory_format=torch.channels_last_3d) if self.channels_last else x.contiguous()
 
     @torch.inference_mode()

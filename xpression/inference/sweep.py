@@ -19,6 +19,10 @@ Two modes give the same numbers for a dense-equivalent network (within float err
   outputs are dropped, so each tile's points never sit near the edge of the network's input
   (the overlap-tile strategy of the U-Net paper, Ronneberger et al. 2015). Each grid point is answered by exactly one tile.
 
+A multi-scale model (a ``context``: :class:`ContextSource`) is swept in ``patch`` mode: each
+tile also reads one block of the low-pass filtered context volume, and every grid point's input
+is its patch and, as a second channel, every ``stride``-th voxel of that block around it.
+
 Only tiles with at least one grid point in the tissue mask are computed, and each input slab
 is cut to the bounding box of its tissue points (on a GPU it spans the whole tile instead, so
 every forward has one shape); points outside the mask are NaN. The next tiles' inputs are read
@@ -44,11 +48,12 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 from torch import nn
 
+from xpression.data.context import ContextView
 from xpression.data.intensity import has_torch_transform
 from xpression.inference.grid import OutputGrid, Tile, Tiling
 from xpression.inference.predictor import InferenceError, Predictor
 
-__all__ = ["AxisPlan", "SweepPlan", "TileResult", "default_overlap", "plan_sweep", "sweep", "sweep_tiles", "tile_mask", "tissue_tiles"]
+__all__ = ["AxisPlan", "ContextSource", "SweepPlan", "TileResult", "default_overlap", "plan_sweep", "sweep", "sweep_tiles", "tile_mask", "tissue_tiles"]
 
 MaskLike = Any  # None | bool array of the grid shape | callable(points_um (N, 3)) -> bool (N,) | obj.contains
 
@@ -199,6 +204,27 @@ def _identity(block: np.ndarray) -> np.ndarray:
     return np.asarray(block, dtype=np.float32)
 
 
+@dataclass(frozen=True)
+class ContextSource:
+    """A multi-scale model's context view for the sweep: ``volume`` and ``normalize`` as
+    :meth:`~xpression.data.input_spec.InputSpec.prepare_context` gives them (the low-pass
+    filtered volume on the same model-voxel lattice as the swept one), and the ``view``."""
+
+    volume: Any
+    normalize: Callable[[np.ndarray], np.ndarray]
+    view: ContextView
+
+    def read(self, grid: OutputGrid, parts: Sequence["_Slab"]) -> tuple[np.ndarray, np.ndarray]:
+        """The normalised block holding the views of every grid point of ``parts``, and its first voxel."""
+        half = np.asarray(self.view.span_shape) // 2
+        first = np.min([sl.gstart for sl in parts], axis=0)
+        last = np.max([sl.gstop for sl in parts], axis=0) - 1
+        lo = np.asarray(grid.origin_vox) + first * np.asarray(grid.step_vox) - half
+        hi = np.asarray(grid.origin_vox) + last * np.asarray(grid.step_vox) + half + 1
+        block = np.asarray(self.normalize(self.volume.read_block(tuple(lo), tuple(hi), fill=0)), dtype=np.float32)
+        return block, lo
+
+
 @dataclass
 class _TileInput:
     """A tile read from the volume: its tissue mask, its input slabs and the one block they
@@ -211,6 +237,8 @@ class _TileInput:
     origin: np.ndarray | None = None
     block: Any = None
     raw: bool = False
+    context_block: Any = None  # a multi-scale model's context block (normalised), from voxel context_origin
+    context_origin: np.ndarray | None = None
 
 
 def _padded(plan: SweepPlan, grid: OutputGrid, tile: Tile, full: Sequence[int], m: np.ndarray) -> list[_Slab]:
@@ -237,7 +265,7 @@ def _padded(plan: SweepPlan, grid: OutputGrid, tile: Tile, full: Sequence[int], 
 
 def _read_tile(volume: Any, plan: SweepPlan, grid: OutputGrid, tile: Tile, mask: MaskLike,
                normalize: Callable[[np.ndarray], np.ndarray], raw: bool, pin: bool,
-               pad: Sequence[int] | None) -> _TileInput:
+               pad: Sequence[int] | None, context: ContextSource | None = None) -> _TileInput:
     """One read per tile (its slabs share chunks, e.g. all z-planes of a tile); slabs are views."""
     m = tile_mask(mask, grid, tile)
     if not m.any():
@@ -259,7 +287,9 @@ def _read_tile(volume: Any, plan: SweepPlan, grid: OutputGrid, tile: Tile, mask:
         block = volume.read_block(tuple(lo), tuple(hi), fill=0)
     else:
         block = np.asarray(normalize(volume.read_block(tuple(lo), tuple(hi), fill=0)), dtype=np.float32)
-    return _TileInput(tile, m, parts, lo, block, raw)
+    if context is None:
+        return _TileInput(tile, m, parts, lo, block, raw)
+    return _TileInput(tile, m, parts, lo, block, raw, *context.read(grid, parts))
 
 
 def _torch_dtype(dtype: Any) -> Any:
@@ -305,26 +335,37 @@ def _view(block: Any, origin: np.ndarray, sl: _Slab) -> Any:
 
 
 def _run_patch(pred: Predictor, plan: SweepPlan, grid: OutputGrid, inp: _TileInput, block: Any,
-               batch_size: int, out: Any) -> None:
+               batch_size: int, out: Any, context: tuple[Any, ContextView] | None = None) -> None:
+    """Patch mode; ``context``: the tile's context block (on the device) and the view, for a
+    multi-scale model (its second input channel)."""
     import torch
 
     tile, m = inp.tile, inp.mask
     p = plan.patch_shape
     half = np.array([q // 2 for q in p])
-    jobs = []  # (slab view, local start of patch, local grid index)
+    jobs = []  # (slab view, local start of patch, local grid index, centre voxel)
     for sl in inp.slabs:
         data = _view(block, inp.origin, sl)
         sub = m[tuple(slice(a - t, b - t) for a, b, t in zip(sl.gstart, sl.gstop, tile.start))]
         idx = np.argwhere(sub) + np.asarray(sl.gstart)
-        starts = np.asarray(grid.origin_vox) + idx * np.asarray(grid.step_vox) - half - np.asarray(sl.vstart)
-        jobs.extend((data, s, i - np.asarray(tile.start)) for s, i in zip(starts, idx))
-    batch = torch.empty((min(batch_size, len(jobs)),) + p, dtype=torch.float32, device=block.device)
+        centres = np.asarray(grid.origin_vox) + idx * np.asarray(grid.step_vox)
+        jobs.extend((data, c - half - np.asarray(sl.vstart), i - np.asarray(tile.start), c) for c, i in zip(centres, idx))
+    channels = () if context is None else (2,)
+    batch = torch.empty((min(batch_size, len(jobs)),) + channels + p, dtype=torch.float32, device=block.device)
+    fine = batch if context is None else batch[:, 0]
+    if context is not None:
+        cblock, view = context
+        k, chalf = view.stride, np.asarray(view.span_shape) // 2
     for b0 in range(0, len(jobs), batch_size):
         part = jobs[b0 : b0 + batch_size]
-        for j, (data, s, _) in enumerate(part):
-            batch[j] = data[s[0] : s[0] + p[0], s[1] : s[1] + p[1], s[2] : s[2] + p[2]]
+        for j, (data, s, _, c) in enumerate(part):
+            fine[j] = data[s[0] : s[0] + p[0], s[1] : s[1] + p[1], s[2] : s[2] + p[2]]
+            if context is not None:
+                cs = c - chalf - inp.context_origin
+                batch[j, 1] = cblock[cs[0] : cs[0] + (p[0] - 1) * k[0] + 1 : k[0], cs[1] : cs[1] + (p[1] - 1) * k[1] + 1 : k[1],
+                                     cs[2] : cs[2] + (p[2] - 1) * k[2] + 1 : k[2]]
         res = pred.patches_tensor(batch[: len(part)])
-        loc = torch.as_tensor(np.array([i for _, _, i in part]), device=out.device)
+        loc = torch.as_tensor(np.array([i for _, _, i, _ in part]), device=out.device)
         out[:, loc[:, 0], loc[:, 1], loc[:, 2]] = res.T
 
 
@@ -376,7 +417,7 @@ class _Launched:
 
 
 def _launch(pred: Predictor, plan: SweepPlan, grid: OutputGrid, inp: _TileInput, batch_size: int,
-            normalize: Any, voxels: int) -> _Launched:
+            normalize: Any, voxels: int, context: ContextSource | None = None) -> _Launched:
     import torch
 
     t0 = time.perf_counter()
@@ -389,7 +430,8 @@ def _launch(pred: Predictor, plan: SweepPlan, grid: OutputGrid, inp: _TileInput,
     T = pred.num_targets
     out = torch.full((T,) + inp.tile.shape, float("nan"), dtype=torch.float32, device=dev)
     if plan.mode == "patch":
-        _run_patch(pred, plan, grid, inp, block, batch_size, out)
+        views = None if context is None else (torch.from_numpy(inp.context_block).to(dev, non_blocking=True), context.view)
+        _run_patch(pred, plan, grid, inp, block, batch_size, out, views)
     else:
         _run_dense(pred, plan, grid, inp, block, batch_size, out)
         outside = torch.from_numpy(~inp.mask).to(dev, non_blocking=True)
@@ -419,6 +461,7 @@ def sweep_tiles(
     readers: int | None = None,
     pad_tiles: bool | None = None,
     normalize_on_device: bool | None = None,
+    context: ContextSource | None = None,
 ) -> Iterator[TileResult]:
     """Predict every grid point of ``grid`` over ``volume``, tile by tile.
 
@@ -447,6 +490,7 @@ def sweep_tiles(
             those outputs are dropped) so that every forward has the same input shape (cuDNN
             autotuning, compiled graphs). Default: on a GPU. The values are the same for
             dense-equivalent networks (others see more context).
+        context: a multi-scale model's context view (patch mode only).
 
     Yields:
         :class:`TileResult` per tile, in the order of ``tiles``. On a GPU the next tile's work is
@@ -455,6 +499,8 @@ def sweep_tiles(
     pred = model if isinstance(model, Predictor) else Predictor(model)
     tiling = Tiling(grid.shape, tuple(int(t) for t in tile_shape))  # type: ignore[arg-type]
     plan = plan_sweep(pred, grid, mode, overlap, tiling.tile_shape)
+    if context is not None and plan.mode != "patch":
+        raise InferenceError("a multi-scale model (patch and context view) is swept in patch mode only; use mode=patch")
     order = range(len(tiling)) if tiles is None else tiles
     on_gpu = pred.device.type == "cuda"
     if readers is None:
@@ -471,7 +517,7 @@ def sweep_tiles(
     pad = tiling.tile_shape if (pad_tiles and plan.mode == "dense") else None
 
     def read(tile: Tile) -> _TileInput:
-        return _read_tile(volume, plan, grid, tile, mask, normalize, raw, on_gpu, pad)
+        return _read_tile(volume, plan, grid, tile, mask, normalize, raw, on_gpu, pad, context)
 
     T = pred.num_targets
     pending: _Launched | None = None
@@ -485,7 +531,7 @@ def sweep_tiles(
                     pending = None
                 yield TileResult(tile, np.full((T,) + tile.shape, np.nan, np.float32), 0, voxels, 0.0)
             continue
-        launched = _launch(pred, plan, grid, inp, batch_size, normalize, voxels)
+        launched = _launch(pred, plan, grid, inp, batch_size, normalize, voxels, context)
         if pending is not None:
             yield pending.result()
         pending = launched

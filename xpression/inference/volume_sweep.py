@@ -290,6 +290,7 @@ def infer_volume(
     rank: int = 0,
     world: int = 1,
     on_tile: Callable[[TileResult], None] | None = None,
+    context: Any = None,
 ) -> VolumeSweep:
     """Sweep ``volume`` into the map store ``out`` (see :mod:`xpression.inference.writers`) as
     ``settings`` say.
@@ -300,7 +301,8 @@ def infer_volume(
     in the store; ``anchor_um``: a plane the grid passes through (z, y, x; None: free);
     ``rank``/``world``: this process's share of the tiles. ``on_tile`` is called (on the
     writing thread) after each tile is stored. A finished store is left alone unless
-    ``settings.overwrite``.
+    ``settings.overwrite``. ``context``: a multi-scale model's
+    :class:`~xpression.inference.sweep.ContextSource` (patch mode).
     """
     st = settings
     spacing_um, mode, tile_vox, overlap, batch_size = st.spacing_um, st.mode, st.tile_vox, st.overlap, st.batch_size
@@ -350,7 +352,8 @@ def infer_volume(
         writer = _WriteBehind(store, stored, st.write_queue)
         try:
             for tr in sweep_tiles(volume, predictor, grid, tile_shape, mode, overlap, slabs_per_forward, mask,
-                                  normalize, tiles=todo, prefetch=st.prefetch, readers=st.readers, pad_tiles=st.pad_tiles):
+                                  normalize, tiles=todo, prefetch=st.prefetch, readers=st.readers, pad_tiles=st.pad_tiles,
+                                  context=context):
                 writer.put(tr)
         except BaseException:
             writer.close(abort=True)

@@ -101,6 +101,13 @@ class XPressionModule(pl.LightningModule):
             raise ValueError(f"input_spec targets {spec.targets} differ from the module's {spec_to_dict(self.target_spec)}")
         if tuple(spec.patch_shape_vox) != tuple(self.hparams.patch_shape):
             raise ValueError(f"input_spec patch {list(spec.patch_shape_vox)} differs from the module's {self.hparams.patch_shape}")
+        views = int(getattr(self.net.backbone, "views", 1))
+        if spec.views != views:
+            raise ValueError(
+                f"backbone {self.hparams.backbone.get('name')!r} takes the patch and a context view, but patch.context_um is null; "
+                "set it (e.g. patch.context_um=[172.8,600,600])" if views == 2 else
+                f"patch.context_um={list(spec.context_um or [])} gives a context view, but backbone "
+                f"{self.hparams.backbone.get('name')!r} takes the patch only; use a multi-scale model (e.g. model=multiscale_cnn3d)")
         return spec
 
     def checkpoint_spec(self) -> dict | None:

@@ -1,0 +1,102 @@
+"""The context view of a multi-scale model: a wide, coarse view centred where the patch is.
+
+The fine patch is ``(D, H, W)`` model voxels. The context view has the same shape but takes every
+``stride``-th model voxel along each axis, from the volume low-pass filtered for that step
+(:func:`~xpression.data.patches.read_slab` with ``low_pass_um``), so it covers about ``size_um``
+(z, y, x) around the same centre voxel. Its points are model-lattice points, so a training view
+(cut from a filtered slab of the section) and the probe's or the sweep's view at the same point are
+equal bit for bit, like the fine patch; tests/test_context_view.py checks it.
+
+The view may reach past the volume: it is read with the volume's fill there (raw 0, normalised),
+the same way in training and inference, so no spot is dropped for its context.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from xpression.data.geometry import Plane, SlabGrid
+from xpression.data.patches import dequantise, read_slab, slab_grid
+
+__all__ = ["ContextView"]
+
+
+@dataclass(frozen=True)
+class ContextView:
+    """``size_um``: the requested field of view (z, y, x) um; ``patch_shape``: the fine patch
+    (D, H, W) voxels, which the view shares; ``voxel_size_um``: the model voxel size (z, y, x)."""
+
+    size_um: tuple[float, float, float]
+    patch_shape: tuple[int, int, int]
+    voxel_size_um: tuple[float, float, float]
+
+    @classmethod
+    def of(cls, size_um: Sequence[float], patch_size_um: Sequence[float], patch_shape: Sequence[int],
+           voxel_size_um: Sequence[float], key: str = "patch.context_um") -> "ContextView":
+        """The view of ``size_um`` around a ``patch_size_um`` patch; ``ValueError`` naming ``key``
+        when it is not 3 positive numbers or is smaller than the patch along an axis."""
+        size = np.asarray(size_um, float).ravel()
+        if size.shape != (3,) or not np.all(np.isfinite(size)) or np.any(size <= 0):
+            raise ValueError(f"{key} must be 3 positive numbers [z, y, x] in um, got {list(np.ravel(size_um))}")
+        patch = np.broadcast_to(np.asarray(patch_size_um, float), (3,))
+        small = [a for a, s, p in zip("zyx", size, patch) if s < p - 1e-6]
+        if small:
+            raise ValueError(f"{key} {size.tolist()} um is smaller than the patch {patch.tolist()} um along "
+                             f"{', '.join(small)}; the context view must be at least as large as the patch")
+        return cls(tuple(float(s) for s in size), tuple(int(n) for n in patch_shape),  # type: ignore[arg-type]
+                   tuple(float(v) for v in np.broadcast_to(np.asarray(voxel_size_um, float), (3,))))  # type: ignore[arg-type]
+
+    @property
+    def stride(self) -> tuple[int, int, int]:
+        """Model voxels between neighbouring context voxels (z, y, x): the whole step nearest to
+        ``size_um / (patch_shape x voxel_size_um)``, at least 1."""
+        return tuple(max(1, int(round(s / (n * v)))) for s, n, v in zip(self.size_um, self.patch_shape, self.voxel_size_um))  # type: ignore[return-value]
+
+    @property
+    def step_um(self) -> tuple[float, float, float]:
+        """The context view's voxel size (z, y, x) um."""
+        return tuple(k * v for k, v in zip(self.stride, self.voxel_size_um))  # type: ignore[return-value]
+
+    @property
+    def extent_um(self) -> tuple[float, float, float]:
+        """The field of view the context voxels actually cover (z, y, x) um."""
+        return tuple(n * s for n, s in zip(self.patch_shape, self.step_um))  # type: ignore[return-value]
+
+    @property
+    def span_shape(self) -> tuple[int, int, int]:
+        """Model voxels from the view's first voxel to its last, inclusive (D, H, W)."""
+        return tuple((n - 1) * k + 1 for n, k in zip(self.patch_shape, self.stride))  # type: ignore[return-value]
+
+    def grid(self, plane: Plane, volume: Any, uv_um: np.ndarray, margin_um: float | Sequence[float] = 0.0) -> SlabGrid:
+        """The model-voxel grid holding the views centred at ``uv_um`` on ``plane`` (the fine
+        patches' :func:`~xpression.data.patches.slab_grid`, as wide as the view)."""
+        return slab_grid(plane, volume, uv_um, self.span_shape, self.voxel_size_um, margin_um)
+
+    def read_slab(self, volume: Any, grid: SlabGrid, transform: Callable[[np.ndarray], np.ndarray] | None,
+                  dtype: str) -> np.ndarray:
+        """``grid`` from ``volume``, normalised, low-pass filtered for the view's step, stored as ``dtype``."""
+        return read_slab(volume, grid, transform, dtype, low_pass_um=self.step_um)
+
+    def cut(self, slab: np.ndarray, grid: SlabGrid, h: int, w: int) -> np.ndarray:
+        """The ``patch_shape`` view of ``slab`` centred on grid point ``(grid.centre_d, h, w)``,
+        every ``stride``-th voxel (a view)."""
+        (hd, hh, hw), (kd, kh, kw) = ((int(p) // 2 for p in self.patch_shape), self.stride)
+        c = grid.centre_d
+        return slab[c - hd * kd : c + hd * kd + 1 : kd, h - hh * kh : h + hh * kh + 1 : kh, w - hw * kw : w + hw * kw + 1 : kw]
+
+    def read(self, volume: Any, plane: Plane, uv_um: np.ndarray, transform: Callable[[np.ndarray], np.ndarray] | None,
+             dtype: str) -> np.ndarray:
+        """``(N, D, H, W)`` float32 views centred on the model-lattice points nearest ``uv_um``
+        (the fine patches' centres), read as training reads them."""
+        uv = np.asarray(uv_um, float).reshape(-1, 2)
+        grid = self.grid(plane, volume, uv)
+        slab = self.read_slab(volume, grid, transform, dtype)
+        return np.stack([dequantise(self.cut(slab, grid, h, w)) for h, w in grid.index_of(uv)])
+
+    def to_dict(self) -> dict:
+        """What the checkpoint's input spec records beside ``size_um`` (for readers and logs)."""
+        return {"size_um": list(self.size_um), "stride": list(self.stride), "step_um": list(self.step_um),
+                "extent_um": list(self.extent_um)}
