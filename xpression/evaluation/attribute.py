@@ -236,6 +236,9 @@ def run(args: argparse.Namespace) -> Path:
     if args.steps < 1 or args.cube_um <= 0 or (args.stride_um is not None and args.stride_um <= 0):
         raise AttributionError("--steps must be >= 1, --cube-um and --stride-um positive")
     info = resolve_run(args.run, args.checkpoint)
+    if getattr(info.spec, "context_um", None) is not None:
+        raise AttributionError(f"run {info.run_dir} is a multi-scale model (context view {list(info.spec.context_um)} um); "
+                               "attributions cover single-view models only")
     out = Path(args.out) if args.out else info.run_dir / "attributions"
     manifest = args.cohort or info.manifest
     if not manifest:
