@@ -13,6 +13,7 @@ OUT=${OUT:-runs/lesion_placement/$(date +%Y-%m-%d_%H-%M-%S)}
 EPOCHS=${EPOCHS:-8}
 SEEDS=${SEEDS:-0,1,2,3,4}
 POINTS=${POINTS:-150}
+TRAINER=cpu
 DEPTHS=${DEPTHS:-"[6.4,205,205],[57.6,205,205],[134.4,205,205]"}
 if [ ! -f "$COHORT" ]; then
     "$PY" -m xpression.phantom --out "$(dirname "$COHORT")" --preset benchmark --seed 0 \
@@ -20,13 +21,9 @@ if [ ! -f "$COHORT" ]; then
 fi
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} MKL_NUM_THREADS=${MKL_NUM_THREADS:-1}
 mkdir -p "$OUT"
-read -r -a EXTRA_ARGS <<< "${EXTRA:-}"
-"$PY" train.py -m experiment=context "hydra.sweep.dir=$OUT/context" "data.manifest=$COHORT" \
-    "data.sections=[mock_0_s0,infected_0_s0]" data.num_workers=0 data.persistent_workers=false \
-    data.pin_memory=false figures=false trainer=cpu "off_plane.n_points=$POINTS" \
-    "off_plane.max_patch_um=[134.4,400,400]" "trainer.max_epochs=$EPOCHS" ++trainer.enable_progress_bar=false \
-    "~callbacks.progress_bar" "~callbacks.model_summary" model.warmup_steps=20 \
-    "hydra.sweeper.params.seed=\"$SEEDS\"" "patch.size_um=$DEPTHS" "${EXTRA_ARGS[@]}" \
+source "$(dirname "$0")/benchmark_args.sh"  # COMMON and NET, as make benchmark
+"$PY" train.py -m experiment=context "hydra.sweep.dir=$OUT/context" "${COMMON[@]}" "${NET[@]}" \
+    "hydra.sweeper.params.seed=\"$SEEDS\"" "patch.size_um=$DEPTHS" \
     > "$OUT/context.log" 2>&1 || { echo "context failed; see $OUT/context.log" >&2; exit 1; }
 "$PY" -m xpression.evaluation.benchmark "$OUT/context" --out "$OUT" > "$OUT/report.log"
 echo "report in $OUT/benchmark.md"

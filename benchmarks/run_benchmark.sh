@@ -20,8 +20,6 @@ PY=${PY:-.venv/bin/python}
 COHORT=${COHORT:-data/phantom_default/cohort.yaml}
 OUT=${OUT:-runs/benchmark/$(date +%Y-%m-%d_%H-%M-%S)}
 BUDGET=${BUDGET:-cpu}
-SECTIONS=${SECTIONS:-[mock_0_s0,infected_0_s0]}  # trained sections; every other volume is an unseen animal
-MAX_PATCH_UM=${MAX_PATCH_UM:-[134.4,400,400]}   # largest patch of any row: fixes the probe set for all rows
 case "$BUDGET" in
   cpu) : "${EPOCHS:=8}" "${SEEDS:=0,1,2,3,4}" "${POINTS:=150}" "${TRAINER:=cpu}" "${STREAMS:=2}" "${PAPER_RECIPE:=0}"
        : "${BACKBONES:=cnn3d,unet}" ;;
@@ -33,13 +31,7 @@ esac
 if [ "$TRAINER" = cpu ]; then export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} MKL_NUM_THREADS=${MKL_NUM_THREADS:-1}; fi
 
 mkdir -p "$OUT"
-COMMON=("data.manifest=$COHORT" "data.sections=$SECTIONS" data.num_workers=0 data.persistent_workers=false
-        data.pin_memory=false figures=false "trainer=$TRAINER" "off_plane.n_points=$POINTS"
-        "off_plane.max_patch_um=$MAX_PATCH_UM")
-read -r -a EXTRA_ARGS <<< "${EXTRA:-}"
-COMMON+=("${EXTRA_ARGS[@]}")
-NET=("trainer.max_epochs=$EPOCHS" ++trainer.enable_progress_bar=false "~callbacks.progress_bar"
-     "~callbacks.model_summary" model.warmup_steps=20)
+source "$(dirname "$0")/benchmark_args.sh"  # COMMON and NET
 
 run() {  # run <experiment> <folder> <seeds> [overrides...]; wall and CPU seconds go to <folder>.time
     local name=$1 dir=$2 seeds=$3; shift 3

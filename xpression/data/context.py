@@ -80,12 +80,15 @@ class ContextView:
         """``grid`` from ``volume``, normalised, low-pass filtered for the view's step, stored as ``dtype``."""
         return read_slab(volume, grid, transform, dtype, low_pass_um=self.step_um)
 
+    def window(self, block: Any, centre: Sequence[int]) -> Any:
+        """The ``patch_shape`` view of ``block`` (an array or tensor) centred on its voxel
+        ``centre`` (d, h, w), every ``stride``-th voxel (a view, not a copy)."""
+        c = np.asarray(centre, dtype=np.int64) - np.asarray(self.span_shape) // 2
+        return block[tuple(slice(int(a), int(a) + (n - 1) * k + 1, k) for a, n, k in zip(c, self.patch_shape, self.stride))]
+
     def cut(self, slab: np.ndarray, grid: SlabGrid, h: int, w: int) -> np.ndarray:
-        """The ``patch_shape`` view of ``slab`` centred on grid point ``(grid.centre_d, h, w)``,
-        every ``stride``-th voxel (a view)."""
-        (hd, hh, hw), (kd, kh, kw) = ((int(p) // 2 for p in self.patch_shape), self.stride)
-        c = grid.centre_d
-        return slab[c - hd * kd : c + hd * kd + 1 : kd, h - hh * kh : h + hh * kh + 1 : kh, w - hw * kw : w + hw * kw + 1 : kw]
+        """The view of ``slab`` centred on grid point ``(grid.centre_d, h, w)`` (:meth:`window`)."""
+        return self.window(slab, (grid.centre_d, h, w))
 
     def read(self, volume: Any, plane: Plane, uv_um: np.ndarray, transform: Callable[[np.ndarray], np.ndarray] | None,
              dtype: str) -> np.ndarray:

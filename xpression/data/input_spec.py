@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -175,7 +176,7 @@ class InputSpec:
         t = self.targets
         return TargetSpec(list(t["names"]), t["kind"], t.get("colors"), t.get("reference"), t.get("reference_r"))
 
-    @property
+    @cached_property
     def context(self) -> ContextView | None:
         """The context view of a multi-scale model; None for a model that sees the patch only."""
         if self.context_um is None:

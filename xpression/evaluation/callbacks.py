@@ -24,22 +24,29 @@ from xpression.callbacks import PostFit, SpotPredictions
 from xpression.config import ConfigError, schema_problems
 from xpression.evaluation.baselines import KNN_K
 
-__all__ = ["RunScores", "RunFigures", "final_metrics"]
+__all__ = ["RunScores", "RunFigures", "final_metrics", "split_summary"]
 
 log = logging.getLogger(__name__)
 
 _LOGGED_SCORES = ("pearson_mean", "r2_mean")
 
 
+def split_summary(metrics: Mapping[str, Any], per_target: bool = False) -> dict[str, float]:
+    """Every split's numbers as ``final/<split>/<metric>``: the means over targets (a fixed few
+    per split) and, with ``per_target``, each target's own (``<metric>/<target>``)."""
+    out: dict[str, float] = {}
+    for split, values in (metrics.get("splits") or {}).items():
+        for name, value in values.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and (per_target or "/" not in name):
+                out[f"final/{split}/{name}"] = float(value)
+    return out
+
+
 def final_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
     """The numbers of ``evaluate_run``'s metrics as flat logger keys: every split metric as
     ``final/<split>/<metric>`` and each score row's mean r and R^2 as
     ``final/<where>[ <distance> um]/<volume>/<predictor>/<metric>``."""
-    out: dict[str, float] = {}
-    for split, values in (metrics.get("splits") or {}).items():
-        for name, value in values.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                out[f"final/{split}/{name}"] = float(value)
+    out = split_summary(metrics, per_target=True)
     for row in metrics.get("scores") or []:
         where = str(row["where"])
         d = row.get("distance_um")
@@ -96,10 +103,10 @@ class RunScores(PostFit):
         for logger in trainer.loggers:
             logger.log_metrics(final, step=trainer.global_step)
             logger.save()
-        # Only the split metrics join callback_metrics: a spawn-based strategy sends them to the main
-        # process through a pipe it reads only once its workers have exited, so the hundreds of
-        # per-volume scores would fill the pipe and the worker would never exit (ddp_spawn hangs).
-        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in final.items() if k.count("/") == 2})
+        # callback_metrics gets the split means alone, a count that does not grow with volumes or
+        # targets: a spawn-based strategy sends them to the main process through a pipe it reads only
+        # once its workers have exited, so hundreds of scores would fill it and hang ddp_spawn.
+        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in split_summary(metrics).items()})
 
     def teardown(self, trainer: pl.Trainer, pl_module: Any, stage: str) -> None:
         """Print the table once the progress bar has closed."""

@@ -353,17 +353,13 @@ def _run_patch(pred: Predictor, plan: SweepPlan, grid: OutputGrid, inp: _TileInp
     channels = () if context is None else (2,)
     batch = torch.empty((min(batch_size, len(jobs)),) + channels + p, dtype=torch.float32, device=block.device)
     fine = batch if context is None else batch[:, 0]
-    if context is not None:
-        cblock, view = context
-        k, chalf = view.stride, np.asarray(view.span_shape) // 2
     for b0 in range(0, len(jobs), batch_size):
         part = jobs[b0 : b0 + batch_size]
         for j, (data, s, _, c) in enumerate(part):
             fine[j] = data[s[0] : s[0] + p[0], s[1] : s[1] + p[1], s[2] : s[2] + p[2]]
             if context is not None:
-                cs = c - chalf - inp.context_origin
-                batch[j, 1] = cblock[cs[0] : cs[0] + (p[0] - 1) * k[0] + 1 : k[0], cs[1] : cs[1] + (p[1] - 1) * k[1] + 1 : k[1],
-                                     cs[2] : cs[2] + (p[2] - 1) * k[2] + 1 : k[2]]
+                cblock, view = context
+                batch[j, 1] = view.window(cblock, c - inp.context_origin)
         res = pred.patches_tensor(batch[: len(part)])
         loc = torch.as_tensor(np.array([i for _, _, i, _ in part]), device=out.device)
         out[:, loc[:, 0], loc[:, 1], loc[:, 2]] = res.T
