@@ -46,7 +46,30 @@ SLOW_FILES = {"test_train.py", "test_train_runs.py", "test_experiments.py", "tes
               "test_paper_recipe.py", "test_phantom_realism.py"}
 
 
+# Single tests that took over 2 s each (``pytest -m "not slow" --durations=40``, quiet 2-core CPU),
+# most of them sweeps or CLI runs in subprocesses; `make test-fast` stays under 2 minutes without them.
+SLOW_TESTS = {
+    "test_gpu_check.py::test_gpu_check_runs_every_stage_on_the_cpu",  # 43 s
+    "test_uncertainty.py::test_infer_with_ood_and_mc_dropout_scores_against_the_truth",  # 26 s
+    "test_checkpoint_only.py::test_a_checkpoint_alone_sweeps_like_its_run_folder",  # 2 x 12 s
+    "test_input_checks.py::test_every_shipped_config_passes_the_checks",  # 21 s
+    "test_input_checks.py::test_cli_prints_the_cause_last_without_a_traceback",  # 17 s
+    "test_inference_cli.py::test_cohort_sweep_end_to_end",  # 12 s
+    "test_gene_maps.py::test_gene_maps_of_fitted_programs_end_to_end",  # 12 s
+    "test_layers.py::test_import_has_no_side_effects",  # 4 fresh interpreters, 11 s
+    "test_pretrain.py::test_reconstruction_loss_falls_on_a_fixed_batch",  # 2 x 3.5 s
+    "test_attribution.py::test_command_on_a_run_of_the_tiny_cohort",  # 5 s with its run
+    "test_inference_store.py::test_two_processes_match_one",  # 3 s
+    "test_phantom.py::test_deterministic",  # 3 s
+    "test_pandas_strings.py::test_cohort_writes_and_reads_with_the_string_dtype",  # 2.4 s
+    "test_resolvers.py::test_phantom_resolver_generates_once",  # 2.2 s
+    "test_module.py::test_overfits_fixed_batches",  # 4.5 s of training steps
+    "test_chrysalis.py::test_section_maps_and_depth_plot_use_the_compartment_colours",  # 1.9 s of figures
+}
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
-        if item.path.name in SLOW_FILES:
+        name = getattr(item, "originalname", item.name)  # parametrised tests: the function's name
+        if item.path.name in SLOW_FILES or f"{item.path.name}::{name}" in SLOW_TESTS:
             item.add_marker(pytest.mark.slow)
