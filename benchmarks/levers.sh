@@ -34,7 +34,7 @@ mkdir -p "$OUT"
 COMMON=(data=phantom_benchmark "data.manifest=$COHORT" "data.sections=[mock_0_s0,infected_0_s0]"
         data.num_workers=0 data.persistent_workers=false figures=false "trainer=$TRAINER"
         +off_plane=probe off_plane.n_points=150 "off_plane.max_patch_um=[134.4,400,400]"
-        "sampler.patch_size_um=[57.6,205,205]" ++trainer.enable_progress_bar=false
+        "sampler.patch_size_um=[57.6,205,205]" callbacks.early_stopping.patience=5 ++trainer.enable_progress_bar=false
         "~callbacks.progress_bar" "~callbacks.model_summary" ${EXTRA:-})
 run() {  # run <name> [overrides...]
     local name=$1; shift

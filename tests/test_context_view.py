@@ -181,3 +181,28 @@ def test_sweep_feeds_a_multiscale_model_the_training_views(tiny_cohort):
                       dm.context.read(volume, plane, uv, norm, dm.cache_dtype)], axis=1)
     np.testing.assert_allclose(out[:, 0, 0, 0], module(torch.from_numpy(probe)).detach().numpy()[0], rtol=1e-5, atol=1e-6)
     assert np.abs(out[:, 0, 0, 0] - out[:, 1, 1, 1]).max() > 1e-4  # different points, different answers
+
+
+@pytest.mark.parametrize("overrides, context", [
+    (["model=cnn3d"], None),
+    (["model=multiscale_cnn3d"], [102.0, 615.0, 615.0]),  # 3 x the default 34 x 205 x 205 um patch
+    (["model=multiscale_resnet3d_valid", "patch.size_um=[57.6,205,205]"], [172.8, 615.0, 615.0]),
+    (["model=multiscale_cnn3d", "patch.context_um=[172.8,600,600]"], [172.8, 600.0, 600.0]),  # set: it wins
+    (["model=multiscale_cnn3d", "sampler.patch_size_um=[57.6,205,205]"], [172.8, 615.0, 615.0]),
+])
+def test_a_multiscale_model_brings_a_context_view_three_times_the_patch(overrides, context):
+    import os
+
+    from hydra import compose, initialize_config_dir
+
+    from xpression.config import sync_patch
+
+    conf = os.path.join(os.path.dirname(__file__), "..", "conf")
+    with initialize_config_dir(config_dir=os.path.abspath(conf), version_base="1.3"):
+        cfg = compose("train", overrides=overrides)
+    sync_patch(cfg)
+    if context is None:
+        assert cfg.patch.context_um is None and cfg.sampler.context_um is None
+    else:
+        np.testing.assert_allclose(list(cfg.patch.context_um), context)
+        np.testing.assert_allclose(list(cfg.sampler.context_um), context)

@@ -191,7 +191,9 @@ def test_every_shipped_config_passes_the_checks(tmp_path):
                       "callbacks", "logger", "evaluation"):
             for path in sorted((ROOT / "conf" / group).glob("*.yaml")):
                 if not path.stem.startswith("_"):  # a base config, not an option
-                    check_train_config(compose(config_name="train", overrides=[f"{group}={path.stem}"]))
+                    # a backbone swaps the single-view model's network (the default one is multi-scale)
+                    pin = ["model=cnn3d"] if group == "model/backbone" else []
+                    check_train_config(compose(config_name="train", overrides=[*pin, f"{group}={path.stem}"]))
         for path in sorted((ROOT / "conf" / "experiment").glob("*.yaml")):
             check_train_config(compose(config_name="train", overrides=[f"experiment={path.stem}"]))
         check_train_config(compose(config_name="train", overrides=["+off_plane=probe"]))
@@ -231,7 +233,9 @@ def test_sampler_patch_spelling_sets_the_patch_group():
 
     cfg = compose("train", ["sampler.patch_size_um=[57.6,205,205]", "sampler.voxel_size_um=3.2"])
     sync_patch(cfg)
-    assert OmegaConf.to_container(cfg.patch, resolve=True) == {"size_um": [57.6, 205, 205], "voxel_size_um": 3.2, "context_um": None}
+    # the default multi-scale model's context view follows the patch: 3 times it along each axis
+    assert OmegaConf.to_container(cfg.patch, resolve=True) == {"size_um": [57.6, 205, 205], "voxel_size_um": 3.2,
+                                                              "context_um": [57.6 * 3, 615.0, 615.0]}
     assert list(cfg.sampler.patch_size_um) == [57.6, 205, 205]
     cfg = compose("train", ["patch.size_um=[6.4,100,100]", "sampler=stratified"])
     sync_patch(cfg)

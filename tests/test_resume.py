@@ -158,9 +158,9 @@ def test_resume_allows_only_the_listed_overrides(crashed):
 
 
 def test_a_checkpoint_of_another_config_is_refused(crashed, tmp_path):
-    # The README's former recipe: the default config composed again, pointed at the run's checkpoint.
+    # The README's former recipe: the default config (with the run's network) composed again, pointed at the run's checkpoint.
     last = crashed / "checkpoints" / "last.ckpt"
-    cfg = _compose(f"ckpt_path={last}", f"paths.data_dir={tmp_path / 'data'}")
+    cfg = _compose(f"ckpt_path={last}", "model=cnn3d", f"paths.data_dir={tmp_path / 'data'}")
     with open_dict(cfg):
         cfg.paths.output_dir = str(crashed)
     with pytest.raises(ResumeError, match=r"was written with another config: data.sections = None in the "

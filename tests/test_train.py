@@ -20,13 +20,19 @@ from xpression.training import train
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _small_cnn(overrides: list[str]) -> list[str]:
+    """The tests' network: the small single-view 3D CNN (dense sweeps, 64 features) unless an
+    override names another; train.py's default is the multi-scale one."""
+    return overrides if any(o.startswith(("model=", "experiment=")) for o in overrides) else ["model=cnn3d", *overrides]
+
+
 def _cfg(tmp_path: Path, manifest: Path, overrides: list[str]):
     GlobalHydra.instance().clear()
     with initialize(version_base="1.3", config_path="../conf"):
         cfg = compose(
             config_name="train",
             return_hydra_config=True,
-            overrides=["debug=smoke", f"data.manifest={manifest}", *overrides],
+            overrides=["debug=smoke", f"data.manifest={manifest}", *_small_cnn(overrides)],
         )
     HydraConfig().set_config(cfg)
     with open_dict(cfg):

@@ -5,7 +5,8 @@ that preset (seed 0) the first time it is needed, so `python train.py debug=smok
 fresh clone without a separate generation step. An existing cohort is never regenerated.
 `${run_dir:RESUME,DEFAULT}` and `${hydra_output_subdir:DIR,RESUME}` place Hydra's run folder and its
 saved config (conf/hydra/default.yaml) so that a resumed run continues in, and never
-overwrites, its folder. The entry points (train.py, infer.py) call :func:`register_resolvers`
+overwrites, its folder. `${scale:VALUES,K}` multiplies a list of numbers (a multi-scale model's
+context view: 3 x the patch, conf/patch/context/x3.yaml). The entry points (train.py, infer.py) call :func:`register_resolvers`
 before Hydra composes; importing ``xpression`` registers nothing.
 """
 
@@ -13,10 +14,11 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 from omegaconf import OmegaConf
 
-__all__ = ["ensure_phantom", "hydra_output_subdir", "register_resolvers", "run_dir"]
+__all__ = ["ensure_phantom", "hydra_output_subdir", "register_resolvers", "run_dir", "scale"]
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +46,11 @@ def hydra_output_subdir(output_dir: str, resume: str | None = None) -> str | Non
     return None if resume or (Path(output_dir) / "config.yaml").exists() else ".hydra"
 
 
+def scale(values: Any, factor: float) -> list[float]:
+    """``${scale:${patch.size_um},3}``: every number of ``values`` times ``factor`` (a list)."""
+    return [float(v) * float(factor) for v in values]
+
+
 def register_resolvers() -> None:
     """Register the resolvers above with OmegaConf (idempotent)."""
     if not OmegaConf.has_resolver("phantom"):
@@ -52,3 +59,5 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("run_dir", run_dir)
     if not OmegaConf.has_resolver("hydra_output_subdir"):
         OmegaConf.register_new_resolver("hydra_output_subdir", hydra_output_subdir)
+    if not OmegaConf.has_resolver("scale"):
+        OmegaConf.register_new_resolver("scale", scale)
