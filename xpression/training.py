@@ -27,7 +27,7 @@ from xpression.config import CONF_DIR, check_train_config, sync_patch
 from xpression.data.splits import check_split_counts
 from xpression.resume import RecordRunConfig, continue_metrics_history, start_run, write_run_config
 
-__all__ = ["EpochSeed", "fit_summary", "save_ood_fit", "train"]
+__all__ = ["EpochSeed", "build_datamodule", "fit_summary", "save_ood_fit", "train"]
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,14 @@ class EpochSeed(pl.Callback):
             np.random.seed(epoch_seed % 2**32)
 
 
+def build_datamodule(cfg: DictConfig) -> Any:
+    """The data module of a composed training config. ``data.seed`` (the split, the sampler's
+    draws, the augmentations) follows ``seed`` unless set, so members of an ensemble can share one
+    split and differ in their initial weights only (``seed=0,1,2 data.seed=0``)."""
+    seed = {} if "seed" in cfg.data else {"seed": cfg.seed}
+    return instantiate(cfg.data, target=cfg.target, sampler=cfg.sampler, split=cfg.split, **seed, _recursive_=False)
+
+
 def train(cfg: DictConfig) -> float | None:
     """Fit, run the post-fit evaluation (``conf/evaluation/``: every spot predicted with the best
     weights, scored, figures; Lightning callbacks on the trainer's device), write the run folder.
@@ -75,7 +83,7 @@ def train(cfg: DictConfig) -> float | None:
     config = resolved_config(cfg)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
 
-    datamodule = instantiate(cfg.data, target=cfg.target, sampler=cfg.sampler, split=cfg.split, seed=cfg.seed, _recursive_=False)
+    datamodule = build_datamodule(cfg)
     voxel_um = datamodule.voxel_size_um
     # Backbone, loss-vs-kind and patch-size checks that need no target values run first ...
     model_factory = instantiate(cfg.model)
