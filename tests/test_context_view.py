@@ -191,15 +191,9 @@ def test_sweep_feeds_a_multiscale_model_the_training_views(tiny_cohort):
     (["model=multiscale_cnn3d", "sampler.patch_size_um=[57.6,205,205]"], [172.8, 615.0, 615.0]),
 ])
 def test_a_multiscale_model_brings_a_context_view_three_times_the_patch(overrides, context):
-    import os
+    from xpression.config import compose, sync_patch
 
-    from hydra import compose, initialize_config_dir
-
-    from xpression.config import sync_patch
-
-    conf = os.path.join(os.path.dirname(__file__), "..", "conf")
-    with initialize_config_dir(config_dir=os.path.abspath(conf), version_base="1.3"):
-        cfg = compose("train", overrides=overrides)
+    cfg = compose("train", overrides)
     sync_patch(cfg)
     if context is None:
         assert cfg.patch.context_um is None and cfg.sampler.context_um is None

@@ -362,14 +362,13 @@ def test_worker_batches_travel_as_uint8_from_shared_slabs(tiny_cohort):
 
 def test_data_seed_fixes_the_split_across_model_seeds(tiny_cohort):
     """``data.seed`` follows ``seed`` unless set: ensemble members can share one split."""
-    from hydra import compose, initialize
     from omegaconf import open_dict
 
+    from xpression.config import compose
     from xpression.training import build_datamodule
 
     def config(*overrides):
-        with initialize(version_base="1.3", config_path="../conf"):
-            return compose(config_name="train", overrides=[f"data.manifest={tiny_cohort}", "model=cnn3d", *overrides])
+        return compose("train", [f"data.manifest={tiny_cohort}", "model=cnn3d", *overrides])
 
     def split(*overrides):
         dm = build_datamodule(config(*overrides))

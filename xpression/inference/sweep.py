@@ -353,12 +353,12 @@ def _run_patch(pred: Predictor, plan: SweepPlan, grid: OutputGrid, inp: _TileInp
     channels = () if context is None else (2,)
     batch = torch.empty((min(batch_size, len(jobs)),) + channels + p, dtype=torch.float32, device=block.device)
     fine = batch if context is None else batch[:, 0]
+    cblock, view = context if context is not None else (None, None)
     for b0 in range(0, len(jobs), batch_size):
         part = jobs[b0 : b0 + batch_size]
         for j, (data, s, _, c) in enumerate(part):
             fine[j] = data[s[0] : s[0] + p[0], s[1] : s[1] + p[1], s[2] : s[2] + p[2]]
-            if context is not None:
-                cblock, view = context
+            if view is not None:
                 batch[j, 1] = view.window(cblock, c - inp.context_origin)
         res = pred.patches_tensor(batch[: len(part)])
         loc = torch.as_tensor(np.array([i for _, _, i, _ in part]), device=out.device)
