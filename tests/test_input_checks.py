@@ -177,6 +177,20 @@ def test_config_values_are_checked_before_any_file_is_read(tmp_path):
     assert not (tmp_path / "config.yaml").exists()
 
 
+def test_a_bad_patch_is_reported_not_its_context_view_traceback(tmp_path):
+    """The multi-scale preset computes patch.context_um from patch.size_um: a bad size is listed
+    with the key the user set, the view that cannot be computed from it next, and no traceback;
+    a bad data.seed (the split's) is listed like seed."""
+    cfg = _cfg(tmp_path, tmp_path / "missing" / "cohort.yaml", ["model=multiscale_cnn3d", "patch.size_um=[34,abc,205]",
+                                                                 "data.seed=-1"])
+    with pytest.raises(ConfigError) as err:
+        train(cfg)
+    assert set(err.value.problems) == {
+        "data.seed: must be an integer >= 0, got -1",
+        "patch.size_um: must be a list of numbers, got [34, 'abc', 205]",
+        "patch.context_um: cannot be computed from the keys it follows (could not convert string to float: 'abc')"}
+    assert not (tmp_path / "config.yaml").exists()
+
 def test_every_shipped_config_passes_the_checks(tmp_path):
     from hydra import compose, initialize
     from hydra.core.global_hydra import GlobalHydra

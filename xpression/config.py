@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
+from omegaconf.errors import InterpolationResolutionError
 
 __all__ = ["ConfigError", "check_train_config", "check_infer_config", "check_output_writable", "schema_problems",
            "compose", "sync_patch", "CONF_DIR", "TrainConfig", "InferConfig", "PatchConfig"]
@@ -96,6 +97,7 @@ def _choice(*options: Any) -> _Rule:
 
 TRAIN_RULES: dict[str, _Rule] = {
     "seed": NON_NEGATIVE_INT,
+    "data.seed": NON_NEGATIVE_INT,
     "data.batch_size": POSITIVE_INT,
     "data.num_workers": NON_NEGATIVE_INT,
     "data.max_residual_um": POSITIVE,
@@ -508,9 +510,14 @@ def schema_problems(node: DictConfig | Mapping[str, Any], schema: type, prefix: 
         if nested is not None and isinstance(child, (DictConfig, Mapping)):
             problems += schema_problems(child, nested, name)
             continue
-        value = node[key]
-        if isinstance(value, (DictConfig, ListConfig)):
-            value = OmegaConf.to_container(value, resolve=True)
+        try:
+            value = node[key]
+            if isinstance(value, (DictConfig, ListConfig)):
+                value = OmegaConf.to_container(value, resolve=True)
+        except InterpolationResolutionError as err:  # e.g. computed from a bad value listed on its own
+            cause = str(err).splitlines()[0].split("while resolving interpolation: ")[-1]
+            problems.append(f"{name}: cannot be computed from the keys it follows ({cause})")
+            continue
         if not _fits(value, hint):
             problems.append(f"{name}: must be {_describe(hint)}, got {value!r}")
     return problems
