@@ -70,10 +70,11 @@ class TinyPlaneNet(nn.Module):
 
 def make_run(run_dir, manifest, patch_shape=(5, 33, 33), voxel_size_um=(6.4, 6.4, 6.4), seed=0,
              names=("alveolar", "airway", "vascular", "infected", "immune", "remodelling"), backbone=None,
-             legacy=False):
+             legacy=False, context_um=None):
     """A train.py-like run folder with an untrained cnn3d (valid padding) checkpoint carrying its
     input spec and run config, as train.py writes them (``legacy``: neither, as checkpoints
-    written before they carried them)."""
+    written before they carried them). ``context_um``: a multi-scale model's context view (the
+    backbone then defaults to a multi-scale pair of those cnn3d)."""
     import json
     from pathlib import Path
 
@@ -88,9 +89,10 @@ def make_run(run_dir, manifest, patch_shape=(5, 33, 33), voxel_size_um=(6.4, 6.4
     torch.manual_seed(seed)
     targets = {"names": list(names), "kind": "composition"}
     spec = InputSpec.build(np.asarray(patch_shape) * np.asarray(voxel_size_um), voxel_size_um, patch_shape,
-                           SPOT_RADIUS_UM, IntensitySpec(seed=seed), "uint8", targets)
-    backbone = backbone or {"name": "cnn3d", "widths": [4, 8, 8], "kernel_size": [[3, 5, 5], [3, 3, 3], [1, 3, 3]],
-                            "pool": [1, 2, 2], "padding": "valid", "dense_width": 16, "dropout": 0.0}
+                           SPOT_RADIUS_UM, IntensitySpec(seed=seed), "uint8", targets, context_um=context_um)
+    small = {"name": "cnn3d", "widths": [4, 8, 8], "kernel_size": [[3, 5, 5], [3, 3, 3], [1, 3, 3]],
+             "pool": [1, 2, 2], "padding": "valid", "dense_width": 16, "dropout": 0.0}
+    backbone = backbone or (small if context_um is None else {"name": "multiscale", "fine": small})
     module = XPressionModule(backbone=backbone, target_spec=targets, patch_shape=list(patch_shape),
                              spot_radius_vox=spec.spot_radius_vox, input_spec=None if legacy else spec)
     run_dir = Path(run_dir)

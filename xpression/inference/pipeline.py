@@ -171,8 +171,8 @@ def infer(cfg: Any) -> dict:
         torch.cuda.set_device(pred.device)
         if cfg.get("cudnn_benchmark", True):
             torch.backends.cudnn.benchmark = True  # tiles of one shape: each convolution autotuned once
-    if info.spec.context is not None and cfg.mode == "dense":
-        log.info("multi-scale model (patch and context view): no dense mode, predicting patch by patch (mode=patch)")
+    if info.spec.context is not None and cfg.mode == "dense" and not pred.can_dense:
+        log.info("multi-scale model whose encoders have no dense mode: predicting patch by patch (mode=patch)")
         cfg.mode = "patch"
     jobs, cohort = plan_jobs(cfg, info)
     identity = {**info.identity(), **trust_identity(trust)}

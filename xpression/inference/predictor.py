@@ -10,6 +10,12 @@ mode, ``output_stride`` (voxels, z y x), ``dense_equivalent`` and ``dense_forwar
   slice's map, position ``(y, x)`` centred on input voxel ``(y, x) * stride``.
 
 A model may override the centre of output 0 with a ``dense_offset`` attribute (voxels z y x).
+
+A multi-scale model (``views = 2``: the patch and a context view every ``context_stride``-th
+voxel of the low-pass filtered volume) takes ``(B, 2, D, H, W)`` patches; its dense mode also
+takes the context block (``dense_tensor(..., context=)``, see
+:meth:`~xpression.models.backbones.multiscale.MultiScale.dense_features`) and needs the
+Predictor built with ``context_stride``.
 """
 
 from __future__ import annotations
@@ -71,6 +77,7 @@ class Predictor:
         channels_last: bool | None = None,
         target_names: Sequence[str] | None = None,
         compile: bool = False,
+        context_stride: Sequence[int] | None = None,
     ):
         net = getattr(model, "eval_net", None)
         net = model if net is None else net
@@ -88,7 +95,10 @@ class Predictor:
         stride = _attr(net, "output_stride")
         self.output_stride = None if stride is None else tuple(int(s) for s in stride)
         self.dense_equivalent = bool(_attr(net, "dense_equivalent") or False)
-        self.can_dense = hasattr(net, "dense_forward") and self.output_stride is not None
+        self.views = int(_attr(net, "views") or 1)
+        self.context_stride = None if context_stride is None else tuple(int(k) for k in context_stride)
+        self.can_dense = (hasattr(net, "dense_forward") and self.output_stride is not None
+                          and (self.views == 1 or self.context_stride is not None))
         self.net = net.to(self.device).eval()
         if self.channels_last:
             self.net = self.net.to(memory_format=torch.channels_last_3d)
@@ -139,19 +149,33 @@ class Predictor:
             out = self._forward(self._layout(patches))
         return out.float().to(self.device)
 
+    def context_shape(self, shape: Sequence[int]) -> tuple[int, int, int]:
+        """The context block a multi-scale model's dense mode needs beside a ``shape`` block:
+        ``shape + span - patch_shape`` voxels, ``span = (P - 1) * context_stride + 1``."""
+        if self.context_stride is None:
+            raise InferenceError("this network takes no context view")
+        return tuple(int(s) + (p - 1) * k + 1 - p for s, p, k in zip(shape, self.patch_shape, self.context_stride))  # type: ignore[return-value]
+
     @torch.inference_mode()
-    def dense_tensor(self, blocks: torch.Tensor, step: Sequence[int] = (1, 1, 1)) -> torch.Tensor:
+    def dense_tensor(self, blocks: torch.Tensor, step: Sequence[int] = (1, 1, 1),
+                     context: torch.Tensor | None = None) -> torch.Tensor:
         """``(B, D', H', W')`` float32 blocks on :attr:`device` -> ``(B, T, d, h, w)`` float32
         there (``d = 1`` for plane models); see :class:`DenseGeometry` for the positions.
 
         ``step`` (z, y, x, in outputs): keep every ``step``-th output only, so output ``j`` sits
         where output ``j * step`` would. Networks whose dense path takes ``step`` skip the work
         (``CNN3D``); for the others the full output is computed and subsampled.
+        ``context``: a multi-scale model's ``(B, *context_shape(...))`` context blocks.
         """
         if not self.can_dense:
             raise InferenceError(f"{type(self.net).__name__} has no dense mode; use mode=patch")
+        if (context is None) != (self.views == 1):
+            raise InferenceError("a multi-scale model's dense mode takes the context blocks (context=...), "
+                                 "a single-view model none")
         step = tuple(int(m) for m in step)
         kwargs = dict(self._dense_kwargs)
+        if context is not None:
+            kwargs.update(context=self._layout(context), context_stride=self.context_stride)
         native = self._dense_takes_step and step != (1, 1, 1)
         if native:
             kwargs["step"] = step
@@ -182,7 +206,7 @@ class Predictor:
     @property
     def num_targets(self) -> int:
         if self.target_names is None:
-            probe = self.predict_patches(np.zeros((1,) + self.patch_shape, np.float32))
+            probe = self.predict_patches(np.zeros((1,) + ((self.views,) if self.views > 1 else ()) + self.patch_shape, np.float32))
             self.target_names = [f"t{i}" for i in range(probe.shape[1])]
         return len(self.target_names)
 
@@ -191,9 +215,13 @@ class Predictor:
         if self._geometry is None:
             if not self.can_dense:
                 raise InferenceError(f"{type(self.net).__name__} has no dense mode; use mode=patch")
+            kwargs = dict(self._dense_kwargs)
+            if self.views > 1:
+                kwargs.update(context=self._layout(self._tensor(np.zeros((1,) + self.context_shape(self.patch_shape), np.float32))),
+                              context_stride=self.context_stride)
             with torch.inference_mode(), self._autocast():
                 out = self.net.dense_forward(self._layout(self._tensor(np.zeros((1,) + self.patch_shape, np.float32))),
-                                             **self._dense_kwargs)
+                                             **kwargs)
             plane = out.ndim == 4
             stride = self.output_stride
             offset = _attr(self.net, "dense_offset")

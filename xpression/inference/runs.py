@@ -184,12 +184,17 @@ def load_predictor(info: RunInfo, device: str | None = None, precision: str = "a
     """The checkpoint's model as a :class:`Predictor` naming its targets; its dense geometry
     must be the one the checkpoint recorded (the code that built it has not changed it)."""
     model = load_model(info)
+    context = info.spec.context
     pred = Predictor(model, device=None if device in (None, "auto") else device, precision=precision,
-                     target_names=list(info.spec.targets["names"]), compile=compile)
+                     target_names=list(info.spec.targets["names"]), compile=compile,
+                     context_stride=None if context is None else context.stride)
     recorded = info.spec.model
+    # A checkpoint from before its family had a dense mode recorded none; a dense mode that
+    # equals the per-patch answer (dense_equivalent) does not change what the model computes.
+    gained_dense = recorded.get("output_stride", 0) is None and pred.dense_equivalent
     for key, have in (("output_stride", None if pred.output_stride is None else list(pred.output_stride)),
                       ("dense_equivalent", pred.dense_equivalent)):
-        if key in recorded and recorded[key] != have:
+        if key in recorded and recorded[key] != have and not gained_dense:
             raise InferenceError(f"checkpoint {info.checkpoint} records {key}={recorded[key]} but the model built from it has "
                                  f"{have}: the backbone code changed since it was trained")
     if tuple(pred.patch_shape) != tuple(info.spec.patch_shape_vox):

@@ -19,9 +19,11 @@ Two modes give the same numbers for a dense-equivalent network (within float err
   outputs are dropped, so each tile's points never sit near the edge of the network's input
   (the overlap-tile strategy of the U-Net paper, Ronneberger et al. 2015). Each grid point is answered by exactly one tile.
 
-A multi-scale model (a ``context``: :class:`ContextSource`) is swept in ``patch`` mode: each
-tile also reads one block of the low-pass filtered context volume, and every grid point's input
-is its patch and, as a second channel, every ``stride``-th voxel of that block around it.
+A multi-scale model (a ``context``: :class:`ContextSource`) also reads, per tile, one block of
+the low-pass filtered context volume. In patch mode every grid point's input is its patch and, as
+a second channel, every ``stride``-th voxel of that block around it; in dense mode each input slab
+goes to the network with the part of that block holding its views
+(:meth:`~xpression.models.backbones.multiscale.MultiScale.dense_features`), with the same answers.
 
 Only tiles with at least one grid point in the tissue mask are computed, and each input slab
 is cut to the bounding box of its tissue points (on a GPU it spans the whole tile instead, so
@@ -53,7 +55,7 @@ from xpression.data.intensity import has_torch_transform
 from xpression.inference.grid import OutputGrid, Tile, Tiling
 from xpression.inference.predictor import InferenceError, Predictor
 
-__all__ = ["AxisPlan", "ContextSource", "SweepPlan", "TileResult", "default_overlap", "plan_sweep", "sweep", "sweep_tiles", "tile_mask", "tissue_tiles"]
+__all__ = ["AxisPlan", "ContextSource", "SweepPlan", "TileResult", "check_context", "default_overlap", "plan_sweep", "sweep", "sweep_tiles", "tile_mask", "tissue_tiles"]
 
 MaskLike = Any  # None | bool array of the grid shape | callable(points_um (N, 3)) -> bool (N,) | obj.contains
 
@@ -200,6 +202,17 @@ def _slabs(plan: SweepPlan, grid: OutputGrid, tile: Tile, m: np.ndarray) -> list
     return out
 
 
+def check_context(pred: Predictor, context: "ContextSource | None", mode: str) -> None:
+    """A multi-scale model needs its context view, a single-view model none; in dense mode the
+    Predictor's ``context_stride`` must be the view's. :class:`InferenceError` otherwise."""
+    if (context is None) != (pred.views == 1):
+        raise InferenceError("a multi-scale model (patch and context view) needs context=ContextSource(...)"
+                             if context is None else "context= given, but the network takes the patch only")
+    if context is not None and mode == "dense" and pred.context_stride != tuple(context.view.stride):
+        raise InferenceError(f"the Predictor's context_stride {pred.context_stride} is not the context view's "
+                             f"stride {tuple(context.view.stride)}; build it with Predictor(..., context_stride=view.stride)")
+
+
 def _identity(block: np.ndarray) -> np.ndarray:
     return np.asarray(block, dtype=np.float32)
 
@@ -214,13 +227,22 @@ class ContextSource:
     normalize: Callable[[np.ndarray], np.ndarray]
     view: ContextView
 
+    def margins(self) -> tuple[np.ndarray, np.ndarray]:
+        """Voxels the views reach before the first and after the last voxel of the patches they
+        go with (per axis): ``span // 2 - P // 2`` and ``span - span // 2 - (P - P // 2)``."""
+        span, p = np.asarray(self.view.span_shape), np.asarray(self.view.patch_shape)
+        return span // 2 - p // 2, (span - span // 2) - (p - p // 2)
+
+    def region(self, sl: "_Slab") -> tuple[np.ndarray, np.ndarray]:
+        """Context voxels ``[lo, hi)`` holding the views of every patch inside input slab ``sl``."""
+        before, after = self.margins()
+        return np.asarray(sl.vstart) - before, np.asarray(sl.vstop) + after
+
     def read(self, grid: OutputGrid, parts: Sequence["_Slab"]) -> tuple[np.ndarray, np.ndarray]:
-        """The normalised block holding the views of every grid point of ``parts``, and its first voxel."""
-        half = np.asarray(self.view.span_shape) // 2
-        first = np.min([sl.gstart for sl in parts], axis=0)
-        last = np.max([sl.gstop for sl in parts], axis=0) - 1
-        lo = np.asarray(grid.origin_vox) + first * np.asarray(grid.step_vox) - half
-        hi = np.asarray(grid.origin_vox) + last * np.asarray(grid.step_vox) + half + 1
+        """The normalised block holding the views of every patch of ``parts``, and its first voxel."""
+        regions = [self.region(sl) for sl in parts]
+        lo = np.min([r[0] for r in regions], axis=0)
+        hi = np.max([r[1] for r in regions], axis=0)
         block = np.asarray(self.normalize(self.volume.read_block(tuple(lo), tuple(hi), fill=0)), dtype=np.float32)
         return block, lo
 
@@ -366,18 +388,28 @@ def _run_patch(pred: Predictor, plan: SweepPlan, grid: OutputGrid, inp: _TileInp
 
 
 def _run_dense(pred: Predictor, plan: SweepPlan, grid: OutputGrid, inp: _TileInput, block: Any,
-               batch_size: int, out: Any) -> None:
+               batch_size: int, out: Any, context: tuple[Any, "ContextSource"] | None = None) -> None:
+    """Dense mode; ``context``: the tile's context block (on the device) and its source, for a
+    multi-scale model (each slab goes with the part of the block holding its views)."""
     import torch
 
     tile = inp.tile
     by_shape: dict[tuple, list] = {}
     for sl in inp.slabs:  # slabs of equal shape share a forward
         view = _view(block, inp.origin, sl)
-        by_shape.setdefault(tuple(view.shape), []).append((sl, view))
+        if context is not None:
+            cblock, source = context
+            lo, hi = source.region(sl)
+            view = (view, cblock[tuple(slice(int(a - o), int(b - o)) for a, b, o in zip(lo, hi, inp.context_origin))])
+        by_shape.setdefault(tuple((view[0] if context is not None else view).shape), []).append((sl, view))
     batches = [g[b0 : b0 + batch_size] for g in by_shape.values() for b0 in range(0, len(g), batch_size)]
     steps = tuple(ax.step for ax in plan.axes)
     for part in batches:
-        res = pred.dense_tensor(torch.stack([d for _, d in part]), step=steps)
+        if context is None:
+            res = pred.dense_tensor(torch.stack([d for _, d in part]), step=steps)
+        else:
+            res = pred.dense_tensor(torch.stack([d[0] for _, d in part]), step=steps,
+                                    context=torch.stack([d[1] for _, d in part]))
         for (sl, _), r in zip(part, res):
             src, dst = [], []
             for a, ax in enumerate(plan.axes):
@@ -425,11 +457,11 @@ def _launch(pred: Predictor, plan: SweepPlan, grid: OutputGrid, inp: _TileInput,
         block = normalize.apply_torch(block)
     T = pred.num_targets
     out = torch.full((T,) + inp.tile.shape, float("nan"), dtype=torch.float32, device=dev)
+    cblock = None if context is None else torch.from_numpy(inp.context_block).to(dev, non_blocking=True)
     if plan.mode == "patch":
-        views = None if context is None else (torch.from_numpy(inp.context_block).to(dev, non_blocking=True), context.view)
-        _run_patch(pred, plan, grid, inp, block, batch_size, out, views)
+        _run_patch(pred, plan, grid, inp, block, batch_size, out, None if context is None else (cblock, context.view))
     else:
-        _run_dense(pred, plan, grid, inp, block, batch_size, out)
+        _run_dense(pred, plan, grid, inp, block, batch_size, out, None if context is None else (cblock, context))
         outside = torch.from_numpy(~inp.mask).to(dev, non_blocking=True)
         out.masked_fill_(outside, float("nan"))  # broadcast over targets; no host sync
     if dev.type != "cuda":
@@ -486,17 +518,17 @@ def sweep_tiles(
             those outputs are dropped) so that every forward has the same input shape (cuDNN
             autotuning, compiled graphs). Default: on a GPU. The values are the same for
             dense-equivalent networks (others see more context).
-        context: a multi-scale model's context view (patch mode only).
+        context: a multi-scale model's context view (both modes; its dense mode needs the
+            Predictor's ``context_stride``, set from it when ``model`` is a module).
 
     Yields:
         :class:`TileResult` per tile, in the order of ``tiles``. On a GPU the next tile's work is
         queued before a tile is handed over, so the device is not idle while it is stored.
     """
-    pred = model if isinstance(model, Predictor) else Predictor(model)
+    pred = model if isinstance(model, Predictor) else Predictor(model, context_stride=None if context is None else context.view.stride)
+    check_context(pred, context, mode)
     tiling = Tiling(grid.shape, tuple(int(t) for t in tile_shape))  # type: ignore[arg-type]
     plan = plan_sweep(pred, grid, mode, overlap, tiling.tile_shape)
-    if context is not None and plan.mode != "patch":
-        raise InferenceError("a multi-scale model (patch and context view) is swept in patch mode only; use mode=patch")
     order = range(len(tiling)) if tiles is None else tiles
     on_gpu = pred.device.type == "cuda"
     if readers is None:
@@ -543,7 +575,8 @@ def sweep(volume: Any, model: nn.Module | Predictor, grid: OutputGrid, **kwargs:
 
     For volumes whose output does not fit in memory, stream :func:`sweep_tiles` into a writer.
     """
-    pred = model if isinstance(model, Predictor) else Predictor(model)
+    context = kwargs.get("context")
+    pred = model if isinstance(model, Predictor) else Predictor(model, context_stride=None if context is None else context.view.stride)
     out = np.full((pred.num_targets,) + tuple(grid.shape), np.nan, dtype=np.float32)
     for res in sweep_tiles(volume, pred, grid, **kwargs):
         out[(slice(None),) + res.tile.slices] = res.values

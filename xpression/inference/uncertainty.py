@@ -109,6 +109,7 @@ class TrustNet(nn.Module):
         self.patch_shape = tuple(first.patch_shape)
         self.output_stride = getattr(first, "output_stride", None)
         self.dense_equivalent = bool(getattr(first, "dense_equivalent", False))
+        self.views = int(getattr(getattr(first, "backbone", None), "views", 1))  # 2: patch and context view
         offset = getattr(first, "dense_offset", None) or getattr(getattr(first, "backbone", None), "dense_offset", None)
         if offset is not None:
             self.dense_offset = tuple(offset)
@@ -223,9 +224,11 @@ class TrustNet(nn.Module):
 
         return self._combine(run, head)
 
-    def dense_forward(self, x: torch.Tensor, step: Sequence[int] | None = None, spot_average: bool = False) -> torch.Tensor:
+    def dense_forward(self, x: torch.Tensor, step: Sequence[int] | None = None, spot_average: bool = False,
+                      context: torch.Tensor | None = None, context_stride: Sequence[int] | None = None) -> torch.Tensor:
         """Dense outputs ``(B, C, d, h, w)`` (or ``(B, C, H', W')`` for plane members), every
-        ``step``-th position, as each member's own dense path gives them."""
+        ``step``-th position, as each member's own dense path gives them (multi-scale members
+        also take the ``context`` block and its ``context_stride``)."""
         step_t = tuple(int(s) for s in (step or (1, 1, 1)))
 
         def run(net: nn.Module, want_features: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -235,6 +238,8 @@ class TrustNet(nn.Module):
             kwargs: dict = {}
             if _takes(dense, "spot_average"):
                 kwargs["spot_average"] = spot_average
+            if context is not None:
+                kwargs.update(context=context, context_stride=context_stride)
             native = _takes(dense, "step") and step_t != (1, 1, 1)
             if native:
                 kwargs["step"] = step_t
@@ -399,7 +404,7 @@ def trust_predictor(cfg: Any, info: Any, members: Sequence[Any], pred: Predictor
             torch.manual_seed(int(cfg.get("mc_seed", 0)))  # the sweep's masks as without calibration
     names = trust_channels(targets, method != "none", want_ood)
     wrapped = Predictor(net, device=pred.device, precision=pred.precision, target_names=names,
-                        compile=bool(cfg.get("compile", False)))
+                        compile=bool(cfg.get("compile", False)), context_stride=pred.context_stride)
     meta = {"method": method, "targets": targets, "sd_channels": names[len(targets): 2 * len(targets)] if method != "none" else [],
             "ood_channel": "ood" if want_ood else None,
             "members": [{"run_dir": str(i.run_dir), "checkpoint": str(i.checkpoint), "checkpoint_sha256": i.sha256}

@@ -84,11 +84,13 @@ def slab_input_shape(plan: Any, tile_shape: Sequence[int]) -> tuple[int, tuple[i
 _MAX_TENSOR_ELEMENTS = 2**31 - 1
 
 
-def _peak_bytes(net: Any, plan: Any, batch: int, shape: Sequence[int], half: bool) -> tuple[int, int]:
+def _peak_bytes(net: Any, plan: Any, batch: int, shape: Sequence[int], half: bool,
+                context_stride: Sequence[int] | None = None) -> tuple[int, int]:
     """Device memory one dense forward of ``batch`` slabs of ``shape`` voxels needs, estimated
     without running it: the network on the meta device, the largest sum over its operations of
     their input and output tensors (floating point in the compute precision), plus the float32
-    input block; and the element count of the largest single tensor."""
+    input block; and the element count of the largest single tensor. ``context_stride``: a
+    multi-scale model's, whose forward also takes its context block."""
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_flatten
@@ -113,6 +115,9 @@ def _peak_bytes(net: Any, plan: Any, batch: int, shape: Sequence[int], half: boo
     steps = tuple(ax.step for ax in plan.axes)
     kwargs = {"step": steps} if any(s > 1 for s in steps) else {}
     x = torch.zeros((batch, 1) + tuple(int(s) for s in shape), device="meta")
+    if context_stride is not None:
+        cshape = tuple(int(s) + (p - 1) * int(k) + 1 - p for s, p, k in zip(shape, plan.patch_shape, context_stride))
+        kwargs.update(context=torch.zeros((batch, 1) + cshape, device="meta"), context_stride=tuple(context_stride))
     with torch.inference_mode(), Largest():
         try:
             net.dense_forward(x, **kwargs)
@@ -150,8 +155,8 @@ def auto_tile_vox(predictor: Predictor, grid: OutputGrid, volume_shape: Sequence
         plan = plan_sweep(predictor, grid, "dense", overlap, tile_shape)
         count, shape = slab_input_shape(plan, tile_shape)
         try:
-            need, _ = _peak_bytes(net, plan, min(count, batch_size), shape, half)
-            _, largest = _peak_bytes(net, plan, 1, shape, half)  # the sweep stacks fewer slabs if need be
+            need, _ = _peak_bytes(net, plan, min(count, batch_size), shape, half, predictor.context_stride)
+            _, largest = _peak_bytes(net, plan, 1, shape, half, predictor.context_stride)  # the sweep stacks fewer slabs if need be
         except Exception:
             return DEFAULT_TILE_VOX
         if need <= fraction * total and largest <= _MAX_TENSOR_ELEMENTS:
@@ -172,7 +177,7 @@ def dense_slabs_per_forward(predictor: Predictor, grid: OutputGrid, tile_shape: 
         net = copy.deepcopy(predictor.net).to("meta")
         plan = plan_sweep(predictor, grid, "dense", overlap, tile_shape)
         _, shape = slab_input_shape(plan, tile_shape)
-        _, per_slab = _peak_bytes(net, plan, 1, shape, predictor.precision == "bf16")
+        _, per_slab = _peak_bytes(net, plan, 1, shape, predictor.precision == "bf16", predictor.context_stride)
     except Exception:
         return batch_size
     return max(1, min(batch_size, _MAX_TENSOR_ELEMENTS // max(per_slab, 1)))
@@ -302,7 +307,7 @@ def infer_volume(
     ``rank``/``world``: this process's share of the tiles. ``on_tile`` is called (on the
     writing thread) after each tile is stored. A finished store is left alone unless
     ``settings.overwrite``. ``context``: a multi-scale model's
-    :class:`~xpression.inference.sweep.ContextSource` (patch mode).
+    :class:`~xpression.inference.sweep.ContextSource` (either mode).
     """
     st = settings
     spacing_um, mode, tile_vox, overlap, batch_size = st.spacing_um, st.mode, st.tile_vox, st.overlap, st.batch_size

@@ -23,8 +23,9 @@ name             dense-equivalent  dense output
                                    the patch border and pool globally; predict patch by patch
 ``vit3d``        no                none: global attention and a position embedding tied to
                                    the patch; predict patch by patch
-``multiscale``   no                none: a second encoder on the context view (not a sliding
-                                   window of the fine grid); predict patch by patch
+``multiscale``   yes (both         ``(B, T, d, h, w)`` as the fine encoder's; also takes the
+                 encoders valid)   context block: the context encoder slides over one
+                                   sub-sampled block per residue class of the view's stride
 ===============  ================  ==========================================================
 """
 
