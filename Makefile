@@ -25,11 +25,10 @@ $(COHORT): | $(STAMP)
 
 cohort: $(COHORT)
 
-# train.py's default recipe on a CPU-sized network: the small 3D CNN alone (model=cnn3d), whose
-# maps are swept densely; the default multi-scale model sweeps patch by patch, over 4 min here.
+# train.py's default recipe as it is (the multi-scale CNN, swept densely).
 run: $(STAMP) $(COHORT)
 	$(PY) -m xpression.data.check $(COHORT) --out $(RUN_DIR)/check
-	$(PY) train.py hydra.run.dir=$(RUN_DIR)/train model=cnn3d
+	$(PY) train.py hydra.run.dir=$(RUN_DIR)/train
 	$(PY) infer.py run=$(RUN_DIR)/train output=$(RUN_DIR)/maps
 	@echo "run folder: $(RUN_DIR) (check/: registration overlays; train/: checkpoints, metrics, figures; maps/: OME-Zarr maps, figures, evaluation)"
 
