@@ -92,9 +92,15 @@ def test_context_view_travels_in_the_input_spec(tiny_cohort):
     dm = _datamodule(tiny_cohort)
     spec = dm.input_spec()
     d = spec.to_dict()
-    assert d["version"] == 2 and d["context_um"] == list(CONTEXT_UM) and d["context"]["stride"] == list(spec.context.stride)
+    assert d["version"] == 3 and d["context_um"] == list(CONTEXT_UM) and d["context"]["stride"] == list(spec.context.stride)
+    assert d["context_edges"] == "mirror" and spec.context.edges == "mirror"
     back = InputSpec.from_dict(d)
     assert back.context_um == CONTEXT_UM and back.context == spec.context and back.views == 2
+    # a spec written before context_edges existed (version 2) read its views with the fill
+    old = {k: v for k, v in d.items() if k != "context_edges"} | {"version": 2}
+    assert InputSpec.from_dict(old).context.edges == "fill"
+    fill = _datamodule(tiny_cohort, context_edges="fill").input_spec().to_dict()
+    assert fill["version"] == 2 and fill["context_edges"] == "fill"
     plain = XPressionDataModule(tiny_cohort, split=SpatialBlocksSplit(block_um=300.0), check_tissue_mask=False).input_spec()
     assert plain.version == 1 and "context_um" not in plain.to_dict() and plain.context is None
     with pytest.raises(DataError, match="context_um .* is smaller than the patch"):
@@ -200,3 +206,61 @@ def test_a_multiscale_model_brings_a_context_view_three_times_the_patch(override
     else:
         np.testing.assert_allclose(list(cfg.patch.context_um), context)
         np.testing.assert_allclose(list(cfg.sampler.context_um), context)
+
+
+class _ArrayVolume:
+    """A numpy array as a volume (``read_block`` with the fill past its faces)."""
+
+    def __init__(self, array: np.ndarray, voxel_size_um=(6.4, 6.4, 6.4), origin_um=(0.0, 0.0, 0.0)):
+        self.array, self.shape, self.dtype = array, array.shape, array.dtype
+        self.voxel_size_um, self.origin_um = tuple(voxel_size_um), tuple(origin_um)
+
+    def read_block(self, start, stop, fill=0, out=None):
+        start, stop = np.asarray(start, int), np.asarray(stop, int)
+        block = np.full(tuple(stop - start), fill, self.array.dtype)
+        lo, hi = np.maximum(start, 0), np.minimum(stop, self.shape)
+        if np.all(hi > lo):
+            block[tuple(slice(a - s, b - s) for a, b, s in zip(lo, hi, start))] = self.array[tuple(slice(a, b) for a, b in zip(lo, hi))]
+        return block
+
+
+def test_mirrored_volume_reads_numpys_symmetric_padding():
+    from xpression.data.context import MirroredVolume
+
+    array = np.random.default_rng(0).integers(0, 255, (7, 9, 11), dtype=np.uint8)
+    padded = np.pad(array, 20, mode="symmetric")
+    mirrored = MirroredVolume(_ArrayVolume(array))
+    for start, stop in [((0, 0, 0), (7, 9, 11)), ((-3, 2, -1), (4, 12, 5)), ((-20, -20, -20), (27, 29, 31)), ((9, 10, 12), (15, 12, 14))]:
+        expected = padded[tuple(slice(a + 20, b + 20) for a, b in zip(start, stop))]
+        np.testing.assert_array_equal(mirrored.read_block(start, stop), expected)
+    assert mirrored.shape == array.shape and mirrored.voxel_size_um == (6.4, 6.4, 6.4)
+
+
+def test_a_mirror_view_at_a_face_reads_the_volume_reflected_there():
+    """A context view reaching past the z face: with edges=mirror it equals the view of the same
+    point in a copy of the volume padded by reflection (training, probe and sweep read it the
+    same way); with edges=fill it sees the fill there instead."""
+    rng = np.random.default_rng(1)
+    array = rng.integers(20, 235, (30, 60, 60), dtype=np.uint8)
+    pad, vs = 40, 6.4
+    reflected = _ArrayVolume(np.pad(array, pad, mode="symmetric"), origin_um=(-pad * vs,) * 3)
+    centre = np.array([2, 10, 50])  # two voxels below the top face, near a side
+    plane, uv = Plane.axial(centre[0] * vs), np.array([[centre[2] * vs, centre[1] * vs]])
+    views = {}
+    for edges in ("mirror", "fill"):
+        view = ContextView.of((96.0, 288.0, 288.0), (32.0, 96.0, 96.0), (5, 15, 15), (vs, vs, vs), edges=edges)
+        assert view.stride == (3, 3, 3)
+        views[edges] = view.read(_ArrayVolume(array), plane, uv, None, "float32")[0]
+    padded_view = ContextView.of((96.0, 288.0, 288.0), (32.0, 96.0, 96.0), (5, 15, 15), (vs, vs, vs), edges="fill")
+    np.testing.assert_allclose(views["mirror"], padded_view.read(reflected, plane, uv, None, "float32")[0], atol=1e-4)
+    assert np.abs(views["mirror"][:2] - views["fill"][:2]).max() > 10  # the two layers above the face differ
+
+
+def test_a_bad_context_edges_is_one_line_before_anything_is_read():
+    from xpression.config import ConfigError, check_train_config, compose
+
+    with pytest.raises(ConfigError) as err:
+        check_train_config(compose("train", ["patch.context_edges=reflect", "data.manifest=unused"]))
+    assert err.value.problems == ["patch.context_edges: must be one of 'mirror', 'fill', got 'reflect'"]
+    with pytest.raises(ValueError, match="patch.context_edges must be one of mirror, fill, got 'reflect'"):
+        ContextView.of((96.0, 288.0, 288.0), (32.0, 96.0, 96.0), (5, 15, 15), (6.4, 6.4, 6.4), edges="reflect")

@@ -225,7 +225,7 @@ def test_schemas_reject_unknown_keys_and_wrong_types():
                                              "+callbacks.early_stopping.patiense=2"]))
     problems = err.value.problems
     assert any(p.startswith("figuers: unknown key (known: ") and "figures" in p for p in problems)  # the known keys listed
-    assert any(p.startswith("patch.size: unknown key (known: context_um, size_um, voxel_size_um)") for p in problems)
+    assert any(p.startswith("patch.size: unknown key (known: context_edges, context_um, size_um, voxel_size_um)") for p in problems)
     assert "figures: must be true or false, got 'maybe'" in problems
     assert any(p.startswith("callbacks.early_stopping.patiense: unknown key for pytorch_lightning.callbacks.EarlyStopping")
                for p in problems)
@@ -249,7 +249,7 @@ def test_sampler_patch_spelling_sets_the_patch_group():
     sync_patch(cfg)
     # the default multi-scale model's context view follows the patch: 3 times it along each axis
     assert OmegaConf.to_container(cfg.patch, resolve=True) == {"size_um": [57.6, 205, 205], "voxel_size_um": 3.2,
-                                                              "context_um": [57.6 * 3, 615.0, 615.0]}
+                                                              "context_um": [57.6 * 3, 615.0, 615.0], "context_edges": "mirror"}
     assert list(cfg.sampler.patch_size_um) == [57.6, 205, 205]
     cfg = compose("train", ["patch.size_um=[6.4,100,100]", "sampler=stratified"])
     sync_patch(cfg)

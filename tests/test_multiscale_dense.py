@@ -107,7 +107,7 @@ def test_infer_sweeps_a_multiscale_run_densely_with_the_patch_answers(runs, tmp_
     tissue = np.isfinite(dense[0])
     assert tissue.sum() > 100 and np.array_equal(tissue, np.isfinite(patch[0]))
     np.testing.assert_allclose(dense, patch, atol=5e-4, equal_nan=True)  # float16 storage
-    assert (np.nanmax(dense, axis=(1, 2, 3)) - np.nanmin(dense, axis=(1, 2, 3))).min() > 0.02  # maps, not constants
+    assert (np.nanmax(dense, axis=(1, 2, 3)) - np.nanmin(dense, axis=(1, 2, 3))).min() > 0.01  # maps, not constants
 
 
 def test_a_dense_multiscale_ensemble_equals_its_patch_ensemble(runs, tmp_path):

@@ -108,9 +108,11 @@ TRAIN_RULES: dict[str, _Rule] = {
                            lambda v: _numbers(v, 3) and all(x > 0 for x in v)),
     "patch.voxel_size_um": VOXEL_SIZE,
     "patch.context_um": _optional(POSITIVE_TRIPLE),
+    "patch.context_edges": _choice("mirror", "fill"),
     "sampler.patch_size_um": _Rule("3 positive numbers [depth, height, width] in um",
                                    lambda v: _numbers(v, 3) and all(x > 0 for x in v)),
     "sampler.voxel_size_um": VOXEL_SIZE,
+    "sampler.context_edges": _choice("mirror", "fill"),
     "sampler.cap": NON_NEGATIVE_INT,
     "sampler.fraction": NON_NEGATIVE,
     "split.block_um": POSITIVE,
@@ -239,7 +241,8 @@ def sync_patch(cfg: DictConfig) -> None:
     sampler, patch = cfg.get("sampler"), cfg.get("patch")
     if not isinstance(sampler, DictConfig) or not isinstance(patch, DictConfig):
         return
-    for own, shared in (("patch_size_um", "size_um"), ("voxel_size_um", "voxel_size_um"), ("context_um", "context_um")):
+    for own, shared in (("patch_size_um", "size_um"), ("voxel_size_um", "voxel_size_um"), ("context_um", "context_um"),
+                        ("context_edges", "context_edges")):
         if own in sampler and not OmegaConf.is_interpolation(sampler, own):
             with open_dict(patch):
                 patch[shared] = f"${{sampler.{own}}}"
@@ -333,6 +336,7 @@ class PatchConfig:
     size_um: list[float]
     voxel_size_um: float | list[float] | None = None
     context_um: list[float] | None = None  # a multi-scale model's context view [z, y, x]; None = patch only
+    context_edges: str = "mirror"  # what that view sees past the volume's faces: mirror | fill
 
 
 @dataclass

@@ -7,8 +7,12 @@ The fine patch is ``(D, H, W)`` model voxels. The context view has the same shap
 (cut from a filtered slab of the section) and the probe's or the sweep's view at the same point are
 equal bit for bit, like the fine patch; tests/test_context_view.py checks it.
 
-The view may reach past the volume: it is read with the volume's fill there (raw 0, normalised),
-the same way in training and inference, so no spot is dropped for its context.
+The view may reach past the volume, the same way in training and inference, so no spot is dropped
+for its context. What it sees there is ``edges``: ``"mirror"`` (the default) reads the volume
+reflected at its faces (:class:`MirroredVolume`: a scan cut from a larger organ continues past its
+faces; a view of air stays air), ``"fill"`` the volume's fill value (raw 0, normalised), which a
+model reads as air above cut tissue and which shifted the multi-scale maps of the grid planes
+within 45 um of a volume's z faces. Checkpoints written before ``edges`` existed read ``"fill"``.
 """
 
 from __future__ import annotations
@@ -21,21 +25,65 @@ import numpy as np
 from xpression.data.geometry import Plane, SlabGrid
 from xpression.data.patches import dequantise, read_slab, slab_grid
 
-__all__ = ["ContextView"]
+__all__ = ["CONTEXT_EDGES", "ContextView", "MirroredVolume"]
+
+CONTEXT_EDGES = ("mirror", "fill")
+
+
+class MirroredVolume:
+    """``volume`` (``shape``, ``read_block``) reflected at its faces: voxel ``-1`` reads voxel 0,
+    ``n`` reads ``n - 1`` (numpy's ``symmetric`` padding, repeated as far as asked). Every other
+    attribute is the volume's."""
+
+    def __init__(self, volume: Any) -> None:
+        self.volume = volume
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.volume, name)
+
+    def __getitem__(self, key: Any) -> Any:  # intensity statistics read the volume itself
+        return self.volume[key]
+
+    def read_block(self, start_vox: Sequence[int], stop_vox: Sequence[int], fill: float = 0,
+                   out: np.ndarray | None = None) -> np.ndarray:
+        """Voxels ``[start, stop)`` per axis (z, y, x), reflected past the faces (``fill`` unused)."""
+        start = [int(a) for a in start_vox]
+        stop = [int(b) for b in stop_vox]
+        shape = [int(n) for n in self.volume.shape]
+        if all(0 <= a and b <= n for a, b, n in zip(start, stop, shape)):
+            block = self.volume.read_block(start, stop)
+        else:
+            index = []
+            for a, b, n in zip(start, stop, shape):
+                i = np.mod(np.arange(a, b), 2 * n)
+                index.append(np.where(i < n, i, 2 * n - 1 - i))
+            lo = [int(i.min()) if i.size else 0 for i in index]
+            hi = [int(i.max()) + 1 if i.size else 0 for i in index]
+            block = self.volume.read_block(lo, hi)[np.ix_(*(i - o for i, o in zip(index, lo)))]
+        if out is None:
+            return block
+        out[...] = block
+        return out
 
 
 @dataclass(frozen=True)
 class ContextView:
     """``size_um``: the requested field of view (z, y, x) um; ``patch_shape``: the fine patch
-    (D, H, W) voxels, which the view shares; ``voxel_size_um``: the model voxel size (z, y, x)."""
+    (D, H, W) voxels, which the view shares; ``voxel_size_um``: the model voxel size (z, y, x);
+    ``edges``: what the view sees past the volume's faces, ``"mirror"`` or ``"fill"`` (module doc)."""
 
     size_um: tuple[float, float, float]
     patch_shape: tuple[int, int, int]
     voxel_size_um: tuple[float, float, float]
+    edges: str = "mirror"
+
+    def __post_init__(self) -> None:
+        if self.edges not in CONTEXT_EDGES:
+            raise ValueError(f"patch.context_edges must be one of {', '.join(CONTEXT_EDGES)}, got {self.edges!r}")
 
     @classmethod
     def of(cls, size_um: Sequence[float], patch_size_um: Sequence[float], patch_shape: Sequence[int],
-           voxel_size_um: Sequence[float], key: str = "patch.context_um") -> "ContextView":
+           voxel_size_um: Sequence[float], key: str = "patch.context_um", edges: str = "mirror") -> "ContextView":
         """The view of ``size_um`` around a ``patch_size_um`` patch; ``ValueError`` naming ``key``
         when it is not 3 positive numbers or is smaller than the patch along an axis."""
         size = np.asarray(size_um, float).ravel()
@@ -47,7 +95,7 @@ class ContextView:
             raise ValueError(f"{key} {size.tolist()} um is smaller than the patch {patch.tolist()} um along "
                              f"{', '.join(small)}; the context view must be at least as large as the patch")
         return cls(tuple(float(s) for s in size), tuple(int(n) for n in patch_shape),  # type: ignore[arg-type]
-                   tuple(float(v) for v in np.broadcast_to(np.asarray(voxel_size_um, float), (3,))))  # type: ignore[arg-type]
+                   tuple(float(v) for v in np.broadcast_to(np.asarray(voxel_size_um, float), (3,))), str(edges))  # type: ignore[arg-type]
 
     @property
     def stride(self) -> tuple[int, int, int]:
@@ -75,10 +123,14 @@ class ContextView:
         patches' :func:`~xpression.data.patches.slab_grid`, as wide as the view)."""
         return slab_grid(plane, volume, uv_um, self.span_shape, self.voxel_size_um, margin_um)
 
+    def source(self, volume: Any) -> Any:
+        """``volume`` as the view reads it past its faces (:class:`MirroredVolume` or itself)."""
+        return MirroredVolume(volume) if self.edges == "mirror" else volume
+
     def read_slab(self, volume: Any, grid: SlabGrid, transform: Callable[[np.ndarray], np.ndarray] | None,
                   dtype: str) -> np.ndarray:
         """``grid`` from ``volume``, normalised, low-pass filtered for the view's step, stored as ``dtype``."""
-        return read_slab(volume, grid, transform, dtype, low_pass_um=self.step_um)
+        return read_slab(self.source(volume), grid, transform, dtype, low_pass_um=self.step_um)
 
     def window(self, block: Any, centre: Sequence[int]) -> Any:
         """The ``patch_shape`` view of ``block`` (an array or tensor) centred on its voxel
@@ -102,4 +154,4 @@ class ContextView:
     def to_dict(self) -> dict:
         """What the checkpoint's input spec records beside ``size_um`` (for readers and logs)."""
         return {"size_um": list(self.size_um), "stride": list(self.stride), "step_um": list(self.step_um),
-                "extent_um": list(self.extent_um)}
+                "extent_um": list(self.extent_um), "edges": self.edges}

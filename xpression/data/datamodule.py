@@ -264,7 +264,8 @@ class XPressionDataModule(pl.LightningDataModule):
         context = None
         if getattr(self.sampler, "context_um", None) is not None:
             try:
-                context = ContextView.of(self.sampler.context_um, self.sampler.geometry.size_um, shape, model_vs)
+                context = ContextView.of(self.sampler.context_um, self.sampler.geometry.size_um, shape, model_vs,
+                                         edges=getattr(self.sampler, "context_edges", "mirror"))
             except ValueError as err:
                 raise DataError(None, str(err)) from err
             log.info("context view: %s um around each patch, every %s model voxels (%s um voxels)",
@@ -320,7 +321,8 @@ class XPressionDataModule(pl.LightningDataModule):
         """The input contract of a model trained on this data module (see ``InputSpec``)."""
         return InputSpec.build(self.sampler.geometry.size_um, self.voxel_size_um, self.patch_shape_vox,
                                self.spot_radius_um, self.intensity_spec, self.cache_dtype, self.target_spec,
-                               None if self.context is None else self.context.size_um)
+                               None if self.context is None else self.context.size_um,
+                               "mirror" if self.context is None else self.context.edges)
 
     # -- sections, targets, spot table, split ---------------------------------------------------------
     def _margin(self, section: Section) -> tuple[float, float, float]:

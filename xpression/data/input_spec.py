@@ -15,8 +15,10 @@ the model new volumes exactly as in training, with no run folder, config or trai
 - the model: its class, its family (backbone config) and its dense geometry (output stride,
   dense-equivalent), filled in by the model when it saves itself;
 - for a multi-scale model, the context view's field of view in um (``context_um``;
-  :class:`~xpression.data.context.ContextView` derives its stride from it and the patch). Such a
-  spec is written as version 2, which older readers refuse rather than feed the model one view.
+  :class:`~xpression.data.context.ContextView` derives its stride from it and the patch) and what
+  the view sees past the volume's faces (``context_edges``: ``mirror`` or ``fill``). Such a spec is
+  written as version 2 (``fill``) or 3 (``mirror``), which older readers refuse rather than feed
+  the model one view or another edge; a spec without ``context_edges`` reads ``fill``.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ __all__ = ["INPUT_SPEC_KEY", "InputSpec", "IntensitySpec", "ReferenceHistogram",
 log = logging.getLogger(__name__)
 
 INPUT_SPEC_KEY = "xpression_input_spec"  # where a checkpoint keeps its InputSpec (a plain dict)
-INPUT_SPEC_VERSION = 2  # the newest version this reads; a spec without a context view is written as 1
+INPUT_SPEC_VERSION = 3  # the newest version this reads; a spec without a context view is written as 1
 
 
 @dataclass(frozen=True)
@@ -162,6 +164,7 @@ class InputSpec:
     model: dict = field(default_factory=dict)
     version: int = 1
     context_um: tuple[float, float, float] | None = None
+    context_edges: str = "mirror"
 
     def __post_init__(self) -> None:
         if self.context_um is not None:
@@ -181,7 +184,8 @@ class InputSpec:
         """The context view of a multi-scale model; None for a model that sees the patch only."""
         if self.context_um is None:
             return None
-        return ContextView.of(self.context_um, self.patch_size_um, self.patch_shape_vox, self.voxel_size_um, "context_um")
+        return ContextView.of(self.context_um, self.patch_size_um, self.patch_shape_vox, self.voxel_size_um, "context_um",
+                              self.context_edges)
 
     @property
     def views(self) -> int:
@@ -204,7 +208,8 @@ class InputSpec:
         context = self.context
         if context is None:
             raise ValueError("this model has no context view")
-        view = ResampledVolume(volume, self.voxel_size_um, self.intensity.transform_for(volume), low_pass_um=context.step_um)
+        view = ResampledVolume(context.source(volume), self.voxel_size_um, self.intensity.transform_for(volume),
+                               low_pass_um=context.step_um)
         return view, Quantised(None, self.quantisation)
 
     def prepare(self, volume: Any) -> tuple[Any, Quantised]:
@@ -226,6 +231,7 @@ class InputSpec:
              "model": dict(self.model)}
         if self.context is not None:
             d["context_um"] = list(self.context_um)  # type: ignore[arg-type]
+            d["context_edges"] = self.context_edges
             d["context"] = self.context.to_dict()  # derived, for readers; from_dict recomputes it
         return d
 
@@ -244,20 +250,23 @@ class InputSpec:
                        patch_shape_vox=tuple(int(s) for s in d["patch_shape_vox"]),  # type: ignore[arg-type]
                        spot_radius_um=float(d["spot_radius_um"]), intensity=IntensitySpec.from_dict(d["intensity"]),
                        quantisation=str(d["quantisation"]), targets=dict(d["targets"]), model=dict(d.get("model") or {}),
-                       version=version, context_um=None if d.get("context_um") is None else _triple(d["context_um"]))
+                       version=version, context_um=None if d.get("context_um") is None else _triple(d["context_um"]),
+                       context_edges=str(d.get("context_edges", "fill")))
         except (KeyError, TypeError, ValueError) as err:
             raise DataError(where, f"invalid input spec ({type(err).__name__}: {err})") from err
 
     @classmethod
     def build(cls, patch_size_um: Sequence[float], voxel_size_um: Sequence[float], patch_shape_vox: Sequence[int],
               spot_radius_um: float, intensity: IntensitySpec, quantisation: str, targets: Any,
-              context_um: Sequence[float] | None = None) -> "InputSpec":
+              context_um: Sequence[float] | None = None, context_edges: str = "mirror") -> "InputSpec":
         """A spec from the data module's values; ``targets``: a ``TargetSpec`` (or its dict);
-        ``context_um``: the context view's field of view (z, y, x) um of a multi-scale model."""
+        ``context_um``: the context view's field of view (z, y, x) um of a multi-scale model;
+        ``context_edges``: what it sees past the volume's faces (``mirror`` or ``fill``)."""
         t = targets if isinstance(targets, dict) else targets.to_dict()
+        version = 1 if context_um is None else (3 if context_edges == "mirror" else 2)
         return cls(_triple(patch_size_um), _triple(voxel_size_um), tuple(int(s) for s in patch_shape_vox),  # type: ignore[arg-type]
-                   float(spot_radius_um), intensity, str(quantisation), t,
-                   version=1 if context_um is None else 2, context_um=None if context_um is None else _triple(context_um))
+                   float(spot_radius_um), intensity, str(quantisation), t, version=version,
+                   context_um=None if context_um is None else _triple(context_um), context_edges=str(context_edges))
 
 
 def resolve_reference(reference: str | None, cohort: Any) -> tuple[Any, str] | None:

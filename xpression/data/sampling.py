@@ -117,12 +117,14 @@ class SpotSampler:
     ``patch_size_um`` = (depth, height, width) um of the field of view; ``voxel_size_um`` the
     model's voxel size (z, y, x) or a scalar, None = the volume's; ``context_um``: the field of
     view (z, y, x) um of a multi-scale model's context view around the same centre
-    (:class:`~xpression.data.context.ContextView`), None = the patch only.
+    (:class:`~xpression.data.context.ContextView`), None = the patch only; ``context_edges``: what
+    that view sees past the volume's faces (``mirror`` or ``fill``).
     """
 
     patch_size_um: Sequence[float] = field(default_factory=lambda: list(PAPER_PATCH_UM))
     voxel_size_um: Sequence[float] | float | None = None
     context_um: Sequence[float] | None = None
+    context_edges: str = "mirror"
 
     @property
     def geometry(self) -> PatchGeometry:
