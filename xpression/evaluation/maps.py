@@ -6,7 +6,8 @@ Score rows (``xpression.evaluation.scores``) per volume:
 - a volume with a trained section: ``section plane`` (the grid plane nearest the section, where
   the model was trained: not a generalisation score) and ``plane`` rows at each distance
   (both sides pooled, where the volume reaches), plus the run's own ``val``/``test spots`` rows
-  from its ``metrics.json``;
+  from its ``metrics.json`` (for an ensemble's maps: the members' mean on the spots every member
+  held out, :mod:`xpression.evaluation.ensemble_spots`);
 - a volume without one: a ``volume`` row over every grid plane.
 
 Points are the grid points inside the tissue mask (finite predictions), about
@@ -28,8 +29,9 @@ import numpy as np
 import pandas as pd
 
 from xpression.evaluation.baselines import KNN_K, TrainingSpots, baseline_predictions
+from xpression.evaluation.ensemble_spots import ensemble_spot_table
 from xpression.evaluation.figures import plot_run_scores
-from xpression.evaluation.scores import score_rows
+from xpression.evaluation.scores import evaluate_spots, score_rows
 from xpression.inference.figures import plot_orthoviews
 from xpression.inference.grid import OutputGrid
 from xpression.inference.writers import read_maps
@@ -148,18 +150,35 @@ def score_uncertainty(maps: Any, grid: OutputGrid, trust: Mapping[str, Any], cha
     return {"volume_id": volume_id, "condition": condition, "trained": trained, "method": trust.get("method"), **row}
 
 
-def _training_spots(run_dir: Path, targets: Sequence[str]) -> tuple[TrainingSpots, TrainingSpots] | None:
-    """The run's training spots and every spot of its sections, with their labels."""
+def _training_spots(run_dir: Path, targets: Sequence[str], table: pd.DataFrame | None = None
+                    ) -> tuple[TrainingSpots, TrainingSpots] | None:
+    """The run's training spots and every spot of its sections, with their labels (from
+    ``table`` when given, e.g. an ensemble's, else the run's ``predictions.csv``)."""
     path = run_dir / "predictions.csv"
-    if not path.is_file():
-        log.info("no %s: maps scored without the baselines", path)
-        return None
-    table = pd.read_csv(path)
+    if table is None:
+        if not path.is_file():
+            log.info("no %s: maps scored without the baselines", path)
+            return None
+        table = pd.read_csv(path)
     labels = [f"true/{t}" for t in targets]
     if not set(labels) <= set(table.columns):
         log.info("%s lacks the labels of %s: maps scored without the baselines", path, list(targets))
         return None
     return TrainingSpots.from_table(table, labels), TrainingSpots.from_table(table, labels, split=None)
+
+
+def _ensemble_table(volumes: Mapping[str, Mapping[str, Any]]) -> tuple[pd.DataFrame | None, list[str]]:
+    """For an ensemble's maps, the members' joint spot table and the mean targets; else None."""
+    _, meta = read_maps(Path(next(iter(volumes.values()))["path"]))
+    trust = meta.get("uncertainty") or {}
+    members = [Path(m["run_dir"]) for m in trust.get("members") or []]
+    if trust.get("method") != "ensemble" or len(members) < 2:
+        return None, []
+    targets = list(trust.get("targets") or [])
+    table = ensemble_spot_table(members, targets)
+    if table is None:
+        log.info("an ensemble member lacks predictions.csv: spot rows and baselines from %s", members[0])
+    return table, targets
 
 
 def _target_reference(run_dir: Path) -> dict[str, str]:
@@ -189,7 +208,14 @@ def evaluate_maps(run_dir: str | Path, output: str | Path, volumes: Mapping[str,
     run_dir, output = Path(run_dir), Path(output)
     phantom = Phantom.from_spec(cohort.truth.spec)
     conditions = {v.id: v.condition for v in cohort.volumes}
-    rows: list[dict] = list(_spot_rows(run_dir))
+    ensemble, ensemble_targets = _ensemble_table(volumes)
+    if ensemble is None:
+        rows: list[dict] = list(_spot_rows(run_dir))
+    else:  # the members' mean on the spots every member held out (xpression.evaluation.ensemble_spots)
+        spots = evaluate_spots(ensemble, ensemble_targets, kind, k, conditions)["scores"]
+        rows = [r for r in spots if r["where"] in ("val spots", "test spots")]
+        if not rows:
+            log.info("no spot is held out by every ensemble member: no held-out spot rows")
     trust_rows: list[dict] = []
     train = None
     reference = _target_reference(run_dir)
@@ -198,7 +224,7 @@ def evaluate_maps(run_dir: str | Path, output: str | Path, volumes: Mapping[str,
         grid = OutputGrid.from_dict(meta["grid"])
         targets = [reference.get(t, t) for t in meta["targets"]]  # fitted programs: the truth program each was matched to
         if train is None:
-            train = _training_spots(run_dir, (meta.get("uncertainty") or {}).get("targets") or targets)
+            train = _training_spots(run_dir, (meta.get("uncertainty") or {}).get("targets") or targets, ensemble)
         base = None if train is None else (lambda p, v=vid: baseline_predictions(train[0], v, p, k, train[1]))
         truth = lambda p, v=vid: phantom.programs_at(v, p)  # noqa: E731
         z = job.get("section_z_um")
