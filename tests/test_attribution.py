@@ -147,3 +147,60 @@ def test_command_on_a_run_of_the_tiny_cohort(cohort, tmp_path, capsys):
     assert main([str(run), "--points", "0,0,0", "--volume", section.volume_id, "--out", str(tmp_path / "y")]) == 1
     assert "reaches outside the volume" in capsys.readouterr().err
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_a_two_view_network_is_attributed_one_view_at_a_time(patch):
+    """Outputs that read known voxels of the context view (channel 1) only: its attributions
+    find them, the patch's are zero; and the reverse."""
+    from xpression.evaluation.attribute import with_view_fixed
+
+    known = KnownVoxelNet()
+
+    class TwoViews(nn.Module):
+        def __init__(self, channel: int) -> None:
+            super().__init__()
+            self.channel = channel
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return known(x[:, self.channel : self.channel + 1])
+
+    view = np.random.default_rng(5).uniform(0.2, 1.0, SHAPE).astype(np.float32)
+    zero = np.zeros(SHAPE, np.float32)
+    for channel, (mine, other) in enumerate([(patch, view), (view, patch)]):
+        net = TwoViews(channel)
+        # attribute channel `channel`, the other view held
+        att = integrated_gradients(with_view_fixed(net, other, 1 - channel), mine, zero, steps=64)
+        for t, voxels in enumerate(known.sets):
+            assert _support(att.values[t]) == set(voxels)
+        held = integrated_gradients(with_view_fixed(net, mine, channel), other, zero, steps=16)
+        assert np.abs(held.values).max() == 0.0  # the view the outputs do not read gets nothing
+
+
+def test_command_on_a_multiscale_run(cohort, tmp_path, capsys):
+    import anndata as ad
+
+    from tests._inference_models import make_run
+    from xpression.data.manifest import load_manifest
+
+    run = make_run(tmp_path / "run", cohort, context_um=[100.0, 600.0, 600.0])
+    section = load_manifest(cohort).sections[0]
+    a = ad.read_h5ad(section.adata)
+    centre = np.median(a.obsm["ct_position_um"], axis=0)
+    spot = str(a.obs_names[int(np.argmin(np.linalg.norm(a.obsm["ct_position_um"] - centre, axis=1)))])
+    out = tmp_path / "att"
+    code = main([str(run), "--points", spot, "--out", str(out), "--steps", "8", "--cube-um", "19.2",
+                 "--targets", "alveolar", "airway"])
+    assert code == 0, capsys.readouterr().err
+    table = pd.read_csv(out / "attributions.csv")
+    assert sorted(set(table["view"])) == ["context", "patch"] and len(table) == 2 * 2 * 2
+    ig = table[table["method"] == "ig"]
+    assert np.all(np.abs(ig["completeness_gap"]) <= 0.05 * np.abs(ig["f_x"] - ig["f_baseline"]) + 1e-4)
+    # both views start from the same f(patch, view)
+    fx = ig.pivot(index="target", columns="view", values="f_x")
+    np.testing.assert_allclose(fx["patch"], fx["context"], atol=1e-6)
+    label = next(out.glob("*.npz")).stem
+    assert spot in label and sorted(p.name for p in out.glob("*.png")) == sorted(
+        f"{label}_{m}{v}.png" for m in ("ig", "occlusion") for v in ("", "_context"))
+    saved = np.load(next(out.glob("*.npz")))
+    assert saved["context"].shape == (5, 33, 33) and saved["context_ig"].shape == (2, 5, 33, 33)
+    assert saved["context"].std() > 0 and not np.array_equal(saved["context"], saved["patch"])

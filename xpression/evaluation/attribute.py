@@ -15,10 +15,16 @@ is attributed with integrated gradients (``ig``: baseline ``zero``, the normalis
 or the patch ``mean``; ``--steps`` midpoints on the path) and occlusion (a cube of ``--cube-um``
 um slid by ``--stride-um``, default the cube, filled with the baseline).
 
+A multi-scale model (patch and context view) is attributed one view at a time, the other held
+as it is: the patch's voxels (``f(patch, view) - f(baseline, view)``) and the context view's
+(``f(patch, view) - f(patch, baseline)``), the view read as the sweep reads it.
+
 Writes, per point and method, ``<out>/<point>_<method>.png`` (the patch's slices, CT in grey with
-the attribution overlaid, one row per program, labelled colour bars, a scale bar in um),
-``<out>/<point>.npz`` (patch, baseline, attributions) and ``<out>/attributions.csv`` (per point,
-method and program: f(x), f(baseline), the attributions' sum and, for ig, the completeness gap).
+the attribution overlaid, one row per program, labelled colour bars, a scale bar in um; for a
+multi-scale model also ``<point>_<method>_context.png``, the context view's),
+``<out>/<point>.npz`` (patch, baseline, attributions; ``context`` and ``context_<method>``) and
+``<out>/attributions.csv`` (per point, view, method and program: f(x), f(baseline), the
+attributions' sum and, for ig, the completeness gap).
 Default ``--out``: ``RUN/attributions``; existing files are never overwritten.
 """
 
@@ -143,16 +149,43 @@ def _baseline(patch: np.ndarray, kind: str) -> np.ndarray:
 def attribute_points(fn: Any, patches: dict[str, np.ndarray], methods: Sequence[str], steps: int,
                      cube_vox: Sequence[int], stride_vox: Sequence[int] | None, targets: Sequence[int] | None,
                      baseline: str = "zero") -> dict[str, dict[str, Attribution]]:
-    """``{point label: {method: Attribution}}`` for the normalised ``patches``."""
+    """``{point label: {method: Attribution}}`` for the normalised ``patches``; ``fn`` is one
+    network for every patch, or ``{label: network}``."""
     out: dict[str, dict[str, Attribution]] = {}
     for label, patch in patches.items():
+        net = fn[label] if isinstance(fn, dict) else fn
         base = _baseline(patch, baseline)
         out[label] = {}
         if "ig" in methods:
-            out[label]["ig"] = integrated_gradients(fn, patch, base, steps=steps, targets=targets)
+            out[label]["ig"] = integrated_gradients(net, patch, base, steps=steps, targets=targets)
         if "occlusion" in methods:
-            out[label]["occlusion"] = occlusion(fn, patch, base, cube_vox, stride_vox, targets=targets)
+            out[label]["occlusion"] = occlusion(net, patch, base, cube_vox, stride_vox, targets=targets)
     return out
+
+
+def with_view_fixed(net: Any, fixed: np.ndarray, channel: int) -> Any:
+    """A multi-scale ``net`` as a single-view network of the other view: ``(B, 1, D, H, W)`` ->
+    ``(B, T)`` with ``fixed`` (``(D, H, W)``) as its input channel ``channel`` (0 the patch, 1
+    the context view)."""
+    import torch
+
+    held = torch.as_tensor(np.asarray(fixed, np.float32))[None, None]
+
+    def fn(x: Any) -> Any:
+        other = held.expand(x.shape[0], -1, -1, -1, -1)
+        return net(torch.cat([x, other] if channel == 1 else [other, x], dim=1))
+
+    return fn
+
+
+def read_context_view(context: Any, centre: np.ndarray) -> np.ndarray:
+    """The normalised context view centred on model voxel ``centre`` (z, y, x), read as the
+    sweep reads it (``context``: the sweep's :class:`~xpression.inference.sweep.ContextSource`)."""
+    view = context.view
+    lo = np.asarray(centre, int) - np.asarray(view.span_shape) // 2
+    block = np.asarray(context.normalize(context.volume.read_block(tuple(lo), tuple(lo + np.asarray(view.span_shape)), fill=0)),
+                       np.float32)
+    return np.ascontiguousarray(block[tuple(slice(None, None, k) for k in view.stride)])
 
 
 def _slices(depth: int, n: int = 7) -> list[int]:
@@ -209,11 +242,12 @@ def plot_attribution(patch: np.ndarray, attribution: Attribution, names: Sequenc
     return save_figure(fig, out, dpi=130)
 
 
-def _summary_rows(label: str, point: AttributionPoint, result: dict[str, Attribution], names: Sequence[str]) -> list[dict]:
+def _summary_rows(label: str, point: AttributionPoint, result: dict[str, Attribution], names: Sequence[str],
+                  view: str = "patch") -> list[dict]:
     rows = []
     for method, att in result.items():
         for i, name in enumerate(names):
-            rows.append({"point": label, "spot": point.spot, "volume_id": point.volume_id,
+            rows.append({"point": label, "spot": point.spot, "volume_id": point.volume_id, "view": view,
                          "z_um": point.position_um[0], "y_um": point.position_um[1], "x_um": point.position_um[2],
                          "method": method, "target": name, "f_x": float(att.output[i]), "f_baseline": float(att.baseline_output[i]),
                          "sum_attributions": float(att.values[i].sum()),
@@ -236,9 +270,7 @@ def run(args: argparse.Namespace) -> Path:
     if args.steps < 1 or args.cube_um <= 0 or (args.stride_um is not None and args.stride_um <= 0):
         raise AttributionError("--steps must be >= 1, --cube-um and --stride-um positive")
     info = resolve_run(args.run, args.checkpoint)
-    if getattr(info.spec, "context_um", None) is not None:
-        raise AttributionError(f"run {info.run_dir} is a multi-scale model (context view {list(info.spec.context_um)} um); "
-                               "attributions cover single-view models only")
+    multiscale = info.spec.context is not None
     out = Path(args.out) if args.out else info.run_dir / "attributions"
     manifest = args.cohort or info.manifest
     if not manifest:
@@ -253,10 +285,11 @@ def run(args: argparse.Namespace) -> Path:
         if missing:
             raise AttributionError(f"--targets {missing} not among the run's targets {names}")
     chosen = [names.index(t) for t in args.targets] if args.targets else list(range(len(names)))
-    taken = [p for p in [out / "attributions.csv"] + [out / f"{pt.label}_{m}.png" for pt in points for m in args.methods] if p.exists()]
+    taken = [p for p in [out / "attributions.csv"] + [out / f"{pt.label}_{m}{v}.png" for pt in points for m in args.methods
+                                                      for v in ("", "_context")] if p.exists()]
     if taken:
         raise AttributionError(f"{taken[0]} exists; choose another --out (nothing is overwritten)")
-    patches, voxel = {}, {}
+    patches, voxel, contexts = {}, {}, {}
     volumes: dict[str, Any] = {}
     for pt in points:
         if pt.volume_id not in volumes:
@@ -264,15 +297,27 @@ def run(args: argparse.Namespace) -> Path:
                                     "resample": True})
             (job,), _ = plan_jobs(cfg, info)
             _prepare(job, info)
-            volumes[pt.volume_id] = (job.volume, job.normalize)
-        volume, normalize = volumes[pt.volume_id]
-        patches[pt.label], _ = read_patch(volume, pt.position_um, pred.patch_shape, normalize, f"point {pt.label}")
+            volumes[pt.volume_id] = (job.volume, job.normalize, job.context)
+        volume, normalize, context = volumes[pt.volume_id]
+        patches[pt.label], centre = read_patch(volume, pt.position_um, pred.patch_shape, normalize, f"point {pt.label}")
         voxel[pt.label] = tuple(float(v) for v in volume.voxel_size_um)
+        if multiscale:
+            contexts[pt.label] = read_context_view(context, centre)
     vs = np.asarray(next(iter(voxel.values())), float)
     cube = np.maximum(1, np.rint(args.cube_um / vs)).astype(int)
     stride = None if args.stride_um is None else np.maximum(1, np.rint(args.stride_um / vs)).astype(int)
     net = pred.net
-    results = attribute_points(net, patches, args.methods, args.steps, cube, stride, chosen, args.baseline)
+    if not multiscale:
+        results = attribute_points(net, patches, args.methods, args.steps, cube, stride, chosen, args.baseline)
+        context_results: dict[str, dict[str, Attribution]] = {}
+    else:  # one view at a time, the other held as it is
+        step = np.asarray(info.spec.context.step_um, float)
+        results = attribute_points({k: with_view_fixed(net, contexts[k], 1) for k in patches}, patches, args.methods,
+                                   args.steps, cube, stride, chosen, args.baseline)
+        context_results = attribute_points(
+            {k: with_view_fixed(net, patches[k], 0) for k in patches}, contexts, args.methods, args.steps,
+            np.maximum(1, np.rint(args.cube_um / step)).astype(int),
+            None if args.stride_um is None else np.maximum(1, np.rint(args.stride_um / step)).astype(int), chosen, args.baseline)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     value_label = "program proportion" if kind == "composition" else "predicted value"
@@ -285,10 +330,21 @@ def run(args: argparse.Namespace) -> Path:
                      f"x {pt.position_um[2]:.0f} µm")
             if method == "occlusion":
                 title += f" (cube {' x '.join(f'{c * v:g}' for c, v in zip(cube, vs))} µm)"
-            plot_attribution(patches[pt.label], att, sel, voxel[pt.label], out / f"{pt.label}_{method}.png", title, value_label)
+            plot_attribution(patches[pt.label], att, sel, voxel[pt.label], out / f"{pt.label}_{method}.png",
+                             title + (" — the patch, its context view held" if multiscale else ""), value_label)
+        extra: dict[str, Any] = {}
+        if multiscale:
+            step_um = tuple(float(v) for v in info.spec.context.step_um)
+            for method, att in context_results[pt.label].items():
+                plot_attribution(contexts[pt.label], att, sel, step_um, out / f"{pt.label}_{method}_context.png",
+                                 f"{pt.volume_id}, {where}: the context view (every {list(info.spec.context.stride)} voxels), "
+                                 "the patch held", value_label)
+            extra = {"context": contexts[pt.label], "context_step_um": np.asarray(step_um),
+                     **{f"context_{m}": a.values for m, a in context_results[pt.label].items()}}
+            rows += _summary_rows(pt.label, pt, context_results[pt.label], sel, view="context")
         np.savez_compressed(out / f"{pt.label}.npz", patch=patches[pt.label], baseline=_baseline(patches[pt.label], args.baseline),
                             targets=np.asarray(sel), voxel_size_um=np.asarray(voxel[pt.label]), position_um=pt.position_um,
-                            **{m: a.values for m, a in result.items()})
+                            **{m: a.values for m, a in result.items()}, **extra)
         rows += _summary_rows(pt.label, pt, result, sel)
     pd.DataFrame(rows).to_csv(out / "attributions.csv", index=False)
     return out
