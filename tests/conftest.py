@@ -59,6 +59,8 @@ SLOW_TESTS = {
     "test_layers.py::test_import_has_no_side_effects",  # 4 fresh interpreters, 11 s
     "test_pretrain.py::test_reconstruction_loss_falls_on_a_fixed_batch",  # 2 x 3.5 s
     "test_attribution.py::test_command_on_a_run_of_the_tiny_cohort",  # 5 s with its run
+    "test_attribution.py::test_command_on_a_multiscale_run",  # 6 s
+    "test_multiscale_dense.py::test_a_dense_multiscale_ensemble_equals_its_patch_ensemble",  # 2 s
     "test_inference_store.py::test_two_processes_match_one",  # 3 s
     "test_phantom.py::test_deterministic",  # 3 s
     "test_pandas_strings.py::test_cohort_writes_and_reads_with_the_string_dtype",  # 2.4 s
