@@ -231,3 +231,16 @@ def test_loss_configs_build(loss):
     fn = build_loss(OmegaConf.to_container(OmegaConf.load(CONF / "loss" / f"{loss}.yaml")), kind)
     raw, y = torch.randn(4, 3), torch.softmax(torch.randn(4, 3), 1)
     assert torch.isfinite(fn(raw, y))
+
+
+def test_removing_the_summary_callback_removes_the_summary():
+    """`~callbacks.model_summary` leaves no callback summary, and Lightning's own is turned off
+    too; a summary callback or an explicit trainer flag is left as it is."""
+    from omegaconf import OmegaConf
+    from pytorch_lightning.callbacks import RichModelSummary
+
+    from xpression.training import model_summary_flag
+
+    assert model_summary_flag(OmegaConf.create({"max_epochs": 1}), []) == {"enable_model_summary": False}
+    assert model_summary_flag(OmegaConf.create({"max_epochs": 1}), [RichModelSummary()]) == {}
+    assert model_summary_flag(OmegaConf.create({"enable_model_summary": True}), []) == {}

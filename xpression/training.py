@@ -60,6 +60,17 @@ class EpochSeed(pl.Callback):
             np.random.seed(epoch_seed % 2**32)
 
 
+def model_summary_flag(trainer_cfg: Any, callbacks: list) -> dict:
+    """``{"enable_model_summary": False}`` when the callbacks hold no model summary and the trainer
+    config does not set the flag: ``~callbacks.model_summary`` then means no summary, not
+    Lightning's own default one."""
+    from pytorch_lightning.callbacks import ModelSummary
+
+    if trainer_cfg.get("enable_model_summary") is not None or any(isinstance(c, ModelSummary) for c in callbacks):
+        return {}
+    return {"enable_model_summary": False}
+
+
 def build_datamodule(cfg: DictConfig) -> Any:
     """The data module of a composed training config. ``data.seed`` (the split, the sampler's
     draws, the augmentations) follows ``seed`` unless set, so members of an ensemble can share one
@@ -102,7 +113,8 @@ def train(cfg: DictConfig) -> float | None:
     callbacks = [EpochSeed(cfg.seed), RecordRunConfig(config), *_instantiate_all(cfg.get("callbacks")), *post_fit]
     loggers = _instantiate_all(cfg.get("logger"))
     continue_metrics_history(loggers, start)
-    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
+                                      **model_summary_flag(cfg.trainer, callbacks))
 
     # Written once every check has passed: the resolved config (paths expanded) lets infer.py
     # rebuild the run without Hydra's runtime; a folder with one holds a run (xpression.resume).
