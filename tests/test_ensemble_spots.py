@@ -50,3 +50,51 @@ def test_a_member_without_predictions_gives_none(tmp_path):
     (tmp_path / "1").mkdir()
     assert ensemble_spot_table([tmp_path / "0", tmp_path / "1"], TARGETS) is None
     assert ensemble_spot_table([tmp_path / "0"], ["a", "missing"]) is None
+
+
+def test_infer_scores_an_ensemble_on_the_spots_no_member_trained_on(tmp_path):
+    """End to end: two members with different splits; `infer.py`'s evaluation scores the mean of
+    their spot predictions on the spots both held out, and its plane baselines learn from every
+    spot either member trained on."""
+    import anndata as ad
+
+    from tests._inference_models import infer_config, make_run, two_volume_cohort
+    from xpression.data.manifest import load_manifest
+    from xpression.evaluation.maps import evaluate_inference
+    from xpression.inference.pipeline import infer
+    from xpression.phantom import Phantom
+
+    cohort_path = two_volume_cohort(tmp_path / "cohort")
+    cohort = load_manifest(cohort_path)
+    section = cohort.sections[0]
+    a = ad.read_h5ad(section.adata)
+    pos = np.asarray(a.obsm["ct_position_um"], float)
+    names = ["alveolar", "airway", "vascular", "infected", "immune", "remodelling"]
+    truth = Phantom.from_spec(cohort.truth.spec).programs_at(section.volume_id, pos)
+    truth = truth[:, [Phantom.from_spec(cohort.truth.spec).program_names.index(n) for n in names]]
+    rng = np.random.default_rng(0)
+    root = tmp_path / "multirun"
+    splits = []
+    for i in range(2):
+        run = make_run(root / str(i), cohort_path, seed=i)
+        split = rng.choice(["train", "val", "test"], size=len(pos), p=[0.5, 0.25, 0.25])
+        pred = truth + rng.normal(0, 0.05, truth.shape)
+        table = pd.DataFrame({"section_id": section.id, "volume_id": section.volume_id, "barcode": a.obs_names,
+                              "z_um": pos[:, 0], "y_um": pos[:, 1], "x_um": pos[:, 2], "split": split})
+        for j, n in enumerate(names):
+            table[f"true/{n}"], table[f"pred/{n}"] = truth[:, j], pred[:, j]
+        table.to_csv(run / "predictions.csv", index=False)
+        splits.append(split)
+    out = tmp_path / "maps"
+    cfg = infer_config(run=str(root), uncertainty="ensemble", output=str(out), volumes=[section.volume_id],
+                       figures=False, ct_preview=False, evaluate=True)
+    evaluate_inference(cfg, infer(cfg))
+    rows = pd.read_csv(out / "evaluation.csv")
+    spots = rows[rows["where"].isin(["val spots", "test spots"]) & (rows["predictor"] == "model")].set_index("where")["n"]
+    both_test = int(((splits[0] == "test") & (splits[1] == "test")).sum())
+    held = int((np.isin(splits[0], ["val", "test"]) & np.isin(splits[1], ["val", "test"])).sum())
+    assert spots["test spots"] == both_test and spots["val spots"] == held - both_test
+    # the members' mean of noisy predictions of the truth scores well on those spots
+    r = rows[(rows["where"] == "test spots") & (rows["predictor"] == "model")]["pearson_mean"].iloc[0]
+    assert r > 0.8
+    assert (rows["predictor"] == "extrusion").any()  # plane baselines from the members' union of training spots
