@@ -25,9 +25,15 @@ import numpy as np
 from xpression.data.geometry import Plane, SlabGrid
 from xpression.data.patches import dequantise, read_slab, slab_grid
 
-__all__ = ["CONTEXT_EDGES", "ContextView", "MirroredVolume"]
+__all__ = ["CONTEXT_EDGES", "ContextView", "MirroredVolume", "context_block_shape"]
 
 CONTEXT_EDGES = ("mirror", "fill")
+
+
+def context_block_shape(shape: Sequence[int], patch_shape: Sequence[int], stride: Sequence[int]) -> tuple[int, int, int]:
+    """Voxels (per axis) of the context block holding the views of every patch inside a block of
+    ``shape`` voxels: ``shape - P + span``, ``span = (P - 1) * stride + 1`` the view's extent."""
+    return tuple(int(s) - int(p) + (int(p) - 1) * int(k) + 1 for s, p, k in zip(shape, patch_shape, stride))  # type: ignore[return-value]
 
 
 class MirroredVolume:

@@ -181,11 +181,10 @@ def with_view_fixed(net: Any, fixed: np.ndarray, channel: int) -> Any:
 def read_context_view(context: Any, centre: np.ndarray) -> np.ndarray:
     """The normalised context view centred on model voxel ``centre`` (z, y, x), read as the
     sweep reads it (``context``: the sweep's :class:`~xpression.inference.sweep.ContextSource`)."""
-    view = context.view
-    lo = np.asarray(centre, int) - np.asarray(view.span_shape) // 2
-    block = np.asarray(context.normalize(context.volume.read_block(tuple(lo), tuple(lo + np.asarray(view.span_shape)), fill=0)),
-                       np.float32)
-    return np.ascontiguousarray(block[tuple(slice(None, None, k) for k in view.stride)])
+    view, span = context.view, np.asarray(context.view.span_shape)
+    lo = np.asarray(centre, int) - span // 2
+    block = np.asarray(context.normalize(context.volume.read_block(tuple(lo), tuple(lo + span), fill=0)), np.float32)
+    return np.ascontiguousarray(view.window(block, span // 2))
 
 
 def _slices(depth: int, n: int = 7) -> list[int]:

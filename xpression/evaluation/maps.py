@@ -167,9 +167,9 @@ def _training_spots(run_dir: Path, targets: Sequence[str], table: pd.DataFrame |
     return TrainingSpots.from_table(table, labels), TrainingSpots.from_table(table, labels, split=None)
 
 
-def _ensemble_table(volumes: Mapping[str, Mapping[str, Any]]) -> tuple[pd.DataFrame | None, list[str]]:
-    """For an ensemble's maps, the members' joint spot table and the mean targets; else None."""
-    _, meta = read_maps(Path(next(iter(volumes.values()))["path"]))
+def _ensemble_table(meta: Mapping[str, Any]) -> tuple[pd.DataFrame | None, list[str]]:
+    """For an ensemble's maps (their metadata ``meta``), the members' joint spot table and the
+    mean targets; else None."""
     trust = meta.get("uncertainty") or {}
     members = [Path(m["run_dir"]) for m in trust.get("members") or []]
     if trust.get("method") != "ensemble" or len(members) < 2:
@@ -179,6 +179,18 @@ def _ensemble_table(volumes: Mapping[str, Mapping[str, Any]]) -> tuple[pd.DataFr
     if table is None:
         log.info("an ensemble member lacks predictions.csv: spot rows and baselines from %s", members[0])
     return table, targets
+
+
+def _held_out_rows(run_dir: Path, ensemble: pd.DataFrame | None, targets: Sequence[str], kind: str, k: int,
+                   conditions: Mapping[str, Any]) -> list[dict]:
+    """The held-out spot rows: the run's own, or for an ensemble the members' mean on the spots
+    every member held out (:mod:`xpression.evaluation.ensemble_spots`)."""
+    if ensemble is None:
+        return _spot_rows(run_dir)
+    rows = [r for r in evaluate_spots(ensemble, targets, kind, k, conditions)["scores"] if r["where"] in ("val spots", "test spots")]
+    if not rows:
+        log.info("no spot is held out by every ensemble member: no held-out spot rows")
+    return rows
 
 
 def _target_reference(run_dir: Path) -> dict[str, str]:
@@ -208,22 +220,18 @@ def evaluate_maps(run_dir: str | Path, output: str | Path, volumes: Mapping[str,
     run_dir, output = Path(run_dir), Path(output)
     phantom = Phantom.from_spec(cohort.truth.spec)
     conditions = {v.id: v.condition for v in cohort.volumes}
-    ensemble, ensemble_targets = _ensemble_table(volumes)
-    if ensemble is None:
-        rows: list[dict] = list(_spot_rows(run_dir))
-    else:  # the members' mean on the spots every member held out (xpression.evaluation.ensemble_spots)
-        spots = evaluate_spots(ensemble, ensemble_targets, kind, k, conditions)["scores"]
-        rows = [r for r in spots if r["where"] in ("val spots", "test spots")]
-        if not rows:
-            log.info("no spot is held out by every ensemble member: no held-out spot rows")
+    rows: list[dict] = []
     trust_rows: list[dict] = []
-    train = None
+    train, first = None, True
     reference = _target_reference(run_dir)
     for vid, job in volumes.items():
         maps, meta = read_maps(Path(job["path"]))
         grid = OutputGrid.from_dict(meta["grid"])
         targets = [reference.get(t, t) for t in meta["targets"]]  # fitted programs: the truth program each was matched to
-        if train is None:
+        if first:  # the spots once, from the first volume's metadata
+            first = False
+            ensemble, ensemble_targets = _ensemble_table(meta)
+            rows += _held_out_rows(run_dir, ensemble, ensemble_targets, kind, k, conditions)
             train = _training_spots(run_dir, (meta.get("uncertainty") or {}).get("targets") or targets, ensemble)
         base = None if train is None else (lambda p, v=vid: baseline_predictions(train[0], v, p, k, train[1]))
         truth = lambda p, v=vid: phantom.programs_at(v, p)  # noqa: E731

@@ -29,6 +29,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from xpression.data.context import context_block_shape
+
 __all__ = ["DenseGeometry", "Predictor", "InferenceError"]
 
 
@@ -154,7 +156,7 @@ class Predictor:
         ``shape + span - patch_shape`` voxels, ``span = (P - 1) * context_stride + 1``."""
         if self.context_stride is None:
             raise InferenceError("this network takes no context view")
-        return tuple(int(s) + (p - 1) * k + 1 - p for s, p, k in zip(shape, self.patch_shape, self.context_stride))  # type: ignore[return-value]
+        return context_block_shape(shape, self.patch_shape, self.context_stride)
 
     @torch.inference_mode()
     def dense_tensor(self, blocks: torch.Tensor, step: Sequence[int] = (1, 1, 1),

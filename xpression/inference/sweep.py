@@ -202,6 +202,13 @@ def _slabs(plan: SweepPlan, grid: OutputGrid, tile: Tile, m: np.ndarray) -> list
     return out
 
 
+def _as_predictor(model: nn.Module | Predictor, context: "ContextSource | None") -> Predictor:
+    """``model`` as a :class:`Predictor` (a module gets the context view's stride)."""
+    if isinstance(model, Predictor):
+        return model
+    return Predictor(model, context_stride=None if context is None else context.view.stride)
+
+
 def check_context(pred: Predictor, context: "ContextSource | None", mode: str) -> None:
     """A multi-scale model needs its context view, a single-view model none; in dense mode the
     Predictor's ``context_stride`` must be the view's. :class:`InferenceError` otherwise."""
@@ -396,21 +403,18 @@ def _run_dense(pred: Predictor, plan: SweepPlan, grid: OutputGrid, inp: _TileInp
     tile = inp.tile
     by_shape: dict[tuple, list] = {}
     for sl in inp.slabs:  # slabs of equal shape share a forward
-        view = _view(block, inp.origin, sl)
+        data, views = _view(block, inp.origin, sl), None
         if context is not None:
             cblock, source = context
             lo, hi = source.region(sl)
-            view = (view, cblock[tuple(slice(int(a - o), int(b - o)) for a, b, o in zip(lo, hi, inp.context_origin))])
-        by_shape.setdefault(tuple((view[0] if context is not None else view).shape), []).append((sl, view))
+            views = cblock[tuple(slice(int(a - o), int(b - o)) for a, b, o in zip(lo, hi, inp.context_origin))]
+        by_shape.setdefault(tuple(data.shape), []).append((sl, data, views))
     batches = [g[b0 : b0 + batch_size] for g in by_shape.values() for b0 in range(0, len(g), batch_size)]
     steps = tuple(ax.step for ax in plan.axes)
     for part in batches:
-        if context is None:
-            res = pred.dense_tensor(torch.stack([d for _, d in part]), step=steps)
-        else:
-            res = pred.dense_tensor(torch.stack([d[0] for _, d in part]), step=steps,
-                                    context=torch.stack([d[1] for _, d in part]))
-        for (sl, _), r in zip(part, res):
+        views = None if context is None else torch.stack([v for _, _, v in part])
+        res = pred.dense_tensor(torch.stack([d for _, d, _ in part]), step=steps, context=views)
+        for (sl, _, _), r in zip(part, res):
             src, dst = [], []
             for a, ax in enumerate(plan.axes):
                 n = sl.gstop[a] - sl.gstart[a]
@@ -525,7 +529,7 @@ def sweep_tiles(
         :class:`TileResult` per tile, in the order of ``tiles``. On a GPU the next tile's work is
         queued before a tile is handed over, so the device is not idle while it is stored.
     """
-    pred = model if isinstance(model, Predictor) else Predictor(model, context_stride=None if context is None else context.view.stride)
+    pred = _as_predictor(model, context)
     check_context(pred, context, mode)
     tiling = Tiling(grid.shape, tuple(int(t) for t in tile_shape))  # type: ignore[arg-type]
     plan = plan_sweep(pred, grid, mode, overlap, tiling.tile_shape)
@@ -575,8 +579,7 @@ def sweep(volume: Any, model: nn.Module | Predictor, grid: OutputGrid, **kwargs:
 
     For volumes whose output does not fit in memory, stream :func:`sweep_tiles` into a writer.
     """
-    context = kwargs.get("context")
-    pred = model if isinstance(model, Predictor) else Predictor(model, context_stride=None if context is None else context.view.stride)
+    pred = _as_predictor(model, kwargs.get("context"))
     out = np.full((pred.num_targets,) + tuple(grid.shape), np.nan, dtype=np.float32)
     for res in sweep_tiles(volume, pred, grid, **kwargs):
         out[(slice(None),) + res.tile.slices] = res.values

@@ -22,6 +22,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from xpression.data.context import context_block_shape
 from xpression.inference.grid import OutputGrid, Tiling, choose_tile_shape, make_grid
 from xpression.inference.predictor import InferenceError, Predictor
 from xpression.inference.shards import shard, wait_for
@@ -116,7 +117,7 @@ def _peak_bytes(net: Any, plan: Any, batch: int, shape: Sequence[int], half: boo
     kwargs = {"step": steps} if any(s > 1 for s in steps) else {}
     x = torch.zeros((batch, 1) + tuple(int(s) for s in shape), device="meta")
     if context_stride is not None:
-        cshape = tuple(int(s) + (p - 1) * int(k) + 1 - p for s, p, k in zip(shape, plan.patch_shape, context_stride))
+        cshape = context_block_shape(shape, plan.patch_shape, context_stride)
         kwargs.update(context=torch.zeros((batch, 1) + cshape, device="meta"), context_stride=tuple(context_stride))
     with torch.inference_mode(), Largest():
         try:

@@ -71,7 +71,9 @@ class MultiScale(nn.Module):
         """The context block :meth:`dense_features` needs beside a fine block of ``shape`` voxels:
         the views of every patch in it, ``shape + span - patch_shape`` per axis (``span``: the
         view's extent in model voxels, ``(P - 1) * k + 1``)."""
-        return tuple(int(s) + (p - 1) * int(k) + 1 - p for s, p, k in zip(shape, self.patch_shape, context_stride))  # type: ignore[return-value]
+        from xpression.data.context import context_block_shape
+
+        return context_block_shape(shape, self.patch_shape, context_stride)
 
     def dense_features(self, x: torch.Tensor, context: torch.Tensor | None = None,
                        context_stride: Sequence[int] | None = None, step: Sequence[int] | None = None) -> torch.Tensor:
