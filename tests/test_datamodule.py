@@ -382,3 +382,20 @@ def test_data_seed_fixes_the_split_across_model_seeds(tiny_cohort):
     with open_dict(cfg):
         del cfg.data["seed"]  # a data config without the key takes the run's seed
     assert build_datamodule(cfg).seed == 3
+
+
+def test_train_fraction_keeps_a_seeded_share_of_training_spots(tiny_cohort):
+    full = make_dm(tiny_cohort).spots["split"].to_numpy()
+    half = make_dm(tiny_cohort, train_fraction=0.5).spots["split"].to_numpy()
+    again = make_dm(tiny_cohort, train_fraction=0.5).spots["split"].to_numpy()
+    other = make_dm(tiny_cohort, train_fraction=0.5, seed=1).spots["split"].to_numpy()
+    n_train = int((full == "train").sum())
+    assert (half == "train").sum() == round(0.5 * n_train)
+    held = np.isin(full, ["val", "test"])
+    np.testing.assert_array_equal(half[held], full[held])  # held-out spots untouched
+    assert set(np.flatnonzero(half == "train")) <= set(np.flatnonzero(full == "train"))
+    assert ((full == "train") & (half == "excluded")).sum() == n_train - (half == "train").sum()
+    np.testing.assert_array_equal(half, again)
+    assert (other != half).any()  # another seed draws another subset (and split)
+    with pytest.raises(DataError, match=r"data.train_fraction must lie in \(0, 1\], got 0"):
+        make_dm(tiny_cohort, train_fraction=0)

@@ -43,6 +43,20 @@ __all__ = ["XPressionDataModule", "PatchDataset", "image_to_float"]
 log = logging.getLogger(__name__)
 
 
+def keep_training_share(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Split labels with all but a seeded random ``fraction`` of the ``train`` spots marked
+    ``excluded`` (a label budget; the held-out spots are untouched)."""
+    labels = np.asarray(labels).astype(object)
+    rows = np.flatnonzero(labels == "train")
+    if fraction >= 1.0 or not len(rows):
+        return labels.astype(str)
+    keep = max(1, int(round(fraction * len(rows))))
+    dropped = np.random.default_rng([seed, 23]).permutation(rows)[keep:]
+    labels[dropped] = "excluded"
+    log.info("train_fraction %.3g: %d of %d training spots kept", fraction, keep, len(rows))
+    return labels.astype(str)
+
+
 def _instantiate(obj: Any, default: Any) -> Any:
     if obj is None:
         return default
@@ -173,6 +187,8 @@ class XPressionDataModule(pl.LightningDataModule):
     matched to before normalisation (default: each volume's own robust range).
     ``intensity``: ``robust`` (robust percentile range -> [0, 1]) or ``divide255`` (8-bit
     values / 255, as the original study).
+    ``train_fraction``: the share of the split's training spots used, a random subset fixed by
+    ``seed`` (the rest are marked ``excluded``; held-out spots unchanged): label-budget ablations.
     ``normalizers``: ``{volume_id: IntensityNormalizer | its to_dict()}`` to reuse; others come
     from :attr:`intensity_spec`. After ``setup``, ``.normalizers`` holds the ones used.
     :meth:`input_spec` is everything a model trained on these batches needs to be fed new volumes
@@ -200,6 +216,7 @@ class XPressionDataModule(pl.LightningDataModule):
         normalizers: dict[str, Any] | None = None,
         intensity_reference: str | None = None,
         intensity: str = "robust",
+        train_fraction: float = 1.0,
     ):
         super().__init__()
         self.manifest = manifest
@@ -222,6 +239,9 @@ class XPressionDataModule(pl.LightningDataModule):
         if intensity not in SCALINGS:
             raise DataError(None, f"data.intensity must be one of {', '.join(SCALINGS)}, got {intensity!r}")
         self.intensity = str(intensity)
+        if not 0.0 < float(train_fraction) <= 1.0:
+            raise DataError(None, f"data.train_fraction must lie in (0, 1], got {train_fraction!r}")
+        self.train_fraction = float(train_fraction)
         self._intensity_spec: IntensitySpec | None = None
         self._meta: dict | None = None
         self._prepared: dict | None = None
@@ -381,7 +401,7 @@ class XPressionDataModule(pl.LightningDataModule):
             self._check_mask(spots, meta)
         planes = {sid: sections[sid].plane for sid in grids}
         size_um = self.sampler.geometry.extent_um(self.voxel_size_um)
-        spots["split"] = self.split.assign(spots, planes, size_um, self.seed)
+        spots["split"] = keep_training_share(self.split.assign(spots, planes, size_um, self.seed), self.train_fraction, self.seed)
         self._prepared = {"sections": sections, "spec": spec, "spots": spots, "targets": targets, "grids": grids, "planes": planes,
                           "context_grids": context_grids, "context_hw": np.concatenate(context_hw) if context_hw else None}
         return self._prepared
