@@ -89,7 +89,7 @@ def figure(df: pd.DataFrame, path: Path) -> None:
             if place == "plane":
                 ext = df[(df["predictor"] == "extrusion") & (df["volume_id"] == vid) & (df["place"] == place)]
                 e = ext.groupby("config", sort=False).agg(x=("train_spots", "mean"), r=("r", "mean")).sort_values("x")
-                ax.plot(e["x"], e["r"], ls=":", color=line[0].get_color(), label=f"{vid}: extrusion (no CT)")
+                ax.plot(e["x"], e["r"], ls=":", marker="x", color=line[0].get_color(), label=f"{vid}: extrusion (no CT)")
         ax.set_title(PLACE[place])
         ax.set_xlabel("labelled training spots (all trained sections)")
         ax.grid(alpha=0.3)
