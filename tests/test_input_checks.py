@@ -159,7 +159,7 @@ def test_config_values_are_checked_before_any_file_is_read(tmp_path):
     """Every bad value is listed with its key; the manifest (which does not exist) is never opened."""
     cfg = _cfg(tmp_path, tmp_path / "missing" / "cohort.yaml", [
         "sampler.patch_size_um=[-34,205,205]", "data.batch_size=0", "model.lr=-1e-3", "trainer.max_epochs=0",
-        "split.fractions=[0.7,0.3]", "data.max_drop_fraction=1.5",
+        "split.fractions=[0.7,0.3]", "data.max_drop_fraction=1.5", "data.train_fraction=0",
     ])
     with pytest.raises(ConfigError) as err:
         train(cfg)
@@ -171,6 +171,7 @@ def test_config_values_are_checked_before_any_file_is_read(tmp_path):
         "trainer.max_epochs: must be a positive integer (or -1: no limit), got 0",
         "split.fractions: must be 3 numbers >= 0 (train, val, test), got [0.7, 0.3]",
         "data.max_drop_fraction: must be a number in [0, 1], got 1.5",
+        "data.train_fraction: must be a number in (0, 1], got 0",
         "trainer.min_epochs (1) is larger than trainer.max_epochs (0)",
     }
     assert set(problems) == expected

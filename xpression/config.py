@@ -102,6 +102,7 @@ TRAIN_RULES: dict[str, _Rule] = {
     "data.num_workers": NON_NEGATIVE_INT,
     "data.max_residual_um": POSITIVE,
     "data.max_drop_fraction": FRACTION,
+    "data.train_fraction": _Rule("a number in (0, 1]", lambda v: _is_number(v) and 0 < v <= 1),
     "data.slab_margin_um": NON_NEGATIVE,
     "data.cache_dtype": _choice("uint8", "float16"),
     "patch.size_um": _Rule("3 positive numbers [depth, height, width] in um",
