@@ -17,7 +17,8 @@
 #              same voxels), up to 150 epochs, early stopping after 30 without progress
 # On a GPU: TRAINER=gpu benchmarks/levers.sh. On a 2-core CPU the defaults take hours (the 3D
 # ViT dominates); THREADS=1 LONG=24 keeps it near half an hour. The cohort is generated when
-# COHORT does not exist yet.
+# COHORT does not exist yet. SECTIONS picks the labelled sections every lever trains on (default
+# the two above; e.g. SECTIONS=[mock_0_s0,infected_0_s0,vaccinated_0_s0] for three animals).
 set -euo pipefail
 PY=${PY:-.venv/bin/python}
 COHORT=${COHORT:-data/phantom_benchmark/cohort.yaml}
@@ -26,6 +27,7 @@ TRAINER=${TRAINER:-cpu}
 LONG=${LONG:-40}
 SEEDS=${SEEDS:-0,1}
 THREADS=${THREADS:-2}
+SECTIONS=${SECTIONS:-[mock_0_s0,infected_0_s0]}
 PRETRAIN_STEPS=${PRETRAIN_STEPS:-1500}
 PRETRAIN_MINUTES=${PRETRAIN_MINUTES:-10}
 if [ ! -f "$COHORT" ]; then
@@ -33,7 +35,7 @@ if [ ! -f "$COHORT" ]; then
         --workers "$(nproc)"
 fi
 mkdir -p "$OUT"
-COMMON=(data=phantom_benchmark "data.manifest=$COHORT" "data.sections=[mock_0_s0,infected_0_s0]"
+COMMON=(data=phantom_benchmark "data.manifest=$COHORT" "data.sections=$SECTIONS"
         data.num_workers=0 data.persistent_workers=false figures=false "trainer=$TRAINER"
         +off_plane=probe off_plane.n_points=150 "off_plane.max_patch_um=[134.4,400,400]"
         "sampler.patch_size_um=[57.6,205,205]" callbacks.early_stopping.patience=5 ++trainer.enable_progress_bar=false
