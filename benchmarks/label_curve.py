@@ -18,7 +18,6 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from xpression.evaluation.benchmark import collect_runs
@@ -28,7 +27,10 @@ PLACE = {"held-out spots": "held-out spots", "plane": "probe planes", "volume": 
 
 def training_spots(run: Path) -> dict[str, int]:
     """Training spots per volume of one run (from its ``predictions.csv``)."""
-    table = pd.read_csv(run / "predictions.csv", usecols=["volume_id", "split"])
+    path = run / "predictions.csv"
+    if not path.is_file():
+        raise SystemExit(f"{run}: no predictions.csv (train.py writes one per finished run); its training spots are unknown")
+    table = pd.read_csv(path, usecols=["volume_id", "split"])
     return table[table["split"] == "train"].groupby("volume_id").size().astype(int).to_dict()
 
 

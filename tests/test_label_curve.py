@@ -69,3 +69,11 @@ def test_label_curve_refuses_a_folder_without_runs(tmp_path):
         _module().main([str(tmp_path / "empty"), "--out", str(tmp_path / "out")])
     with pytest.raises(SystemExit):
         _module().main([str(tmp_path / "missing"), "--out", str(tmp_path / "out")])
+
+
+def test_label_curve_names_a_run_without_its_predictions(tmp_path):
+    run = tmp_path / "cfg" / "0"
+    _run(run, 0, {"infected_0": 10}, [_score("mock_1", "volume", 0.5)])
+    (run / "predictions.csv").unlink()
+    with pytest.raises(SystemExit, match="no predictions.csv"):
+        _module().main([str(tmp_path / "cfg"), "--out", str(tmp_path / "out")])
