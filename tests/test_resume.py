@@ -185,3 +185,20 @@ def test_a_checkpoint_of_another_config_is_refused(crashed, tmp_path):
     shutil.rmtree(run / "checkpoints")
     with pytest.raises(ResumeError, match="no checkpoints/last.ckpt to continue from"):
         start_run(_compose(f"resume={run}"))
+
+
+def test_a_checkpoint_recorded_before_a_key_existed_reads_it_as_its_old_value(tiny_cohort):
+    """data.train_fraction came later: a checkpoint whose config lacks it trained on every
+    training spot, so it matches 1.0 and differs from 0.5."""
+    from omegaconf import OmegaConf
+
+    from xpression.resume import ADDED_LATER, _differences
+
+    cfg = _compose("debug=smoke", f"data.manifest={tiny_cohort}")
+    recorded = {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k]
+                for k in cfg if k != "hydra"}  # as a checkpoint records it
+    del recorded["data"]["train_fraction"]
+    assert ADDED_LATER["data.train_fraction"] == 1.0 and cfg.data.train_fraction == 1.0
+    assert _differences(recorded, cfg) == []
+    cfg.data.train_fraction = 0.5
+    assert _differences(recorded, cfg) == ["data.train_fraction"]

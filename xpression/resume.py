@@ -50,6 +50,9 @@ _START_KEYS = ("resume", "ckpt_path", "allow_config_change", "task_name")
 # sampler repeats it (sampler.patch_size_um, sampler.voxel_size_um are compared).
 _IGNORED_PREFIXES = ("paths.", "hydra.", "evaluation.", "patch.")
 CONFIG_KEY = RUN_CONFIG_KEY  # where a checkpoint records its run's config
+# Keys added after checkpoints began recording their config, with the value that reproduces a run
+# recorded without them: a checkpoint that lacks one is compared as if it held this value.
+ADDED_LATER: dict[str, Any] = {"data.train_fraction": 1.0}
 _RUN_PLACEHOLDER = "<run folder>"
 
 
@@ -310,6 +313,8 @@ def _differences(recorded: dict, cfg: DictConfig) -> list[str]:
             value = _select(cfg, key)  # an interpolated node may resolve to a whole sub-config
             mine.update(_leaves(value, f"{key}.") if isinstance(value, dict) and value else {key: value})
     mine = {k: _normalise(v, cur_dir) for k, v in mine.items()}
+    for key, value in ADDED_LATER.items():
+        theirs.setdefault(key, value)
     differ = [k for k in dict.fromkeys([*theirs, *mine]) if k != "data.manifest" and theirs.get(k, _Absent) != mine.get(k, _Absent)]
     if not differ and _normalise(_select(cfg, "data.manifest"), cur_dir) != theirs.get("data.manifest", _Absent):
         differ.append("data.manifest")
