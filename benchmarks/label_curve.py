@@ -53,6 +53,11 @@ def collect(dirs: list[Path], names: list[str]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _scores(df: pd.DataFrame, predictor: str, volume_id: str, place: str) -> pd.DataFrame:
+    """The rows of one predictor on one volume and place."""
+    return df[(df["predictor"] == predictor) & (df["volume_id"] == volume_id) & (df["place"] == place)]
+
+
 def table(df: pd.DataFrame) -> str:
     """Markdown: one row per configuration, one column per (volume, place); r mean ± sd over seeds."""
     model = df[df["predictor"] == "model"]
@@ -66,9 +71,9 @@ def table(df: pd.DataFrame) -> str:
         cells = [name, str(sub["seed"].nunique()), f"{sub['train_spots'].mean():.0f} ("
                  + ", ".join(f"{v} {n:.0f}" for v, n in per_animal.items()) + ")"]
         for vid, place in keys:
-            m = sub[(sub["predictor"] == "model") & (sub["volume_id"] == vid) & (sub["place"] == place)]["r"]
+            m = _scores(sub, "model", vid, place)["r"]
             cell = "-" if m.empty else f"{m.mean():.3f} ± {m.std(ddof=1):.3f}" if len(m) > 1 else f"{m.mean():.3f}"
-            ext = sub[(sub["predictor"] == "extrusion") & (sub["volume_id"] == vid) & (sub["place"] == place)]["r"]
+            ext = _scores(sub, "extrusion", vid, place)["r"]
             if place == "plane" and not m.empty and not ext.empty:
                 cell += f" (extrusion {ext.mean():.3f})"
             cells.append(cell)
@@ -89,7 +94,7 @@ def figure(df: pd.DataFrame, path: Path) -> None:
             g = sub.groupby("config", sort=False).agg(x=("train_spots", "mean"), r=("r", "mean"), sd=("r", "std")).sort_values("x")
             line = ax.errorbar(g["x"], g["r"], yerr=g["sd"].fillna(0), marker="o", capsize=3, label=vid)
             if place == "plane":
-                ext = df[(df["predictor"] == "extrusion") & (df["volume_id"] == vid) & (df["place"] == place)]
+                ext = _scores(df, "extrusion", vid, place)
                 e = ext.groupby("config", sort=False).agg(x=("train_spots", "mean"), r=("r", "mean")).sort_values("x")
                 ax.plot(e["x"], e["r"], ls=":", marker="x", color=line[0].get_color(), label=f"{vid}: extrusion (no CT)")
         ax.set_title(PLACE[place])

@@ -198,7 +198,31 @@ def test_a_checkpoint_recorded_before_a_key_existed_reads_it_as_its_old_value(ti
     recorded = {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k]
                 for k in cfg if k != "hydra"}  # as a checkpoint records it
     del recorded["data"]["train_fraction"]
-    assert ADDED_LATER["data.train_fraction"] == 1.0 and cfg.data.train_fraction == 1.0
+    assert ADDED_LATER["data.train_fraction"](recorded) == 1.0 and cfg.data.train_fraction == 1.0
     assert _differences(recorded, cfg) == []
     cfg.data.train_fraction = 0.5
     assert _differences(recorded, cfg) == ["data.train_fraction"]
+
+
+def test_a_checkpoint_recorded_before_context_edges_reads_fill_where_it_had_a_view(tiny_cohort):
+    """sampler.context_edges came later: a multi-scale run recorded without it read fill past the
+    faces (mirror now differs); a run without a view never read one (any value matches)."""
+    from omegaconf import OmegaConf
+
+    from xpression.resume import _differences
+
+    def recorded_without_edges(cfg):
+        rec = {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k]
+               for k in cfg if k != "hydra"}
+        del rec["sampler"]["context_edges"], rec["data"]["sampler"]["context_edges"]
+        return rec
+
+    single = _compose("debug=smoke", "model=cnn3d", f"data.manifest={tiny_cohort}")
+    assert single.sampler.context_um is None and single.sampler.context_edges == "mirror"
+    assert _differences(recorded_without_edges(single), single) == []
+    multi = _compose("debug=smoke", f"data.manifest={tiny_cohort}")  # the multi-scale default
+    assert multi.sampler.context_um is not None
+    recorded = recorded_without_edges(multi)
+    assert _differences(recorded, multi) == ["sampler.context_edges", "data.sampler.context_edges"]
+    multi.patch.context_edges = "fill"
+    assert _differences(recorded, multi) == []

@@ -21,7 +21,7 @@ import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
@@ -50,9 +50,22 @@ _START_KEYS = ("resume", "ckpt_path", "allow_config_change", "task_name")
 # sampler repeats it (sampler.patch_size_um, sampler.voxel_size_um are compared).
 _IGNORED_PREFIXES = ("paths.", "hydra.", "evaluation.", "patch.")
 CONFIG_KEY = RUN_CONFIG_KEY  # where a checkpoint records its run's config
-# Keys added after checkpoints began recording their config, with the value that reproduces a run
-# recorded without them: a checkpoint that lacks one is compared as if it held this value.
-ADDED_LATER: dict[str, Any] = {"data.train_fraction": 1.0}
+# Keys added after checkpoints began recording their config: for a checkpoint that lacks one, the
+# value that reproduces its run, from its recorded config (flat keys), or ANY_VALUE where the key
+# did not act on that run (it then matches whatever the current config holds).
+ANY_VALUE = object()
+
+
+def _edges_then(sampler: str) -> Callable[[dict[str, Any]], Any]:
+    """The context view read raw 0 past the volume's faces; a run without a view never read one."""
+    return lambda recorded: "fill" if recorded.get(f"{sampler}.context_um") is not None else ANY_VALUE
+
+
+ADDED_LATER: dict[str, Callable[[dict[str, Any]], Any]] = {
+    "data.train_fraction": lambda recorded: 1.0,  # every training spot
+    # the sampler, and its copy that data.sampler interpolates
+    **{f"{node}.context_edges": _edges_then(node) for node in ("sampler", "data.sampler")},
+}
 _RUN_PLACEHOLDER = "<run folder>"
 
 
@@ -313,8 +326,10 @@ def _differences(recorded: dict, cfg: DictConfig) -> list[str]:
             value = _select(cfg, key)  # an interpolated node may resolve to a whole sub-config
             mine.update(_leaves(value, f"{key}.") if isinstance(value, dict) and value else {key: value})
     mine = {k: _normalise(v, cur_dir) for k, v in mine.items()}
-    for key, value in ADDED_LATER.items():
-        theirs.setdefault(key, value)
+    for key, rule in ADDED_LATER.items():
+        if key not in theirs:
+            value = rule(theirs)
+            theirs[key] = mine.get(key, _Absent) if value is ANY_VALUE else value
     differ = [k for k in dict.fromkeys([*theirs, *mine]) if k != "data.manifest" and theirs.get(k, _Absent) != mine.get(k, _Absent)]
     if not differ and _normalise(_select(cfg, "data.manifest"), cur_dir) != theirs.get("data.manifest", _Absent):
         differ.append("data.manifest")

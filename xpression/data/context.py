@@ -57,15 +57,21 @@ class MirroredVolume:
         stop = [int(b) for b in stop_vox]
         shape = [int(n) for n in self.volume.shape]
         if all(0 <= a and b <= n for a, b, n in zip(start, stop, shape)):
-            block = self.volume.read_block(start, stop)
+            return self.volume.read_block(start, stop, out=out)
+        lo = [min(max(a, 0), n) for a, n in zip(start, shape)]
+        hi = [max(min(b, n), 0) for b, n in zip(stop, shape)]
+        pads = [(l - a, b - h) for a, b, l, h in zip(start, stop, lo, hi)]
+        if all(h - l > 0 and max(p) <= h - l for l, h, p in zip(lo, hi, pads)):
+            # one reflection per face, within what is read: numpy pads it (no index arrays)
+            block = np.pad(self.volume.read_block(lo, hi), pads, mode="symmetric")
         else:
             index = []
             for a, b, n in zip(start, stop, shape):
                 i = np.mod(np.arange(a, b), 2 * n)
                 index.append(np.where(i < n, i, 2 * n - 1 - i))
-            lo = [int(i.min()) if i.size else 0 for i in index]
-            hi = [int(i.max()) + 1 if i.size else 0 for i in index]
-            block = self.volume.read_block(lo, hi)[np.ix_(*(i - o for i, o in zip(index, lo)))]
+            first = [int(i.min()) if i.size else 0 for i in index]
+            last = [int(i.max()) + 1 if i.size else 0 for i in index]
+            block = self.volume.read_block(first, last)[np.ix_(*(i - o for i, o in zip(index, first)))]
         if out is None:
             return block
         out[...] = block

@@ -222,14 +222,13 @@ def evaluate_maps(run_dir: str | Path, output: str | Path, volumes: Mapping[str,
     conditions = {v.id: v.condition for v in cohort.volumes}
     rows: list[dict] = []
     trust_rows: list[dict] = []
-    train, first = None, True
+    train = None
     reference = _target_reference(run_dir)
-    for vid, job in volumes.items():
+    for position, (vid, job) in enumerate(volumes.items()):
         maps, meta = read_maps(Path(job["path"]))
         grid = OutputGrid.from_dict(meta["grid"])
         targets = [reference.get(t, t) for t in meta["targets"]]  # fitted programs: the truth program each was matched to
-        if first:  # the spots once, from the first volume's metadata
-            first = False
+        if position == 0:  # the spots once, from the first volume's metadata
             ensemble, ensemble_targets = _ensemble_table(meta)
             rows += _held_out_rows(run_dir, ensemble, ensemble_targets, kind, k, conditions)
             train = _training_spots(run_dir, (meta.get("uncertainty") or {}).get("targets") or targets, ensemble)
