@@ -9,7 +9,7 @@ training spots per animal and, per volume and place (held-out spots, probe plane
 animal, whole planes of an unseen one), Pearson r as mean ± sd over seeds, with extrusion of the
 same run's training spots beside the trained animals' planes; ``OUT/label_curve.png`` plots r
 against the training spots (one line per volume and place), ``OUT/label_curve.md`` keeps the
-table. Volumes are never pooled.
+table (neither is overwritten: an ``OUT`` holding them is refused). Volumes are never pooled.
 """
 
 from __future__ import annotations
@@ -121,6 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     for d in args.dirs:
         if not d.is_dir():
             p.error(f"{d}: no such folder")
+    taken = [f for f in (args.out / "label_curve.md", args.out / "label_curve.png") if f.exists()]
+    if taken:
+        p.error(f"{taken[0]} exists; choose another --out (nothing is overwritten)")
     df = collect(args.dirs, names)
     args.out.mkdir(parents=True, exist_ok=True)
     text = table(df)

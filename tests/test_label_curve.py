@@ -77,3 +77,15 @@ def test_label_curve_names_a_run_without_its_predictions(tmp_path):
     (run / "predictions.csv").unlink()
     with pytest.raises(SystemExit, match="no predictions.csv"):
         _module().main([str(tmp_path / "cfg"), "--out", str(tmp_path / "out")])
+
+
+def test_label_curve_overwrites_nothing(tmp_path, capsys):
+    run = tmp_path / "cfg" / "0"
+    _run(run, 0, {"infected_0": 10}, [_score("mock_1", "volume", 0.5)])
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "label_curve.md").write_text("mine")
+    with pytest.raises(SystemExit):
+        _module().main([str(tmp_path / "cfg"), "--out", str(out)])
+    assert "label_curve.md exists; choose another --out (nothing is overwritten)" in capsys.readouterr().err
+    assert (out / "label_curve.md").read_text() == "mine" and not (out / "label_curve.png").exists()
