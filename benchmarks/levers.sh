@@ -15,6 +15,8 @@
 #              (every 3rd voxel of the low-pass filtered volume around the same centre), LONG epochs
 #   recipe     train.py's default recipe: multiscale (its preset's context view, 3x the patch: the
 #              same voxels), up to 150 epochs, early stopping after 30 without progress
+#   forest     filter-bank features of the patch and the same context view + extremely randomised
+#              trees (model=forest), fitted once: no epochs
 # On a GPU: TRAINER=gpu benchmarks/levers.sh. On a 2-core CPU the defaults take hours (the 3D
 # ViT dominates); THREADS=1 LONG=24 keeps it near half an hour. The cohort is generated when
 # COHORT does not exist yet. SECTIONS picks the labelled sections every lever trains on (default
@@ -68,6 +70,7 @@ lever() {  # lever <name>: its overrides
         ssl) echo model=cnn3d "trainer.max_epochs=$LONG" "model.init_from=$OUT/ssl_pretrain/encoder.ckpt" ;;
         multiscale) echo model=multiscale_cnn3d "trainer.max_epochs=$LONG" "patch.context_um=[172.8,600,600]" ;;
         recipe) echo model=multiscale_cnn3d trainer.max_epochs=150 callbacks.early_stopping.patience=30 ;;
+        forest) echo model=forest ;;
         *) echo "unknown lever '$1'" >&2; return 1 ;;
     esac
 }

@@ -203,10 +203,10 @@ NETWORK_CONFIGS = sorted(p.stem for p in (CONF / "model").glob("*.yaml")  # the 
 
 
 def test_every_model_config_is_tested():
-    """Every conf/model entry is a network (tested below) or the ridge baseline (its own tests);
-    `_module.yaml` is the base the network presets build on."""
+    """Every conf/model entry is a network (tested below) or a closed-form model (the ridge
+    baseline, the forest: their own tests); `_module.yaml` is the base the network presets build on."""
     others = {p.stem for p in (CONF / "model").glob("*.yaml") if not p.stem.startswith("_")} - set(NETWORK_CONFIGS)
-    assert others <= {"ridge"}
+    assert others <= {"ridge", "forest"}
     assert {"cnn3d", "cnn3d_paper", "unet"} <= set(NETWORK_CONFIGS)
 
 

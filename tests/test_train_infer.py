@@ -65,3 +65,25 @@ def test_train_then_infer_a_cohort_and_a_tiff(tiny_cohort, tmp_path):
     both = np.isfinite(a).all(0) & inside
     assert both.sum() >= 0.97 * max(inside.sum(), np.isfinite(a).all(0).sum())
     np.testing.assert_allclose(a[:, both], b[:, both], atol=2e-3)
+
+
+def test_forest_trains_without_epochs_and_sweeps_its_context_view(tiny_cohort, tmp_path):
+    """model=forest: fitted once by train.py (scored like a network), its checkpoint swept by
+    infer.py in patch mode with the patch and its context view."""
+    run = tmp_path / "forest"
+    proc = _run("train.py", "model=forest", "model.n_trees=20", f"data.manifest={tiny_cohort}", f"hydra.run.dir={run}",
+                "figures=false", "data.num_workers=0", "data.persistent_workers=false")
+    assert "closed-form fit (no epochs)" in proc.stdout
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert np.isfinite(metrics["pearson_mean"])
+    assert {r["predictor"] for r in metrics["scores"]} >= {"model", "ridge", "extrusion"}
+    entry = next(v for v in load_manifest(tiny_cohort).volumes if v.id == "mock_0")
+    out = tmp_path / "maps"
+    _run("infer.py", f"run={run}", f"output={out}", "progress=false", "figures=false", "ct_preview=false",
+         f"volume={entry.image}", "volume_id=mock_0")
+    maps, meta = read_maps(out / "mock_0" / "maps.ome.zarr")
+    values = maps[:].astype(np.float32)
+    inside = np.isfinite(values).all(0)
+    assert inside.sum() > 100 and meta["complete"]
+    np.testing.assert_allclose(values[:, inside].sum(0), 1.0, atol=5e-3)
+    assert values[:, inside].std(axis=1).max() > 0.01  # a map, not a constant

@@ -46,9 +46,15 @@ def hydra_output_subdir(output_dir: str, resume: str | None = None) -> str | Non
     return None if resume or (Path(output_dir) / "config.yaml").exists() else ".hydra"
 
 
-def scale(values: Any, factor: float) -> list[float]:
-    """``${scale:${patch.size_um},3}``: every number of ``values`` times ``factor`` (a list)."""
-    return [float(v) * float(factor) for v in values]
+def scale(values: Any, factor: Any) -> list[float]:
+    """``${scale:${patch.size_um},3}``: every number of ``values`` times ``factor`` (a list);
+    ``${scale:${patch.size_um},[7,4,4]}``: one factor per number."""
+    if isinstance(factor, (int, float, str)):
+        return [float(v) * float(factor) for v in values]
+    factors = [float(f) for f in factor]
+    if len(factors) != len(values):
+        raise ValueError(f"scale: {len(factors)} factors for {len(values)} values ({list(values)})")
+    return [float(v) * f for v, f in zip(values, factors)]
 
 
 def register_resolvers() -> None:

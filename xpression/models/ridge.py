@@ -18,7 +18,6 @@ checkpoint with its :class:`~xpression.data.input_spec.InputSpec`, which ``infer
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -26,12 +25,9 @@ import torch
 from scipy import ndimage
 from torch import nn
 
-from xpression.data.input_spec import INPUT_SPEC_KEY, InputSpec
-from xpression.data.kinds import get_kind
-from xpression.data.patches import image_to_float
+from xpression.data.input_spec import InputSpec
 from xpression.data.registration import SPOT_RADIUS_UM
-from xpression.models.targets import as_target_spec
-from xpression.runfolder import RUN_CONFIG_KEY
+from xpression.models.closed_form import ClosedFormModel
 
 __all__ = ["RidgeBaseline", "patch_features"]
 
@@ -85,7 +81,7 @@ def patch_features(patches: np.ndarray, voxel_size_um: Sequence[float], radii_um
     return np.column_stack(feats).astype(np.float64)
 
 
-class RidgeBaseline(nn.Module):
+class RidgeBaseline(ClosedFormModel):
     """Features of the patch + ridge regression per target.
 
     Args:
@@ -100,19 +96,16 @@ class RidgeBaseline(nn.Module):
             the data module's, taken by :meth:`fit`.
     """
 
-    dense_equivalent = False
-    output_stride = None
+    family = "ridge"
+    views = 1  # the patch only (a context view, if the data has one, is not read)
 
     def __init__(self, target_spec: Any, patch_shape: Sequence[int], spot_radius_vox: float | None = None,
                  radii_um: Sequence[float] = (SPOT_RADIUS_UM, 50.0, 100.0), air_threshold: float = 0.3,
                  alphas: Sequence[float] = (0.01, 0.1, 1.0, 10.0, 100.0, 1000.0),
                  input_spec: InputSpec | dict | None = None) -> None:
-        super().__init__()
-        self.target_spec = as_target_spec(target_spec)
-        self.patch_shape = tuple(int(s) for s in patch_shape)
+        super().__init__(target_spec, patch_shape, input_spec)
         self.radii_um, self.air_threshold = [float(r) for r in radii_um], float(air_threshold)
         self.alphas = [float(a) for a in alphas]
-        self.input_spec = InputSpec.from_dict(input_spec) if isinstance(input_spec, dict) else input_spec
         self.alpha: float | None = None
         self.coef = nn.Parameter(torch.zeros(0, dtype=torch.float64), requires_grad=False)  # (T, F)
         self.intercept = nn.Parameter(torch.zeros(0, dtype=torch.float64), requires_grad=False)  # (T,)
@@ -120,36 +113,18 @@ class RidgeBaseline(nn.Module):
         self.register_buffer("feature_scale", torch.zeros(0, dtype=torch.float64))
 
     @property
-    def voxel_size_um(self) -> tuple[float, float, float]:
-        if self.input_spec is None:
-            raise RuntimeError("RidgeBaseline has no input spec (voxel size); call fit(datamodule) or pass input_spec")
-        return self.input_spec.voxel_size_um
-
-    @property
     def fitted(self) -> bool:
         return self.coef.numel() > 0
 
-    def features(self, patches: np.ndarray) -> np.ndarray:
-        """``(B, D, H, W)`` -> ``(B, F)`` (see :func:`patch_features`)."""
-        return patch_features(patches, self.voxel_size_um, self.radii_um, self.air_threshold)
+    def features(self, views: np.ndarray) -> np.ndarray:
+        """``(B, C, D, H, W)`` or ``(B, D, H, W)`` -> ``(B, F)`` from the patch (see :func:`patch_features`)."""
+        return patch_features(self.as_views(views)[:, 0], self.voxel_size_um, self.radii_um, self.air_threshold)
 
-    def fit(self, datamodule: Any) -> "RidgeBaseline":
-        """Fit on the data module's training spots (one pass, no augmentation)."""
+    def fit_arrays(self, x: np.ndarray, y: np.ndarray) -> None:
         from sklearn.linear_model import RidgeCV
         from sklearn.pipeline import make_pipeline
         from sklearn.preprocessing import StandardScaler
 
-        if self.input_spec is None:
-            self.input_spec = datamodule.input_spec()
-        datamodule.setup("fit")
-        train = datamodule.spots["split"].to_numpy() == "train"
-        feats, targets = [], []
-        for batch in datamodule.predict_dataloader():
-            keep = train[batch["index"].numpy()]
-            if keep.any():
-                feats.append(self.features(image_to_float(batch["image"][keep, 0]).numpy()))
-                targets.append(batch["target"][keep].numpy())
-        x, y = np.concatenate(feats), np.concatenate(targets)
         pipeline = make_pipeline(StandardScaler(), RidgeCV(alphas=self.alphas)).fit(x, y)
         scaler, ridge = pipeline[0], pipeline[-1]
         self.feature_mean = torch.as_tensor(scaler.mean_, dtype=torch.float64)
@@ -160,52 +135,19 @@ class RidgeBaseline(nn.Module):
                                       requires_grad=False)
         self.alpha = float(ridge.alpha_)
         log.info("ridge baseline: %d training spots, %d features, alpha %.3g", len(x), x.shape[1], ridge.alpha_)
-        return self
 
-    def predict_patches(self, patches: np.ndarray) -> np.ndarray:
-        """``(B, D, H, W)`` normalised patches -> ``(B, T)`` float32 predictions: the standardised
-        features times the ridge coefficients (scikit-learn's ``Pipeline.predict``, same numbers)."""
-        if not self.fitted:
-            raise RuntimeError("RidgeBaseline is not fitted; call fit(datamodule) first")
-        x = self.features(patches)
+    def predict_features(self, x: np.ndarray) -> np.ndarray:
+        """The standardised features times the ridge coefficients (scikit-learn's
+        ``Pipeline.predict``, same numbers)."""
         z = (x - self.feature_mean.cpu().numpy()) / self.feature_scale.cpu().numpy()
-        pred = (z @ self.coef.detach().cpu().numpy().T + self.intercept.detach().cpu().numpy()).reshape(len(patches), -1)
-        return get_kind(self.target_spec.kind).activate_numpy(pred).astype(np.float32)
+        return z @ self.coef.detach().cpu().numpy().T + self.intercept.detach().cpu().numpy()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, 1, D, H, W)`` (float intensities, or a loader's uint8 levels) -> ``(B, T)``."""
-        return torch.from_numpy(self.predict_patches(image_to_float(x[:, 0].detach().cpu()).numpy()))
-
-    # -- checkpoints ---------------------------------------------------------------------------
     def hyper_parameters(self) -> dict:
-        return {"target_spec": self.target_spec.to_dict(), "patch_shape": list(self.patch_shape),
-                "radii_um": list(self.radii_um), "air_threshold": self.air_threshold, "alphas": list(self.alphas)}
+        return {**super().hyper_parameters(), "radii_um": list(self.radii_um), "air_threshold": self.air_threshold,
+                "alphas": list(self.alphas)}
 
-    def save_checkpoint(self, path: str | Path, run_config: dict | None = None) -> Path:
-        """A checkpoint ``infer.py`` loads like a network's: weights, constructor arguments, the
-        input spec (with this model recorded) and, when given, the run's config."""
-        if not self.fitted:
-            raise RuntimeError("RidgeBaseline is not fitted; nothing to save")
-        spec = self.input_spec.with_model(**{"class": f"{type(self).__module__}.{type(self).__qualname__}",
-                                             "family": "ridge", "alpha": self.alpha, "dense_equivalent": False,
-                                             "output_stride": None})
-        ckpt = {"state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()},
-                "hyper_parameters": self.hyper_parameters(), INPUT_SPEC_KEY: spec.to_dict()}
-        if run_config is not None:
-            ckpt[RUN_CONFIG_KEY] = run_config
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(ckpt, path)
-        return path
+    def model_record(self) -> dict:
+        return {"alpha": self.alpha}
 
-    @classmethod
-    def from_checkpoint(cls, ckpt: dict) -> "RidgeBaseline":
-        """The fitted baseline a :meth:`save_checkpoint` dict holds."""
-        spec = ckpt.get(INPUT_SPEC_KEY)
-        model = cls(**ckpt["hyper_parameters"], input_spec=None if spec is None else InputSpec.from_dict(spec))
-        state = ckpt["state_dict"]
-        model.coef = nn.Parameter(state["coef"].to(torch.float64), requires_grad=False)
-        model.intercept = nn.Parameter(state["intercept"].to(torch.float64), requires_grad=False)
-        model.feature_mean, model.feature_scale = state["feature_mean"], state["feature_scale"]
-        model.alpha = (spec or {}).get("model", {}).get("alpha")
-        return model
+    def restore_record(self, record: dict) -> None:
+        self.alpha = record.get("alpha")

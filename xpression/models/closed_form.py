@@ -1,0 +1,151 @@
+"""Models fitted once on the training spots, without epochs (``model=ridge``, ``model=forest``).
+
+A closed-form model is an ``nn.Module`` so the training, evaluation and inference code treat it
+like a network: ``forward`` takes the ``(B, C, D, H, W)`` batch (the patch and, for a model that
+reads one, its context view) and it has a ``patch_shape``. Subclasses say how a batch of views
+becomes features (:meth:`ClosedFormModel.features`), how they are fitted
+(:meth:`ClosedFormModel.fit_arrays`) and read (:meth:`ClosedFormModel.predict_features`); the
+fitted numbers are tensors of the state dict, so :meth:`ClosedFormModel.save_checkpoint` writes a
+checkpoint with the :class:`~xpression.data.input_spec.InputSpec` that ``infer.py`` sweeps
+(``mode=patch``) like any other model's.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from xpression.data.input_spec import INPUT_SPEC_KEY, InputSpec
+from xpression.data.kinds import get_kind
+from xpression.data.patches import image_to_float
+from xpression.models.targets import as_target_spec
+from xpression.runfolder import RUN_CONFIG_KEY
+
+__all__ = ["ClosedFormModel"]
+
+log = logging.getLogger(__name__)
+
+
+class ClosedFormModel(nn.Module):
+    """Base of the models fitted in one pass over the training spots (no augmentation).
+
+    Args:
+        target_spec: names and kind of the targets (predictions are made valid for the kind).
+        patch_shape: ``(D, H, W)`` voxels of every view.
+        input_spec: the data's input contract (voxel size, context view); default: the data
+            module's, taken by :meth:`fit`.
+    """
+
+    family = "closed_form"
+    dense_equivalent = False
+    output_stride = None
+
+    def __init__(self, target_spec: Any, patch_shape: Sequence[int], input_spec: InputSpec | dict | None = None) -> None:
+        super().__init__()
+        self.target_spec = as_target_spec(target_spec)
+        self.patch_shape = tuple(int(s) for s in patch_shape)
+        self.input_spec = InputSpec.from_dict(input_spec) if isinstance(input_spec, dict) else input_spec
+
+    # -- what a subclass provides -----------------------------------------------------------------
+    @property
+    def fitted(self) -> bool:
+        raise NotImplementedError
+
+    def features(self, views: np.ndarray) -> np.ndarray:
+        """``(B, C, D, H, W)`` normalised views ([0, 1]) -> ``(B, F)``."""
+        raise NotImplementedError
+
+    def fit_arrays(self, x: np.ndarray, y: np.ndarray) -> None:
+        """Fit on the training spots' features ``(N, F)`` and targets ``(N, T)``."""
+        raise NotImplementedError
+
+    def predict_features(self, x: np.ndarray) -> np.ndarray:
+        """``(B, F)`` features -> ``(B, T)`` raw predictions (before the kind's activation)."""
+        raise NotImplementedError
+
+    def hyper_parameters(self) -> dict:
+        """The constructor arguments a checkpoint rebuilds the model with."""
+        return {"target_spec": self.target_spec.to_dict(), "patch_shape": list(self.patch_shape)}
+
+    def model_record(self) -> dict:
+        """What the input spec records about this model beside its class and family."""
+        return {}
+
+    def restore_record(self, record: dict) -> None:
+        """Read back :meth:`model_record` from a checkpoint's input spec."""
+
+    # -- shared --------------------------------------------------------------------------------------
+    @property
+    def voxel_size_um(self) -> tuple[float, float, float]:
+        if self.input_spec is None:
+            raise RuntimeError(f"{type(self).__name__} has no input spec (voxel size); call fit(datamodule) or pass input_spec")
+        return self.input_spec.voxel_size_um
+
+    def as_views(self, patches: np.ndarray) -> np.ndarray:
+        """``(B, D, H, W)`` patches or ``(B, C, D, H, W)`` views -> ``(B, C, D, H, W)``."""
+        patches = np.asarray(patches)
+        return patches[:, None] if patches.ndim == 4 else patches
+
+    def fit(self, datamodule: Any) -> "ClosedFormModel":
+        """Fit on the data module's training spots (one pass over them, no augmentation)."""
+        if self.input_spec is None:
+            self.input_spec = datamodule.input_spec()
+        datamodule.setup("fit")
+        train = datamodule.spots["split"].to_numpy() == "train"
+        feats, targets = [], []
+        for batch in datamodule.predict_dataloader():
+            keep = train[batch["index"].numpy()]
+            if keep.any():
+                feats.append(self.features(self.as_views(image_to_float(batch["image"][keep]).numpy())))
+                targets.append(batch["target"][keep].numpy())
+        if not feats:
+            raise ValueError(f"{type(self).__name__}: the data module has no training spots to fit on")
+        self.fit_arrays(np.concatenate(feats), np.concatenate(targets))
+        return self
+
+    def predict_patches(self, patches: np.ndarray) -> np.ndarray:
+        """``(B, D, H, W)`` patches or ``(B, C, D, H, W)`` views, normalised -> ``(B, T)``
+        float32 predictions, valid for the target kind."""
+        if not self.fitted:
+            raise RuntimeError(f"{type(self).__name__} is not fitted; call fit(datamodule) first")
+        raw = self.predict_features(self.features(self.as_views(patches))).reshape(len(patches), -1)
+        return get_kind(self.target_spec.kind).activate_numpy(raw).astype(np.float32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, C, D, H, W)`` (float intensities, or a loader's uint8 levels) -> ``(B, T)``."""
+        return torch.from_numpy(self.predict_patches(image_to_float(x.detach().cpu()).numpy()))
+
+    def save_checkpoint(self, path: str | Path, run_config: dict | None = None) -> Path:
+        """A checkpoint ``infer.py`` loads like a network's: the fitted tensors, constructor
+        arguments, the input spec (with this model recorded) and, when given, the run's config."""
+        if not self.fitted:
+            raise RuntimeError(f"{type(self).__name__} is not fitted; nothing to save")
+        spec = self.input_spec.with_model(**{"class": f"{type(self).__module__}.{type(self).__qualname__}",
+                                             "family": self.family, "dense_equivalent": False, "output_stride": None,
+                                             **self.model_record()})
+        ckpt = {"state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()},
+                "hyper_parameters": self.hyper_parameters(), INPUT_SPEC_KEY: spec.to_dict()}
+        if run_config is not None:
+            ckpt[RUN_CONFIG_KEY] = run_config
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(ckpt, path)
+        return path
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: dict) -> "ClosedFormModel":
+        """The fitted model a :meth:`save_checkpoint` dict holds."""
+        spec = ckpt.get(INPUT_SPEC_KEY)
+        model = cls(**ckpt["hyper_parameters"], input_spec=None if spec is None else InputSpec.from_dict(spec))
+        for name, value in ckpt["state_dict"].items():
+            if isinstance(getattr(model, name, None), nn.Parameter):
+                setattr(model, name, nn.Parameter(value, requires_grad=False))
+            else:
+                setattr(model, name, value)  # a registered buffer
+        model.restore_record((spec or {}).get("model", {}))
+        return model

@@ -1,0 +1,125 @@
+"""Multi-scale filter-bank features at the centre of a patch and of its context view.
+
+At each scale ``sigma`` (um) a feature is a fixed weighting of one view's voxels around the
+view's centre, the response a Gaussian filter of that scale (truncated to the view and
+renormalised) gives at the centre:
+
+- ``mean``: the Gaussian-weighted mean intensity;
+- ``air`` / ``bright``: the weighted share of voxels below ``air_threshold`` / above
+  ``bright_threshold`` (normalised intensity): airway lumen and alveolar air, walls and dense
+  infiltrate;
+- ``sd``: the weighted standard deviation (texture);
+- ``gradient``: the magnitude of the Gaussian derivative (scale-normalised: times ``sigma``);
+- ``laplacian``: the Laplacian of the Gaussian (times ``sigma^2``, zero on a constant view): blobs
+  and tubes of about that size.
+
+Each scale is read from every view that resolves it and holds it: its in-plane voxel pitch is at
+most ``sigma`` and its in-plane half-width at least ``2 sigma``. The patch serves the small
+scales, the context view (every ``k``-th voxel of the low-pass filtered volume, see
+:mod:`xpression.data.context`) the large ones, and a scale both serve is read from both (the
+context view is deeper, so its kernels reach further along z): a 615 um context view on a 19.2
+um pitch serves 19.2-153.6 um. Along z the kernels are cut at the view's depth. The features are rotation- and
+flip-invariant in-plane, so no augmentation is needed to fit on them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+__all__ = ["FEATURES", "FilterBank", "ViewKernels"]
+
+FEATURES = ("mean", "air", "bright", "sd", "gradient", "laplacian")
+
+
+@dataclass(frozen=True)
+class ViewKernels:
+    """The kernels of the scales one view serves, each ``(S, V)`` with ``V`` the view's voxels
+    (C order): ``gauss`` (rows sum to 1), ``deriv`` ``(3, S, V)`` (z, y, x), ``laplacian``."""
+
+    sigmas_um: tuple[float, ...]
+    gauss: np.ndarray
+    deriv: np.ndarray
+    laplacian: np.ndarray
+
+    @classmethod
+    def build(cls, shape: Sequence[int], step_um: Sequence[float], sigmas_um: Sequence[float]) -> "ViewKernels":
+        """Kernels on a view of ``shape`` voxels spaced ``step_um`` (z, y, x) um, centred on the
+        view's centre (between voxels along an even axis)."""
+        axes = [(np.arange(n) - (n - 1) / 2.0) * float(s) for n, s in zip(shape, step_um)]
+        offsets = np.stack(np.meshgrid(*axes, indexing="ij")).reshape(3, -1)  # (3, V) um from the centre
+        r2 = (offsets**2).sum(0)
+        gauss, deriv, lap = [], [], []
+        for sigma in sigmas_um:
+            s2 = float(sigma) ** 2
+            w = np.exp(-r2 / (2 * s2))
+            w /= w.sum()
+            gauss.append(w)
+            deriv.append(-offsets / s2 * w * float(sigma))          # d/dz, d/dy, d/dx of the Gaussian, x sigma
+            lg = (r2 / s2**2 - 3.0 / s2) * w * s2                    # Laplacian of the Gaussian, x sigma^2
+            lap.append(lg - w * lg.sum())                            # zero response to a constant view
+        return cls(tuple(float(s) for s in sigmas_um), np.asarray(gauss), np.stack(deriv, axis=1), np.asarray(lap))
+
+    def features(self, view: np.ndarray, air_threshold: float, bright_threshold: float) -> np.ndarray:
+        """``(B, V)`` normalised intensities -> ``(B, 6 S)``: each scale's six features (FEATURES)."""
+        a = np.asarray(view, np.float64)
+        mean = a @ self.gauss.T
+        air = (a < air_threshold).astype(np.float64) @ self.gauss.T
+        bright = (a > bright_threshold).astype(np.float64) @ self.gauss.T
+        sd = np.sqrt(np.clip((a * a) @ self.gauss.T - mean**2, 0.0, None))
+        grad = np.sqrt(sum((a @ d.T) ** 2 for d in self.deriv))
+        lap = a @ self.laplacian.T
+        return np.stack([mean, air, bright, sd, grad, lap], axis=2).reshape(len(a), -1)
+
+
+class FilterBank:
+    """Filter-bank features of the views a model sees (the patch, and a context view if any).
+
+    Args:
+        patch_shape: ``(D, H, W)`` voxels of every view.
+        steps_um: per view, its voxel spacing ``(z, y, x)`` um (the context view's is its stride
+            times the model voxel).
+        sigmas_um: the scales (um).
+        air_threshold, bright_threshold: normalised intensities (in [0, 1]) below which a voxel is
+            air and above which it is bright.
+
+    Raises:
+        ValueError: a scale no view serves, naming what each view serves.
+    """
+
+    def __init__(self, patch_shape: Sequence[int], steps_um: Sequence[Sequence[float]], sigmas_um: Sequence[float],
+                 air_threshold: float = 0.3, bright_threshold: float = 0.75) -> None:
+        self.patch_shape = tuple(int(n) for n in patch_shape)
+        self.steps_um = [tuple(float(s) for s in step) for step in steps_um]
+        self.air_threshold, self.bright_threshold = float(air_threshold), float(bright_threshold)
+        sigmas = sorted(float(s) for s in sigmas_um)
+        if not sigmas or sigmas[0] <= 0:
+            raise ValueError(f"model.sigmas_um must be positive scales in um, got {list(sigmas_um)}")
+        half = [min((n - 1) / 2.0 * s for n, s in zip(self.patch_shape[1:], step[1:])) for step in self.steps_um]
+        pitch = [max(step[1:]) for step in self.steps_um]
+        served = [[s for s in sigmas if p <= s and 2 * s <= h] for p, h in zip(pitch, half)]
+        for sigma in sigmas:
+            if not any(sigma in s for s in served):
+                raise ValueError(f"model.sigmas_um: {sigma:g} um fits no view: a view serves the scales from its in-plane "
+                                 f"voxel pitch to half its in-plane reach ({', '.join(f'{p:g}-{h / 2:g} um' for p, h in zip(pitch, half))}); "
+                                 "drop the scale or change patch.context_um")
+        self.kernels = [ViewKernels.build(self.patch_shape, step, s) if s else None for step, s in zip(self.steps_um, served)]
+
+    @property
+    def names(self) -> list[str]:
+        """One name per feature column, ``<feature>@<sigma>um`` (``/context`` from the context view)."""
+        return [f"{f}@{s:g}um" + ("/context" if i else "") for i, k in enumerate(self.kernels) if k is not None
+                for s in k.sigmas_um for f in FEATURES]
+
+    def __call__(self, views: np.ndarray) -> np.ndarray:
+        """``(B, C, D, H, W)`` normalised views (C = the views given at construction) -> ``(B, F)``."""
+        views = np.asarray(views)
+        if views.ndim != 5 or views.shape[1] != len(self.steps_um) or tuple(views.shape[2:]) != self.patch_shape:
+            raise ValueError(f"FilterBank expects (B, {len(self.steps_um)}, {', '.join(map(str, self.patch_shape))}) views, "
+                             f"got {tuple(views.shape)}")
+        flat = views.reshape(len(views), views.shape[1], -1)
+        parts = [k.features(flat[:, i], self.air_threshold, self.bright_threshold)
+                 for i, k in enumerate(self.kernels) if k is not None]
+        return np.concatenate(parts, axis=1)
