@@ -99,7 +99,7 @@ def test_findings_carry_intervals(context):
     notes = findings(runs, scores)
     deep_vs_flat = [n for n in notes if n.startswith("The 134.4 µm deep patch") and "probe planes" in n][0]
     assert "beats" in deep_vs_flat and "higher" in deep_vs_flat
-    best = [n for n in notes if n.startswith("The best network off the plane") and "2D extrusion" in n][0]
+    best = [n for n in notes if n.startswith("The best model off the plane") and "2D extrusion" in n][0]
     assert "[134.4,205,205]" in best and "+0.100 [+0.100, +0.100]" in best
     ridge = [n for n in notes if "ridge" in n and "probe planes" in n][0]
     assert "beats" in ridge  # 0.515 vs 0.45

@@ -335,7 +335,7 @@ def findings(runs: pd.DataFrame, scores: pd.DataFrame, comparisons: list[dict] |
                 compare(("context", other), ("context", match.index[0]), "pearson_mean", "plane",
                         f"A {ctx.loc[other, 'width_um']:g} µm field of view ({other})",
                         f"{ctx.loc[match.index[0], 'width_um']:g} µm ({match.index[0]})")
-    # the best network (probe planes) against its own baselines
+    # the best model (probe planes; not the ridge baseline) against its own baselines
     nets = [(e, c) for e, c in _configs(runs) if cfg.loc[(e, c), "model"] != "RidgeBaseline"]
     def planes_r(key: tuple[str, str]) -> float:
         v = [x for x in _run_mean(runs, scores, *key, "model", "pearson_mean", "plane").values() if np.isfinite(x)]
@@ -344,7 +344,7 @@ def findings(runs: pd.DataFrame, scores: pd.DataFrame, comparisons: list[dict] |
     ranked = sorted(nets, key=lambda k: -planes_r(k))
     if ranked and np.isfinite(planes_r(ranked[0])):
         best = ranked[0]
-        name = f"The best network off the plane ({best[0]}: {best[1]})"
+        name = f"The best model off the plane ({best[0]}: {best[1]})"
         compare(best, "extrusion", "pearson_mean", "plane", name, "2D extrusion")
         compare(best, "section_extrusion", "pearson_mean", "plane", name, "2D extrusion from every section spot")
         compare(best, "ridge", "pearson_mean", "plane", name, "the ridge on its patch")
