@@ -178,6 +178,23 @@ def test_config_values_are_checked_before_any_file_is_read(tmp_path):
     assert not (tmp_path / "config.yaml").exists()
 
 
+def test_forest_settings_are_checked_before_any_file_is_read(tmp_path):
+    """model=forest's values are listed with their keys like every other; the manifest (which does
+    not exist) is never opened."""
+    cfg = _cfg(tmp_path, tmp_path / "missing" / "cohort.yaml", [
+        "model=forest", "model.n_trees=0", "model.max_features=1.5", "model.sigmas_um=[6.4,-1]",
+        "model.bright_threshold=2"])
+    with pytest.raises(ConfigError) as err:
+        train(cfg)
+    assert set(err.value.problems) == {
+        "model.n_trees: must be a positive integer, got 0",
+        "model.max_features: must be a number in (0, 1], got 1.5",
+        "model.sigmas_um: must be a list of positive scales in um, got [6.4, -1]",
+        "model.bright_threshold: must be a number in [0, 1], got 2",
+    }
+    assert not (tmp_path / "config.yaml").exists()
+
+
 def test_a_bad_patch_is_reported_not_its_context_view_traceback(tmp_path):
     """The multi-scale preset computes patch.context_um from patch.size_um: a bad size is listed
     with the key the user set, the view that cannot be computed from it next, and no traceback;

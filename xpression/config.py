@@ -133,6 +133,14 @@ TRAIN_RULES: dict[str, _Rule] = {
     "model.ema_decay": _optional(_Rule("a number in (0, 1)", lambda v: _is_number(v) and 0 < v < 1)),
     "model.scheduler": _choice("cosine", "none", None),
     "model.backbone.dropout": BELOW_ONE,
+    # model=forest (and model=ridge's air_threshold)
+    "model.sigmas_um": _Rule("a list of positive scales in um", lambda v: isinstance(v, (list, tuple)) and len(v) > 0
+                             and all(_is_number(x) and x > 0 for x in v)),
+    "model.air_threshold": FRACTION,
+    "model.bright_threshold": FRACTION,
+    "model.n_trees": POSITIVE_INT,
+    "model.min_samples_leaf": POSITIVE_INT,
+    "model.max_features": _Rule("a number in (0, 1]", lambda v: _is_number(v) and 0 < v <= 1),
     "model.backbone.drop_rate": BELOW_ONE,
     "trainer.max_epochs": EPOCHS,
     "trainer.min_epochs": NON_NEGATIVE_INT,

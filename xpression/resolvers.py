@@ -16,7 +16,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
+from omegaconf import ListConfig, OmegaConf
 
 __all__ = ["ensure_phantom", "hydra_output_subdir", "register_resolvers", "run_dir", "scale"]
 
@@ -46,15 +46,14 @@ def hydra_output_subdir(output_dir: str, resume: str | None = None) -> str | Non
     return None if resume or (Path(output_dir) / "config.yaml").exists() else ".hydra"
 
 
-def scale(values: Any, factor: Any) -> list[float]:
-    """``${scale:${patch.size_um},3}``: every number of ``values`` times ``factor`` (a list);
-    ``${scale:${patch.size_um},[7,4,4]}``: one factor per number."""
-    if isinstance(factor, (int, float, str)):
-        return [float(v) * float(factor) for v in values]
-    factors = [float(f) for f in factor]
+def scale(values: Any, factor: Any) -> ListConfig:
+    """``${scale:${patch.size_um},3}``: every number of ``values`` times ``factor``;
+    ``${scale:${patch.size_um},[7,4,4]}``: one factor per number. A ``ListConfig``, not a list,
+    so ``OmegaConf.resolve`` (``train.py --cfg job --resolve``) can store it."""
+    factors = [float(factor)] * len(values) if isinstance(factor, (int, float, str)) else [float(f) for f in factor]
     if len(factors) != len(values):
         raise ValueError(f"scale: {len(factors)} factors for {len(values)} values ({list(values)})")
-    return [float(v) * f for v, f in zip(values, factors)]
+    return ListConfig([float(v) * f for v, f in zip(values, factors)])
 
 
 def register_resolvers() -> None:

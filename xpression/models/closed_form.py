@@ -42,6 +42,7 @@ class ClosedFormModel(nn.Module):
     """
 
     family = "closed_form"
+    views = 1  # input channels read: the patch; a subclass reading the context view too says 2
     dense_equivalent = False
     output_stride = None
 
@@ -57,7 +58,8 @@ class ClosedFormModel(nn.Module):
         raise NotImplementedError
 
     def features(self, views: np.ndarray) -> np.ndarray:
-        """``(B, C, D, H, W)`` normalised views ([0, 1]) -> ``(B, F)``."""
+        """``(B, C, D, H, W)`` normalised views ([0, 1]; :meth:`as_views` of what the caller
+        gave) -> ``(B, F)``."""
         raise NotImplementedError
 
     def fit_arrays(self, x: np.ndarray, y: np.ndarray) -> None:

@@ -29,6 +29,8 @@ from typing import Sequence
 
 import numpy as np
 
+from xpression.config import ConfigError
+
 __all__ = ["FEATURES", "FilterBank", "ViewKernels"]
 
 FEATURES = ("mean", "air", "bright", "sd", "gradient", "laplacian")
@@ -86,7 +88,7 @@ class FilterBank:
             air and above which it is bright.
 
     Raises:
-        ValueError: a scale no view serves, naming what each view serves.
+        ConfigError: a scale no view serves, naming what each view serves.
     """
 
     def __init__(self, patch_shape: Sequence[int], steps_um: Sequence[Sequence[float]], sigmas_um: Sequence[float],
@@ -96,15 +98,15 @@ class FilterBank:
         self.air_threshold, self.bright_threshold = float(air_threshold), float(bright_threshold)
         sigmas = sorted(float(s) for s in sigmas_um)
         if not sigmas or sigmas[0] <= 0:
-            raise ValueError(f"model.sigmas_um must be positive scales in um, got {list(sigmas_um)}")
+            raise ConfigError([f"model.sigmas_um: must be positive scales in um, got {list(sigmas_um)}"])
         half = [min((n - 1) / 2.0 * s for n, s in zip(self.patch_shape[1:], step[1:])) for step in self.steps_um]
         pitch = [max(step[1:]) for step in self.steps_um]
         served = [[s for s in sigmas if p <= s and 2 * s <= h] for p, h in zip(pitch, half)]
         for sigma in sigmas:
             if not any(sigma in s for s in served):
-                raise ValueError(f"model.sigmas_um: {sigma:g} um fits no view: a view serves the scales from its in-plane "
-                                 f"voxel pitch to half its in-plane reach ({', '.join(f'{p:g}-{h / 2:g} um' for p, h in zip(pitch, half))}); "
-                                 "drop the scale or change patch.context_um")
+                raise ConfigError([f"model.sigmas_um: {sigma:g} um fits no view: a view serves the scales from its in-plane "
+                                   f"voxel pitch to half its in-plane reach ({', '.join(f'{p:g}-{h / 2:g} um' for p, h in zip(pitch, half))}); "
+                                   "drop the scale or change patch.context_um"])
         self.kernels = [ViewKernels.build(self.patch_shape, step, s) if s else None for step, s in zip(self.steps_um, served)]
 
     @property

@@ -22,6 +22,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from xpression.config import ConfigError
 from xpression.data.input_spec import InputSpec
 from xpression.models.closed_form import ClosedFormModel
 from xpression.models.filterbank import FilterBank
@@ -30,7 +31,9 @@ __all__ = ["FilterBankForest", "predict_trees", "trees_to_arrays"]
 
 log = logging.getLogger(__name__)
 
-TREE_KEYS = ("tree_feature", "tree_threshold", "tree_left", "tree_right", "tree_value", "tree_roots")
+# the flat node table of the fitted trees (state-dict buffers) and each one's dtype
+TREE_KEYS = {"tree_feature": torch.int64, "tree_threshold": torch.float64, "tree_left": torch.int64,
+             "tree_right": torch.int64, "tree_value": torch.float64, "tree_roots": torch.int64}
 
 
 def trees_to_arrays(estimators: Sequence[Any]) -> dict[str, np.ndarray]:
@@ -54,17 +57,19 @@ def trees_to_arrays(estimators: Sequence[Any]) -> dict[str, np.ndarray]:
 
 def predict_trees(x: np.ndarray, feature: np.ndarray, threshold: np.ndarray, left: np.ndarray, right: np.ndarray,
                   value: np.ndarray, roots: np.ndarray) -> np.ndarray:
-    """``(N, F)`` features -> ``(N, T)``: the mean over trees of each sample's leaf value."""
+    """``(N, F)`` features -> ``(N, T)``: the mean over trees of each sample's leaf value. Each
+    step moves only the (sample, tree) paths not yet at a leaf."""
     x32 = np.asarray(x, np.float32)  # scikit-learn's trees compare float32 features with float64 thresholds
-    node = np.repeat(roots[None, :], len(x32), axis=0)
-    rows = np.arange(len(x32))[:, None]
-    while True:
-        inner = left[node] >= 0
-        if not inner.any():
-            break
-        go_left = x32[rows, feature[node]] <= threshold[node]
-        node = np.where(inner, np.where(go_left, left[node], right[node]), node)
-    return value[node].mean(axis=1)
+    n, trees = len(x32), len(roots)
+    node = np.tile(roots, n)                     # (sample, tree) paths, sample-major
+    sample = np.repeat(np.arange(n), trees)
+    walking = np.flatnonzero(left[node] >= 0)
+    while walking.size:
+        here = node[walking]
+        step = np.where(x32[sample[walking], feature[here]] <= threshold[here], left[here], right[here])
+        node[walking] = step
+        walking = walking[left[step] >= 0]
+    return value[node].reshape(n, trees, -1).mean(axis=1)
 
 
 class FilterBankForest(ClosedFormModel):
@@ -98,10 +103,10 @@ class FilterBankForest(ClosedFormModel):
         self.n_trees, self.min_samples_leaf = int(n_trees), int(min_samples_leaf)
         self.max_features, self.seed = float(max_features), int(seed)
         if self.n_trees < 1 or self.min_samples_leaf < 1 or not 0 < self.max_features <= 1:
-            raise ValueError(f"model: n_trees and min_samples_leaf must be >= 1 and max_features in (0, 1], got "
-                             f"{self.n_trees}, {self.min_samples_leaf}, {self.max_features}")
-        for key in TREE_KEYS:
-            self.register_buffer(key, torch.zeros(0, dtype=torch.float64 if key in ("tree_threshold", "tree_value") else torch.int64))
+            raise ConfigError([f"model: n_trees and min_samples_leaf must be >= 1 and max_features in (0, 1], got "
+                               f"{self.n_trees}, {self.min_samples_leaf}, {self.max_features}"])
+        for key, dtype in TREE_KEYS.items():
+            self.register_buffer(key, torch.zeros(0, dtype=dtype))
         self._bank: FilterBank | None = None
         if self.input_spec is not None:
             self.bank  # a scale no view reaches fails at construction, before any data is read
@@ -127,7 +132,7 @@ class FilterBankForest(ClosedFormModel):
         return self.tree_roots.numel() > 0
 
     def features(self, views: np.ndarray) -> np.ndarray:
-        return self.bank(self.as_views(views))
+        return self.bank(views)
 
     def fit_arrays(self, x: np.ndarray, y: np.ndarray) -> None:
         from sklearn.ensemble import ExtraTreesRegressor

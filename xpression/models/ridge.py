@@ -97,7 +97,6 @@ class RidgeBaseline(ClosedFormModel):
     """
 
     family = "ridge"
-    views = 1  # the patch only (a context view, if the data has one, is not read)
 
     def __init__(self, target_spec: Any, patch_shape: Sequence[int], spot_radius_vox: float | None = None,
                  radii_um: Sequence[float] = (SPOT_RADIUS_UM, 50.0, 100.0), air_threshold: float = 0.3,
@@ -117,8 +116,9 @@ class RidgeBaseline(ClosedFormModel):
         return self.coef.numel() > 0
 
     def features(self, views: np.ndarray) -> np.ndarray:
-        """``(B, C, D, H, W)`` or ``(B, D, H, W)`` -> ``(B, F)`` from the patch (see :func:`patch_features`)."""
-        return patch_features(self.as_views(views)[:, 0], self.voxel_size_um, self.radii_um, self.air_threshold)
+        """``(B, C, D, H, W)`` -> ``(B, F)`` from the patch (see :func:`patch_features`; a context
+        view, if the data has one, is not read)."""
+        return patch_features(views[:, 0], self.voxel_size_um, self.radii_um, self.air_threshold)
 
     def fit_arrays(self, x: np.ndarray, y: np.ndarray) -> None:
         from sklearn.linear_model import RidgeCV
