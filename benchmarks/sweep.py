@@ -31,6 +31,10 @@ What is measured, in one run, on ``--device`` (CUDA: bf16 autocast, channels-las
    and the time a whole lung (2,000 x 9,000 x 9,000 voxels) would take at that rate. Next to it
    the bare trunk: the same network on random input slabs of the same shape already on the
    device, no I/O, timed alone; the ratio end to end / bare trunk is what the pipeline costs.
+   On CUDA the bare trunk is timed with cuDNN's autotuning off and on, and once more with every
+   3D convolution left to cuDNN's 3D kernels (``xpression.models.backbones.depth_fold`` folds a
+   layer's kernel depth into 2D channels where that is faster; which layers it folded and the
+   times of both are printed).
 2. Patch vs dense mode on the same points: dense runs over every tissue tile (CPU) or the
    middle tiles (``--throughput``); patch mode over the first ``--patch-points`` tissue points
    of the middle tiles, and its time for the whole volume is extrapolated from its measured rate
@@ -416,6 +420,7 @@ def main() -> None:
     from xpression.inference.grid import Tiling, choose_tile_shape
     from xpression.inference.sweep import plan_sweep, sweep_tiles, tissue_tiles
     from xpression.inference.volume_sweep import auto_tile_vox, dense_slabs_per_forward, plan_grid
+    from xpression.models.backbones.depth_fold import FOLD_MODE, fold_choices
 
     if cuda:
         torch.backends.cudnn.benchmark = bool(args.cudnn_benchmark)
@@ -456,6 +461,10 @@ def main() -> None:
                                                                                         args.bare_seconds)
             torch.backends.cudnn.benchmark = bool(args.cudnn_benchmark)
             report["bare"] = report[f"bare_cudnn_benchmark_{'on' if args.cudnn_benchmark else 'off'}"]
+            report["fold_choices"] = fold_choices()  # which 3D convolutions ran folded into 2D, and their times
+            FOLD_MODE["mode"] = "off"  # the same trunk with cuDNN's 3D kernels only, for the ratio
+            report["bare_depth_fold_off"] = bare_trunk(pred, plan, tile_shape, grid, slabs, args.bare_seconds)
+            FOLD_MODE["mode"] = "auto"
         else:
             report["bare"] = bare_trunk(pred, plan, tile_shape, grid, slabs, args.bare_seconds)
         emit()
@@ -477,7 +486,10 @@ def main() -> None:
               f"{' (normalised on the host)' if ro['normalised_on_host'] else ''}")
         first = e2e["warm-up"]
         print(f"{'first run (autotuning, cold caches)':44s} {first['seconds_wall']:8.2f} s  {first['mvox_s']:8.1f} MVoxel/s")
-        for key in [k for k in report if k.startswith("bare_cudnn")] or ["bare"]:
+        for c in report.get("fold_choices", []):
+            print(f"{'conv ' + 'x'.join(map(str, c['weight'])) + ' on ' + 'x'.join(map(str, c['input'])):44s} "
+                  f"3D {c['ms_3d']:7.2f} ms, folded into 2D {c['ms_folded']:7.2f} ms -> {'folded' if c['folded'] else '3D'}")
+        for key in [k for k in report if k.startswith(("bare_cudnn", "bare_depth"))] or ["bare"]:
             b = report[key]
             print(f"{key.replace('_', ' '):44s} {b['seconds_per_forward'] * 1e3:8.1f} ms per forward of {b['slabs']} x {tuple(b['slab_shape'])}: "
                   f"{b['mvox_s']:8.1f} MVoxel/s")

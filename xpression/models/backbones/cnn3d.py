@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from xpression.models.backbones.depth_fold import FoldConv3d, conv3d
 from xpression.models.registry import register_backbone
 
 Triple = tuple[int, int, int]
@@ -115,7 +116,7 @@ class CNN3D(nn.Module):
         layers: list[nn.Module] = []
         cin = in_chans
         for i, (w, k) in enumerate(zip(widths, kernels)):
-            layers += [nn.Conv3d(cin, int(w), k, padding=padding), nn.ReLU(inplace=True)]
+            layers += [FoldConv3d(cin, int(w), k, padding=padding), nn.ReLU(inplace=True)]
             if i < len(pools):
                 layers.append(nn.MaxPool3d(pools[i]))
             cin = int(w)
@@ -182,7 +183,7 @@ class CNN3D(nn.Module):
         f = x
         for m in self.trunk:
             if isinstance(m, nn.Conv3d):
-                f = F.conv3d(f, m.weight, m.bias, stride=next(layer))
+                f = conv3d(f, m.weight, m.bias, stride=next(layer))
             elif isinstance(m, nn.MaxPool3d):
                 f = F.max_pool3d(f, m.kernel_size, [s * e for s, e in zip(_triple(m.stride, "pool"), next(layer))])
             else:
