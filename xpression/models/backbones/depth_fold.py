@@ -3,9 +3,10 @@
 A ``kd x kh x kw`` convolution of ``C`` channels equals, at each output depth ``d``, a
 ``kh x kw`` 2D convolution of the ``kd`` input planes ``d * stride_z + i`` stacked as ``C * kd``
 channels. cuDNN serves some 3D shapes with a slow generic kernel: on an H200 (bf16,
-channels-last) the published trunk's first layer (one input channel) and its third (output depth
-1) ran in ``implicit_convolveNd_sgemm`` at under 20 TFLOP/s, 63 % of the trunk's time, while its
-2D kernels for the same arithmetic are tuned. With channels-last inputs the folded output is
+channels-last) two of the published trunk's five convolutions ran in
+``implicit_convolveNd_sgemm``, 63 % of the trunk's time (by their arithmetic, the first layer,
+one input channel, and the third, output depth 1: under 20 TFLOP/s), while cuDNN's 2D kernels
+are tuned for far more shapes. With channels-last inputs the folded output is
 already in the 3D channels-last layout, so only the input planes are copied (``kd`` times).
 
 :func:`conv3d` picks, per layer and input shape, whichever of the two is faster on the device
