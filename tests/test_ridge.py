@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from xpression.models.ridge import RidgeBaseline, patch_features
 
@@ -83,6 +84,20 @@ def test_features_equal_the_straightforward_ones_bit_for_bit(threads):
                 want = _features_straightforward(x[:b], (1.6, 1.6, 1.6), (27.5, 50.0, 100.0), 0.3)
                 got = patch_features(x[:b], (1.6, 1.6, 1.6), (27.5, 50.0, 100.0), 0.3, threads=threads)
             np.testing.assert_array_equal(got, want)
+
+
+def test_fit_predict_equals_fit_then_predict(ridge, datamodule):
+    """One pass (features once per spot) gives the fit and the spot columns of two passes."""
+    from xpression.callbacks import predict_spots
+    from xpression.evaluation.run_scores import _fit_ridge_columns, _ridge_columns, fit_ridge_baseline
+
+    table = predict_spots(ridge, datamodule)
+    two = fit_ridge_baseline(datamodule)
+    one, columns = _fit_ridge_columns(datamodule, table)
+    assert one.alpha == two.alpha
+    for key, value in two.state_dict().items():
+        assert torch.equal(one.state_dict()[key], value), key
+    pd.testing.assert_frame_equal(columns, _ridge_columns(two, datamodule, table))
 
 
 def test_ridge_beats_the_training_mean(ridge, datamodule):
