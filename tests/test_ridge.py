@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from xpression.models.ridge import RidgeBaseline, patch_features
 
@@ -31,6 +32,72 @@ def test_features_are_finite_for_2d_and_3d_patches():
         assert f.shape[0] == 4 and np.isfinite(f).all()
     air = patch_features(np.zeros((1, 5, 33, 33)), (6.4, 6.4, 6.4), (27.5,), 0.3)
     assert air[0, 10] == 1.0 and air[0, 11] == 1.0  # all air in the 2D disc and the 3D cylinder
+
+
+def _features_straightforward(patches, voxel_size_um, radii_um, air_threshold):
+    """The features as first written (whole-batch numpy calls): what the fast path must equal."""
+    from scipy import ndimage
+
+    from xpression.models.ridge import _disc
+
+    def stats(v):
+        flat = v.reshape(len(v), -1)
+        return [flat.mean(1), flat.std(1), *np.percentile(flat, [10, 50, 90], axis=1)]
+
+    x = np.asarray(patches, np.float32)
+    b, d, h, w = x.shape
+    centre = x[:, d // 2]
+    feats = stats(centre) + stats(x)
+    air = x < air_threshold
+    for r_um in radii_um:
+        disc = _disc((h, w), min(float(r_um) / float(voxel_size_um[2]), min(h, w) / 2))
+        feats += [air[:, d // 2][:, disc].mean(1), air[:, :, disc].reshape(b, -1).mean(1)]
+    gy, gx = np.gradient(centre, axis=(1, 2))
+    g2 = np.hypot(gy, gx)
+    feats += [g2.reshape(b, -1).mean(1), g2.reshape(b, -1).std(1)]
+    if d > 1:
+        gz, gy3, gx3 = np.gradient(x, axis=(1, 2, 3))
+        g3 = np.sqrt(gz**2 + gy3**2 + gx3**2)
+        feats += [g3.reshape(b, -1).mean(1), np.abs(gz).reshape(b, -1).mean(1)]
+    else:
+        feats += [g2.reshape(b, -1).mean(1), np.zeros(b, np.float32)]
+    feats.append(np.abs(np.stack([ndimage.laplace(c) for c in centre])).reshape(b, -1).mean(1))
+    local_sd = np.stack([np.sqrt(np.clip(ndimage.uniform_filter(c * c, 5) - ndimage.uniform_filter(c, 5) ** 2, 0, None))
+                         for c in centre])
+    feats += [local_sd.reshape(b, -1).mean(1), local_sd.reshape(b, -1).std(1)]
+    return np.column_stack(feats).astype(np.float64)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_features_equal_the_straightforward_ones_bit_for_bit(threads):
+    """Sorted-row percentiles, counted air fractions, in-place gradients, chunks and threads
+    change no bit: quantised levels (as the loader's), float noise, one slice, a NaN."""
+    rng = np.random.default_rng(1)
+    levels = rng.integers(0, 256, (7, 9, 41, 37)).astype(np.uint8)
+    nan = rng.random((3, 4, 17, 19))
+    nan[1, 2, 3, 4] = np.nan
+    cases = [levels.astype(np.float32) * np.float32(1 / 255), rng.random((5, 6, 33, 31)), rng.random((3, 1, 33, 33)),
+             np.zeros((1, 5, 33, 33)), nan]
+    for x in cases:
+        for b in sorted({1, 2, len(x)}):
+            with np.errstate(invalid="ignore"):
+                want = _features_straightforward(x[:b], (1.6, 1.6, 1.6), (27.5, 50.0, 100.0), 0.3)
+                got = patch_features(x[:b], (1.6, 1.6, 1.6), (27.5, 50.0, 100.0), 0.3, threads=threads)
+            np.testing.assert_array_equal(got, want)
+
+
+def test_fit_predict_equals_fit_then_predict(ridge, datamodule):
+    """One pass (features once per spot) gives the fit and the spot columns of two passes."""
+    from xpression.callbacks import predict_spots
+    from xpression.evaluation.run_scores import _fit_ridge_columns, _ridge_columns, fit_ridge_baseline
+
+    table = predict_spots(ridge, datamodule)
+    two = fit_ridge_baseline(datamodule)
+    one, columns = _fit_ridge_columns(datamodule, table)
+    assert one.alpha == two.alpha
+    for key, value in two.state_dict().items():
+        assert torch.equal(one.state_dict()[key], value), key
+    pd.testing.assert_frame_equal(columns, _ridge_columns(two, datamodule, table))
 
 
 def test_ridge_beats_the_training_mean(ridge, datamodule):

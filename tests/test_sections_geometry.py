@@ -114,3 +114,29 @@ def test_resampled_slab_matches_zoom(tmp_path):
     hw = grid.index_of(uv)[0]
     pts = grid.world([[grid.centre_d, hw[0], hw[1]]])[0]
     np.testing.assert_allclose(data[grid.centre_d, hw[0], hw[1]], arr[tuple((pts / 2.0).astype(int))], atol=0.02)
+
+
+def test_resampled_patches_do_not_depend_on_the_threads(tmp_path):
+    """Depth planes sampled on several threads, patches dequantised as one stack: the numbers
+    of one thread and of patch-by-patch dequantisation."""
+    import torch
+
+    from xpression.data.patches import cut_patch, dequantise, read_patches, slab_grid
+
+    arr = _smooth_volume((24, 40, 40))
+    np.save(tmp_path / "v.npy", arr)
+    vol = open_volume(tmp_path / "v.npy", voxel_size_um=2.0)
+    plane, uv = Plane.axial(24.0), np.array([[30.0, 30.0], [41.0, 47.0], [50.0, 38.0]])
+    norm = lambda b: b.astype(np.float32) / float(arr.max())  # noqa: E731
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        grid = slab_grid(plane, vol, uv, (5, 9, 9), (0.7, 0.7, 0.7))
+        slab = read_slab(vol, grid, norm, "uint8")
+        one = read_patches(vol, plane, uv, (5, 9, 9), (0.7, 0.7, 0.7), norm, "uint8")
+        torch.set_num_threads(3)
+        np.testing.assert_array_equal(read_slab(vol, grid, norm, "uint8"), slab)
+        np.testing.assert_array_equal(read_patches(vol, plane, uv, (5, 9, 9), (0.7, 0.7, 0.7), norm, "uint8"), one)
+    finally:
+        torch.set_num_threads(before)
+    np.testing.assert_array_equal(one, np.stack([dequantise(cut_patch(slab, grid, h, w, (5, 9, 9))) for h, w in grid.index_of(uv)]))

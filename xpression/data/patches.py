@@ -24,6 +24,7 @@ bit; tests/test_patch_path.py checks it per sampler and resampling case.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -189,15 +190,35 @@ def _sample_lattice(block: np.ndarray, block_start: np.ndarray, lattice_start: n
                     shape: Sequence[int]) -> np.ndarray:
     """Trilinear samples of ``block`` at model-lattice points ``lattice_start + (i, j, k)``: the
     source coordinate of lattice point ``n`` is ``n * ratio`` (model / source voxel size), the
-    same number whichever block it is read from, so every read of a point gives the same value."""
+    same number whichever block it is read from, so every read of a point gives the same value.
+    One depth plane per call (bounds memory), planes spread over :func:`_threads` threads (scipy
+    interpolates without the GIL; each plane's numbers are its own)."""
     axes = [(lattice_start[a] + np.arange(int(shape[a]))) * ratio[a] - block_start[a] for a in range(3)]
     out = np.empty(tuple(int(n) for n in shape), dtype=np.float32)
     src = np.asarray(block, dtype=np.float32)
     yy, xx = np.meshgrid(axes[1], axes[2], indexing="ij")
-    for i, z in enumerate(axes[0]):  # one depth plane at a time to bound memory
-        coords = np.stack([np.full(yy.size, z), yy.ravel(), xx.ravel()])
+    yx = np.stack([yy.ravel(), xx.ravel()])
+
+    def plane(i: int) -> None:
+        coords = np.empty((3, yx.shape[1]))
+        coords[0], coords[1:] = axes[0][i], yx
         out[i] = ndimage.map_coordinates(src, coords, order=1, mode="constant", cval=0.0).reshape(yy.shape)
+
+    threads = min(_threads(), len(out))
+    if threads <= 1:
+        for i in range(len(out)):
+            plane(i)
+    else:
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(plane, range(len(out))))
     return out
+
+
+def _threads() -> int:
+    """CPU threads for work split by hand: torch's setting (1 in loader workers)."""
+    import torch
+
+    return max(int(torch.get_num_threads()), 1)
 
 
 def slab_grid(plane: Plane, volume: Any, uv_um: np.ndarray, patch_shape: Sequence[int],
@@ -245,7 +266,10 @@ def read_patches(volume: Any, plane: Plane, uv_um: np.ndarray, patch_shape: Sequ
         raise ValueError(f"a patch of {list(patch_shape)} voxels leaves the volume {getattr(volume, 'path', '')} "
                          f"near plane {np.round(plane.origin, 1).tolist()} um")
     slab = read_slab(volume, grid, transform, dtype)
-    return np.stack([dequantise(cut_patch(slab, grid, h, w, patch_shape)) for h, w in hw])
+    out = np.empty((len(hw), *(int(p) for p in patch_shape)), np.float32)
+    for i, (h, w) in enumerate(hw):
+        out[i] = cut_patch(slab, grid, h, w, patch_shape)  # uint8 levels or float32: exact in float32
+    return np.multiply(out, _LEVEL, out=out) if slab.dtype == np.uint8 else out  # dequantise, all at once
 
 
 class ResampledVolume:

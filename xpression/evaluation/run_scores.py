@@ -32,10 +32,25 @@ def fit_ridge_baseline(datamodule: Any) -> Any:
 
 
 def _ridge_columns(ridge: Any, datamodule: Any, table: pd.DataFrame) -> pd.DataFrame:
-    names = list(datamodule.target_spec.names)
-    pred = np.full((len(table), len(names)), np.nan)
+    """``table`` with a fitted ridge's ``ridge/<target>`` prediction of every spot."""
+    pred = np.full((len(table), len(datamodule.target_spec.names)), np.nan)
     for batch in datamodule.predict_dataloader():
         pred[batch["index"].numpy()] = ridge(batch["image"]).numpy()  # the loader's uint8 levels -> [0, 1] first
+    return _with_ridge(table, pred, datamodule.target_spec.names)
+
+
+def _fit_ridge_columns(datamodule: Any, table: pd.DataFrame) -> tuple[Any, pd.DataFrame]:
+    """:func:`fit_ridge_baseline` and :func:`_ridge_columns` from one pass over the spots' patches
+    (features computed once per spot; the same numbers)."""
+    spec = datamodule.input_spec()
+    ridge = RidgeBaseline(spec.target_spec, spec.patch_shape_vox, input_spec=spec)
+    every = ridge.fit_predict(datamodule)  # (spots, T), the data module's spot order = the table's rows
+    pred = np.full((len(table), every.shape[1]), np.nan)
+    pred[: len(every)] = every
+    return ridge, _with_ridge(table, pred, datamodule.target_spec.names)
+
+
+def _with_ridge(table: pd.DataFrame, pred: np.ndarray, names: Any) -> pd.DataFrame:
     out = table.copy()
     for j, n in enumerate(names):
         out[f"ridge/{n}"] = pred[:, j]
@@ -64,8 +79,7 @@ def evaluate_run(model: Any, datamodule: Any, predictions: pd.DataFrame, off_pla
     conditions = {v.id: v.condition for v in cohort.volumes}
     ridge_model = None
     if ridge and not isinstance(model, RidgeBaseline):
-        ridge_model = fit_ridge_baseline(datamodule)
-        predictions = _ridge_columns(ridge_model, datamodule, predictions)
+        ridge_model, predictions = _fit_ridge_columns(datamodule, predictions)
     metrics = evaluate_spots(predictions, names, spec.kind, k=k, conditions=conditions)
     if off_plane is not None:
         off = evaluate_off_plane(model, datamodule, predictions, off_plane, ridge=ridge_model, k=k)

@@ -95,28 +95,56 @@ class ClosedFormModel(nn.Module):
 
     def fit(self, datamodule: Any) -> "ClosedFormModel":
         """Fit on the data module's training spots (one pass over them, no augmentation)."""
+        self._fit_pass(datamodule, keep=False)
+        return self
+
+    def fit_predict(self, datamodule: Any) -> np.ndarray:
+        """:meth:`fit`, then predictions for every spot of the data module, from the same single
+        pass over its patches (each patch's features computed once): ``(N, T)`` float32 in the
+        data module's spot order, the numbers ``self(batch["image"])`` gives per loader batch."""
+        batches = self._fit_pass(datamodule, keep=True)
+        out = np.full((len(datamodule.spots), len(self.target_spec.names)), np.nan, np.float32)
+        for index, feats in batches:
+            out[index] = self.predict_from_features(feats)
+        return out
+
+    def _fit_pass(self, datamodule: Any, keep: bool) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Fit on the training spots of one pass over the predict loader; with ``keep``, the
+        features of every spot too, per loader batch: ``[(spot indices, (B, F) features)]``.
+        Features are per patch, so a batch's training rows get the numbers they get alone."""
         if self.input_spec is None:
             self.input_spec = datamodule.input_spec()
         datamodule.setup("fit")
         train = datamodule.spots["split"].to_numpy() == "train"
-        feats, targets = [], []
+        feats, targets, batches = [], [], []
         for batch in datamodule.predict_dataloader():
-            keep = train[batch["index"].numpy()]
-            if keep.any():
-                feats.append(self.features(self.as_views(image_to_float(batch["image"][keep]).numpy())))
-                targets.append(batch["target"][keep].numpy())
+            index = batch["index"].numpy()
+            rows = train[index]
+            if keep:
+                every = self.features(self.as_views(image_to_float(batch["image"]).numpy()))
+                batches.append((index, every))
+                if rows.any():
+                    feats.append(every[rows])
+            elif rows.any():
+                feats.append(self.features(self.as_views(image_to_float(batch["image"][rows]).numpy())))
+            if rows.any():
+                targets.append(batch["target"][rows].numpy())
         if not feats:
             raise ValueError(f"{type(self).__name__}: the data module has no training spots to fit on")
         self.fit_arrays(np.concatenate(feats), np.concatenate(targets))
-        return self
+        return batches
+
+    def predict_from_features(self, feats: np.ndarray) -> np.ndarray:
+        """``(B, F)`` features -> ``(B, T)`` float32 predictions, valid for the target kind."""
+        raw = self.predict_features(feats).reshape(len(feats), -1)
+        return get_kind(self.target_spec.kind).activate_numpy(raw).astype(np.float32)
 
     def predict_patches(self, patches: np.ndarray) -> np.ndarray:
         """``(B, D, H, W)`` patches or ``(B, C, D, H, W)`` views, normalised -> ``(B, T)``
         float32 predictions, valid for the target kind."""
         if not self.fitted:
             raise RuntimeError(f"{type(self).__name__} is not fitted; call fit(datamodule) first")
-        raw = self.predict_features(self.features(self.as_views(patches))).reshape(len(patches), -1)
-        return get_kind(self.target_spec.kind).activate_numpy(raw).astype(np.float32)
+        return self.predict_from_features(self.features(self.as_views(patches)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, C, D, H, W)`` (float intensities, or a loader's uint8 levels) -> ``(B, T)``."""
