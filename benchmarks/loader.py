@@ -8,7 +8,10 @@ generated into a temporary folder. Default geometry (34 x 205 x 205 um at the vo
 size), stratified sampler, default augmentations. The loader is timed as training consumes it:
 batches moved to ``--device`` (pinned memory on a GPU), made float32 and augmented there, after
 the first batch (worker start-up) and over ``--seconds`` per worker count; one loader with
-persistent workers serves every epoch, as in a Trainer.
+persistent workers serves every epoch, as in a Trainer. On a GPU (pinned memory, persistent
+workers) each loader's workers write their batches into shared slots allocated once
+(``datamodule.BatchPool``) and the pin-memory thread copies them out; on the CPU (no pinning)
+each worker batch is a fresh shared-memory segment.
 The loader should be >= 5x the model.
 """
 

@@ -399,3 +399,61 @@ def test_train_fraction_keeps_a_seeded_share_of_training_spots(tiny_cohort):
     assert (other != half).any()  # another seed draws another subset (and split)
     with pytest.raises(DataError, match=r"data.train_fraction must lie in \(0, 1\], got 0"):
         make_dm(tiny_cohort, train_fraction=0)
+
+
+def test_pooled_worker_batches_equal_inline_ones_and_free_their_slots(tiny_cohort):
+    """Workers with a BatchPool leave each batch in one of their shared slots and send a
+    PooledBatch (a few integers, no file descriptor); copying it out (the pin-memory thread's
+    job) gives the batch the main process builds and frees the slot. A worker with no free slot
+    falls back to fresh shared memory; the batches are the same either way."""
+    import pickle
+    from multiprocessing.reduction import ForkingPickler
+
+    from torch.utils.data import DataLoader
+
+    from xpression.data.datamodule import PooledBatch, _collate
+
+    dm = make_dm(tiny_cohort, sections=[SECTION], check_tissue_mask=False, augment=False, batch_size=2)
+    dm.setup()
+    sampler = dm.train_sampler()
+    inline = []
+    for epoch in range(2):
+        sampler.set_epoch(epoch)
+        inline += list(dm._loader(sampler))
+    assert len(inline) > 4  # more batches than the pool has slots: slots are reused
+
+    ds = dm._datasets["all"].pooled(workers=2, per_worker=2, batch_size=2)
+    pool = ds.batch_pool
+    assert pool is not None and ds.slabs is not dm._datasets["all"].slabs and pool.image.shape[:2] == (4, 2)
+    assert len(ForkingPickler.dumps(PooledBatch(pool.key, 3, 2))) < 200
+    loader = DataLoader(ds, batch_size=2, sampler=sampler, num_workers=2, persistent_workers=True, collate_fn=_collate,
+                        prefetch_factor=2)
+    got, pooled = [], 0
+    for epoch in range(2):
+        sampler.set_epoch(epoch)
+        for batch in loader:
+            pooled += isinstance(batch, PooledBatch)
+            got.append(batch.pin_memory() if isinstance(batch, PooledBatch) else batch)
+    assert pooled > len(got) // 2
+    assert int(pool.busy.sum()) == 0  # every slot freed once copied out
+    assert len(got) == len(inline)
+    for a, b in zip(inline, got):
+        assert set(a) == set(b)
+        for k in a:
+            assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+
+    # a worker whose slots are all taken builds the batch in fresh shared memory
+    clone = pickle.loads(ForkingPickler.dumps(ds))
+    pool.busy.fill_(1)
+    from unittest import mock
+
+    with mock.patch("torch.utils.data.get_worker_info", return_value=mock.Mock(id=1)):
+        batch = clone.__getitems__([0, 1])
+        assert isinstance(batch, dict) and batch["image"].is_shared()
+        pool.busy[2] = 0
+        slot_batch = clone.__getitems__([0, 1])
+    assert isinstance(slot_batch, PooledBatch) and slot_batch.slot == 2 and int(pool.busy[2]) == 1
+    out = slot_batch.pin_memory()
+    assert int(pool.busy[2]) == 0
+    for k in batch:
+        assert torch.equal(out[k], batch[k]), k

@@ -83,6 +83,33 @@ def test_augment_batched_is_per_sample_symmetry_and_deterministic():
     assert torch.allclose(ratio.flatten(1).std(1), torch.zeros(16), atol=1e-3)  # affine per sample
 
 
+def _augment_per_sample(aug, x, generator):
+    """The augmentation written one sample at a time from the same draws: the reference the
+    batched version must match exactly."""
+    ks, flip, scale, shift = aug.draws(x.shape[0], x.shape[-1] == x.shape[-2], generator)
+    out = []
+    for i in range(x.shape[0]):
+        y = dihedral(x[i], int(ks[i])) if ks is not None else x[i]
+        y = y.flip(1) if flip is not None and flip[i] else y
+        out.append(y * scale[i] + shift[i] if scale is not None else y)
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("options", [{}, {"dihedral": False}, {"z_flip": False}, {"intensity_scale": 0.0, "intensity_shift": 0.0},
+                                     {"dihedral": False, "z_flip": False, "intensity_scale": 0.0, "intensity_shift": 0.0}])
+@pytest.mark.parametrize("shape", [(32, 1, 5, 9, 9), (6, 2, 4, 6, 8)])
+def test_augment_matches_per_sample_reference_exactly(options, shape):
+    x = torch.rand(shape, generator=torch.Generator().manual_seed(1))
+    aug = Augment(**options)
+    for seed in range(3):
+        g, ref = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+        y = aug(x, g)
+        assert torch.equal(y, _augment_per_sample(aug, x, ref))
+        assert torch.equal(g.get_state(), ref.get_state())  # the same draws, no more
+    if options.get("dihedral", True) and shape[-1] != shape[-2]:
+        assert set(aug.draws(64, False, torch.Generator().manual_seed(0))[0].tolist()) <= {0, 2, 4, 6}
+
+
 def test_transform_patch_is_dihedral_and_zflip():
     from xpression.data.augment import TRANSFORM_NAMES, transform_patch
 

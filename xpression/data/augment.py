@@ -62,28 +62,60 @@ class Augment:
     intensity_scale: float = 0.1
     intensity_shift: float = 0.05
 
-    def __call__(self, image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        # Every draw is made on the CPU first (same numbers on any device), then each small
-        # tensor is copied without blocking: on a GPU nothing here waits for the device.
-        b = image.shape[0]
-        dev = image.device
-        out = image
+    def draws(self, batch: int, square: bool, generator: torch.Generator) -> tuple:
+        """The per-sample draws, on the CPU, in a fixed order: dihedral elements ``ks`` (or None),
+        z-flips (bool, or None), intensity ``scale`` and ``shift`` (float32, or None)."""
+        ks = flip = scale = shift = None
         if self.dihedral:
-            ks = torch.randint(0, 8, (b,), generator=generator)
-            if image.shape[-1] != image.shape[-2]:
+            ks = torch.randint(0, 8, (batch,), generator=generator)
+            if not square:
                 ks = (ks // 2) * 2  # 0, 2, 4, 6: the shape-preserving subgroup
-            out = torch.empty_like(image)
-            for k in ks.unique().tolist():
-                idx = (ks == k).nonzero().flatten().to(dev, non_blocking=True)
-                out.index_copy_(0, idx, dihedral(image.index_select(0, idx), k))
         if self.z_flip:
-            flip = (torch.rand(b, generator=generator) < 0.5).to(dev, non_blocking=True)
-            out = torch.where(flip.view(b, *([1] * (image.ndim - 1))), out.flip(2), out)
+            flip = torch.rand(batch, generator=generator) < 0.5
         if self.intensity_scale or self.intensity_shift:
+            scale = 1 + self.intensity_scale * (2 * torch.rand(batch, generator=generator) - 1)
+            shift = self.intensity_shift * (2 * torch.rand(batch, generator=generator) - 1)
+        return ks, flip, scale, shift
+
+    def __call__(self, image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        # Every draw is made on the CPU first (same numbers on any device). What the device needs
+        # (the samples grouped by symmetry, scales, shifts) travels in one pinned buffer with one
+        # asynchronous copy: nothing here waits for the device (a copy from pageable memory can).
+        b = image.shape[0]
+        ks, flip, scale, shift = self.draws(b, image.shape[-1] == image.shape[-2], generator)
+        code = torch.zeros(b, dtype=torch.int64)
+        if ks is not None:
+            code += 2 * ks
+        if flip is not None:
+            code += flip.to(torch.int64)
+        groups = code.unique().tolist()  # sorted codes 2 k + z-flip
+        order = torch.argsort(code, stable=True)  # the samples of each group, in batch order
+        counts = torch.bincount(code, minlength=16).tolist()
+        parts = [order]
+        if scale is not None:
+            parts.append(torch.cat([scale.float(), shift.float()]).view(torch.int64))  # 2b float32 as b int64
+        params = _to_device(torch.cat(parts), image.device)
+        idx_all = params[:b]
+        out = image
+        if groups != [0]:
+            out = torch.empty_like(image)
+            start = 0
+            for g in groups:
+                n = counts[g]
+                idx = idx_all[start:start + n]
+                start += n
+                sub = dihedral(image.index_select(0, idx), g // 2)
+                out.index_copy_(0, idx, sub.flip(2) if g % 2 else sub)
+        if scale is not None:
             shape = (b,) + (1,) * (image.ndim - 1)
-            scale = 1 + self.intensity_scale * (2 * torch.rand(b, generator=generator) - 1)
-            shift = self.intensity_shift * (2 * torch.rand(b, generator=generator) - 1)
-            scale = scale.view(shape).to(dev, out.dtype, non_blocking=True)
-            shift = shift.view(shape).to(dev, out.dtype, non_blocking=True)
-            out = out * scale + shift
+            values = params[b:].view(torch.float32)
+            scale_d, shift_d = values[:b].view(shape).to(out.dtype), values[b:].view(shape).to(out.dtype)
+            out = out * scale_d + shift_d if out is image else out.mul_(scale_d).add_(shift_d)
         return out
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small CPU tensor on ``device``: one copy from pinned memory that does not block."""
+    if device.type == "cpu":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)

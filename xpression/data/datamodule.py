@@ -12,7 +12,11 @@ loop (and augments training batches there), :meth:`XPressionDataModule.device_ba
 
 from __future__ import annotations
 
+import copy
+import itertools
 import logging
+import os
+import weakref
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -68,7 +72,7 @@ def _instantiate(obj: Any, default: Any) -> Any:
 
 
 def _collate(data: Any) -> Any:
-    return data if isinstance(data, dict) else torch.utils.data.default_collate(data)
+    return data if isinstance(data, (dict, PooledBatch)) else torch.utils.data.default_collate(data)
 
 
 def _shared(array: np.ndarray) -> torch.Tensor:
@@ -85,6 +89,88 @@ def _shared(array: np.ndarray) -> torch.Tensor:
     return out
 
 
+_POOLS: "weakref.WeakValueDictionary[tuple[int, int], BatchPool]" = weakref.WeakValueDictionary()
+_POOL_IDS = itertools.count()
+
+
+class BatchPool:
+    """Batch slots in shared memory for the workers of one loader: ``per_worker`` slots for each
+    worker (its ``prefetch_factor``, the most batches it has in flight). Allocated and touched
+    in the main process before the workers start, so a batch costs neither a fresh shared-memory
+    segment (``shm_open``, ``mmap``, a page fault for every 4 KiB on both sides) nor a file
+    descriptor passed to the main process for each of its tensors: a worker writes into a free
+    slot of its own and sends a :class:`PooledBatch` (three integers); the main process's
+    pin-memory thread copies the slot into pinned memory and frees it.
+
+    A slot is taken (``busy``) by its worker and freed by the main process only; a worker that
+    finds none of its slots free builds its batch in fresh shared memory, as without a pool."""
+
+    def __init__(self, workers: int, per_worker: int, batch_size: int, item_shape: Sequence[int], dtype: torch.dtype,
+                 n_targets: int):
+        slots = int(workers) * int(per_worker)
+        self.per_worker, self.batch_size = int(per_worker), int(batch_size)
+        self.image = torch.empty((slots, self.batch_size, *item_shape), dtype=dtype).share_memory_()
+        self.target = torch.empty((slots, self.batch_size, int(n_targets)), dtype=torch.float32).share_memory_()
+        self.index = torch.empty((slots, self.batch_size), dtype=torch.int64).share_memory_()
+        self.busy = torch.zeros(slots, dtype=torch.int32).share_memory_()
+        self.key = (os.getpid(), next(_POOL_IDS))
+        self._next = 0
+        self._register()
+
+    def _register(self) -> None:
+        self._busy = self.busy.numpy()
+        _POOLS[self.key] = self
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        del state["_busy"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._register()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in (self.image, self.target, self.index, self.busy))
+
+    def claim(self, worker: int) -> int | None:
+        """A free slot of ``worker`` (now taken), or None."""
+        base = worker * self.per_worker
+        for j in range(self.per_worker):
+            slot = base + (self._next + j) % self.per_worker
+            if not self._busy[slot]:
+                self._busy[slot] = 1
+                self._next = (slot - base + 1) % self.per_worker
+                return slot
+        return None
+
+    def take(self, slot: int, rows: int, pin: bool = True) -> dict[str, torch.Tensor]:
+        """The batch in ``slot`` copied out (into pinned memory if ``pin``); the slot is freed."""
+        copy_out = (lambda t: t.pin_memory()) if pin else (lambda t: t.clone())
+        out = {"image": copy_out(self.image[slot, :rows]), "target": copy_out(self.target[slot, :rows]),
+               "index": copy_out(self.index[slot, :rows])}
+        self._busy[slot] = 0
+        return out
+
+
+class PooledBatch:
+    """A worker's batch left in a :class:`BatchPool` slot. The loader's pin-memory thread turns it
+    into the batch dict (``pin_memory``), so only the pool's key and the slot travel."""
+
+    __slots__ = ("key", "slot", "rows")
+
+    def __init__(self, key: tuple[int, int], slot: int, rows: int):
+        self.key, self.slot, self.rows = key, slot, rows
+
+    def __reduce__(self) -> tuple:
+        return PooledBatch, (self.key, self.slot, self.rows)
+
+    def pin_memory(self, device: Any = None) -> dict[str, torch.Tensor]:
+        # called by the pin-memory thread, which runs only with a GPU (a plain copy without one)
+        return _POOLS[self.key].take(self.slot, self.rows, pin=torch.cuda.is_available())
+
+
 class PatchDataset(Dataset):
     """Patches sliced from cached slabs. Items are spot-table rows, ``(row, du_um, dv_um)``
     for a patch shifted in the section plane, or ``(row, du_um, dv_um, transform)`` for a patch
@@ -93,7 +179,10 @@ class PatchDataset(Dataset):
 
     The slabs live in shared memory: pickling the dataset (worker processes started by spawn or
     forkserver) sends handles, not voxels; in a worker, each batch is written straight into
-    shared memory, so handing it to the main process copies nothing.
+    shared memory, so handing it to the main process copies nothing: into a slot of the
+    loader's :class:`BatchPool` where it has one (:meth:`pooled`; the worker then returns a
+    :class:`PooledBatch`, which the pin-memory thread turns into the batch dict), else into a
+    fresh segment.
 
     With a ``context`` view (a multi-scale model), ``context_slabs`` and ``context_hw`` hold its
     filtered slabs and each row's centre in them; ``image`` is then ``(B, 2, D, H, W)``: the patch,
@@ -112,6 +201,7 @@ class PatchDataset(Dataset):
         self.targets = torch.from_numpy(np.ascontiguousarray(targets, dtype=np.float32))
         self.half = np.array([int(p) // 2 for p in patch_shape])
         self.patch_shape = tuple(int(2 * h + 1) for h in self.half)
+        self.batch_pool: BatchPool | None = None  # see pooled()
 
     def _views(self) -> None:
         self.slabs = {sid: (t.numpy(), grid) for sid, (t, grid) in self._tensors.items()}
@@ -155,21 +245,47 @@ class PatchDataset(Dataset):
             patch = np.stack([patch, self.context.cut(cdata, cgrid, int(ch), int(cw))])
         return (transform_patch(patch, TRANSFORM_NAMES[transform]) if transform else patch), row
 
-    def __getitems__(self, items: Sequence[Any]) -> dict[str, torch.Tensor]:
+    def __getitems__(self, items: Sequence[Any]) -> dict[str, torch.Tensor] | PooledBatch:
+        return self._batch(items, pooled=True)
+
+    def __getitem__(self, item: Any) -> dict[str, torch.Tensor]:
+        return {k: v[0] for k, v in self._batch([item], pooled=False).items()}
+
+    def _batch(self, items: Sequence[Any], pooled: bool) -> dict[str, torch.Tensor] | PooledBatch:
         patches, rows = zip(*(self.patch(i) for i in items))
-        shape = (len(patches), self.channels) + self.patch_shape
+        n = len(patches)
+        shape = (n, self.channels) + self.patch_shape
         dtype = torch.from_numpy(np.empty(0, patches[0].dtype)).dtype  # patches may be flipped views
-        if torch.utils.data.get_worker_info() is not None:  # a worker: build the batch in shared memory
+        index = torch.as_tensor(rows, dtype=torch.int64)
+        worker = torch.utils.data.get_worker_info()
+        pool = self.batch_pool if pooled and worker is not None else None
+        slot = pool.claim(worker.id) if pool is not None and n <= pool.batch_size and pool.image.dtype == dtype else None
+        if slot is not None:  # a worker with a free slot: the batch stays there (see BatchPool)
+            image = pool.image[slot, :n]
+            pool.index[slot, :n] = index
+            torch.index_select(self.targets, 0, index, out=pool.target[slot, :n])
+        elif worker is not None:  # a worker: build the batch in shared memory
             storage = torch.UntypedStorage._new_shared(int(np.prod(shape)) * patches[0].itemsize)
             image = torch.empty(0, dtype=dtype).set_(storage, 0, shape)
         else:
             image = torch.empty(shape, dtype=dtype)
         np.stack(patches, out=image.numpy() if self.context is not None else image.numpy()[:, 0])
-        index = torch.as_tensor(rows, dtype=torch.int64)
+        if slot is not None:
+            return PooledBatch(pool.key, slot, n)
         return {"image": image, "target": self.targets[index], "index": index}
 
-    def __getitem__(self, item: Any) -> dict[str, torch.Tensor]:
-        return {k: v[0] for k, v in self.__getitems__([item]).items()}
+    def pooled(self, workers: int, per_worker: int, batch_size: int) -> "PatchDataset":
+        """This dataset (sharing its slabs) with a :class:`BatchPool` of its own for one loader's
+        ``workers``; itself where shared memory cannot hold the pool."""
+        dtype = next(iter(self._tensors.values()))[0].dtype
+        try:
+            pool = BatchPool(workers, per_worker, batch_size, (self.channels, *self.patch_shape), dtype, self.targets.shape[1])
+        except RuntimeError as err:
+            log.warning("no shared batch slots for the loader workers (%s); each batch gets fresh shared memory", err)
+            return self
+        out = copy.copy(self)
+        out.batch_pool = pool
+        return out
 
 
 class XPressionDataModule(pl.LightningDataModule):
@@ -455,10 +571,16 @@ class XPressionDataModule(pl.LightningDataModule):
     def _loader(self, sampler: Any) -> DataLoader:
         if self._datasets is None:
             self.setup()
+        dataset = self._datasets["all"]
+        pin = self.pin_memory and torch.cuda.is_available()  # page-locking helps only a GPU copy
+        prefetch = 2 if self.num_workers > 0 else None
+        if pin and self.persistent_workers:
+            # One set of workers for the loader's life: each worker's slots are its own. Their
+            # batches reach the caller through the pin-memory thread, which frees the slots.
+            dataset = dataset.pooled(self.num_workers, prefetch, self.batch_size)
         return DataLoader(
-            self._datasets["all"], batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
-            pin_memory=self.pin_memory and torch.cuda.is_available(),  # page-locking helps only a GPU copy
-            persistent_workers=self.persistent_workers, collate_fn=_collate,
+            dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
+            pin_memory=pin, persistent_workers=self.persistent_workers, collate_fn=_collate, prefetch_factor=prefetch,
         )
 
     def train_sampler(self) -> SpotEpochSampler:
