@@ -240,6 +240,7 @@ def main() -> None:
     ap.add_argument("--cpu-smoke", action="store_true", help="every stage tiny on the CPU (tests)")
     ap.add_argument("--budget-s", type=float, default=None, help="overall time for the stages (default 290; smoke 600)")
     ap.add_argument("--cohort", type=Path, default=None, help="an existing phantom cohort for the training stages")
+    ap.add_argument("--no-post-fit", action="store_true", help="skip the post-fit scoring in the training stage")
     ap.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one)")
     ap.add_argument("--make-volume", type=Path, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--shape", type=int, nargs=3, default=None, help=argparse.SUPPRESS)
@@ -295,7 +296,9 @@ def main() -> None:
         else:
             common = ["--manifest", cohort, "--device", dev, "--voxel-size-um", "1.6", "--batch-size", "32", "--workers", "6",
                       "--epochs", "3", "--steps", "20"]
-            st.run("train_cnn3d_paper", [PY, "benchmarks/train_speed.py", "--model", "cnn3d_paper", *common, "--json", "{json}"], 110, 40)
+            post = ["--no-post-fit"] if args.no_post_fit else []
+            st.run("train_cnn3d_paper", [PY, "benchmarks/train_speed.py", "--model", "cnn3d_paper", *common, *post, "--json", "{json}"],
+                   110, 40)
             st.run("loader", [PY, "benchmarks/loader.py", "--manifest", cohort, "--device", dev, "--voxel-size-um", "1.6",
                               "--batch-size", "32", "--num-workers", "0", "4", "8", "--seconds", "4", "--no-model",
                               "--json", "{json}"], 80, 30)
