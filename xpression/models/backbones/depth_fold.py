@@ -2,11 +2,11 @@
 
 A ``kd x kh x kw`` convolution of ``C`` channels equals, at each output depth ``d``, a
 ``kh x kw`` 2D convolution of the ``kd`` input planes ``d * stride_z + i`` stacked as ``C * kd``
-channels. cuDNN serves some 3D shapes with a slow generic kernel: on an H200 (bf16,
-channels-last) two of the published trunk's five convolutions ran in
-``implicit_convolveNd_sgemm``, 63 % of the trunk's time (by their arithmetic, the first layer,
-one input channel, and the third, output depth 1: under 20 TFLOP/s), while cuDNN's 2D kernels
-are tuned for far more shapes. With channels-last inputs the folded output is
+channels. cuDNN serves some 3D shapes with a slow generic kernel. Measured on an H200 (bf16,
+channels-last, cuDNN 9.19; ``benchmarks/sweep.py --model published``, two 21 x 1136 x 1136
+slabs): the published trunk's second layer took 53 ms as a 3D convolution and 17 ms folded, its
+third 29 ms and 2 ms; its first (one input channel) 59 ms and 89 ms, so it stays 3D. The trunk
+went from 292 to 502 MVoxel/s. With channels-last inputs the folded output is
 already in the 3D channels-last layout, so only the input planes are copied (``kd`` times).
 
 :func:`conv3d` picks, per layer and input shape, whichever of the two is faster on the device
