@@ -186,8 +186,8 @@ def table(res: dict) -> str:
                                                          f"{_fmt(g('sweep', 'bare_cudnn_benchmark_on', 'mvox_s'))}"
                                                          if "bare_cudnn_benchmark_on" in s else _fmt(g("sweep", "bare", "mvox_s"))),
         ("bare trunk, cuDNN's 3D kernels only, MVoxel/s", _fmt(g("sweep", "bare_depth_fold_off", "mvox_s"))),
-        ("layers folded into 2D (ms 3D -> folded)", "; ".join(
-            f"{'x'.join(map(str, c['weight'][:2]))}: {c['ms_3d']:.1f} -> {c['ms_folded']:.1f}{'' if c['folded'] else ' (kept 3D)'}"
+        ("conv ways, ms (3d/depth[/depth+x]) -> chosen", "; ".join(
+            f"{'x'.join(map(str, c['weight'][:2]))}: " + "/".join(f"{t:.1f}" for t in c["ms"].values()) + f" ms -> {c['chosen']}"
             for c in s.get("fold_choices", [])) or "-"),
         ("end to end / bare trunk (whole | steady)", f"{_fmt(s.get('ratio_e2e_bare'), '.2f')} | {_fmt(s.get('ratio_steady_bare'), '.2f')}"),
         ("whole lung 2000x9000x9000, extrapolated", _fmt(s.get("lung_minutes"), ".1f", " min")),

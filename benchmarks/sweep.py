@@ -488,7 +488,7 @@ def main() -> None:
         print(f"{'first run (autotuning, cold caches)':44s} {first['seconds_wall']:8.2f} s  {first['mvox_s']:8.1f} MVoxel/s")
         for c in report.get("fold_choices", []):
             print(f"{'conv ' + 'x'.join(map(str, c['weight'])) + ' on ' + 'x'.join(map(str, c['input'])):44s} "
-                  f"3D {c['ms_3d']:7.2f} ms, folded into 2D {c['ms_folded']:7.2f} ms -> {'folded' if c['folded'] else '3D'}")
+                  + ", ".join(f"{w} {t:.2f} ms" for w, t in c["ms"].items()) + f" -> {c['chosen']}")
         for key in [k for k in report if k.startswith(("bare_cudnn", "bare_depth"))] or ["bare"]:
             b = report[key]
             print(f"{key.replace('_', ' '):44s} {b['seconds_per_forward'] * 1e3:8.1f} ms per forward of {b['slabs']} x {tuple(b['slab_shape'])}: "

@@ -27,14 +27,15 @@ CASES = [  # (C in, C out, kernel, stride, padding, input D H W)
 ]
 
 
+@pytest.mark.parametrize("columns", [False, True], ids=["depth", "depth+x"])
 @pytest.mark.parametrize("cin, cout, k, stride, pad, dhw", CASES)
-def test_folded_equals_conv3d_values_and_gradients(cin, cout, k, stride, pad, dhw):
+def test_folded_equals_conv3d_values_and_gradients(cin, cout, k, stride, pad, dhw, columns):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, cin, *dhw, generator=g, dtype=torch.float64, requires_grad=True)
     w = torch.randn(cout, cin, *k, generator=g, dtype=torch.float64, requires_grad=True)
     b = torch.randn(cout, generator=g, dtype=torch.float64, requires_grad=True)
     want = F.conv3d(x, w, b, stride, pad)
-    got = conv3d_folded(x, w, b, stride, pad)
+    got = conv3d_folded(x, w, b, stride, pad, columns=columns)
     assert got.shape == want.shape
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     upstream = torch.randn(want.shape, generator=g, dtype=torch.float64)
@@ -44,20 +45,22 @@ def test_folded_equals_conv3d_values_and_gradients(cin, cout, k, stride, pad, dh
         torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
 
 
-def test_channels_last_input_gives_a_channels_last_output():
+@pytest.mark.parametrize("columns", [False, True], ids=["depth", "depth+x"])
+def test_channels_last_input_gives_a_channels_last_output(columns):
     x = torch.randn(2, 3, 5, 16, 16).contiguous(memory_format=torch.channels_last_3d)
     w = torch.randn(8, 3, 3, 5, 5)
-    got = conv3d_folded(x, w, None)
+    got = conv3d_folded(x, w, None, columns=columns)
     assert got.is_contiguous(memory_format=torch.channels_last_3d)
     torch.testing.assert_close(got, F.conv3d(x, w), rtol=1e-4, atol=1e-4)
 
 
 def test_a_too_shallow_input_is_refused():
-    with pytest.raises(ValueError, match="kernel depth 3"):
+    with pytest.raises(ValueError, match="smaller than the kernel extent 3"):
         conv3d_folded(torch.zeros(1, 1, 2, 8, 8), torch.zeros(2, 1, 3, 3, 3), None)
 
 
-def test_published_layers_fold_to_the_same_patch_and_dense_outputs(fold_mode):
+@pytest.mark.parametrize("way", ["depth", "depth+x"])
+def test_published_layers_fold_to_the_same_patch_and_dense_outputs(fold_mode, way):
     torch.manual_seed(0)
     net = CNN3D((9, 40, 40), widths=(4, 6, 8), kernel_size=[(3, 5, 5), (3, 5, 5), (1, 5, 5)],
                 pool=[(1, 2, 2), (1, 2, 2)], padding="valid", dense_width=5).double().eval()
@@ -66,7 +69,7 @@ def test_published_layers_fold_to_the_same_patch_and_dense_outputs(fold_mode):
     big = torch.randn(1, 1, 13, 72, 72, dtype=torch.float64)
     fold_mode["mode"] = "off"
     ref = net(x), net.dense_features(big), net.dense_features(big, step=(2, 3, 2))
-    fold_mode["mode"] = "on"
+    fold_mode["mode"] = way
     got = net(x), net.dense_features(big), net.dense_features(big, step=(2, 3, 2))
     for a, e in zip(got, ref):
         torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10)
@@ -78,8 +81,9 @@ def test_same_padding_network_folds_exactly(fold_mode):
     x = torch.randn(2, 1, 5, 24, 24, dtype=torch.float64)
     fold_mode["mode"] = "off"
     ref = net(x)
-    fold_mode["mode"] = "on"
-    torch.testing.assert_close(net(x), ref, rtol=1e-10, atol=1e-10)
+    for way in ("depth", "depth+x"):
+        fold_mode["mode"] = way
+        torch.testing.assert_close(net(x), ref, rtol=1e-10, atol=1e-10)
 
 
 def test_auto_mode_leaves_cpu_convolutions_alone(fold_mode):
@@ -105,4 +109,5 @@ def test_auto_mode_times_both_on_cuda_and_matches(fold_mode):
     w = torch.randn(32, 1, 3, 9, 9, device="cuda")
     got = conv3d(x, w, None)
     torch.testing.assert_close(got, F.conv3d(x, w), rtol=2e-3, atol=2e-3)
-    assert any(c["weight"] == [32, 1, 3, 9, 9] for c in fold_choices())
+    chosen = [c for c in fold_choices() if c["weight"] == [32, 1, 3, 9, 9]]
+    assert chosen and set(chosen[-1]["ms"]) == {"3d", "depth", "depth+x"}

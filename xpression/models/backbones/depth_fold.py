@@ -8,8 +8,11 @@ slabs): the published trunk's second layer took 53 ms as a 3D convolution and 17
 third 29 ms and 2 ms; its first (one input channel) 59 ms and 89 ms, so it stays 3D. The trunk
 went from 292 to 502 MVoxel/s. With channels-last inputs the folded output is
 already in the 3D channels-last layout, so only the input planes are copied (``kd`` times).
+For thin inputs the kernel's x taps can be folded into the channels as well (``kh x 1`` 2D
+kernels over ``C * kd * kw`` channels, 27 for the first layer): a third way, for that first
+layer, not yet timed on a GPU.
 
-:func:`conv3d` picks, per layer and input shape, whichever of the two is faster on the device
+:func:`conv3d` picks, per layer and input shape, whichever way is fastest on the device
 (timed once, like cuDNN's autotuner; ``mode="auto"`` on CUDA), or one of them by ``mode``.
 On the CPU it stays a 3D convolution unless told otherwise. Both give the same numbers up to
 floating-point summation order.
@@ -24,13 +27,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["FoldConv3d", "conv3d", "conv3d_folded", "fold_choices", "FOLD_MODE"]
+__all__ = ["FoldConv3d", "conv3d", "conv3d_folded", "fold_choices", "FOLD_MODE", "WAYS"]
 
 log = logging.getLogger(__name__)
 
-# "auto": time both on CUDA, keep the faster; "on" / "off": always / never fold (any device).
+# "auto": time the ways on CUDA, keep the fastest; else always this one on any device:
+# "off" (3D), "depth" (kernel depth folded into channels), "depth+x" (and the kernel's x taps).
 FOLD_MODE = {"mode": "auto"}
-_choices: dict[tuple, bool] = {}
+WAYS = ("3d", "depth", "depth+x")
+# the x taps are copied kw times: only for thin inputs (the first layer), where it pays
+MAX_COLUMN_CHANNELS = 64
+_choices: dict[tuple, str] = {}
+_timings: dict[tuple, dict[str, float]] = {}
 
 
 def _pad_of(weight: torch.Tensor, padding: str | Sequence[int]) -> tuple[int, int, int] | None:
@@ -44,9 +52,23 @@ def _pad_of(weight: torch.Tensor, padding: str | Sequence[int]) -> tuple[int, in
     return p if len(p) == 3 else None
 
 
+def _taps(x: torch.Tensor, dim: int, k: int, stride: int) -> tuple[torch.Tensor, int]:
+    """The ``k`` strided shifts of ``x`` along ``dim`` that a kernel of ``k`` taps reads, stacked
+    as axis 2 (after the channels); and the number of outputs along ``dim``."""
+    n_out = (x.shape[dim] - k) // stride + 1
+    if n_out < 1:
+        raise ValueError(f"input extent {x.shape[dim]} (padded) is smaller than the kernel extent {k}")
+    span = (n_out - 1) * stride + 1
+    return torch.stack([x.narrow(dim, i, span)[(slice(None),) * dim + (slice(None, None, stride),)] for i in range(k)],
+                       dim=2), n_out
+
+
 def conv3d_folded(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                  stride: Sequence[int] = (1, 1, 1), padding: Sequence[int] = (0, 0, 0)) -> torch.Tensor:
-    """``F.conv3d(x, weight, bias, stride, padding)`` as one 2D convolution over depth-folded planes.
+                  stride: Sequence[int] = (1, 1, 1), padding: Sequence[int] = (0, 0, 0),
+                  columns: bool = False) -> torch.Tensor:
+    """``F.conv3d(x, weight, bias, stride, padding)`` as one 2D convolution over depth-folded planes;
+    with ``columns`` the kernel's x taps are folded into the channels too (a ``kh x 1`` 2D kernel
+    over ``C * kd * kw`` channels, which suits tensor cores where ``C`` is 1).
 
     ``x``: ``(N, C, D, H, W)``; ``weight``: ``(O, C, kd, kh, kw)``; dilation 1, groups 1.
     """
@@ -54,19 +76,20 @@ def conv3d_folded(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     o, _, kd, kh, kw = weight.shape
     sz, sy, sx = (int(s) for s in stride)
     pz, py, px = (int(p) for p in padding)
-    if pz:
-        x = F.pad(x, (0, 0, 0, 0, pz, pz))
-    depth = x.shape[2]
-    d_out = (depth - kd) // sz + 1
-    if d_out < 1:
-        raise ValueError(f"input depth {depth} (padded) is smaller than the kernel depth {kd}")
-    last = kd + (d_out - 1) * sz
-    planes = torch.stack([x[:, :, i : i + last - kd + 1 : sz] for i in range(kd)], dim=2)  # N, C, kd, D', H, W
-    folded = planes.permute(0, 3, 1, 2, 4, 5).reshape(n * d_out, c * kd, *x.shape[3:])
     channels_last = x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous()
+    if pz or (columns and px):
+        x = F.pad(x, (px if columns else 0, px if columns else 0, 0, 0, pz, pz))
+    planes, d_out = _taps(x, 2, kd, sz)                                 # N, C, kd, D', H, W
+    folded = planes.permute(0, 3, 1, 2, 4, 5).reshape(n * d_out, c * kd, *x.shape[3:])
+    w2 = weight.reshape(o, c * kd, kh, kw)
+    if columns:
+        cols, w_out = _taps(folded, 3, kw, sx)                          # N D', C kd, kw, H, W'
+        folded = cols.reshape(n * d_out, c * kd * kw, folded.shape[2], w_out)
+        w2 = w2.permute(0, 1, 3, 2).reshape(o, c * kd * kw, kh, 1)      # channel order (c, i, j)
+        sx, px, kw = 1, 0, 1
     if channels_last:
         folded = folded.contiguous(memory_format=torch.channels_last)
-    y = F.conv2d(folded, weight.reshape(o, c * kd, kh, kw), bias, (sy, sx), (py, px))
+    y = F.conv2d(folded, w2, bias, (sy, sx), (py, px))
     # (N * D', O, H', W') -> (N, O, D', H', W'): channels-last 2D is channels-last 3D here
     return y.view(n, d_out, o, *y.shape[2:]).permute(0, 2, 1, 3, 4)
 
@@ -82,6 +105,13 @@ def _time(fn, reps: int = 3) -> float:
     return start.elapsed_time(end) / reps
 
 
+def _run(way: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+         stride: Sequence[int], pad: tuple[int, int, int]) -> torch.Tensor:
+    if way == "3d":
+        return F.conv3d(x, weight, bias, tuple(stride), pad)
+    return conv3d_folded(x, weight, bias, stride, pad, columns=way == "depth+x")
+
+
 def conv3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
            stride: Sequence[int] = (1, 1, 1), padding: str | Sequence[int] = (0, 0, 0)) -> torch.Tensor:
     """A 3D convolution, folded into 2D where that is faster (see the module doc)."""
@@ -89,28 +119,25 @@ def conv3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     pad = _pad_of(weight, padding)
     if mode == "off" or weight.shape[2] == 1 or pad is None or (mode == "auto" and x.device.type != "cuda"):
         return F.conv3d(x, weight, bias, tuple(stride), padding if isinstance(padding, str) else tuple(padding))
-    if mode == "on":
-        return conv3d_folded(x, weight, bias, stride, pad)
+    if mode != "auto":
+        return _run(mode, x, weight, bias, stride, pad)
     key = (tuple(x.shape), tuple(x.stride()), tuple(weight.shape), tuple(stride), pad, x.dtype,
            torch.is_autocast_enabled(x.device.type), x.device, torch.backends.cudnn.benchmark)
-    fold = _choices.get(key)
-    if fold is None:
+    way = _choices.get(key)
+    if way is None:
+        ways = [w for w in WAYS if w != "depth+x" or x.shape[1] * weight.shape[2] * weight.shape[4] <= MAX_COLUMN_CHANNELS]
         with torch.no_grad():
-            t3 = _time(lambda: F.conv3d(x, weight, bias, tuple(stride), pad))
-            t2 = _time(lambda: conv3d_folded(x, weight, bias, stride, pad))
-        fold = _choices[key] = t2 < t3
-        log.debug("conv3d %s x %s: 3D %.2f ms, folded %.2f ms", tuple(x.shape), tuple(weight.shape), t3, t2)
-        _timings[key] = (t3, t2)
-    return conv3d_folded(x, weight, bias, stride, pad) if fold else F.conv3d(x, weight, bias, tuple(stride), pad)
-
-
-_timings: dict[tuple, tuple[float, float]] = {}
+            ms = {w: _time(lambda: _run(w, x, weight, bias, stride, pad)) for w in ways}
+        way = _choices[key] = min(ms, key=ms.get)
+        _timings[key] = ms
+        log.debug("conv3d %s x %s: %s", tuple(x.shape), tuple(weight.shape), ms)
+    return _run(way, x, weight, bias, stride, pad)
 
 
 def fold_choices() -> list[dict]:
-    """What ``mode="auto"`` chose so far: input and weight shapes, ms as 3D and folded."""
-    return [{"input": list(k[0]), "weight": list(k[2]), "stride": list(k[3]), "ms_3d": round(t[0], 3),
-             "ms_folded": round(t[1], 3), "folded": _choices[k]} for k, t in _timings.items()]
+    """What ``mode="auto"`` chose so far: input and weight shapes, ms of each way, the way taken."""
+    return [{"input": list(k[0]), "weight": list(k[2]), "stride": list(k[3]),
+             "ms": {w: round(t, 3) for w, t in ms.items()}, "chosen": _choices[k]} for k, ms in _timings.items()]
 
 
 class FoldConv3d(nn.Conv3d):
