@@ -457,3 +457,19 @@ def test_pooled_worker_batches_equal_inline_ones_and_free_their_slots(tiny_cohor
     assert int(pool.busy[2]) == 0
     for k in batch:
         assert torch.equal(out[k], batch[k]), k
+
+
+def test_no_batch_pool_where_dev_shm_cannot_hold_it(tiny_cohort, monkeypatch, caplog):
+    """Too little /dev/shm (a container's 64 MB default, say): the loader keeps the plain path
+    instead of risking a bus error when the pool's pages are touched."""
+    import xpression.data.datamodule as dmod
+
+    dm = make_dm(tiny_cohort, sections=[SECTION], check_tissue_mask=False, augment=False, batch_size=2)
+    dm.setup()
+    ds = dm._datasets["all"]
+    monkeypatch.setattr(dmod, "shm_free_bytes", lambda path="/dev/shm": 1000)
+    with caplog.at_level("WARNING", logger=dmod.__name__):
+        assert ds.pooled(workers=2, per_worker=2, batch_size=2) is ds
+    assert "need" in caplog.text and "/dev/shm" in caplog.text
+    monkeypatch.setattr(dmod, "shm_free_bytes", lambda path="/dev/shm": None)
+    assert ds.pooled(workers=2, per_worker=2, batch_size=2).batch_pool is not None

@@ -154,6 +154,15 @@ class BatchPool:
         return out
 
 
+def shm_free_bytes(path: str = "/dev/shm") -> int | None:
+    """Free bytes of the shared-memory file system (None where there is none to ask)."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return None
+    return int(st.f_bavail) * int(st.f_frsize)
+
+
 class PooledBatch:
     """A worker's batch left in a :class:`BatchPool` slot. The loader's pin-memory thread turns it
     into the batch dict (``pin_memory``), so only the pool's key and the slot travel."""
@@ -278,6 +287,13 @@ class PatchDataset(Dataset):
         """This dataset (sharing its slabs) with a :class:`BatchPool` of its own for one loader's
         ``workers``; itself where shared memory cannot hold the pool."""
         dtype = next(iter(self._tensors.values()))[0].dtype
+        item = self.channels * int(np.prod(self.patch_shape)) * torch.empty(0, dtype=dtype).element_size()
+        need = int(workers) * int(per_worker) * int(batch_size) * (item + 4 * self.targets.shape[1] + 8)
+        free = shm_free_bytes()
+        if free is not None and need > free // 2:  # a full /dev/shm kills the loader with SIGBUS, not an error
+            log.warning("no shared batch slots for the loader workers: they need %.0f MB of /dev/shm, which has "
+                        "%.0f MB free; each batch gets fresh shared memory", need / 1e6, free / 1e6)
+            return self
         try:
             pool = BatchPool(workers, per_worker, batch_size, (self.channels, *self.patch_shape), dtype, self.targets.shape[1])
         except RuntimeError as err:
