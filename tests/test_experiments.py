@@ -78,3 +78,25 @@ def test_slurm_launcher_config_composes():
         cfg = compose(config_name="train", overrides=["hydra/launcher=slurm"], return_hydra_config=True)
     assert cfg.hydra.launcher._target_.endswith("SlurmLauncher")
     assert cfg.hydra.launcher.gpus_per_node == 1
+
+
+def test_optuna_forest_context_choices_hold_every_scale():
+    """Every context view the forest study may draw serves every scale of model=forest on the
+    benchmark's patch (57.6 x 205 x 205 um, 6.4 um voxels): no trial fails on a scale no view holds."""
+    import re
+
+    from omegaconf import OmegaConf
+
+    from xpression.data.context import ContextView
+    from xpression.models.filterbank import FilterBank
+
+    study = OmegaConf.load(ROOT / "conf" / "hparams_search" / "optuna_forest.yaml")
+    choices = re.findall(r'"(\[[^"]+\])"', study.hydra.sweeper.params["patch.context_um"])
+    assert len(choices) >= 3
+    sigmas = OmegaConf.load(ROOT / "conf" / "model" / "forest.yaml").sigmas_um
+    voxel, patch_um = (6.4, 6.4, 6.4), (57.6, 205, 205)
+    shape = (9, 33, 33)  # odd voxel counts nearest to the patch (the sampler's rule)
+    for choice in choices:
+        view = ContextView.of(yaml.safe_load(choice), patch_um, shape, voxel)
+        bank = FilterBank(shape, [voxel, view.step_um], sigmas)  # raises ConfigError on a scale no view serves
+        assert any(n.startswith("mean@204.8um") for n in bank.names), choice
