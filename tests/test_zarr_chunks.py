@@ -119,3 +119,14 @@ def test_a_box_outside_the_array_is_refused(tmp_path):
     reader = ChunkReader.for_array(arr)
     with pytest.raises(ValueError, match="not inside"):
         reader.read_into((0, 0, 0), (14, 1, 1), np.empty((14, 1, 1), np.uint8))
+
+
+def test_read_threads_from_the_environment(monkeypatch):
+    from xpression.data.zarr_chunks import read_threads
+
+    monkeypatch.setenv("XPRESSION_READ_THREADS", "3")
+    assert read_threads() == 3
+    for bad in ("0", "two", "-1"):
+        monkeypatch.setenv("XPRESSION_READ_THREADS", bad)
+        with pytest.raises(ValueError, match="XPRESSION_READ_THREADS must be a positive integer"):
+            read_threads()

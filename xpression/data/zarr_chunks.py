@@ -38,7 +38,11 @@ _pool: tuple[int, ThreadPoolExecutor] | None = None
 def read_threads() -> int:
     """Threads decoding chunks: ``XPRESSION_READ_THREADS`` or one per CPU core."""
     env = os.environ.get("XPRESSION_READ_THREADS")
-    return max(1, int(env)) if env else max(1, os.cpu_count() or 1)
+    if not env:
+        return max(1, os.cpu_count() or 1)
+    if not env.strip().isdigit() or int(env) < 1:
+        raise ValueError(f"XPRESSION_READ_THREADS must be a positive integer, got {env!r}")
+    return int(env)
 
 
 def _executor() -> ThreadPoolExecutor:
