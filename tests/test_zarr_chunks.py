@@ -130,3 +130,31 @@ def test_read_threads_from_the_environment(monkeypatch):
         monkeypatch.setenv("XPRESSION_READ_THREADS", bad)
         with pytest.raises(ValueError, match="XPRESSION_READ_THREADS must be a positive integer"):
             read_threads()
+
+
+def test_a_forked_child_reads_with_its_own_pool(tmp_path):
+    """A fork while the parent holds the pool's lock (a reader thread mid-read) must not leave
+    the child waiting on a lock no thread of its own will release."""
+    import multiprocessing as mp
+
+    from xpression.data import zarr_chunks
+
+    arr = zarr.create_array(tmp_path / "a.zarr", shape=SHAPE, chunks=CHUNKS, dtype="uint8")
+    arr[:] = _data("uint8")
+    reader = ChunkReader.for_array(arr)
+    reader.read_into((0, 0, 0), SHAPE, np.empty(SHAPE, np.uint8))  # the parent's pool exists
+    ctx = mp.get_context("fork")
+    with zarr_chunks._pool_lock:  # held across the fork
+        proc = ctx.Process(target=_child_read, args=(str(tmp_path / "a.zarr"),))
+        proc.start()
+    proc.join(timeout=60)
+    if proc.is_alive():  # waiting on the copied lock
+        proc.kill()
+        proc.join()
+    assert proc.exitcode == 0
+
+
+def _child_read(path: str) -> None:
+    arr = zarr.open_array(path, mode="r")
+    got = ChunkReader.for_array(arr).read_into((0, 0, 0), SHAPE, np.empty(SHAPE, np.uint8))
+    raise SystemExit(0 if np.array_equal(got, arr[:]) else 1)

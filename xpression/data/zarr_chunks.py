@@ -45,6 +45,15 @@ def read_threads() -> int:
     return int(env)
 
 
+def _reset_after_fork() -> None:
+    # a fork copies neither the pool's threads nor a lock a reading thread may hold at that moment
+    global _pool, _pool_lock
+    _pool, _pool_lock = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_reset_after_fork)
+
+
 def _executor() -> ThreadPoolExecutor:
     """One pool per process (a forked loader worker makes its own: threads do not survive a fork)."""
     global _pool
