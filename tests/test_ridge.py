@@ -188,3 +188,31 @@ def test_unfitted_ridge_says_so(datamodule):
     model = RidgeBaseline(datamodule.target_spec, datamodule.patch_shape_vox)
     with pytest.raises(RuntimeError, match="not fitted"):
         model.predict_patches(np.zeros((1, *datamodule.patch_shape_vox), np.float32))
+
+
+def test_probe_points_rescore_to_the_reported_scores(ridge, datamodule):
+    """The probe's per-point table holds what its scores were computed from: scoring its columns
+    again gives every reported r, and its places are the reported ones."""
+    from xpression.callbacks import predict_spots
+    from xpression.evaluation.generalisation import evaluate_off_plane
+    from xpression.evaluation.scores import score_rows
+
+    res = evaluate_off_plane(ridge, datamodule, predict_spots(ridge, datamodule), PROBE)
+    points = res["points"]
+    names = sorted({c.split("/", 1)[1] for c in points.columns if c.startswith("true/")})
+    assert {"volume_id", "where", "distance_um", "z_um", "y_um", "x_um"} <= set(points.columns)
+    def place(vid, where, d):  # a whole volume has no distance (NaN in the table)
+        return vid, where, None if d is None or pd.isna(d) else float(d)
+
+    reported = {(*place(r["volume_id"], r["where"], r["distance_um"]), r["predictor"]): r["pearson_mean"] for r in res["scores"]}
+    checked = 0
+    for (vid, where, d), part in points.groupby(["volume_id", "where", "distance_um"], dropna=False):
+        assert len(part) == res["n_points"][f"{vid} {'volume' if where == 'volume' else f'{d:g} um'}"]
+        preds = {p: part[[f"{p}/{n}" for n in names]].to_numpy() for p in ("model", "extrusion")
+                 if f"{p}/{names[0]}" in part and part[f"{p}/{names[0]}"].notna().all()}  # absent: NaN after concat
+        truth = part[[f"true/{n}" for n in names]].to_numpy()
+        for row in score_rows(preds, truth, names, datamodule.target_spec.kind, volume_id=vid, where=where, distance_um=d):
+            want = reported[(*place(vid, where, d), row["predictor"])]
+            assert row["pearson_mean"] == pytest.approx(want, rel=1e-9, nan_ok=True)
+            checked += 1
+    assert checked >= 5

@@ -126,7 +126,9 @@ class SpotPredictions(PostFit):
     ``on_fit_end``: the weights of the best checkpoint (when a checkpoint callback monitored a
     metric; else the final weights) predict every spot of every split on the trainer's device
     (``predictions``). Later post-fit steps add to ``metrics`` and ``predictions``; at
-    ``teardown`` (after all of them) ``out_dir`` gets ``predictions.csv`` and ``metrics.json``:
+    ``teardown`` (after all of them) ``out_dir`` gets ``predictions.csv``, ``metrics.json`` and,
+    when the run was scored on the off-plane probe, ``probe_points.csv`` (every probe point, its
+    truth, the model's and the baselines' answers):
     the steps' metrics, then the run's targets, checkpoint, epochs, training seconds (setup to
     the end of the last epoch), parameter count, patch shape (voxels) and voxel size (um).
     """
@@ -136,6 +138,7 @@ class SpotPredictions(PostFit):
         self.model: Any = None
         self.datamodule: Any = None
         self.predictions: pd.DataFrame | None = None
+        self.probe_points: pd.DataFrame | None = None  # the off-plane probe's points, if scored
         self.metrics: dict[str, Any] = {}
         self.best_checkpoint: Path | None = None
         self.weights = "final weights"  # or "best checkpoint (<monitored metric>)"
@@ -191,6 +194,8 @@ class SpotPredictions(PostFit):
         )
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.predictions.to_csv(self.out_dir / "predictions.csv", index=False)
+        if self.probe_points is not None and len(self.probe_points):
+            self.probe_points.to_csv(self.out_dir / "probe_points.csv", index=False)
         (self.out_dir / "metrics.json").write_text(json.dumps(self.metrics, indent=2, allow_nan=True))
 
 

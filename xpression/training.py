@@ -5,7 +5,8 @@ can be checked without reading voxels (names, the loss against the target kind, 
 against the backbone, a checkpoint against the target set) is checked before any CT is read.
 
 A run folder holds: `config.yaml` (the resolved config; Hydra's own in `.hydra/`), `checkpoints/` (best and last), `metrics.json`,
-`predictions.csv` (every spot, its split, truth and prediction) and `figures/`; a resumed run
+`predictions.csv` (every spot, its split, truth and prediction), `probe_points.csv` (with an
+off-plane probe: every probe point, its truth, the model's and the baselines' answers) and `figures/`; a resumed run
 adds `config.resumed-<n>.yaml` (`xpression.resume`).
 """
 

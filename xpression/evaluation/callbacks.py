@@ -95,8 +95,9 @@ class RunScores(PostFit):
         from xpression.evaluation.scores import scores_table
 
         state = SpotPredictions.of(trainer)
-        metrics, state.predictions = evaluate_run(state.model, state.datamodule, state.predictions, off_plane=self.off_plane,
-                                                  ridge=self.ridge, k=self.knn_k)
+        metrics, state.predictions, state.probe_points = evaluate_run(
+            state.model, state.datamodule, state.predictions, off_plane=self.off_plane, ridge=self.ridge, k=self.knn_k,
+            return_points=True)
         state.metrics.update(metrics)
         self._table = scores_table(metrics["scores"], f"held-out accuracy per volume ({state.weights}; baselines beside the model)")
         final = final_metrics(metrics)

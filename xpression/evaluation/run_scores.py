@@ -58,7 +58,7 @@ def _with_ridge(table: pd.DataFrame, pred: np.ndarray, names: Any) -> pd.DataFra
 
 
 def evaluate_run(model: Any, datamodule: Any, predictions: pd.DataFrame, off_plane: Any = None,
-                 ridge: bool = True, k: int = KNN_K) -> tuple[dict[str, Any], pd.DataFrame]:
+                 ridge: bool = True, k: int = KNN_K, return_points: bool = False) -> tuple:
     """Per-volume scores of a trained ``model`` and its baselines.
 
     Args:
@@ -71,7 +71,9 @@ def evaluate_run(model: Any, datamodule: Any, predictions: pd.DataFrame, off_pla
     Returns:
         The metrics (``evaluate_spots``' keys; ``scores`` also holds the probe rows and
         ``off_plane`` the probe's counts and exclusions) and the spot table with every
-        baseline's prediction added (``ridge/``, ``extrusion/``, ``knn/``, ... columns).
+        baseline's prediction added (``ridge/``, ``extrusion/``, ``knn/``, ... columns); with
+        ``return_points`` also the probe's points (one row each: place in um, ``true/``, ``model/``
+        and every baseline's answer; None without a probe).
     """
     spec = datamodule.target_spec
     names = list(spec.names)
@@ -81,8 +83,11 @@ def evaluate_run(model: Any, datamodule: Any, predictions: pd.DataFrame, off_pla
     if ridge and not isinstance(model, RidgeBaseline):
         ridge_model, predictions = _fit_ridge_columns(datamodule, predictions)
     metrics = evaluate_spots(predictions, names, spec.kind, k=k, conditions=conditions)
+    points = None
     if off_plane is not None:
         off = evaluate_off_plane(model, datamodule, predictions, off_plane, ridge=ridge_model, k=k)
         metrics["scores"] += off.pop("scores", [])
+        points = off.pop("points", None)
         metrics["off_plane"] = off
-    return metrics, spot_baselines(predictions, names, k)
+    table = spot_baselines(predictions, names, k)
+    return (metrics, table, points) if return_points else (metrics, table)
