@@ -1,0 +1,80 @@
+"""benchmarks/mixed_ensemble.py on hand-made probe tables: the mix's weights, the pairing by seed
+and the refusal of runs that scored different points."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+NAMES = ["alveolar", "airway", "infected"]
+
+
+def _run(folder: Path, seed: int, model: np.ndarray, truth: np.ndarray, z: np.ndarray) -> None:
+    run = folder / str(seed)
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(f"seed: {seed}\n")
+    (run / "metrics.json").write_text(json.dumps({"target_kind": "composition"}))
+    n = len(truth)
+    table = pd.DataFrame({"volume_id": ["mock_0"] * (n // 2) + ["mock_1"] * (n - n // 2),
+                          "where": ["plane"] * (n // 2) + ["volume"] * (n - n // 2),
+                          "distance_um": [150.0] * (n // 2) + [np.nan] * (n - n // 2),
+                          "z_um": z, "y_um": np.arange(n, dtype=float), "x_um": np.arange(n, dtype=float)})
+    for j, name in enumerate(NAMES):
+        table[f"true/{name}"] = truth[:, j]
+        table[f"model/{name}"] = model[:, j]
+        table[f"extrusion/{name}"] = truth[::-1, j]
+    table.to_csv(run / "probe_points.csv", index=False)
+
+
+def _compositions(rng: np.random.Generator, n: int) -> np.ndarray:
+    x = rng.random((n, len(NAMES)))
+    return x / x.sum(1, keepdims=True)
+
+
+@pytest.fixture
+def folders(tmp_path):
+    rng = np.random.default_rng(0)
+    z = rng.random(40) * 100
+    for seed in (0, 1, 2):
+        truth = _compositions(rng, 40)
+        _run(tmp_path / "A", seed, 0.7 * truth + 0.3 * _compositions(rng, 40), truth, z)
+        _run(tmp_path / "B", seed, 0.5 * truth + 0.5 * _compositions(rng, 40), truth, z)
+    return tmp_path
+
+
+def _mix(folders: Path, weight: float, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / "mixed_ensemble.py"), str(folders / "A"), str(folders / "B"),
+                           "--weight-b", str(weight), "--csv", str(folders / "out.csv"), *extra],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_weights_zero_and_one_give_each_model(folders):
+    for weight, same in ((0.0, "A"), (1.0, "B")):
+        proc = _mix(folders, weight)
+        assert proc.returncode == 0, proc.stderr
+        out = pd.read_csv(folders / "out.csv")
+        mix = out[out.predictor == "mix"].set_index(["seed", "volume_id"])["pearson_mean"]
+        ref = out[out.predictor == same].set_index(["seed", "volume_id"])["pearson_mean"]
+        assert len(mix) == 6 and np.allclose(mix.sort_index(), ref.sort_index())
+    assert "mock_0" in proc.stdout and "mock_1" in proc.stdout
+    assert any(verdict in proc.stdout for verdict in ("level", "higher", "lower"))
+
+
+def test_runs_that_scored_other_points_are_refused(folders):
+    table = pd.read_csv(folders / "B" / "1" / "probe_points.csv")
+    table["y_um"] += 5.0
+    table.to_csv(folders / "B" / "1" / "probe_points.csv", index=False)
+    proc = _mix(folders, 0.5)
+    assert proc.returncode != 0 and "seed 1" in proc.stderr and "different probe points" in proc.stderr
+
+
+def test_a_weight_outside_zero_one_is_refused(folders):
+    proc = _mix(folders, 1.5)
+    assert proc.returncode != 0 and "--weight-b must lie in [0, 1]" in proc.stderr
