@@ -124,6 +124,8 @@ def conv3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     key = (tuple(x.shape), tuple(x.stride()), tuple(weight.shape), tuple(stride), pad, x.dtype,
            torch.is_autocast_enabled(x.device.type), x.device, torch.backends.cudnn.benchmark)
     way = _choices.get(key)
+    if way is None and torch.compiler.is_compiling():  # no timing inside a traced graph: what eager chose, else 3D
+        way = "3d"
     if way is None:
         ways = [w for w in WAYS if w != "depth+x" or x.shape[1] * weight.shape[2] * weight.shape[4] <= MAX_COLUMN_CHANNELS]
         with torch.no_grad():
