@@ -3,8 +3,8 @@ and the refusal of runs that scored different points."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -49,32 +49,42 @@ def folders(tmp_path):
     return tmp_path
 
 
-def _mix(folders: Path, weight: float, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / "mixed_ensemble.py"), str(folders / "A"), str(folders / "B"),
-                           "--weight-b", str(weight), "--csv", str(folders / "out.csv"), *extra],
-                          capture_output=True, text=True, timeout=120)
+def _mix(folders: Path, weight: float, monkeypatch, capsys) -> tuple[int, str, str]:
+    """The script's main() in this process (a subprocess costs seconds of imports)."""
+    spec = importlib.util.spec_from_file_location("mixed_ensemble", ROOT / "benchmarks" / "mixed_ensemble.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(sys, "argv", ["mixed_ensemble.py", str(folders / "A"), str(folders / "B"), "--weight-b", str(weight),
+                                      "--csv", str(folders / "out.csv")])
+    code = 0
+    try:
+        module.main()
+    except SystemExit as exc:  # the script's one-line errors
+        code, message = 1, str(exc)
+    out = capsys.readouterr()
+    return code, out.out, message if code else out.err
 
 
-def test_weights_zero_and_one_give_each_model(folders):
+def test_weights_zero_and_one_give_each_model(folders, monkeypatch, capsys):
     for weight, same in ((0.0, "A"), (1.0, "B")):
-        proc = _mix(folders, weight)
-        assert proc.returncode == 0, proc.stderr
+        code, stdout, stderr = _mix(folders, weight, monkeypatch, capsys)
+        assert code == 0, stderr
         out = pd.read_csv(folders / "out.csv")
         mix = out[out.predictor == "mix"].set_index(["seed", "volume_id"])["pearson_mean"]
         ref = out[out.predictor == same].set_index(["seed", "volume_id"])["pearson_mean"]
         assert len(mix) == 6 and np.allclose(mix.sort_index(), ref.sort_index())
-    assert "mock_0" in proc.stdout and "mock_1" in proc.stdout
-    assert any(verdict in proc.stdout for verdict in ("level", "higher", "lower"))
+    assert "mock_0" in stdout and "mock_1" in stdout
+    assert any(verdict in stdout for verdict in ("level", "higher", "lower"))
 
 
-def test_runs_that_scored_other_points_are_refused(folders):
+def test_runs_that_scored_other_points_are_refused(folders, monkeypatch, capsys):
     table = pd.read_csv(folders / "B" / "1" / "probe_points.csv")
     table["y_um"] += 5.0
     table.to_csv(folders / "B" / "1" / "probe_points.csv", index=False)
-    proc = _mix(folders, 0.5)
-    assert proc.returncode != 0 and "seed 1" in proc.stderr and "different probe points" in proc.stderr
+    code, _, message = _mix(folders, 0.5, monkeypatch, capsys)
+    assert code != 0 and "seed 1" in message and "different probe points" in message
 
 
-def test_a_weight_outside_zero_one_is_refused(folders):
-    proc = _mix(folders, 1.5)
-    assert proc.returncode != 0 and "--weight-b must lie in [0, 1]" in proc.stderr
+def test_a_weight_outside_zero_one_is_refused(folders, monkeypatch, capsys):
+    code, _, message = _mix(folders, 1.5, monkeypatch, capsys)
+    assert code != 0 and "--weight-b must lie in [0, 1]" in message
