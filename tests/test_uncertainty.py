@@ -375,3 +375,41 @@ def test_uncertainty_scores_report_coverage_before_calibration():
     row = uncertainty_scores(pred, truth, ["a"], sd, sd_scale=[2.0])
     assert row["coverage_2sd"] == pytest.approx(2 / 4)  # |error| <= 0.2
     assert row["coverage_2sd_uncalibrated"] == pytest.approx(1 / 4)  # |error| <= 0.1
+
+
+class _ClosedForm(torch.nn.Module):
+    """A stand-in for a closed-form model (ridge, forest): answers only, no features, and a
+    context view (``views = 2``) as the forest has."""
+
+    views = 2
+
+    def __init__(self, answer: list[float]):
+        super().__init__()
+        self.patch_shape = (3, 9, 9)
+        self.register_buffer("answer", torch.tensor(answer))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        assert x.shape[1:] == (2, 3, 9, 9)  # the patch and its context view
+        return self.answer.expand(len(x), -1)
+
+
+def test_an_ensemble_of_closed_form_models_gives_their_mean_and_spread():
+    from xpression.inference.uncertainty import TrustNet
+
+    a, b = _ClosedForm([0.2, 0.8]), _ClosedForm([0.6, 0.4])
+    net = TrustNet([a, b], "ensemble")
+    assert net.views == 2  # read from the model itself, not only from a network's backbone
+    out = net(torch.zeros(4, 2, 3, 9, 9))
+    assert out.shape == (4, 4)
+    torch.testing.assert_close(out[:, :2], torch.tensor([[0.4, 0.6]] * 4))
+    torch.testing.assert_close(out[:, 2:], torch.full((4, 2), float(np.std([0.2, 0.6], ddof=1))))
+
+
+def test_ood_on_a_model_without_features_is_one_line(tmp_path):
+    from types import SimpleNamespace
+
+    from xpression.inference.ood import ood_fit_for_run
+    from xpression.inference.predictor import InferenceError
+
+    with pytest.raises(InferenceError, match="has no features to measure the distance in; pass ood=false"):
+        ood_fit_for_run(SimpleNamespace(run_dir=tmp_path, checkpoint=tmp_path / "model.ckpt"), _ClosedForm([1.0]))

@@ -207,6 +207,9 @@ def ood_fit_for_run(info: Any, net: torch.nn.Module, device: torch.device | str 
     when it was made from these weights (and, for ``knn``, holds the training features), else
     fitted now from the run's training spots (the DataModule rebuilt from ``info.config``, as
     ``train.py`` built it)."""
+    if not hasattr(net, "forward_features"):
+        raise InferenceError(f"ood=true: {type(net).__name__} (run {info.run_dir}) has no features to measure the "
+                             "distance in; pass ood=false")
     path = Path(info.run_dir) / OOD_FILE
     if path.is_file():
         fit = OODFit.load(path)

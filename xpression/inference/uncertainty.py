@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from xpression.inference.predictor import InferenceError, Predictor
+from xpression.inference.predictor import InferenceError, Predictor, _attr
 
 __all__ = ["METHODS", "TrustNet", "ChannelView", "dropout_layers", "ensemble_members", "resolve_trust_runs",
            "trust_predictor", "trust_channels"]
@@ -109,7 +109,7 @@ class TrustNet(nn.Module):
         self.patch_shape = tuple(first.patch_shape)
         self.output_stride = getattr(first, "output_stride", None)
         self.dense_equivalent = bool(getattr(first, "dense_equivalent", False))
-        self.views = int(getattr(getattr(first, "backbone", None), "views", 1))  # 2: patch and context view
+        self.views = int(_attr(first, "views") or 1)  # 2: patch and context view (a network's backbone, or the model)
         offset = getattr(first, "dense_offset", None) or getattr(getattr(first, "backbone", None), "dense_offset", None)
         if offset is not None:
             self.dense_offset = tuple(offset)
@@ -219,6 +219,10 @@ class TrustNet(nn.Module):
             return net.head.activate(net.forward_head(feats)).float()
 
         def run(net: nn.Module, want_features: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+            if not hasattr(net, "forward_features"):  # a closed-form model (ridge, forest): its answers only
+                if want_features:
+                    raise InferenceError(f"{type(net).__name__} has no features to score ood on; use ood=false")
+                return net(x).float(), None
             feats = net.forward_features(x)
             return head(net, feats), (feats if want_features else None)
 
