@@ -68,6 +68,12 @@ SLOW_TESTS = {
     "test_resolvers.py::test_phantom_resolver_generates_once",  # 2.2 s
     "test_module.py::test_overfits_fixed_batches",  # 4.5 s of training steps
     "test_chrysalis.py::test_section_maps_and_depth_plot_use_the_compartment_colours",  # 1.9 s of figures
+    "test_sweep.py::test_dense_equals_patch_for_dense_equivalent_net",  # 8.6 s (first spacing)
+    "test_sweep.py::test_not_dense_equivalent_net_runs_with_overlap",  # 6.5 s
+    "test_sweep.py::test_gpu_style_reading_gives_the_same_maps",  # 3.8 s
+    "test_sweep.py::test_a_read_error_reaches_the_caller",  # 3.2 s
+    "test_multiscale_dense.py::test_infer_sweeps_a_multiscale_run_densely_with_the_patch_answers",  # 7.6 s
+    "test_multiscale_dense.py::test_dense_features_equal_the_per_patch_features",  # 6.1 + 5.6 s (first cases)
 }
 
 
