@@ -471,5 +471,8 @@ def test_no_batch_pool_where_dev_shm_cannot_hold_it(tiny_cohort, monkeypatch, ca
     with caplog.at_level("WARNING", logger=dmod.__name__):
         assert ds.pooled(workers=2, per_worker=2, batch_size=2) is ds
     assert "need" in caplog.text and "/dev/shm" in caplog.text
+    slab = dmod._shared(np.ones((4, 100, 100), np.uint8))  # 40 kB: a slab cache stays private too
+    assert not slab.is_shared() and int(slab.sum()) == 40_000
     monkeypatch.setattr(dmod, "shm_free_bytes", lambda path="/dev/shm": None)
     assert ds.pooled(workers=2, per_worker=2, batch_size=2).batch_pool is not None
+    assert dmod._shared(np.ones((4, 100, 100), np.uint8)).is_shared()

@@ -403,6 +403,12 @@ def test_an_ensemble_of_closed_form_models_gives_their_mean_and_spread():
     assert out.shape == (4, 4)
     torch.testing.assert_close(out[:, :2], torch.tensor([[0.4, 0.6]] * 4))
     torch.testing.assert_close(out[:, 2:], torch.full((4, 2), float(np.std([0.2, 0.6], ddof=1))))
+    from types import SimpleNamespace
+
+    from xpression.inference.predictor import InferenceError
+
+    with pytest.raises(InferenceError, match="_ClosedForm has no features to measure the distance in; pass ood=false"):
+        TrustNet([a, b], "ensemble", ood_fits=[SimpleNamespace(method="mahalanobis")] * 2)
 
 
 def test_ood_on_a_model_without_features_is_one_line(tmp_path):

@@ -80,6 +80,10 @@ def _shared(array: np.ndarray) -> torch.Tensor:
     to it, never a pickled copy of the data. Where shared memory is too small (containers with
     a small /dev/shm) it stays in private memory, which forked workers still share."""
     t = torch.from_numpy(np.ascontiguousarray(array))
+    if not shm_has_room(t.nbytes):
+        log.warning("slab cache of %.0f MB kept in private memory (/dev/shm has %.0f MB free)", t.nbytes / 1e6,
+                    (shm_free_bytes() or 0) / 1e6)
+        return t
     try:
         out = torch.empty(t.shape, dtype=t.dtype).share_memory_()
     except RuntimeError as err:
@@ -130,9 +134,12 @@ class BatchPool:
         self.__dict__.update(state)
         self._register()
 
-    @property
-    def nbytes(self) -> int:
-        return sum(t.nbytes for t in (self.image, self.target, self.index, self.busy))
+    @staticmethod
+    def bytes_for(workers: int, per_worker: int, batch_size: int, item_shape: Sequence[int], dtype: torch.dtype,
+                  n_targets: int) -> int:
+        """Shared memory (bytes) a pool of these arguments takes: image, target and index slots."""
+        item = int(np.prod(item_shape)) * torch.empty(0, dtype=dtype).element_size()
+        return int(workers) * int(per_worker) * int(batch_size) * (item + 4 * int(n_targets) + 8)
 
     def claim(self, worker: int) -> int | None:
         """A free slot of ``worker`` (now taken), or None."""
@@ -161,6 +168,14 @@ def shm_free_bytes(path: str = "/dev/shm") -> int | None:
     except OSError:
         return None
     return int(st.f_bavail) * int(st.f_frsize)
+
+
+def shm_has_room(nbytes: int, share: float = 1.0) -> bool:
+    """Whether ``nbytes`` fit in ``share`` of the free shared memory (True where it cannot be
+    asked). Pages of a full /dev/shm fail when touched, with a bus error that ends the process,
+    not with an exception: ask before allocating."""
+    free = shm_free_bytes()
+    return free is None or nbytes <= free * share
 
 
 class PooledBatch:
@@ -287,15 +302,14 @@ class PatchDataset(Dataset):
         """This dataset (sharing its slabs) with a :class:`BatchPool` of its own for one loader's
         ``workers``; itself where shared memory cannot hold the pool."""
         dtype = next(iter(self._tensors.values()))[0].dtype
-        item = self.channels * int(np.prod(self.patch_shape)) * torch.empty(0, dtype=dtype).element_size()
-        need = int(workers) * int(per_worker) * int(batch_size) * (item + 4 * self.targets.shape[1] + 8)
-        free = shm_free_bytes()
-        if free is not None and need > free // 2:  # a full /dev/shm kills the loader with SIGBUS, not an error
+        args = (workers, per_worker, batch_size, (self.channels, *self.patch_shape), dtype, self.targets.shape[1])
+        need = BatchPool.bytes_for(*args)
+        if not shm_has_room(need, share=0.5):  # leave room for the batches that do not fit a slot
             log.warning("no shared batch slots for the loader workers: they need %.0f MB of /dev/shm, which has "
-                        "%.0f MB free; each batch gets fresh shared memory", need / 1e6, free / 1e6)
+                        "%.0f MB free; each batch gets fresh shared memory", need / 1e6, (shm_free_bytes() or 0) / 1e6)
             return self
         try:
-            pool = BatchPool(workers, per_worker, batch_size, (self.channels, *self.patch_shape), dtype, self.targets.shape[1])
+            pool = BatchPool(*args)
         except RuntimeError as err:
             log.warning("no shared batch slots for the loader workers (%s); each batch gets fresh shared memory", err)
             return self

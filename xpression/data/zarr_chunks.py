@@ -32,7 +32,7 @@ __all__ = ["ChunkReader", "read_threads"]
 
 _V3_BYTES_CODECS = ("zstd", "gzip", "blosc", "crc32c")
 _pool_lock = threading.Lock()
-_pool: tuple[int, ThreadPoolExecutor] | None = None
+_pool: ThreadPoolExecutor | None = None
 
 
 def read_threads() -> int:
@@ -55,12 +55,12 @@ os.register_at_fork(after_in_child=_reset_after_fork)
 
 
 def _executor() -> ThreadPoolExecutor:
-    """One pool per process (a forked loader worker makes its own: threads do not survive a fork)."""
+    """One pool per process (a forked loader worker makes its own: see :func:`_reset_after_fork`)."""
     global _pool
     with _pool_lock:
-        if _pool is None or _pool[0] != os.getpid():
-            _pool = (os.getpid(), ThreadPoolExecutor(read_threads(), thread_name_prefix="xpression-chunks"))
-        return _pool[1]
+        if _pool is None:
+            _pool = ThreadPoolExecutor(read_threads(), thread_name_prefix="xpression-chunks")
+        return _pool
 
 
 def _crc32c_stripped(data: bytes) -> bytes:

@@ -199,10 +199,9 @@ def _spot_table(spots: pd.DataFrame, names: Sequence[str]) -> TrainingSpots:
     return TrainingSpots.from_table(spots, [f"true/{n}" for n in names])
 
 
-def _points_table(volume_id: str, where: str, distance_um: float, points_um: list[np.ndarray], truth: np.ndarray,
+def _points_table(volume_id: str, where: str, distance_um: float, xyz: np.ndarray, truth: np.ndarray,
                   preds: dict[str, np.ndarray], names: Sequence[str]) -> pd.DataFrame:
-    """One row per probe point: where it is (um), its truth and every predictor's answer."""
-    xyz = np.concatenate(points_um)
+    """One row per probe point: where it is (``xyz``: z, y, x um), its truth and every predictor's answer."""
     cols: dict[str, Any] = {"volume_id": volume_id, "where": where, "distance_um": distance_um,
                             "z_um": xyz[:, 0], "y_um": xyz[:, 1], "x_um": xyz[:, 2]}
     for key, values in {"true": truth, **preds}.items():
@@ -243,7 +242,6 @@ def evaluate_off_plane(model: Any, datamodule: Any, spots: pd.DataFrame, probe: 
     planes, notes = probe_set(cohort, sorted(set(datamodule.spots["section_id"])), probe)
     predictor = _predictor(model)
     pooled: dict[tuple[str, str, float], list[dict[str, np.ndarray]]] = {}
-    points: dict[tuple[str, str, float], list[np.ndarray]] = {}
     for ventry in cohort.volumes:
         mine = [p for p in planes if p.volume_id == ventry.id]
         if not mine:
@@ -263,8 +261,8 @@ def evaluate_off_plane(model: Any, datamodule: Any, spots: pd.DataFrame, probe: 
                 preds["ridge"] = _predict(ridge, patches, probe.batch_size)[:, cols]
             preds.update({b: v[:, cols] for b, v in baseline_predictions(train, ventry.id, plane.points_um, k, section).items()})
             preds["truth"] = phantom.spot_programs(ventry.id, plane.points_um[:, 1:], plane.z_um)[:, prog]
+            preds["points_um"] = plane.points_um
             pooled.setdefault((ventry.id, plane.where, plane.distance_um), []).append(preds)
-            points.setdefault((ventry.id, plane.where, plane.distance_um), []).append(plane.points_um)
 
     conditions = {v.id: v.condition for v in cohort.volumes}
     rows: list[dict[str, Any]] = []
@@ -272,10 +270,10 @@ def evaluate_off_plane(model: Any, datamodule: Any, spots: pd.DataFrame, probe: 
     tables: list[pd.DataFrame] = []
     for (vid, where, d), parts in pooled.items():
         joined = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
-        truth = joined.pop("truth")
+        truth, xyz = joined.pop("truth"), joined.pop("points_um")
         rows += score_rows(joined, truth, names, kind, volume_id=vid, condition=conditions.get(vid), where=where, distance_um=d)
         counts[f"{vid} {'volume' if where == 'volume' else f'{d:g} um'}"] = int(len(truth))
-        tables.append(_points_table(vid, where, d, points[(vid, where, d)], truth, joined, names))
+        tables.append(_points_table(vid, where, d, xyz, truth, joined, names))
     return {"scores": rows, "n_points": counts, "excluded": notes, "digest": probe_digest(planes),
             "points": pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(),
             "probe": {**asdict(probe), "max_patch_um": list(probe.max_patch_um), "distances_um": list(probe.distances_um)},

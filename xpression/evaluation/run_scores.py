@@ -25,10 +25,15 @@ __all__ = ["evaluate_run", "fit_ridge_baseline"]
 log = logging.getLogger(__name__)
 
 
+def _run_ridge(datamodule: Any) -> RidgeBaseline:
+    """The (unfitted) features + ridge baseline on the data module's patch."""
+    spec = datamodule.input_spec()
+    return RidgeBaseline(spec.target_spec, spec.patch_shape_vox, input_spec=spec)
+
+
 def fit_ridge_baseline(datamodule: Any) -> Any:
     """The features + ridge baseline on the data module's patch and training spots."""
-    spec = datamodule.input_spec()
-    return RidgeBaseline(spec.target_spec, spec.patch_shape_vox, input_spec=spec).fit(datamodule)
+    return _run_ridge(datamodule).fit(datamodule)
 
 
 def _ridge_columns(ridge: Any, datamodule: Any, table: pd.DataFrame) -> pd.DataFrame:
@@ -41,13 +46,13 @@ def _ridge_columns(ridge: Any, datamodule: Any, table: pd.DataFrame) -> pd.DataF
 
 def _fit_ridge_columns(datamodule: Any, table: pd.DataFrame) -> tuple[Any, pd.DataFrame]:
     """:func:`fit_ridge_baseline` and :func:`_ridge_columns` from one pass over the spots' patches
-    (features computed once per spot; the same numbers)."""
-    spec = datamodule.input_spec()
-    ridge = RidgeBaseline(spec.target_spec, spec.patch_shape_vox, input_spec=spec)
-    every = ridge.fit_predict(datamodule)  # (spots, T), the data module's spot order = the table's rows
-    pred = np.full((len(table), every.shape[1]), np.nan)
-    pred[: len(every)] = every
-    return ridge, _with_ridge(table, pred, datamodule.target_spec.names)
+    (features computed once per spot; the same numbers). ``table``'s rows are the data module's
+    spots, in order (``predict_spots``' table)."""
+    ridge = _run_ridge(datamodule)
+    every = ridge.fit_predict(datamodule)
+    if len(every) != len(table):
+        raise ValueError(f"the spot table has {len(table)} rows for the data module's {len(every)} spots")
+    return ridge, _with_ridge(table, every.astype(np.float64), datamodule.target_spec.names)  # as _ridge_columns stores them
 
 
 def _with_ridge(table: pd.DataFrame, pred: np.ndarray, names: Any) -> pd.DataFrame:

@@ -117,6 +117,10 @@ class TrustNet(nn.Module):
         fc = getattr(getattr(first, "head", None), "fc", None)
         self.register_buffer("sd_scale", torch.ones(int(fc.out_features) if fc is not None else 0))
         if self.with_ood:
+            bare = [type(m).__name__ for m in members if not hasattr(m, "forward_features")]
+            if bare:
+                raise InferenceError(f"ood: {', '.join(sorted(set(bare)))} has no features to measure the distance in; "
+                                     "pass ood=false")
             self.ood_method = ood_fits[0].method  # type: ignore[index]
             for i, fit in enumerate(ood_fits):  # type: ignore[arg-type]
                 if fit.method != self.ood_method:
@@ -220,8 +224,6 @@ class TrustNet(nn.Module):
 
         def run(net: nn.Module, want_features: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
             if not hasattr(net, "forward_features"):  # a closed-form model (ridge, forest): its answers only
-                if want_features:
-                    raise InferenceError(f"{type(net).__name__} has no features to score ood on; use ood=false")
                 return net(x).float(), None
             feats = net.forward_features(x)
             return head(net, feats), (feats if want_features else None)

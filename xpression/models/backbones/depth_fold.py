@@ -37,8 +37,7 @@ FOLD_MODE = {"mode": "auto"}
 WAYS = ("3d", "depth", "depth+x")
 # the x taps are copied kw times: only for thin inputs (the first layer), where it pays
 MAX_COLUMN_CHANNELS = 64
-_choices: dict[tuple, str] = {}
-_timings: dict[tuple, dict[str, float]] = {}
+_timings: dict[tuple, dict[str, float]] = {}  # ms of each way, per layer and input (key of conv3d)
 
 
 def _pad_of(weight: torch.Tensor, padding: str | Sequence[int]) -> tuple[int, int, int] | None:
@@ -123,23 +122,21 @@ def conv3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
         return _run(mode, x, weight, bias, stride, pad)
     key = (tuple(x.shape), tuple(x.stride()), tuple(weight.shape), tuple(stride), pad, x.dtype,
            torch.is_autocast_enabled(x.device.type), x.device, torch.backends.cudnn.benchmark)
-    way = _choices.get(key)
-    if way is None and torch.compiler.is_compiling():  # no timing inside a traced graph: what eager chose, else 3D
-        way = "3d"
-    if way is None:
+    ms = _timings.get(key)
+    if ms is None and torch.compiler.is_compiling():  # no timing inside a traced graph: what eager chose, else 3D
+        return _run("3d", x, weight, bias, stride, pad)
+    if ms is None:
         ways = [w for w in WAYS if w != "depth+x" or x.shape[1] * weight.shape[2] * weight.shape[4] <= MAX_COLUMN_CHANNELS]
         with torch.no_grad():
-            ms = {w: _time(lambda: _run(w, x, weight, bias, stride, pad)) for w in ways}
-        way = _choices[key] = min(ms, key=ms.get)
-        _timings[key] = ms
+            ms = _timings[key] = {w: _time(lambda: _run(w, x, weight, bias, stride, pad)) for w in ways}
         log.debug("conv3d %s x %s: %s", tuple(x.shape), tuple(weight.shape), ms)
-    return _run(way, x, weight, bias, stride, pad)
+    return _run(min(ms, key=ms.get), x, weight, bias, stride, pad)
 
 
 def fold_choices() -> list[dict]:
     """What ``mode="auto"`` chose so far: input and weight shapes, ms of each way, the way taken."""
     return [{"input": list(k[0]), "weight": list(k[2]), "stride": list(k[3]),
-             "ms": {w: round(t, 3) for w, t in ms.items()}, "chosen": _choices[k]} for k, ms in _timings.items()]
+             "ms": {w: round(t, 3) for w, t in ms.items()}, "chosen": min(ms, key=ms.get)} for k, ms in _timings.items()]
 
 
 class FoldConv3d(nn.Conv3d):
