@@ -158,3 +158,15 @@ def _child_read(path: str) -> None:
     arr = zarr.open_array(path, mode="r")
     got = ChunkReader.for_array(arr).read_into((0, 0, 0), SHAPE, np.empty(SHAPE, np.uint8))
     raise SystemExit(0 if np.array_equal(got, arr[:]) else 1)
+
+
+def test_a_bad_thread_count_is_a_volume_error_at_open(tmp_path, monkeypatch):
+    """Reported by train.py and infer.py on one line (VolumeError is an input error), before any read."""
+    from xpression.cli import input_error
+    from xpression.data.volume import VolumeError
+
+    arr = zarr.create_array(tmp_path / "a.zarr", shape=SHAPE, chunks=CHUNKS, dtype="uint8")
+    monkeypatch.setenv("XPRESSION_READ_THREADS", "many")
+    with pytest.raises(VolumeError, match="XPRESSION_READ_THREADS must be a positive integer, got 'many'") as err:
+        open_volume(tmp_path / "a.zarr", voxel_size_um=[1, 1, 1])
+    assert input_error(err.value) is err.value

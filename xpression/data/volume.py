@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from xpression.data.zarr_chunks import ChunkReader
+from xpression.data.zarr_chunks import ChunkReader, read_threads
 
 __all__ = ["Volume", "VolumeError", "open_volume", "TIFF_SUFFIXES", "ZARR_SUFFIXES"]
 
@@ -329,6 +329,11 @@ class Volume:
         self._drop = _squeeze_to_3d(arr.shape, path)
         self._arr = arr
         self._chunk_reader = ChunkReader.for_array(arr) if kind == "zarr" else None
+        if self._chunk_reader is not None:
+            try:
+                read_threads()  # a bad XPRESSION_READ_THREADS is an input error at open, not a traceback at the first read
+            except ValueError as err:
+                raise VolumeError(None, str(err)) from err
         self._pid = os.getpid()
         kept = [ax for ax in range(len(arr.shape)) if ax not in self._drop]
         self.shape: tuple[int, int, int] = tuple(int(arr.shape[ax]) for ax in kept)  # type: ignore[assignment]
