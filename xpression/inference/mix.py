@@ -97,7 +97,8 @@ def _check_same(vid: str, first: _Source, other: _Source) -> None:
                        ("translation (um)", a.origin_um, b.origin_um)):
         if len(x) != len(y) or not np.allclose(x, y, rtol=1e-6, atol=1e-6):
             raise MixError(f"volume {vid}: the grids differ in {what}: {list(x)} in {first.path} against "
-                           f"{list(y)} in {other.path}; sweep the sources with the same spacing_um")
+                           f"{list(y)} in {other.path}; maps mix on one grid: sweep every source with the same spacing_um, "
+                           "one that no model rounds (infer.py's log notes each rounding)")
     if first.targets != other.targets:
         raise MixError(f"volume {vid}: the target channels differ: {first.targets} in {first.path} against "
                        f"{other.targets} in {other.path}; only maps of the same targets, in the same order, mix")
