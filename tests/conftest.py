@@ -62,6 +62,7 @@ SLOW_TESTS = {
     "test_attribution.py::test_command_on_a_multiscale_run",  # 6 s
     "test_multiscale_dense.py::test_a_dense_multiscale_ensemble_equals_its_patch_ensemble",  # 2 s
     "test_ensemble_spots.py::test_infer_scores_an_ensemble_on_the_spots_no_member_trained_on",  # 9 s with its cohort
+    "test_mix_maps.py::test_a_mix_of_maps_with_themselves_scores_what_infer_recorded",  # 5 s with its cohort and sweeps
     "test_inference_store.py::test_two_processes_match_one",  # 3 s
     "test_phantom.py::test_deterministic",  # 3 s
     "test_pandas_strings.py::test_cohort_writes_and_reads_with_the_string_dtype",  # 2.4 s

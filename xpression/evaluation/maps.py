@@ -37,7 +37,7 @@ from xpression.inference.grid import OutputGrid
 from xpression.inference.writers import read_maps
 from xpression.phantom import Phantom
 
-__all__ = ["DEFAULT_DISTANCES_UM", "score_volume", "score_uncertainty", "evaluate_maps"]
+__all__ = ["DEFAULT_DISTANCES_UM", "score_volume", "score_uncertainty", "evaluate_maps", "report_map_scores"]
 
 log = logging.getLogger(__name__)
 
@@ -210,13 +210,16 @@ def _spot_rows(run_dir: Path) -> list[dict]:
 
 def evaluate_maps(run_dir: str | Path, output: str | Path, volumes: Mapping[str, Mapping[str, Any]], cohort: Any,
                   distances_um: Sequence[float] = DEFAULT_DISTANCES_UM, kind: str = "composition",
-                  k: int = KNN_K, max_points: int = MAX_POINTS, figures: bool = True) -> pd.DataFrame:
+                  k: int = KNN_K, max_points: int = MAX_POINTS, figures: bool = True,
+                  spots_of: Mapping[str, Any] | None = None, held_out: bool = True) -> pd.DataFrame:
     """Score every swept volume of ``volumes`` (``{volume_id: {"path": maps store,
     "section_z_um": trained section z or None}}``) against ``cohort``'s truth; writes
     ``<output>/evaluation.csv`` (score rows, held-out spot rows of the run included), for maps
     with SD or ood channels ``<output>/uncertainty.csv`` (:func:`score_uncertainty`) and, with
     ``figures``, ``accuracy_vs_distance.png`` and ``<volume>/figures/truth_vs_prediction.png``.
-    Returns the rows as a DataFrame."""
+    ``spots_of``: the metadata of the maps whose run (``run_dir``, or that ensemble's members)
+    gives the training spots of the baselines and the held-out rows (default: the first volume's
+    own); ``held_out=False`` leaves the held-out spot rows out. Returns the rows as a DataFrame."""
     run_dir, output = Path(run_dir), Path(output)
     phantom = Phantom.from_spec(cohort.truth.spec)
     conditions = {v.id: v.condition for v in cohort.volumes}
@@ -229,9 +232,11 @@ def evaluate_maps(run_dir: str | Path, output: str | Path, volumes: Mapping[str,
         grid = OutputGrid.from_dict(meta["grid"])
         targets = [reference.get(t, t) for t in meta["targets"]]  # fitted programs: the truth program each was matched to
         if position == 0:  # the spots once, from the first volume's metadata
-            ensemble, ensemble_targets = _ensemble_table(meta)
-            rows += _held_out_rows(run_dir, ensemble, ensemble_targets, kind, k, conditions)
-            train = _training_spots(run_dir, (meta.get("uncertainty") or {}).get("targets") or targets, ensemble)
+            spots_meta = meta if spots_of is None else spots_of
+            ensemble, ensemble_targets = _ensemble_table(spots_meta)
+            if held_out:
+                rows += _held_out_rows(run_dir, ensemble, ensemble_targets, kind, k, conditions)
+            train = _training_spots(run_dir, (spots_meta.get("uncertainty") or {}).get("targets") or targets, ensemble)
         base = None if train is None else (lambda p, v=vid: baseline_predictions(train[0], v, p, k, train[1]))
         truth = lambda p, v=vid: phantom.programs_at(v, p)  # noqa: E731
         z = job.get("section_z_um")
@@ -283,15 +288,13 @@ class _GridTruth:
 
 def evaluate_inference(cfg: Any, summary: Mapping[str, Any]) -> dict | None:
     """``infer.py``'s scoring step: when ``cfg.evaluate`` and the swept cohort has a truth spec,
-    score every swept volume (:func:`evaluate_maps`), print the per-volume table with the
+    score every swept volume (:func:`report_map_scores`), print the per-volume table with the
     baselines beside the model and add ``evaluation`` to ``<output>/summary.json``."""
     import sys
 
     from rich.console import Console
 
     from xpression.data.manifest import load_manifest
-    from xpression.evaluation.scores import scores_table
-    from xpression.inference.writers import read_maps
 
     if not cfg.get("evaluate", True) or not summary.get("cohort") or not summary.get("volumes"):
         return None
@@ -299,19 +302,11 @@ def evaluate_inference(cfg: Any, summary: Mapping[str, Any]) -> dict | None:
     if cohort.truth is None or not cohort.truth.spec:
         return None
     volumes = dict(summary["volumes"])
-    _, meta = read_maps(Path(next(iter(volumes.values()))["path"]))
-    kind = meta.get("target_kind") or "composition"
-    df = evaluate_maps(summary["run_dir"], cfg.output, volumes, cohort, list(cfg.get("eval_distances_um") or DEFAULT_DISTANCES_UM),
-                       kind=kind, figures=bool(cfg.get("figures", True)))
-    Console(width=None if sys.stdout.isatty() else 200).print(scores_table(
-        df.to_dict(orient="records"), "Accuracy per volume against the phantom truth: model and baselines without CT "
-        "(held-out spots from training; planes and other volumes from the swept maps)"))
+    evaluation = report_map_scores(
+        summary["run_dir"], cfg.output, volumes, cohort, list(cfg.get("eval_distances_um") or DEFAULT_DISTANCES_UM),
+        "Accuracy per volume against the phantom truth: model and baselines without CT (held-out spots from "
+        "training; planes and other volumes from the swept maps)", figures=bool(cfg.get("figures", True)))
     out = Path(cfg.output)
-    evaluation = {"csv": str(out / "evaluation.csv"), "rows": df.to_dict(orient="records")}
-    if (out / "uncertainty.csv").is_file() and meta.get("uncertainty"):  # [uncertainty hook]
-        trust = pd.read_csv(out / "uncertainty.csv")
-        Console(width=None if sys.stdout.isatty() else 200).print(uncertainty_table(trust))
-        evaluation["uncertainty"] = {"csv": str(out / "uncertainty.csv"), "rows": trust.to_dict(orient="records")}
     if any(v.get("genes") for v in volumes.values()):  # hook: imputed gene maps (xpression.evaluation.gene_maps)
         from xpression.evaluation.gene_maps import evaluate_gene_maps, gene_scores_table
 
@@ -323,6 +318,32 @@ def evaluate_inference(cfg: Any, summary: Mapping[str, Any]) -> dict | None:
         full = json.loads(path.read_text())
         full["evaluation"] = evaluation
         path.write_text(json.dumps(full, indent=2, default=str))
+    return evaluation
+
+
+def report_map_scores(run_dir: str | Path, output: str | Path, volumes: Mapping[str, Mapping[str, Any]], cohort: Any,
+                      distances_um: Sequence[float], title: str, figures: bool = True, **options: Any) -> dict:
+    """:func:`evaluate_maps` (``options``: its ``spots_of``, ``held_out``, ...) with the kind of
+    target the first map records, then the score table (titled ``title``) and, for maps with SD
+    or ood channels, the uncertainty table printed as ``infer.py`` prints them; returns
+    ``{"csv", "rows"[, "uncertainty"]}``."""
+    import sys
+
+    from rich.console import Console
+
+    from xpression.evaluation.scores import scores_table
+
+    _, meta = read_maps(Path(next(iter(volumes.values()))["path"]))
+    kind = meta.get("target_kind") or "composition"
+    df = evaluate_maps(run_dir, output, volumes, cohort, distances_um, kind=kind, figures=figures, **options)
+    console = Console(width=None if sys.stdout.isatty() else 200)
+    console.print(scores_table(df.to_dict(orient="records"), title))
+    out = Path(output)
+    evaluation = {"csv": str(out / "evaluation.csv"), "rows": df.to_dict(orient="records")}
+    if (out / "uncertainty.csv").is_file() and meta.get("uncertainty"):  # [uncertainty hook]
+        trust = pd.read_csv(out / "uncertainty.csv")
+        console.print(uncertainty_table(trust))
+        evaluation["uncertainty"] = {"csv": str(out / "uncertainty.csv"), "rows": trust.to_dict(orient="records")}
     return evaluation
 
 
