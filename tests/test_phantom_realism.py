@@ -65,6 +65,15 @@ def test_fixed_calibration_is_one_scanner_for_all_animals():
         assert va["lesions"] == vb["lesions"] and va["sections"] == vb["sections"]
 
 
+def test_noise_scale_multiplies_every_scanners_noise_and_moves_nothing_else():
+    a, b = _spec("benchmark"), _spec("benchmark", noise_scale=3.0)
+    for va, vb in zip(a["volumes"], b["volumes"]):
+        ca, cb = dict(va["calibration"]), dict(vb["calibration"])
+        assert cb.pop("noise_sigma") == pytest.approx(3.0 * ca.pop("noise_sigma"), rel=1e-12)
+        assert ca == cb
+        assert va["lesions"] == vb["lesions"] and va["sections"] == vb["sections"]
+
+
 def test_lesion_placement_off_plane_or_uniform():
     near_or_far = 0
     for seed in range(12):
@@ -166,6 +175,8 @@ def test_unexplained_factor_is_pointwise_with_unit_mean():
     (dict(z_error_um=30.0), "z_error_um"),
     (dict(fixed_calibration="yes"), "fixed_calibration"),
     (dict(unexplained_length_um=0.0), "unexplained_length_um"),
+    (dict(noise_scale=0.0), "noise_scale"),
+    (dict(noise_scale="loud"), "noise_scale"),
 ])
 def test_bad_realism_parameters(overrides, words):
     with pytest.raises(PhantomError, match=words):

@@ -35,6 +35,7 @@ _BASE: dict[str, Any] = {
     "tomo_angles": 0,  # 0: derived from the slice size
     # Realism options (docs/phantom.md, "Realism options"); all off except in `benchmark`.
     "fixed_calibration": False,  # one scanner calibration for every volume (else one per animal)
+    "noise_scale": 1.0,  # every volume's drawn noise sigma times this (a faster, noisier scan; draws unchanged)
     "z_error_um": 0.0,  # recorded section z_um = true plane + U(-e, e) um
     "deformation_um": 0.0,  # smooth non-affine section warp: at most this many um per in-plane axis
     "unexplained_sd": 0.0,  # sd of a smooth log-normal factor per program, invisible in the CT
@@ -116,7 +117,7 @@ def validate_params(params: dict[str, Any]) -> None:
     params["size_um"] = [float(s) for s in size]
     for key in ("voxel_um", "alveolus_um", "septum_um", "psf_sigma_um", "spot_diameter_um",
                 "spot_pitch_um", "section_thickness_um", "library_size", "truth_spacing_um",
-                "unexplained_length_um"):
+                "unexplained_length_um", "noise_scale"):
         _positive(params, key)
     for key in ("z_error_um", "deformation_um", "unexplained_sd"):
         value = params[key]

@@ -131,7 +131,7 @@ def build_spec(params: dict[str, Any], seed: int, preset: str) -> dict[str, Any]
             "offset": float(crng.uniform(-0.03, 0.08)),
             "gamma": float(crng.uniform(0.8, 1.25)),
             "cupping": float(crng.uniform(0.0, 0.1)),
-            "noise_sigma": float(crng.uniform(0.025, 0.045)),
+            "noise_sigma": float(crng.uniform(0.025, 0.045)) * float(params["noise_scale"]),
         }
         vols.append({
             "id": vid,
