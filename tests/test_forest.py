@@ -48,6 +48,29 @@ def test_filter_bank_on_known_views():
     np.testing.assert_allclose(bank(views[..., ::-1]), base, atol=1e-10)
 
 
+def test_signed_distance_features_on_known_views():
+    bank = FilterBank((9, 33, 33), [(6.4, 6.4, 6.4), (19.2, 19.2, 19.2)], [25.6], distance_below=[0.2],
+                      distance_above=[0.7], distance_cap_um=150.0)
+    assert bank.names[-4:] == ["dist<0.2", "dist>0.7", "dist<0.2/context", "dist>0.7/context"]
+    views = np.full((3, 2, 9, 33, 33), 0.5)
+    views[0, :, 4, 16, 16 + 5] = 0.0          # one dark voxel 5 voxels along x from the centre
+    views[0, :, 4 + 2, 16, 16] = 0.9          # one bright voxel 2 voxels along z
+    views[1] = 0.9                            # all bright: the centre is inside, nothing is outside
+    views[2, :, 4, 16, 16] = 0.0              # the centre alone is dark: 1 voxel to the nearest not-dark
+    d = bank(views)[:, -4:]
+    np.testing.assert_allclose(d[0], [5 * 6.4, 2 * 6.4, 5 * 19.2, 2 * 19.2])
+    np.testing.assert_allclose(d[1], [150.0, -150.0, 150.0, -150.0])       # nothing dark; bright everywhere
+    np.testing.assert_allclose(d[2, [0, 2]], [-6.4, -19.2])                 # inside the dark voxel, one voxel deep
+    # in-plane rotations and flips leave them unchanged
+    rng = np.random.default_rng(3)
+    noise = rng.random((4, 2, 9, 33, 33))
+    base = bank(noise)
+    np.testing.assert_allclose(bank(np.rot90(noise, 1, axes=(3, 4))), base)
+    np.testing.assert_allclose(bank(noise[..., ::-1]), base)
+    with pytest.raises(ValueError, match="distance_cap_um"):
+        FilterBank((9, 33, 33), [(6.4, 6.4, 6.4)], [25.6], distance_below=[0.2], distance_cap_um=0)
+
+
 def test_a_scale_no_view_serves_is_named():
     with pytest.raises(ValueError, match=r"sigmas_um: 400 um fits no view"):
         FilterBank((9, 33, 33), [(6.4, 6.4, 6.4), (19.2, 19.2, 19.2)], [6.4, 400.0])
@@ -105,6 +128,19 @@ def test_forest_checkpoint_is_read_back_by_infer(forest, datamodule, tmp_path):
     assert isinstance(model, FilterBankForest) and info.spec.model["family"] == "forest" and model.views == 2
     views = np.random.default_rng(2).random((5, 2, *datamodule.patch_shape_vox)).astype(np.float32)
     np.testing.assert_array_equal(model.predict_patches(views), forest.predict_patches(views))
+
+
+def test_forest_with_distance_features_fits_and_reads_back(datamodule, tmp_path):
+    from xpression.inference.runs import load_model, resolve_run
+
+    spec = datamodule.input_spec()
+    model = FilterBankForest(spec.target_spec, spec.patch_shape_vox, n_trees=20, distance_below=[0.15, 0.3],
+                             distance_above=[0.7], input_spec=spec).fit(datamodule)
+    assert model.bank.names[-3:] == ["dist<0.15/context", "dist<0.3/context", "dist>0.7/context"]
+    loaded = load_model(resolve_run(model.save_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")))
+    assert loaded.distance_below == [0.15, 0.3] and loaded.distance_above == [0.7]
+    views = np.random.default_rng(4).random((5, 2, *datamodule.patch_shape_vox)).astype(np.float32)
+    np.testing.assert_array_equal(loaded.predict_patches(views), model.predict_patches(views))
 
 
 def test_unfitted_forest_and_bad_settings_say_so(datamodule):

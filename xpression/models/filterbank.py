@@ -13,6 +13,14 @@ renormalised) gives at the centre:
 - ``laplacian``: the Laplacian of the Gaussian (times ``sigma^2``, zero on a constant view): blobs
   and tubes of about that size.
 
+Optionally, per view, signed distances from the view's centre (um): for each level ``t`` of
+``distance_below`` to the nearest voxel below ``t`` (``dist<t``), of ``distance_above`` to the
+nearest voxel above it (``dist>t``), minus the distance to the nearest voxel not so (negative
+inside the mask), both capped at ``distance_cap_um`` (and by the view's reach). On the low-pass
+filtered context view a low ``t`` marks only air wider than the filter (airway lumen, not
+alveoli) and a high one solid tissue (lesions, vessels, walls): how far the spot lies from the
+structures the programs follow, which the Gaussian shares see only as a blur.
+
 Each scale is read from every view that resolves it and holds it: its in-plane voxel pitch is at
 most ``sigma`` and its in-plane half-width at least ``2 sigma``. The patch serves the small
 scales, the context view (every ``k``-th voxel of the low-pass filtered volume, see
@@ -45,6 +53,7 @@ class ViewKernels:
     gauss: np.ndarray
     deriv: np.ndarray
     laplacian: np.ndarray
+    radius_um: np.ndarray | None = None  # (V,) each voxel's distance from the centre
 
     @classmethod
     def build(cls, shape: Sequence[int], step_um: Sequence[float], sigmas_um: Sequence[float]) -> "ViewKernels":
@@ -62,7 +71,10 @@ class ViewKernels:
             deriv.append(-offsets / s2 * w * float(sigma))          # d/dz, d/dy, d/dx of the Gaussian, x sigma
             lg = (r2 / s2**2 - 3.0 / s2) * w * s2                    # Laplacian of the Gaussian, x sigma^2
             lap.append(lg - w * lg.sum())                            # zero response to a constant view
-        return cls(tuple(float(s) for s in sigmas_um), np.asarray(gauss), np.stack(deriv, axis=1), np.asarray(lap))
+        v = offsets.shape[1]
+        return cls(tuple(float(s) for s in sigmas_um), np.asarray(gauss).reshape(len(gauss), v),
+                   np.stack(deriv, axis=1) if deriv else np.zeros((3, 0, v)),
+                   np.asarray(lap).reshape(len(lap), v), np.sqrt(r2))
 
     def features(self, view: np.ndarray, air_threshold: float, bright_threshold: float) -> np.ndarray:
         """``(B, V)`` normalised intensities -> ``(B, 6 S)``: each scale's six features (FEATURES)."""
@@ -75,6 +87,19 @@ class ViewKernels:
         lap = a @ self.laplacian.T
         return np.stack([mean, air, bright, sd, grad, lap], axis=2).reshape(len(a), -1)
 
+    def distances(self, view: np.ndarray, below: Sequence[float], above: Sequence[float], cap_um: float) -> np.ndarray:
+        """``(B, V)`` normalised intensities -> ``(B, len(below) + len(above))`` signed distances
+        (um) from the centre to the nearest voxel below / above each level, minus the distance to
+        the nearest voxel that is not, each capped at ``cap_um``."""
+        a = np.asarray(view)
+        radius = np.minimum(self.radius_um, cap_um)
+        out = []
+        for mask in [a < t for t in below] + [a > t for t in above]:
+            outside = np.where(mask, radius, cap_um).min(axis=1)
+            inside = np.where(mask, cap_um, radius).min(axis=1)
+            out.append(outside - inside)
+        return np.stack(out, axis=1) if out else np.zeros((len(a), 0))
+
 
 class FilterBank:
     """Filter-bank features of the views a model sees (the patch, and a context view if any).
@@ -86,14 +111,23 @@ class FilterBank:
         sigmas_um: the scales (um).
         air_threshold, bright_threshold: normalised intensities (in [0, 1]) below which a voxel is
             air and above which it is bright.
+        distance_below, distance_above: levels (normalised intensity) of the signed-distance
+            features, read from every view (none by default).
+        distance_cap_um: the largest distance those features report (um).
 
     Raises:
         ConfigError: a scale no view serves, naming what each view serves.
     """
 
     def __init__(self, patch_shape: Sequence[int], steps_um: Sequence[Sequence[float]], sigmas_um: Sequence[float],
-                 air_threshold: float = 0.3, bright_threshold: float = 0.75) -> None:
+                 air_threshold: float = 0.3, bright_threshold: float = 0.75, distance_below: Sequence[float] = (),
+                 distance_above: Sequence[float] = (), distance_cap_um: float = 300.0) -> None:
         self.patch_shape = tuple(int(n) for n in patch_shape)
+        self.distance_below = tuple(float(t) for t in distance_below)
+        self.distance_above = tuple(float(t) for t in distance_above)
+        self.distance_cap_um = float(distance_cap_um)
+        if not self.distance_cap_um > 0:
+            raise ConfigError([f"model.distance_cap_um: must be a positive distance in um, got {distance_cap_um}"])
         self.steps_um = [tuple(float(s) for s in step) for step in steps_um]
         self.air_threshold, self.bright_threshold = float(air_threshold), float(bright_threshold)
         sigmas = sorted(float(s) for s in sigmas_um)
@@ -108,12 +142,16 @@ class FilterBank:
                                    f"voxel pitch to half its in-plane reach ({', '.join(f'{p:g}-{h / 2:g} um' for p, h in zip(pitch, half))}); "
                                    "drop the scale or change patch.context_um"])
         self.kernels = [ViewKernels.build(self.patch_shape, step, s) if s else None for step, s in zip(self.steps_um, served)]
+        self.distance_kernels = ([ViewKernels.build(self.patch_shape, step, ()) for step in self.steps_um]
+                                 if self.distance_below or self.distance_above else [])
 
     @property
     def names(self) -> list[str]:
         """One name per feature column, ``<feature>@<sigma>um`` (``/context`` from the context view)."""
-        return [f"{f}@{s:g}um" + ("/context" if i else "") for i, k in enumerate(self.kernels) if k is not None
-                for s in k.sigmas_um for f in FEATURES]
+        names = [f"{f}@{s:g}um" + ("/context" if i else "") for i, k in enumerate(self.kernels) if k is not None
+                 for s in k.sigmas_um for f in FEATURES]
+        return names + [f"dist{op}{t:g}" + ("/context" if i else "") for i in range(len(self.distance_kernels))
+                        for op, levels in (("<", self.distance_below), (">", self.distance_above)) for t in levels]
 
     def __call__(self, views: np.ndarray) -> np.ndarray:
         """``(B, C, D, H, W)`` normalised views (C = the views given at construction) -> ``(B, F)``."""
@@ -124,4 +162,6 @@ class FilterBank:
         flat = views.reshape(len(views), views.shape[1], -1)
         parts = [k.features(flat[:, i], self.air_threshold, self.bright_threshold)
                  for i, k in enumerate(self.kernels) if k is not None]
+        parts += [k.distances(flat[:, i], self.distance_below, self.distance_above, self.distance_cap_um)
+                  for i, k in enumerate(self.distance_kernels)]
         return np.concatenate(parts, axis=1)
