@@ -71,6 +71,19 @@ def test_signed_distance_features_on_known_views():
         FilterBank((9, 33, 33), [(6.4, 6.4, 6.4)], [25.6], distance_below=[0.2], distance_cap_um=0)
 
 
+def test_share_levels_on_known_views():
+    bank = FilterBank((9, 33, 33), [(6.4, 6.4, 6.4)], [6.4, 51.2], 0.3, 0.75, share_below=[0.1], share_above=[0.6])
+    assert bank.names[-4:] == ["share<0.1@6.4um", "share>0.6@6.4um", "share<0.1@51.2um", "share>0.6@51.2um"]
+    view = np.full((1, 1, 9, 33, 33), 0.65)
+    view[..., :16] = 0.05                      # the left half (x < centre) dark, the centre column and right at 0.65
+    f = dict(zip(bank.names, bank(view)[0]))
+    assert f["share>0.6@6.4um"] == pytest.approx(1 - f["share<0.1@6.4um"])
+    assert f["share<0.1@51.2um"] == pytest.approx(f["air@51.2um"])          # 0.05 and 0.65 fall on the same side of 0.1 and 0.3
+    assert 0.4 < f["share<0.1@51.2um"] < 0.5                                 # just under half: the centre column is not dark
+    assert f["share>0.6@51.2um"] == pytest.approx(1 - f["share<0.1@51.2um"])
+    assert f["bright@51.2um"] == 0.0                                          # 0.65 is above 0.6, not above 0.75
+
+
 def test_a_scale_no_view_serves_is_named():
     with pytest.raises(ValueError, match=r"sigmas_um: 400 um fits no view"):
         FilterBank((9, 33, 33), [(6.4, 6.4, 6.4), (19.2, 19.2, 19.2)], [6.4, 400.0])

@@ -183,7 +183,8 @@ def test_forest_settings_are_checked_before_any_file_is_read(tmp_path):
     not exist) is never opened."""
     cfg = _cfg(tmp_path, tmp_path / "missing" / "cohort.yaml", [
         "model=forest", "model.n_trees=0", "model.max_features=1.5", "model.sigmas_um=[6.4,-1]",
-        "model.bright_threshold=2", "model.distance_below=[0.1,1.5]", "model.distance_cap_um=0"])
+        "model.bright_threshold=2", "model.distance_below=[0.1,1.5]", "model.distance_cap_um=0",
+        "model.share_above=[-0.1]"])
     with pytest.raises(ConfigError) as err:
         train(cfg)
     assert set(err.value.problems) == {
@@ -193,6 +194,7 @@ def test_forest_settings_are_checked_before_any_file_is_read(tmp_path):
         "model.bright_threshold: must be a number in [0, 1], got 2",
         "model.distance_below: must be a list of numbers in [0, 1], got [0.1, 1.5]",
         "model.distance_cap_um: must be a positive number, got 0",
+        "model.share_above: must be a list of numbers in [0, 1], got [-0.1]",
     }
     assert not (tmp_path / "config.yaml").exists()
 

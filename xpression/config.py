@@ -143,6 +143,10 @@ TRAIN_RULES: dict[str, _Rule] = {
     "model.distance_above": _Rule("a list of numbers in [0, 1]", lambda v: isinstance(v, (list, tuple))
                                   and all(_is_number(x) and 0 <= x <= 1 for x in v)),
     "model.distance_cap_um": POSITIVE,
+    "model.share_below": _Rule("a list of numbers in [0, 1]", lambda v: isinstance(v, (list, tuple))
+                               and all(_is_number(x) and 0 <= x <= 1 for x in v)),
+    "model.share_above": _Rule("a list of numbers in [0, 1]", lambda v: isinstance(v, (list, tuple))
+                               and all(_is_number(x) and 0 <= x <= 1 for x in v)),
     "model.n_trees": POSITIVE_INT,
     "model.min_samples_leaf": POSITIVE_INT,
     "model.max_features": _Rule("a number in (0, 1]", lambda v: _is_number(v) and 0 < v <= 1),

@@ -13,7 +13,9 @@ renormalised) gives at the centre:
 - ``laplacian``: the Laplacian of the Gaussian (times ``sigma^2``, zero on a constant view): blobs
   and tubes of about that size.
 
-Optionally, per view, signed distances from the view's centre (um): for each level ``t`` of
+Optionally, at each scale of each view, the weighted shares of voxels below each level of
+``share_below`` and above each level of ``share_above`` (``share<t@sigma``, ``share>t@sigma``):
+the ``air`` / ``bright`` shares at more levels. And per view, signed distances from the view's centre (um): for each level ``t`` of
 ``distance_below`` to the nearest voxel below ``t`` (``dist<t``), of ``distance_above`` to the
 nearest voxel above it (``dist>t``), minus the distance to the nearest voxel not so (negative
 inside the mask), both capped at ``distance_cap_um`` (and by the view's reach). On the low-pass
@@ -87,6 +89,16 @@ class ViewKernels:
         lap = a @ self.laplacian.T
         return np.stack([mean, air, bright, sd, grad, lap], axis=2).reshape(len(a), -1)
 
+    def shares(self, view: np.ndarray, below: Sequence[float], above: Sequence[float]) -> np.ndarray:
+        """``(B, V)`` normalised intensities -> ``(B, S (len(below) + len(above)))``: at each scale,
+        the Gaussian-weighted share of voxels below each level of ``below``, then above each of
+        ``above``."""
+        a = np.asarray(view)
+        masks = [a < t for t in below] + [a > t for t in above]
+        if not masks:
+            return np.zeros((len(a), 0))
+        return np.stack([m.astype(np.float64) @ self.gauss.T for m in masks], axis=2).reshape(len(a), -1)
+
     def distances(self, view: np.ndarray, below: Sequence[float], above: Sequence[float], cap_um: float) -> np.ndarray:
         """``(B, V)`` normalised intensities -> ``(B, len(below) + len(above))`` signed distances
         (um) from the centre to the nearest voxel below / above each level, minus the distance to
@@ -111,6 +123,8 @@ class FilterBank:
         sigmas_um: the scales (um).
         air_threshold, bright_threshold: normalised intensities (in [0, 1]) below which a voxel is
             air and above which it is bright.
+        share_below, share_above: further levels (normalised intensity) of the shares read at
+            every scale (none by default).
         distance_below, distance_above: levels (normalised intensity) of the signed-distance
             features, read from every view (none by default).
         distance_cap_um: the largest distance those features report (um).
@@ -121,8 +135,11 @@ class FilterBank:
 
     def __init__(self, patch_shape: Sequence[int], steps_um: Sequence[Sequence[float]], sigmas_um: Sequence[float],
                  air_threshold: float = 0.3, bright_threshold: float = 0.75, distance_below: Sequence[float] = (),
-                 distance_above: Sequence[float] = (), distance_cap_um: float = 300.0) -> None:
+                 distance_above: Sequence[float] = (), distance_cap_um: float = 300.0, share_below: Sequence[float] = (),
+                 share_above: Sequence[float] = ()) -> None:
         self.patch_shape = tuple(int(n) for n in patch_shape)
+        self.share_below = tuple(float(t) for t in share_below)
+        self.share_above = tuple(float(t) for t in share_above)
         self.distance_below = tuple(float(t) for t in distance_below)
         self.distance_above = tuple(float(t) for t in distance_above)
         self.distance_cap_um = float(distance_cap_um)
@@ -150,7 +167,9 @@ class FilterBank:
         """One name per feature column, ``<feature>@<sigma>um`` (``/context`` from the context view)."""
         names = [f"{f}@{s:g}um" + ("/context" if i else "") for i, k in enumerate(self.kernels) if k is not None
                  for s in k.sigmas_um for f in FEATURES]
-        return names + [f"dist{op}{t:g}" + ("/context" if i else "") for i in range(len(self.distance_kernels))
+        shares = [f"share{op}{t:g}@{s:g}um" + ("/context" if i else "") for i, k in enumerate(self.kernels) if k is not None
+                  for s in k.sigmas_um for op, levels in (("<", self.share_below), (">", self.share_above)) for t in levels]
+        return names + shares + [f"dist{op}{t:g}" + ("/context" if i else "") for i in range(len(self.distance_kernels))
                         for op, levels in (("<", self.distance_below), (">", self.distance_above)) for t in levels]
 
     def __call__(self, views: np.ndarray) -> np.ndarray:
@@ -162,6 +181,8 @@ class FilterBank:
         flat = views.reshape(len(views), views.shape[1], -1)
         parts = [k.features(flat[:, i], self.air_threshold, self.bright_threshold)
                  for i, k in enumerate(self.kernels) if k is not None]
+        parts += [k.shares(flat[:, i], self.share_below, self.share_above)
+                  for i, k in enumerate(self.kernels) if k is not None]
         parts += [k.distances(flat[:, i], self.distance_below, self.distance_above, self.distance_cap_um)
                   for i, k in enumerate(self.distance_kernels)]
         return np.concatenate(parts, axis=1)

@@ -85,6 +85,7 @@ class FilterBankForest(ClosedFormModel):
             above which it is bright.
         distance_below, distance_above, distance_cap_um: levels of the filter bank's signed-distance
             features and their cap (um); none by default.
+        share_below, share_above: further levels of the filter bank's shares; none by default.
         n_trees: trees in the forest.
         min_samples_leaf: training spots a leaf keeps at least (larger: smoother maps).
         max_features: share of the features drawn at each split.
@@ -98,7 +99,8 @@ class FilterBankForest(ClosedFormModel):
     def __init__(self, target_spec: Any, patch_shape: Sequence[int], spot_radius_vox: float | None = None,
                  sigmas_um: Sequence[float] = (6.4, 12.8, 25.6, 51.2, 102.4, 204.8), air_threshold: float = 0.3,
                  bright_threshold: float = 0.75, distance_below: Sequence[float] = (),
-                 distance_above: Sequence[float] = (), distance_cap_um: float = 300.0, n_trees: int = 300, min_samples_leaf: int = 3,
+                 distance_above: Sequence[float] = (), distance_cap_um: float = 300.0, share_below: Sequence[float] = (),
+                 share_above: Sequence[float] = (), n_trees: int = 300, min_samples_leaf: int = 3,
                  max_features: float = 0.5, seed: int = 0, input_spec: InputSpec | dict | None = None) -> None:
         super().__init__(target_spec, patch_shape, input_spec)
         self.sigmas_um = [float(s) for s in sigmas_um]
@@ -106,6 +108,8 @@ class FilterBankForest(ClosedFormModel):
         self.distance_below = [float(t) for t in distance_below]
         self.distance_above = [float(t) for t in distance_above]
         self.distance_cap_um = float(distance_cap_um)
+        self.share_below = [float(t) for t in share_below]
+        self.share_above = [float(t) for t in share_above]
         self.n_trees, self.min_samples_leaf = int(n_trees), int(min_samples_leaf)
         self.max_features, self.seed = float(max_features), int(seed)
         if self.n_trees < 1 or self.min_samples_leaf < 1 or not 0 < self.max_features <= 1:
@@ -131,7 +135,8 @@ class FilterBankForest(ClosedFormModel):
             if self.input_spec.context is not None:
                 steps.append(self.input_spec.context.step_um)
             self._bank = FilterBank(self.patch_shape, steps, self.sigmas_um, self.air_threshold, self.bright_threshold,
-                                    self.distance_below, self.distance_above, self.distance_cap_um)
+                                    self.distance_below, self.distance_above, self.distance_cap_um,
+                                    self.share_below, self.share_above)
         return self._bank
 
     @property
@@ -159,5 +164,6 @@ class FilterBankForest(ClosedFormModel):
     def hyper_parameters(self) -> dict:
         return {**super().hyper_parameters(), "sigmas_um": list(self.sigmas_um), "air_threshold": self.air_threshold,
                 "bright_threshold": self.bright_threshold, "distance_below": list(self.distance_below),
-                "distance_above": list(self.distance_above), "distance_cap_um": self.distance_cap_um, "n_trees": self.n_trees,
+                "distance_above": list(self.distance_above), "distance_cap_um": self.distance_cap_um, "share_below": list(self.share_below),
+                "share_above": list(self.share_above), "n_trees": self.n_trees,
                 "min_samples_leaf": self.min_samples_leaf, "max_features": self.max_features, "seed": self.seed}
