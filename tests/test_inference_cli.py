@@ -46,6 +46,11 @@ def test_cohort_sweep_end_to_end(run, tmp_path):
     for name in ("orthoviews.png", "proportions_by_depth.png"):
         assert (out / "mock_0" / "figures" / name).exists()
     assert (out / "mock_0" / "ct_preview.ome.zarr").exists()
+    # both volumes are training volumes (sections: all): each scan's noise is its own training value
+    scans = summary["scan_check"]
+    assert set(scans["training"]) == {"mock_0", "infected_0"} and 0 < scans["training"]["mock_0"] < 0.5
+    assert scans["volumes"]["mock_0"] == {"noise": scans["training"]["mock_0"], "ratio": 1.0, "flagged": False}
+    assert pd.read_csv(out / "scan_check.csv").shape == (2, 4)
     assert not (out / "evaluation.csv").exists()  # scoring against the truth is the evaluation layer's
     evaluate_inference(cfg, summary)
     scores = pd.read_csv(out / "evaluation.csv")
@@ -59,6 +64,27 @@ def test_cohort_sweep_end_to_end(run, tmp_path):
                  ct_preview=False, bigtiff=False))
     patch, _ = read_maps(out_p / "mock_0" / "maps.ome.zarr")
     np.testing.assert_allclose(patch[:].astype(np.float32), values, atol=2e-3, equal_nan=True)
+
+
+def test_scan_check_flags_a_noisier_scan(cohort, tmp_path, caplog):
+    from types import SimpleNamespace
+
+    from xpression.data.manifest import load_manifest
+    from xpression.data.volume import open_volume
+    from xpression.inference.pipeline import scan_check
+
+    vol = load_manifest(cohort).volumes[0]
+    ct = np.asarray(open_volume(vol.image, vol.voxel_size_um)[:, :, :], np.float64)
+    loud = ct + np.random.default_rng(0).normal(0.0, 0.1 * float(np.ptp(ct)), ct.shape)
+    jobs = [SimpleNamespace(volume_id="same", raw=ct), SimpleNamespace(volume_id="loud", raw=loud)]
+    info = SimpleNamespace(manifest=cohort, trained_sections=[vol.sections[0].id])
+    with caplog.at_level("WARNING"):
+        checked = scan_check(config(run="x", output=str(tmp_path / "o")), info, jobs)
+    assert set(checked["training"]) == {vol.id}
+    assert checked["volumes"]["same"]["ratio"] == pytest.approx(1.0, abs=0.02) and not checked["volumes"]["same"]["flagged"]
+    assert checked["volumes"]["loud"]["ratio"] > 1.5 and checked["volumes"]["loud"]["flagged"]
+    assert "loud: scan noise" in caplog.text and "same:" not in caplog.text
+    assert scan_check(config(run="x", output=str(tmp_path / "p"), scan_check=False), info, jobs) is None
 
 
 def test_clear_errors_before_compute(run, cohort, tmp_path):

@@ -432,6 +432,7 @@ class InferConfig:
     output: Any = None  # ${paths.output_dir}: resolved by Hydra at run time
     overwrite: bool = False
     progress: bool = True
+    scan_check: bool = True
     uncertainty: str = "none"
     members: list[str] | None = None
     mc_samples: int = 20

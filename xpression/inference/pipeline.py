@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from omegaconf import OmegaConf
 
 from xpression.data.kinds import get_kind
@@ -154,6 +155,42 @@ def _precheck(jobs: list[VolumeJob], pred: Predictor, cfg: Any, identity: dict) 
                 "choose another output or pass overwrite=true")
 
 
+def scan_check(cfg: Any, info: RunInfo, jobs: list[VolumeJob]) -> dict | None:
+    """Each swept volume's noise against the noise of the run's training volumes
+    (:mod:`xpression.data.scan_check`); a warning names every volume outside them by more than
+    ``NOISE_TOLERANCE``. None when ``scan_check=false`` or the training volumes cannot be opened."""
+    from xpression.data.scan_check import NOISE_TOLERANCE, noise_ratio, scan_noise
+
+    if not cfg.get("scan_check", True) or not info.manifest:
+        return None
+    try:
+        cohort = load_manifest(info.manifest)
+        trained = set(info.trained_sections or [s.id for s in cohort.sections])  # as plan_jobs reads it
+        training = {v.id: scan_noise(open_volume(v.image, v.voxel_size_um)) for v in cohort.volumes
+                    if any(s.id in trained for s in v.sections)}
+    except (OSError, ValueError, VolumeError) as err:  # the training cohort moved or is gone: nothing to compare with
+        log.info("scan check skipped: the run's training volumes cannot be read (%s)", err)
+        return None
+    if not training:
+        return None
+    lo, hi = min(training.values()), max(training.values())
+    rows = {}
+    for job in jobs:
+        noise = scan_noise(job.raw)  # seeded: a training volume gets its training value again
+        ratio = noise_ratio(noise, training)
+        flagged = bool(np.isfinite(ratio) and not 1 / NOISE_TOLERANCE <= ratio <= NOISE_TOLERANCE)
+        rows[job.volume_id] = {"noise": noise, "ratio": ratio, "flagged": flagged}
+        if flagged:
+            log.warning("%s: scan noise %.3f of its intensity range, %.1fx outside the training scans' %.3f-%.3f: its maps "
+                        "may be worse than their SD and ood say (README, 'Unseen animals scanned differently')",
+                        job.volume_id, noise, ratio, lo, hi)
+    out = Path(cfg.output)
+    out.mkdir(parents=True, exist_ok=True)
+    lines = ["volume_id,noise,ratio_to_training,flagged"] + [f"{v},{r['noise']:.6g},{r['ratio']:.4g},{r['flagged']}" for v, r in rows.items()]
+    (out / "scan_check.csv").write_text("\n".join(lines) + "\n")
+    return {"training": training, "volumes": rows, "tolerance": NOISE_TOLERANCE, "csv": str(out / "scan_check.csv")}
+
+
 def infer(cfg: Any) -> dict:
     """Run the whole sweep described by the ``conf/infer.yaml`` config; returns a summary."""
     from xpression.config import check_infer_config, check_output_writable
@@ -185,6 +222,10 @@ def infer(cfg: Any) -> dict:
     if trust is not None:
         meta_common["uncertainty"] = trust
     summary: dict = {"run_dir": str(info.run_dir), "cohort": str(cohort.path) if cohort is not None else None, "volumes": {}}
+    if rank == 0:
+        checked = scan_check(cfg, info, jobs)
+        if checked is not None:
+            summary["scan_check"] = checked
     settings = sweep_settings(cfg)
     for job in jobs:
         norm_meta = _prepare(job, info)
