@@ -14,6 +14,8 @@
 #   cnn3d_xlong cnn3d, up to 150 epochs, patience 30
 #   ms_xlong    multiscale, up to 150 epochs, patience 30
 #   ms_deep_long  multiscale on the 57.6 um deep patch, up to 60 epochs, patience 15
+#   forest      model=forest (filter bank with signed distances + extremely randomised trees, its
+#               preset's context view), fitted once
 # ms_xlong is train.py's default recipe, cnn3d_xlong `make run`'s (README "The default recipe").
 # On a 2-core CPU: 17 s (cnn3d) to 80 s (ms_deep_long) per seed; all ten, 5 seeds: 28 min.
 # REUSE=1: keep a candidate whose folder already holds runs (add candidates to an earlier OUT).
@@ -37,6 +39,7 @@ recipe() {
         cnn3d_xlong) echo model=cnn3d patch.context_um=null trainer.max_epochs=150 callbacks.early_stopping.patience=30 ;;
         ms_xlong) echo model=multiscale_cnn3d "patch.context_um=[102,615,615]" trainer.max_epochs=150 callbacks.early_stopping.patience=30 ;;
         ms_deep_long) echo model=multiscale_cnn3d "patch.size_um=[57.6,205,205]" "patch.context_um=[172.8,615,615]" trainer.max_epochs=60 callbacks.early_stopping.patience=15 ;;
+        forest) echo model=forest ;;
         *) echo "unknown recipe '$1'" >&2; return 1 ;;
     esac
 }
