@@ -103,12 +103,15 @@ class ViewKernels:
         """``(B, V)`` normalised intensities -> ``(B, len(below) + len(above))`` signed distances
         (um) from the centre to the nearest voxel below / above each level, minus the distance to
         the nearest voxel that is not, each capped at ``cap_um``."""
-        a = np.asarray(view)
-        radius = np.minimum(self.radius_um, cap_um)
+        order = np.argsort(self.radius_um, kind="stable")  # nearest voxel first: a mask's first hit is its distance
+        radius = np.minimum(self.radius_um[order], cap_um)
+        a = np.asarray(view)[:, order]
+        rows = np.arange(len(a))
         out = []
         for mask in [a < t for t in below] + [a > t for t in above]:
-            outside = np.where(mask, radius, cap_um).min(axis=1)
-            inside = np.where(mask, cap_um, radius).min(axis=1)
+            first_in, first_out = mask.argmax(axis=1), mask.argmin(axis=1)
+            outside = np.where(mask[rows, first_in], radius[first_in], cap_um)
+            inside = np.where(mask[rows, first_out], cap_um, radius[first_out])
             out.append(outside - inside)
         return np.stack(out, axis=1) if out else np.zeros((len(a), 0))
 
