@@ -84,6 +84,22 @@ def test_share_levels_on_known_views():
     assert f["bright@51.2um"] == 0.0                                          # 0.65 is above 0.6, not above 0.75
 
 
+def test_signed_distances_equal_a_brute_force_minimum():
+    """Rows whose nearest hit lies among the nearest 512 voxels and rows scanned whole give what
+    the minimum over every voxel gives."""
+    k = ViewKernels.build((9, 33, 33), (44.8, 25.6, 25.6), ())
+    rng = np.random.default_rng(5)
+    views = rng.random((60, 9 * 33 * 33))
+    views[:20] = np.where(rng.random((20, views.shape[1])) < 0.002, 0.05, 0.5)  # a few far dark voxels
+    views[20:30] = 0.9                                                           # nothing dark, all bright
+    levels_below, levels_above, cap = [0.1, 0.3], [0.6], 250.0
+    radius = np.minimum(k.radius_um, cap)
+    expected = []
+    for mask in [views < t for t in levels_below] + [views > t for t in levels_above]:
+        expected.append(np.where(mask, radius, cap).min(1) - np.where(mask, cap, radius).min(1))
+    np.testing.assert_array_equal(k.distances(views, levels_below, levels_above, cap), np.stack(expected, 1))
+
+
 def test_a_scale_no_view_serves_is_named():
     with pytest.raises(ValueError, match=r"sigmas_um: 400 um fits no view"):
         FilterBank((9, 33, 33), [(6.4, 6.4, 6.4), (19.2, 19.2, 19.2)], [6.4, 400.0])

@@ -109,11 +109,29 @@ class ViewKernels:
         rows = np.arange(len(a))
         out = []
         for mask in [a < t for t in below] + [a > t for t in above]:
-            first_in, first_out = mask.argmax(axis=1), mask.argmin(axis=1)
-            outside = np.where(mask[rows, first_in], radius[first_in], cap_um)
-            inside = np.where(mask[rows, first_out], cap_um, radius[first_out])
+            first_in, has_in = _first(mask, True)
+            first_out, has_out = _first(mask, False)
+            outside = np.where(has_in, radius[first_in], cap_um)
+            inside = np.where(has_out, radius[first_out], cap_um)
             out.append(outside - inside)
         return np.stack(out, axis=1) if out else np.zeros((len(a), 0))
+
+
+def _first(mask: np.ndarray, value: bool, head: int = 512) -> tuple[np.ndarray, np.ndarray]:
+    """Per row of ``(B, V)`` ``mask``: the index of its first ``value`` and whether it has one.
+    Rows are scanned over their first ``head`` columns, and whole only where that finds none
+    (most rows find their nearest air or tissue among the nearest voxels)."""
+    find = np.argmax if value else np.argmin
+    rows = np.arange(len(mask))
+    part = mask[:, :head]
+    index = find(part, axis=1)
+    found = part[rows, index] == value
+    rest = np.flatnonzero(~found)
+    if rest.size and mask.shape[1] > head:
+        whole = mask[rest]
+        index[rest] = find(whole, axis=1)
+        found[rest] = whole[np.arange(len(rest)), index[rest]] == value
+    return index, found
 
 
 class FilterBank:
