@@ -36,15 +36,20 @@ sys.path.insert(0, str(ROOT))
 from xpression.phantom import generate_cohort  # noqa: E402
 
 
-def trained_volumes(ensemble: Path) -> set[str]:
-    """Volume ids of the sections the ensemble's members trained on."""
-    out: set[str] = set()
-    for config in sorted(ensemble.glob("*/config.yaml")):
-        cfg = yaml.safe_load(config.read_text())
-        out |= {s.rsplit("_s", 1)[0] for s in cfg["data"]["sections"]}
-    if not out:
+def trained_volumes(ensemble: Path, cohort: Path) -> set[str]:
+    """Ids of the volumes in ``cohort`` whose sections the ensemble's members trained on (a run
+    without ``data.sections`` trained on every section)."""
+    from xpression.data.manifest import load_manifest
+
+    configs = sorted(ensemble.glob("*/config.yaml"))
+    if not configs:
         raise SystemExit(f"error: no run under {ensemble} (expected <ensemble>/<k>/config.yaml)")
-    return out
+    manifest = load_manifest(cohort)
+    sections: set[str] = set()
+    for config in configs:
+        listed = yaml.safe_load(config.read_text())["data"].get("sections")
+        sections |= set(listed) if listed else {s.id for s in manifest.sections}
+    return {v.id for v in manifest.volumes if any(s.id in sections for s in v.sections)}
 
 
 def absolute(manifest: dict, root: Path) -> dict:
@@ -96,7 +101,7 @@ def main() -> None:
         generate_cohort(shifted_dir, preset=args.preset, seed=args.seed, progress=False, **params)
     original = yaml.safe_load(cohort.read_text())
     shifted = absolute(yaml.safe_load((shifted_dir / "cohort.yaml").read_text()), shifted_dir)
-    trained = trained_volumes(ensemble)
+    trained = trained_volumes(ensemble, cohort)
     mixed = absolute(original, cohort.parent)
     images = {v["id"]: v["image"] for v in shifted["volumes"]}
     for v in mixed["volumes"]:

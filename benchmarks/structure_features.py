@@ -36,9 +36,13 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import zarr
+import yaml
 from scipy import ndimage as ndi
 from sklearn.ensemble import ExtraTreesRegressor
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from xpression.data.manifest import load_manifest  # noqa: E402
+from xpression.data.volume import open_volume  # noqa: E402
 
 if len(sys.argv) not in (3, 4):
     raise SystemExit(__doc__.split("\n\n")[1])
@@ -58,7 +62,8 @@ def opened(mask, r):
 
 
 def dense_features(vid):
-    v = zarr.open_group(str(COHORT / "volumes" / f"{vid}.ome.zarr"), mode="r")["0"][:].astype(np.float32)
+    entry = next(v for v in load_manifest(COHORT / "cohort.yaml").volumes if v.id == vid)
+    v = np.asarray(open_volume(entry.image, entry.voxel_size_um)[:, :, :], np.float32)
     lo, hi = np.percentile(v[::2, ::4, ::4], [0.5, 99.5])
     x = (v - lo) / (hi - lo)
     g = ndi.gaussian_filter(x, 1.0)
@@ -97,11 +102,9 @@ def sample(feats, pts_um):
 
 
 def main():
-    import yaml
-
-    for v in yaml.safe_load((COHORT / "cohort.yaml").read_text())["volumes"]:
-        if [float(x) for x in v["voxel_size_um"]] != [VOX] * 3:
-            raise SystemExit(f"error: {v['id']} has {v['voxel_size_um']} um voxels; this script assumes {VOX} um")
+    for v in load_manifest(COHORT / "cohort.yaml").volumes:
+        if [float(x) for x in open_volume(v.image, v.voxel_size_um).voxel_size_um] != [VOX] * 3:
+            raise SystemExit(f"error: {v.id} does not have {VOX} um voxels, which this script assumes")
     runs = sorted(p.parent for p in SRC.rglob("probe_points.csv"))
     spots = {r: pd.read_csv(r / "predictions.csv") for r in runs}
     probes = {r: pd.read_csv(r / "probe_points.csv") for r in runs}
@@ -125,7 +128,7 @@ def main():
         s, p = spots[r], probes[r]
         tr = (s.split == "train").values
         y = s[[f"true/{k}" for k in PROGS]].values
-        seed = int(__import__("yaml").safe_load((r / "config.yaml").read_text())["seed"])
+        seed = int(yaml.safe_load((r / "config.yaml").read_text())["seed"])
         et = ExtraTreesRegressor(300, min_samples_leaf=3, max_features=0.5, random_state=seed, n_jobs=2).fit(fs[r][tr], y[tr])
         def pred(X):
             q = np.clip(et.predict(X), 0, None)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from xpression.models.filterbank import FEATURES, FilterBank, ViewKernels
+from xpression.models.filterbank import FEATURES, FilterBank, NearestFirst, ViewKernels
 from xpression.models.forest import FilterBankForest, predict_trees, trees_to_arrays
 
 
@@ -87,7 +87,7 @@ def test_share_levels_on_known_views():
 def test_signed_distances_equal_a_brute_force_minimum():
     """Rows whose nearest hit lies among the nearest 512 voxels and rows scanned whole give what
     the minimum over every voxel gives."""
-    k = ViewKernels.build((9, 33, 33), (44.8, 25.6, 25.6), ())
+    k = NearestFirst.build((9, 33, 33), (44.8, 25.6, 25.6))
     rng = np.random.default_rng(5)
     views = rng.random((60, 9 * 33 * 33))
     views[:20] = np.where(rng.random((20, views.shape[1])) < 0.002, 0.05, 0.5)  # a few far dark voxels

@@ -85,6 +85,7 @@ BATCH_LIMIT = _Rule("an integer >= 0 (batches) or a fraction in [0, 1]",
 VOXEL_SIZE = _Rule("null, a positive number or 3 positive numbers [z, y, x] in um",
                    lambda v: v is None or (_is_number(v) and v > 0) or POSITIVE_TRIPLE.ok(v))
 NON_NEGATIVE_LIST = _Rule("a list of numbers >= 0", lambda v: isinstance(v, (list, tuple)) and all(_is_number(x) and x >= 0 for x in v))
+FRACTION_LIST = _Rule("a list of numbers in [0, 1]", lambda v: isinstance(v, (list, tuple)) and all(FRACTION.ok(x) for x in v))
 
 
 def _optional(rule: _Rule) -> _Rule:
@@ -138,15 +139,11 @@ TRAIN_RULES: dict[str, _Rule] = {
                              and all(_is_number(x) and x > 0 for x in v)),
     "model.air_threshold": FRACTION,
     "model.bright_threshold": FRACTION,
-    "model.distance_below": _Rule("a list of numbers in [0, 1]", lambda v: isinstance(v, (list, tuple))
-                                  and all(_is_number(x) and 0 <= x <= 1 for x in v)),
-    "model.distance_above": _Rule("a list of numbers in [0, 1]", lambda v: isinstance(v, (list, tuple))
-                                  and all(_is_number(x) and 0 <= x <= 1 for x in v)),
+    "model.distance_below": FRACTION_LIST,
+    "model.distance_above": FRACTION_LIST,
     "model.distance_cap_um": POSITIVE,
-    "model.share_below": _Rule("a list of numbers in [0, 1]", lambda v: isinstance(v, (list, tuple))
-                               and all(_is_number(x) and 0 <= x <= 1 for x in v)),
-    "model.share_above": _Rule("a list of numbers in [0, 1]", lambda v: isinstance(v, (list, tuple))
-                               and all(_is_number(x) and 0 <= x <= 1 for x in v)),
+    "model.share_below": FRACTION_LIST,
+    "model.share_above": FRACTION_LIST,
     "model.n_trees": POSITIVE_INT,
     "model.min_samples_leaf": POSITIVE_INT,
     "model.max_features": _Rule("a number in (0, 1]", lambda v: _is_number(v) and 0 < v <= 1),

@@ -35,7 +35,7 @@ import torch
 
 from xpression.inference.predictor import InferenceError
 
-__all__ = ["OOD_FILE", "OOD_METHODS", "KNN_K", "OODFit", "fit_ood", "mahalanobis", "knn_distance", "spot_features", "fit_training_spots", "ood_fit_for_run", "run_datamodule",
+__all__ = ["OOD_FILE", "OOD_METHODS", "KNN_K", "OODFit", "fit_ood", "mahalanobis", "knn_distance", "spot_features", "fit_training_spots", "ood_fit_for_run", "require_features", "run_datamodule",
            "weights_digest"]
 
 log = logging.getLogger(__name__)
@@ -201,15 +201,22 @@ def fit_training_spots(net: torch.nn.Module, datamodule: Any, device: torch.devi
     return fit_ood(feats[split == "train"], weights_digest(net))
 
 
+def require_features(nets: Iterable[torch.nn.Module], where: str = "") -> None:
+    """An :class:`InferenceError` naming the models among ``nets`` without ``forward_features``
+    (closed-form models: no feature space to measure an ood distance in); ``where`` is added to
+    the name (e.g. the run)."""
+    bare = sorted({type(n).__name__ for n in nets if not hasattr(n, "forward_features")})
+    if bare:
+        raise InferenceError(f"ood: {', '.join(bare)}{where} has no features to measure the distance in; pass ood=false")
+
+
 def ood_fit_for_run(info: Any, net: torch.nn.Module, device: torch.device | str = "cpu",
                     method: str = "mahalanobis") -> OODFit:
     """The fit for ``net`` (``info``'s network), scoring with ``method``: ``RUN/ood_fit.npz``
     when it was made from these weights (and, for ``knn``, holds the training features), else
     fitted now from the run's training spots (the DataModule rebuilt from ``info.config``, as
     ``train.py`` built it)."""
-    if not hasattr(net, "forward_features"):
-        raise InferenceError(f"ood=true: {type(net).__name__} (run {info.run_dir}) has no features to measure the "
-                             "distance in; pass ood=false")
+    require_features([net], f" (run {info.run_dir})")
     path = Path(info.run_dir) / OOD_FILE
     if path.is_file():
         fit = OODFit.load(path)

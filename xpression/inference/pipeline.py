@@ -163,10 +163,18 @@ def scan_check(cfg: Any, info: RunInfo, jobs: list[VolumeJob]) -> dict | None:
 
     if not cfg.get("scan_check", True) or not info.manifest:
         return None
+    measured: dict[str, float] = {}  # by file: a training volume swept again is read once
+
+    def noise_of(volume: Any) -> float:
+        key = str(Path(volume.path).resolve()) if getattr(volume, "path", None) else str(id(volume))
+        if key not in measured:
+            measured[key] = scan_noise(volume)
+        return measured[key]
+
     try:
         cohort = load_manifest(info.manifest)
         trained = set(info.trained_sections or [s.id for s in cohort.sections])  # as plan_jobs reads it
-        training = {v.id: scan_noise(open_volume(v.image, v.voxel_size_um)) for v in cohort.volumes
+        training = {v.id: noise_of(open_volume(v.image, v.voxel_size_um)) for v in cohort.volumes
                     if any(s.id in trained for s in v.sections)}
     except (OSError, ValueError, VolumeError) as err:  # the training cohort moved or is gone: nothing to compare with
         log.info("scan check skipped: the run's training volumes cannot be read (%s)", err)
@@ -176,7 +184,7 @@ def scan_check(cfg: Any, info: RunInfo, jobs: list[VolumeJob]) -> dict | None:
     lo, hi = min(training.values()), max(training.values())
     rows = {}
     for job in jobs:
-        noise = scan_noise(job.raw)  # seeded: a training volume gets its training value again
+        noise = noise_of(job.raw)
         ratio = noise_ratio(noise, training)
         flagged = bool(np.isfinite(ratio) and not 1 / NOISE_TOLERANCE <= ratio <= NOISE_TOLERANCE)
         rows[job.volume_id] = {"noise": noise, "ratio": ratio, "flagged": flagged}

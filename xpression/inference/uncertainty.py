@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from xpression.inference.ood import require_features
 from xpression.inference.predictor import InferenceError, Predictor, _attr
 
 __all__ = ["METHODS", "TrustNet", "ChannelView", "dropout_layers", "ensemble_members", "resolve_trust_runs",
@@ -117,10 +118,7 @@ class TrustNet(nn.Module):
         fc = getattr(getattr(first, "head", None), "fc", None)
         self.register_buffer("sd_scale", torch.ones(int(fc.out_features) if fc is not None else 0))
         if self.with_ood:
-            bare = [type(m).__name__ for m in members if not hasattr(m, "forward_features")]
-            if bare:
-                raise InferenceError(f"ood: {', '.join(sorted(set(bare)))} has no features to measure the distance in; "
-                                     "pass ood=false")
+            require_features(members)
             self.ood_method = ood_fits[0].method  # type: ignore[index]
             for i, fit in enumerate(ood_fits):  # type: ignore[arg-type]
                 if fit.method != self.ood_method:

@@ -41,7 +41,7 @@ import numpy as np
 
 from xpression.config import ConfigError
 
-__all__ = ["FEATURES", "FilterBank", "ViewKernels"]
+__all__ = ["FEATURES", "FilterBank", "NearestFirst", "ViewKernels"]
 
 FEATURES = ("mean", "air", "bright", "sd", "gradient", "laplacian")
 
@@ -55,14 +55,12 @@ class ViewKernels:
     gauss: np.ndarray
     deriv: np.ndarray
     laplacian: np.ndarray
-    radius_um: np.ndarray | None = None  # (V,) each voxel's distance from the centre
 
     @classmethod
     def build(cls, shape: Sequence[int], step_um: Sequence[float], sigmas_um: Sequence[float]) -> "ViewKernels":
         """Kernels on a view of ``shape`` voxels spaced ``step_um`` (z, y, x) um, centred on the
         view's centre (between voxels along an even axis)."""
-        axes = [(np.arange(n) - (n - 1) / 2.0) * float(s) for n, s in zip(shape, step_um)]
-        offsets = np.stack(np.meshgrid(*axes, indexing="ij")).reshape(3, -1)  # (3, V) um from the centre
+        offsets = _offsets(shape, step_um)
         r2 = (offsets**2).sum(0)
         gauss, deriv, lap = [], [], []
         for sigma in sigmas_um:
@@ -73,10 +71,7 @@ class ViewKernels:
             deriv.append(-offsets / s2 * w * float(sigma))          # d/dz, d/dy, d/dx of the Gaussian, x sigma
             lg = (r2 / s2**2 - 3.0 / s2) * w * s2                    # Laplacian of the Gaussian, x sigma^2
             lap.append(lg - w * lg.sum())                            # zero response to a constant view
-        v = offsets.shape[1]
-        return cls(tuple(float(s) for s in sigmas_um), np.asarray(gauss).reshape(len(gauss), v),
-                   np.stack(deriv, axis=1) if deriv else np.zeros((3, 0, v)),
-                   np.asarray(lap).reshape(len(lap), v), np.sqrt(r2))
+        return cls(tuple(float(s) for s in sigmas_um), np.asarray(gauss), np.stack(deriv, axis=1), np.asarray(lap))
 
     def features(self, view: np.ndarray, air_threshold: float, bright_threshold: float) -> np.ndarray:
         """``(B, V)`` normalised intensities -> ``(B, 6 S)``: each scale's six features (FEATURES)."""
@@ -99,21 +94,39 @@ class ViewKernels:
             return np.zeros((len(a), 0))
         return np.stack([m.astype(np.float64) @ self.gauss.T for m in masks], axis=2).reshape(len(a), -1)
 
+
+def _offsets(shape: Sequence[int], step_um: Sequence[float]) -> np.ndarray:
+    """``(3, V)`` um (z, y, x) of each voxel of a view of ``shape`` voxels spaced ``step_um`` from
+    the view's centre (between voxels along an even axis), C order."""
+    axes = [(np.arange(n) - (n - 1) / 2.0) * float(s) for n, s in zip(shape, step_um)]
+    return np.stack(np.meshgrid(*axes, indexing="ij")).reshape(3, -1)
+
+
+@dataclass(frozen=True)
+class NearestFirst:
+    """A view's voxels by distance from its centre: ``radius_um`` ``(V,)`` in the view's (C)
+    order and ``order``, the voxels sorted nearest first, so that a mask's first hit in that
+    order is its distance from the centre."""
+
+    radius_um: np.ndarray
+    order: np.ndarray
+
+    @classmethod
+    def build(cls, shape: Sequence[int], step_um: Sequence[float]) -> "NearestFirst":
+        radius = np.sqrt((_offsets(shape, step_um) ** 2).sum(0))
+        return cls(radius, np.argsort(radius, kind="stable"))
+
     def distances(self, view: np.ndarray, below: Sequence[float], above: Sequence[float], cap_um: float) -> np.ndarray:
         """``(B, V)`` normalised intensities -> ``(B, len(below) + len(above))`` signed distances
         (um) from the centre to the nearest voxel below / above each level, minus the distance to
         the nearest voxel that is not, each capped at ``cap_um``."""
-        order = np.argsort(self.radius_um, kind="stable")  # nearest voxel first: a mask's first hit is its distance
-        radius = np.minimum(self.radius_um[order], cap_um)
-        a = np.asarray(view)[:, order]
-        rows = np.arange(len(a))
+        radius = np.minimum(self.radius_um[self.order], cap_um)
+        a = np.asarray(view)[:, self.order]
         out = []
         for mask in [a < t for t in below] + [a > t for t in above]:
             first_in, has_in = _first(mask, True)
             first_out, has_out = _first(mask, False)
-            outside = np.where(has_in, radius[first_in], cap_um)
-            inside = np.where(has_out, radius[first_out], cap_um)
-            out.append(outside - inside)
+            out.append(np.where(has_in, radius[first_in], cap_um) - np.where(has_out, radius[first_out], cap_um))
         return np.stack(out, axis=1) if out else np.zeros((len(a), 0))
 
 
@@ -180,8 +193,8 @@ class FilterBank:
                                    f"voxel pitch to half its in-plane reach ({', '.join(f'{p:g}-{h / 2:g} um' for p, h in zip(pitch, half))}); "
                                    "drop the scale or change patch.context_um"])
         self.kernels = [ViewKernels.build(self.patch_shape, step, s) if s else None for step, s in zip(self.steps_um, served)]
-        self.distance_kernels = ([ViewKernels.build(self.patch_shape, step, ()) for step in self.steps_um]
-                                 if self.distance_below or self.distance_above else [])
+        self.nearest = ([NearestFirst.build(self.patch_shape, step) for step in self.steps_um]
+                        if self.distance_below or self.distance_above else [])
 
     @property
     def names(self) -> list[str]:
@@ -190,7 +203,7 @@ class FilterBank:
                  for s in k.sigmas_um for f in FEATURES]
         shares = [f"share{op}{t:g}@{s:g}um" + ("/context" if i else "") for i, k in enumerate(self.kernels) if k is not None
                   for s in k.sigmas_um for op, levels in (("<", self.share_below), (">", self.share_above)) for t in levels]
-        return names + shares + [f"dist{op}{t:g}" + ("/context" if i else "") for i in range(len(self.distance_kernels))
+        return names + shares + [f"dist{op}{t:g}" + ("/context" if i else "") for i in range(len(self.nearest))
                         for op, levels in (("<", self.distance_below), (">", self.distance_above)) for t in levels]
 
     def __call__(self, views: np.ndarray) -> np.ndarray:
@@ -204,6 +217,6 @@ class FilterBank:
                  for i, k in enumerate(self.kernels) if k is not None]
         parts += [k.shares(flat[:, i], self.share_below, self.share_above)
                   for i, k in enumerate(self.kernels) if k is not None]
-        parts += [k.distances(flat[:, i], self.distance_below, self.distance_above, self.distance_cap_um)
-                  for i, k in enumerate(self.distance_kernels)]
+        parts += [n.distances(flat[:, i], self.distance_below, self.distance_above, self.distance_cap_um)
+                  for i, n in enumerate(self.nearest)]
         return np.concatenate(parts, axis=1)
