@@ -126,6 +126,7 @@ def train(cfg: DictConfig) -> float | None:
         fit_without_lightning(trainer, model, datamodule)
         if trainer.is_global_zero:
             model.save_checkpoint(out_dir / "checkpoints" / "last.ckpt", config)
+            save_closed_form_ood_fit(model, out_dir)
     if not trainer.is_global_zero:
         return None
 
@@ -175,6 +176,13 @@ def save_ood_fit(model: pl.LightningModule, datamodule: Any, out_dir: Path,
     if not hasattr(net, "forward_features"):
         return None
     return fit_training_spots(net, datamodule, device).save(out_dir / OOD_FILE)
+
+
+def save_closed_form_ood_fit(model: Any, out_dir: Path) -> Path:
+    """``out_dir/ood_fit.npz`` for a closed-form model, from the training features its fit kept."""
+    from xpression.inference.ood import OOD_FILE, fit_ood, weights_digest
+
+    return fit_ood(model.standardised(model.training_features), weights_digest(model)).save(out_dir / OOD_FILE)
 
 
 def _checkpoint_epoch(path: str) -> int | None:

@@ -35,7 +35,7 @@ import torch
 
 from xpression.inference.predictor import InferenceError
 
-__all__ = ["OOD_FILE", "OOD_METHODS", "KNN_K", "OODFit", "fit_ood", "mahalanobis", "knn_distance", "spot_features", "fit_training_spots", "ood_fit_for_run", "require_features", "run_datamodule",
+__all__ = ["OOD_FILE", "OOD_METHODS", "KNN_K", "OODFit", "fit_ood", "mahalanobis", "knn_distance", "spot_features", "features_of", "fit_training_spots", "ood_fit_for_run", "require_features", "run_datamodule",
            "weights_digest"]
 
 log = logging.getLogger(__name__)
@@ -181,7 +181,7 @@ def knn_distance(features: torch.Tensor, bank: torch.Tensor, k: int, dim: int = 
 
 def spot_features(net: torch.nn.Module, batches: Iterable[dict], device: torch.device | str = "cpu") -> tuple[np.ndarray, np.ndarray]:
     """``(index (N,), features (N, F))`` of every spot in ``batches`` (the DataModule's
-    ``{"image", "index"}`` batches), with ``net.forward_features`` in eval mode."""
+    ``{"image", "index"}`` batches), with :func:`features_of` ``net`` in eval mode."""
     from xpression.data.datamodule import image_to_float
 
     net = net.to(device).eval()
@@ -189,7 +189,7 @@ def spot_features(net: torch.nn.Module, batches: Iterable[dict], device: torch.d
     with torch.inference_mode():
         for batch in batches:
             index.append(batch["index"].numpy())
-            feats.append(net.forward_features(image_to_float(batch["image"].to(device))).float().cpu().numpy())
+            feats.append(features_of(net)(image_to_float(batch["image"].to(device))).float().cpu().numpy())
     return np.concatenate(index), np.concatenate(feats)
 
 
@@ -201,13 +201,22 @@ def fit_training_spots(net: torch.nn.Module, datamodule: Any, device: torch.devi
     return fit_ood(feats[split == "train"], weights_digest(net))
 
 
+def features_of(net: torch.nn.Module) -> Any:
+    """The function giving the features the ood distance is measured in: a network's
+    ``forward_features`` (what enters its head), a closed-form model's ``ood_features`` (its
+    features in units of the training spots' spread)."""
+    return getattr(net, "ood_features", None) or net.forward_features
+
+
 def require_features(nets: Iterable[torch.nn.Module], where: str = "") -> None:
-    """An :class:`InferenceError` naming the models among ``nets`` without ``forward_features``
-    (closed-form models: no feature space to measure an ood distance in); ``where`` is added to
-    the name (e.g. the run)."""
-    bare = sorted({type(n).__name__ for n in nets if not hasattr(n, "forward_features")})
+    """An :class:`InferenceError` naming the models among ``nets`` without features to measure an
+    ood distance in (a closed-form model fitted before its features' spread was kept); ``where``
+    is added to the name (e.g. the run)."""
+    bare = sorted({type(n).__name__ for n in nets
+                   if not (hasattr(n, "forward_features") or getattr(n, "has_ood_features", False))})
     if bare:
-        raise InferenceError(f"ood: {', '.join(bare)}{where} has no features to measure the distance in; pass ood=false")
+        raise InferenceError(f"ood: {', '.join(bare)}{where} has no features to measure the distance in (a closed-form "
+                             "model fitted before its features' spread was kept: fit it again); pass ood=false")
 
 
 def ood_fit_for_run(info: Any, net: torch.nn.Module, device: torch.device | str = "cpu",

@@ -51,6 +51,10 @@ class ClosedFormModel(nn.Module):
         self.target_spec = as_target_spec(target_spec)
         self.patch_shape = tuple(int(s) for s in patch_shape)
         self.input_spec = InputSpec.from_dict(input_spec) if isinstance(input_spec, dict) else input_spec
+        # the training spots' feature mean and sd: the units of the ood distance (xpression.inference.ood)
+        self.register_buffer("feature_center", torch.zeros(0, dtype=torch.float64))
+        self.register_buffer("feature_spread", torch.zeros(0, dtype=torch.float64))
+        self.training_features: np.ndarray | None = None  # (N, F) of the last fit (not saved)
 
     # -- what a subclass provides -----------------------------------------------------------------
     @property
@@ -131,7 +135,11 @@ class ClosedFormModel(nn.Module):
                 targets.append(batch["target"][rows].numpy())
         if not feats:
             raise ValueError(f"{type(self).__name__}: the data module has no training spots to fit on")
-        self.fit_arrays(np.concatenate(feats), np.concatenate(targets))
+        self.training_features = np.concatenate(feats)
+        self.fit_arrays(self.training_features, np.concatenate(targets))
+        spread = self.training_features.std(axis=0)
+        self.feature_center = torch.as_tensor(self.training_features.mean(axis=0), dtype=torch.float64)
+        self.feature_spread = torch.as_tensor(np.where(spread > 0, spread, 1.0), dtype=torch.float64)
         return batches
 
     def predict_from_features(self, feats: np.ndarray) -> np.ndarray:
@@ -149,6 +157,30 @@ class ClosedFormModel(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, C, D, H, W)`` (float intensities, or a loader's uint8 levels) -> ``(B, T)``."""
         return torch.from_numpy(self.predict_patches(image_to_float(x.detach().cpu()).numpy()))
+
+    # -- the feature space of the ood distance --------------------------------------------------------
+    @property
+    def has_ood_features(self) -> bool:
+        """Whether the fit kept its features' spread (checkpoints written before it was kept did not)."""
+        return self.feature_spread.numel() > 0
+
+    def standardised(self, feats: np.ndarray) -> np.ndarray:
+        """``(B, F)`` features -> float32 in units of the training spots' spread, ``(f - mean) / sd``:
+        what the ood distance is measured in (raw features mix um, shares and grey levels)."""
+        if not self.has_ood_features:
+            raise RuntimeError(f"{type(self).__name__} was fitted before its features' spread was kept; fit it again")
+        return ((feats - self.feature_center.cpu().numpy()) / self.feature_spread.cpu().numpy()).astype(np.float32)
+
+    def ood_features(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, C, D, H, W)`` views -> ``(B, F)`` float32 standardised features (:meth:`standardised`)."""
+        return self.predict_with_features(x)[1]
+
+    def predict_with_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``forward(x)`` and :meth:`ood_features` from one computation of the features."""
+        if not self.fitted:
+            raise RuntimeError(f"{type(self).__name__} is not fitted; call fit(datamodule) first")
+        feats = self.features(self.as_views(image_to_float(x.detach().cpu()).numpy()))
+        return torch.from_numpy(self.predict_from_features(feats)), torch.from_numpy(self.standardised(feats))
 
     def save_checkpoint(self, path: str | Path, run_config: dict | None = None) -> Path:
         """A checkpoint ``infer.py`` loads like a network's: the fitted tensors, constructor
