@@ -181,3 +181,75 @@ def test_unfitted_forest_and_bad_settings_say_so(datamodule):
         FilterBankForest(spec.target_spec, spec.patch_shape_vox, max_features=0, input_spec=spec)
     with pytest.raises(ValueError, match="800 um fits no view"):
         FilterBankForest(spec.target_spec, spec.patch_shape_vox, sigmas_um=[6.4, 800.0], input_spec=spec)
+
+
+def test_each_stored_tree_predicts_what_its_scikit_learn_tree_predicts():
+    from sklearn.ensemble import ExtraTreesRegressor
+
+    from xpression.models.forest import tree_leaves
+
+    rng = np.random.default_rng(1)
+    x = rng.random((200, 5))
+    y = np.column_stack([x[:, 0], x[:, 1] * x[:, 2]])
+    forest = ExtraTreesRegressor(12, min_samples_leaf=2, random_state=0).fit(x, y)
+    unseen = rng.random((500, 5))
+    leaves = tree_leaves(unseen, *trees_to_arrays(forest.estimators_).values())
+    assert leaves.shape == (500, 12, 2)
+    for i, tree in enumerate(forest.estimators_):
+        np.testing.assert_array_equal(leaves[:, i], tree.predict(unseen))
+
+
+def test_forest_spread_is_its_trees_disagreement_and_its_mean_the_forests_answer(forest, datamodule):
+    import torch
+
+    from xpression.models.forest import TREE_KEYS, tree_leaves
+
+    views = torch.from_numpy(np.random.default_rng(5).random((6, 2, *datamodule.patch_shape_vox)).astype(np.float32))
+    mean, sd, ood = forest.predict_spread(views, with_features=True)
+    torch.testing.assert_close(mean, forest(views), rtol=0, atol=0)
+    feats = forest.features(views.numpy().astype(np.float64))
+    each = tree_leaves(feats, *(getattr(forest, k).numpy() for k in TREE_KEYS))
+    each = np.clip(each, 0, None) / np.clip(each, 0, None).sum(2, keepdims=True)  # each tree's composition
+    np.testing.assert_allclose(sd.numpy(), each.std(axis=1, ddof=1), rtol=1e-5, atol=1e-7)
+    assert (sd.numpy() > 0).any()
+    torch.testing.assert_close(ood, forest.ood_features(views), rtol=0, atol=0)
+
+
+def test_forest_ood_features_are_its_training_features_in_units_of_their_spread(forest):
+    z = forest.standardised(forest.training_features)
+    assert z.dtype == np.float32 and z.shape == forest.training_features.shape
+    varying = forest.training_features.std(0) > 0
+    np.testing.assert_allclose(z.mean(0), 0.0, atol=1e-4)
+    np.testing.assert_allclose(z[:, varying].std(0), 1.0, atol=1e-4)
+    stale = FilterBankForest(forest.target_spec, forest.patch_shape, n_trees=5, input_spec=forest.input_spec)
+    assert not stale.has_ood_features  # e.g. read from a checkpoint written before the spread was kept
+    with pytest.raises(RuntimeError, match="fit it again"):
+        stale.standardised(forest.training_features)
+
+
+def test_a_forest_sweeps_with_its_trees_spread_and_an_ood_channel(forest, datamodule):
+    import torch
+
+    from xpression.inference.ood import fit_ood, knn_distance, mahalanobis, require_features, weights_digest
+    from xpression.inference.predictor import InferenceError
+    from xpression.inference.uncertainty import TrustNet
+
+    fit = fit_ood(forest.standardised(forest.training_features), weights_digest(forest))
+    views = torch.from_numpy(np.random.default_rng(6).random((4, 2, *datamodule.patch_shape_vox)).astype(np.float32))
+    net = TrustNet([forest], "trees", ood_fits=[fit])
+    out = net(views)
+    T = len(forest.target_spec.names)
+    assert out.shape == (4, 2 * T + 1) and net.sd_scale.shape == (T,)
+    mean, sd, feats = forest.predict_spread(views, with_features=True)
+    torch.testing.assert_close(out[:, :T], mean)
+    torch.testing.assert_close(out[:, T:2 * T], sd)
+    torch.testing.assert_close(out[:, -1], mahalanobis(feats, torch.as_tensor(fit.mean, dtype=torch.float32),
+                                                       torch.as_tensor(fit.whiten, dtype=torch.float32), dim=1))
+    # the training spots lie near their own fit; random views far from it
+    train = torch.as_tensor(forest.standardised(forest.training_features))
+    assert float(mahalanobis(train, torch.as_tensor(fit.mean, dtype=torch.float32),
+                             torch.as_tensor(fit.whiten, dtype=torch.float32), dim=1).median()) < float(out[:, -1].min())
+    assert knn_distance(feats, torch.as_tensor(fit.bank), fit.k, dim=1).shape == (4,)
+    require_features([forest])  # a fitted forest has features to measure the distance in
+    with pytest.raises(InferenceError, match="uncertainty=trees takes one model"):
+        TrustNet([forest, forest], "trees")

@@ -180,7 +180,7 @@ INFER_RULES: dict[str, _Rule] = {
     "mask.feature": _choice("std", "mean"),
     "eval_distances_um": NON_NEGATIVE_LIST,
     # uncertainty and out-of-distribution (xpression.inference.uncertainty)
-    "uncertainty": _choice("none", "ensemble", "mc_dropout"),
+    "uncertainty": _choice("none", "ensemble", "mc_dropout", "trees"),
     "members": _optional(_Rule("a list of run folders or checkpoints", lambda v: isinstance(v, (list, tuple)) and len(v) >= 1
                                  and all(isinstance(x, str) and x for x in v))),
     "mc_samples": _Rule("an integer >= 2", lambda v: _is_int(v) and v >= 2),

@@ -1,6 +1,6 @@
 """Maps with error bars: ensembles, Monte-Carlo dropout and the out-of-distribution channel.
 
-``infer.py uncertainty=ensemble|mc_dropout [ood=true]`` sweeps a :class:`TrustNet` in place of the
+``infer.py uncertainty=ensemble|mc_dropout|trees [ood=true]`` sweeps a :class:`TrustNet` in place of the
 run's network. To the sweep it is one network whose outputs are, per grid point, the mean of
 each target (named as the targets), one ``<target>_sd`` per target and, with ``ood=true``, one
 ``ood`` channel; so dense and patch mode, tiling, resumption, sharding and the map store work
@@ -13,6 +13,8 @@ the tile, never by the number of members).
   contract: voxel size, patch shape, dense geometry, targets (names and kind) and intensity
   normalisation (a mismatch is refused naming the member). The CT is normalised once, with the
   first member's transform.
+- ``trees``: the trees of one ``model=forest`` run, each tree's prediction one member (the mean
+  map is the forest's own; patch mode, one computation of the features per grid point).
 - ``mc_dropout``: ``mc_samples`` passes of the run's network with its dropout layers active
   (seeded by ``mc_seed``); a network without dropout is refused. Where the one dropout layer is
   the last step before the head (``cnn3d``), the trunk runs once and only the mask and the head
@@ -46,7 +48,7 @@ __all__ = ["METHODS", "TrustNet", "ChannelView", "dropout_layers", "ensemble_mem
 
 log = logging.getLogger(__name__)
 
-METHODS = ("none", "ensemble", "mc_dropout")
+METHODS = ("none", "ensemble", "mc_dropout", "trees")
 # Run-config keys that change what a member's input means (besides voxel size and targets).
 _CONTRACT_KEYS = ("data.intensity", "data.intensity_reference", "data.cache_dtype")
 
@@ -90,7 +92,7 @@ class TrustNet(nn.Module):
     backbone with ``dense_features`` for dense mode) combined into ``[means, sds, ood]``.
 
     ``method``: ``"ensemble"`` (one deterministic pass per member), ``"mc_dropout"`` (``samples``
-    passes of the single member with its dropout active) or ``"none"`` (one pass, no SD: only
+    passes of the single member with its dropout active), ``"trees"`` (one forest's trees) or ``"none"`` (one pass, no SD: only
     for the ``ood`` channel). ``ood_fits``: one :class:`~xpression.inference.ood.OODFit` per
     member, or None (no ``ood`` channel).
     """
@@ -100,8 +102,11 @@ class TrustNet(nn.Module):
         super().__init__()
         if method not in METHODS:
             raise InferenceError(f"uncertainty must be one of {', '.join(METHODS)}, got {method!r}")
-        if method == "mc_dropout" and len(members) != 1:
-            raise InferenceError(f"uncertainty=mc_dropout takes one network, got {len(members)}")
+        if method in ("mc_dropout", "trees") and len(members) != 1:
+            raise InferenceError(f"uncertainty={method} takes one model, got {len(members)}")
+        if method == "trees" and not hasattr(members[0], "predict_spread"):
+            raise InferenceError(f"uncertainty=trees: {type(members[0]).__name__} has no trees (a model=forest run has); "
+                                 "use uncertainty=ensemble or mc_dropout")
         self.members = nn.ModuleList(members)
         self.method, self.samples = method, int(samples)
         self.with_sd = method != "none"
@@ -116,7 +121,9 @@ class TrustNet(nn.Module):
             self.dense_offset = tuple(offset)
         # per-target factor on the SD channels (xpression.inference.calibration); 1 = the raw spread
         fc = getattr(getattr(first, "head", None), "fc", None)
-        self.register_buffer("sd_scale", torch.ones(int(fc.out_features) if fc is not None else 0))
+        spec = getattr(first, "target_spec", None)  # a closed-form model's targets (it has no head)
+        self.register_buffer("sd_scale", torch.ones(int(fc.out_features) if fc is not None
+                                                    else len(spec.names) if spec is not None else 0))
         if self.with_ood:
             require_features(members)
             self.ood_method = ood_fits[0].method  # type: ignore[index]
@@ -216,12 +223,19 @@ class TrustNet(nn.Module):
     # -- the network interface the sweep uses ----------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, 1, D, H, W)`` patches -> ``(B, C)``: means, SDs, ood."""
+        if self.method == "trees":
+            mean, sd, feats = self.members[0].predict_spread(x, with_features=self.with_ood)
+            out = [mean, self._scaled(sd.to(self.sd_scale.device))] + ([self._ood(0, feats).unsqueeze(1)] if self.with_ood else [])
+            return torch.cat([t.to(x.device) for t in out], dim=1)
 
         def head(net: nn.Module, feats: torch.Tensor) -> torch.Tensor:
             return net.head.activate(net.forward_head(feats)).float()
 
         def run(net: nn.Module, want_features: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-            if not hasattr(net, "forward_features"):  # a closed-form model (ridge, forest): its answers only
+            if not hasattr(net, "forward_features"):  # a closed-form model (ridge, forest): features in one pass
+                if want_features:
+                    pred, feats = net.predict_with_features(x)
+                    return pred.float().to(x.device), feats.to(x.device)
                 return net(x).float(), None
             feats = net.forward_features(x)
             return head(net, feats), (feats if want_features else None)
@@ -400,7 +414,7 @@ def trust_predictor(cfg: Any, info: Any, members: Sequence[Any], pred: Predictor
     calibration = None
     if bool(cfg.get("calibrate", False)):
         if method == "none":
-            raise InferenceError("calibrate=true scales the SD channels: give uncertainty=ensemble or mc_dropout")
+            raise InferenceError("calibrate=true scales the SD channels: give uncertainty=ensemble, mc_dropout or trees")
         from xpression.inference.calibration import calibrate_trust_net
 
         calibration = calibrate_trust_net(net, infos, pred.device)

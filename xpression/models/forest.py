@@ -24,10 +24,12 @@ import torch
 
 from xpression.config import ConfigError
 from xpression.data.input_spec import InputSpec
+from xpression.data.kinds import get_kind
+from xpression.data.patches import image_to_float
 from xpression.models.closed_form import ClosedFormModel
 from xpression.models.filterbank import FilterBank
 
-__all__ = ["FilterBankForest", "predict_trees", "trees_to_arrays"]
+__all__ = ["FilterBankForest", "predict_trees", "tree_leaves", "trees_to_arrays"]
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +59,13 @@ def trees_to_arrays(estimators: Sequence[Any]) -> dict[str, np.ndarray]:
 
 def predict_trees(x: np.ndarray, feature: np.ndarray, threshold: np.ndarray, left: np.ndarray, right: np.ndarray,
                   value: np.ndarray, roots: np.ndarray) -> np.ndarray:
-    """``(N, F)`` features -> ``(N, T)``: the mean over trees of each sample's leaf value. Each
+    """``(N, F)`` features -> ``(N, T)``: the mean over trees of each sample's leaf value."""
+    return tree_leaves(x, feature, threshold, left, right, value, roots).mean(axis=1)
+
+
+def tree_leaves(x: np.ndarray, feature: np.ndarray, threshold: np.ndarray, left: np.ndarray, right: np.ndarray,
+                value: np.ndarray, roots: np.ndarray) -> np.ndarray:
+    """``(N, F)`` features -> ``(N, trees, T)``: each sample's leaf value in every tree. Each
     step moves only the (sample, tree) paths not yet at a leaf."""
     x32 = np.asarray(x, np.float32)  # scikit-learn's trees compare float32 features with float64 thresholds
     n, trees = len(x32), len(roots)
@@ -69,7 +77,7 @@ def predict_trees(x: np.ndarray, feature: np.ndarray, threshold: np.ndarray, lef
         step = np.where(x32[sample[walking], feature[here]] <= threshold[here], left[here], right[here])
         node[walking] = step
         walking = walking[left[step] >= 0]
-    return value[node].reshape(n, trees, -1).mean(axis=1)
+    return value[node].reshape(n, trees, -1)
 
 
 class FilterBankForest(ClosedFormModel):
@@ -160,6 +168,22 @@ class FilterBankForest(ClosedFormModel):
 
     def predict_features(self, x: np.ndarray) -> np.ndarray:
         return predict_trees(x, *(getattr(self, k).cpu().numpy() for k in TREE_KEYS))
+
+    def predict_spread(self, x: torch.Tensor, with_features: bool = False
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``(B, C, D, H, W)`` views -> ``forward(x)`` ``(B, T)``, the sample SD (ddof 1) over the
+        trees of each tree's prediction (in target units) and, ``with_features``, the ood features
+        (:meth:`standardised`), from one computation of the features."""
+        if not self.fitted:
+            raise RuntimeError("FilterBankForest is not fitted; call fit(datamodule) first")
+        feats = self.features(self.as_views(image_to_float(x.detach().cpu()).numpy()))
+        leaves = tree_leaves(feats, *(getattr(self, k).cpu().numpy() for k in TREE_KEYS))
+        kind = get_kind(self.target_spec.kind)
+        each = kind.activate_numpy(leaves.reshape(-1, leaves.shape[-1])).reshape(leaves.shape)
+        mean = kind.activate_numpy(leaves.mean(axis=1)).astype(np.float32)
+        sd = each.std(axis=1, ddof=1 if leaves.shape[1] > 1 else 0).astype(np.float32)
+        ood = torch.from_numpy(self.standardised(feats)) if with_features else None
+        return torch.from_numpy(mean), torch.from_numpy(sd), ood
 
     def hyper_parameters(self) -> dict:
         return {**super().hyper_parameters(), "sigmas_um": list(self.sigmas_um), "air_threshold": self.air_threshold,
