@@ -204,3 +204,15 @@ def test_command_on_a_multiscale_run(cohort, tmp_path, capsys):
     saved = np.load(next(out.glob("*.npz")))
     assert saved["context"].shape == (5, 33, 33) and saved["context_ig"].shape == (2, 5, 33, 33)
     assert saved["context"].std() > 0 and not np.array_equal(saved["context"], saved["patch"])
+
+
+def test_a_fitted_model_is_attributed_by_occlusion_and_ig_on_it_is_one_line():
+    from xpression.evaluation.attribute import AttributionError, _methods_for
+    from xpression.models.closed_form import ClosedFormModel
+
+    fitted = ClosedFormModel({"names": ["a", "b"], "kind": "composition"}, SHAPE)
+    assert _methods_for(KnownVoxelNet(), None) == ["ig", "occlusion"]
+    assert _methods_for(fitted, None) == ["occlusion"]
+    assert _methods_for(fitted, ["occlusion"]) == ["occlusion"]
+    with pytest.raises(AttributionError, match="--methods ig: ClosedFormModel has no gradients .*use --methods occlusion"):
+        _methods_for(fitted, ["ig", "occlusion"])

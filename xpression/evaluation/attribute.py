@@ -254,6 +254,20 @@ def _summary_rows(label: str, point: AttributionPoint, result: dict[str, Attribu
     return rows
 
 
+def _methods_for(net: Any, methods: Sequence[str] | None) -> list[str]:
+    """The methods asked for, or by default ``ig`` and ``occlusion``; a model without gradients
+    (the closed-form ``forest`` and ``ridge``: trees and hand-made statistics) takes occlusion only."""
+    from xpression.models.closed_form import ClosedFormModel
+
+    differentiable = not isinstance(net, ClosedFormModel)
+    if methods is None:
+        return ["ig", "occlusion"] if differentiable else ["occlusion"]
+    if "ig" in methods and not differentiable:
+        raise AttributionError(f"--methods ig: {type(net).__name__} has no gradients (it is fitted, not trained); "
+                               "use --methods occlusion")
+    return list(methods)
+
+
 def run(args: argparse.Namespace) -> Path:
     """The whole command: check everything, then attribute and write (returns the output folder)."""
     import pandas as pd
@@ -263,7 +277,7 @@ def run(args: argparse.Namespace) -> Path:
     from xpression.inference.pipeline import _prepare, plan_jobs  # the sweep's own volume opening and patch path
     from xpression.inference.runs import load_predictor, resolve_run
 
-    unknown = [m for m in args.methods if m not in METHODS]
+    unknown = [m for m in args.methods or [] if m not in METHODS]
     if unknown:
         raise AttributionError(f"--methods: {unknown} not among {list(METHODS)}")
     if args.steps < 1 or args.cube_um <= 0 or (args.stride_um is not None and args.stride_um <= 0):
@@ -277,6 +291,7 @@ def run(args: argparse.Namespace) -> Path:
     cohort = load_manifest(manifest)
     points = resolve_points(args.points, cohort, info.trained_sections, args.volume)
     pred = load_predictor(info, "cpu", "fp32")
+    args.methods = _methods_for(pred.net, args.methods)
     names = list(pred.target_names or [])
     kind = info.spec.targets.get("kind") or "composition"
     if args.targets:
@@ -356,7 +371,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="spot barcodes (or SECTION_ID:BARCODE) and/or 3D positions z,y,x in um")
     parser.add_argument("--volume", default=None, help="volume id of the z,y,x positions (default: the first trained section's)")
     parser.add_argument("--out", default=None, help="output folder (default RUN/attributions)")
-    parser.add_argument("--methods", nargs="+", default=["ig", "occlusion"], help="ig and/or occlusion")
+    parser.add_argument("--methods", nargs="+", default=None,
+                        help="ig and/or occlusion (default: both; occlusion alone for model=forest or ridge)")
     parser.add_argument("--steps", type=int, default=32, help="integrated gradients: midpoints on the path")
     parser.add_argument("--cube-um", type=float, default=19.2, help="occlusion cube edge (um; rounded to voxels per axis)")
     parser.add_argument("--stride-um", type=float, default=None, help="occlusion stride (um; default: the cube)")
