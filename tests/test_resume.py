@@ -4,6 +4,7 @@ one continuous metrics history; checkpoints of another config refused."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -118,8 +119,9 @@ def test_cli_resume_restores_the_run_and_keeps_its_history(whole, crashed, tmp_p
     default one; the folder was moved, its paths follow it; `figures` may change on resume."""
     run = _copy(crashed, tmp_path / "moved")
     config_before = (run / "config.yaml").read_bytes()
+    # one thread, as the in-process runs it is compared with (sums over threads round differently)
     proc = subprocess.run([sys.executable, "train.py", f"resume={run}", "figures=true"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     _assert_same_metrics(json.loads((run / "metrics.json").read_text()), json.loads((whole / "metrics.json").read_text()))
     _assert_same_history(run / "csv" / "metrics.csv", whole / "csv" / "metrics.csv")
@@ -220,7 +222,7 @@ def test_a_checkpoint_recorded_before_context_edges_reads_fill_where_it_had_a_vi
     single = _compose("debug=smoke", "model=cnn3d", f"data.manifest={tiny_cohort}")
     assert single.sampler.context_um is None and single.sampler.context_edges == "mirror"
     assert _differences(recorded_without_edges(single), single) == []
-    multi = _compose("debug=smoke", f"data.manifest={tiny_cohort}")  # the multi-scale default
+    multi = _compose("debug=smoke", "model=multiscale_cnn3d", f"data.manifest={tiny_cohort}")
     assert multi.sampler.context_um is not None
     recorded = recorded_without_edges(multi)
     assert _differences(recorded, multi) == ["sampler.context_edges", "data.sampler.context_edges"]
