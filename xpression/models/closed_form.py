@@ -177,10 +177,15 @@ class ClosedFormModel(nn.Module):
 
     def predict_with_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``forward(x)`` and :meth:`ood_features` from one computation of the features."""
+        feats = self.tensor_features(x)
+        return torch.from_numpy(self.predict_from_features(feats)), torch.from_numpy(self.standardised(feats))
+
+    def tensor_features(self, x: torch.Tensor) -> np.ndarray:
+        """``(B, C, D, H, W)`` views (float intensities, or a loader's uint8 levels) of a fitted
+        model -> ``(B, F)`` features."""
         if not self.fitted:
             raise RuntimeError(f"{type(self).__name__} is not fitted; call fit(datamodule) first")
-        feats = self.features(self.as_views(image_to_float(x.detach().cpu()).numpy()))
-        return torch.from_numpy(self.predict_from_features(feats)), torch.from_numpy(self.standardised(feats))
+        return self.features(self.as_views(image_to_float(x.detach().cpu()).numpy()))
 
     def save_checkpoint(self, path: str | Path, run_config: dict | None = None) -> Path:
         """A checkpoint ``infer.py`` loads like a network's: the fitted tensors, constructor

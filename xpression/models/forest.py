@@ -25,7 +25,6 @@ import torch
 from xpression.config import ConfigError
 from xpression.data.input_spec import InputSpec
 from xpression.data.kinds import get_kind
-from xpression.data.patches import image_to_float
 from xpression.models.closed_form import ClosedFormModel
 from xpression.models.filterbank import FilterBank
 
@@ -174,9 +173,7 @@ class FilterBankForest(ClosedFormModel):
         """``(B, C, D, H, W)`` views -> ``forward(x)`` ``(B, T)``, the sample SD (ddof 1) over the
         trees of each tree's prediction (in target units) and, ``with_features``, the ood features
         (:meth:`standardised`), from one computation of the features."""
-        if not self.fitted:
-            raise RuntimeError("FilterBankForest is not fitted; call fit(datamodule) first")
-        feats = self.features(self.as_views(image_to_float(x.detach().cpu()).numpy()))
+        feats = self.tensor_features(x)
         leaves = tree_leaves(feats, *(getattr(self, k).cpu().numpy() for k in TREE_KEYS))
         kind = get_kind(self.target_spec.kind)
         each = kind.activate_numpy(leaves.reshape(-1, leaves.shape[-1])).reshape(leaves.shape)
