@@ -267,9 +267,9 @@ def test_sampler_patch_spelling_sets_the_patch_group():
 
     from xpression.config import compose, sync_patch
 
-    cfg = compose("train", ["sampler.patch_size_um=[57.6,205,205]", "sampler.voxel_size_um=3.2"])
+    cfg = compose("train", ["model=multiscale_cnn3d", "sampler.patch_size_um=[57.6,205,205]", "sampler.voxel_size_um=3.2"])
     sync_patch(cfg)
-    # the default multi-scale model's context view follows the patch: 3 times it along each axis
+    # the multi-scale model's context view follows the patch: 3 times it along each axis
     assert OmegaConf.to_container(cfg.patch, resolve=True) == {"size_um": [57.6, 205, 205], "voxel_size_um": 3.2,
                                                               "context_um": [57.6 * 3, 615.0, 615.0], "context_edges": "mirror"}
     assert list(cfg.sampler.patch_size_um) == [57.6, 205, 205]
@@ -292,8 +292,8 @@ def test_output_folder_checked(tmp_path):
 # -- the command line -------------------------------------------------------------------------
 
 def test_cli_prints_the_cause_last_without_a_traceback(tiny_cohort, tmp_path):
-    args = [sys.executable, "train.py", "debug=smoke", f"data.manifest={tiny_cohort}", f"hydra.run.dir={tmp_path / 'run'}",
-            "data.batch_size=0", "model.lr=-0.01"]
+    args = [sys.executable, "train.py", "debug=smoke", "model=multiscale_cnn3d", f"data.manifest={tiny_cohort}",
+            f"hydra.run.dir={tmp_path / 'run'}", "data.batch_size=0", "model.lr=-0.01"]
     proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout

@@ -30,8 +30,8 @@ def _run(*args: str) -> subprocess.CompletedProcess:
 
 def test_train_then_infer_a_cohort_and_a_tiff(tiny_cohort, tmp_path):
     run = tmp_path / "run"
-    proc = _run("train.py", "debug=smoke", f"data.manifest={tiny_cohort}", f"hydra.run.dir={run}", "figures=false",
-                "trainer.max_epochs=2")
+    proc = _run("train.py", "debug=smoke", "model=multiscale_cnn3d", f"data.manifest={tiny_cohort}", f"hydra.run.dir={run}",
+                "figures=false", "trainer.max_epochs=2")
     metrics = json.loads((run / "metrics.json").read_text())
     assert (run / "checkpoints" / "last.ckpt").is_file() and metrics["epochs"] == 2
     # the one-line summary: no checkpoint callback in debug=smoke, so no "best" claimed
