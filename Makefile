@@ -25,7 +25,7 @@ $(COHORT): | $(STAMP)
 
 cohort: $(COHORT)
 
-# train.py's default recipe as it is (the multi-scale CNN, swept densely).
+# train.py's default recipe as it is (model=forest: fitted once, swept patch by patch).
 run: $(STAMP) $(COHORT)
 	$(PY) -m xpression.data.check $(COHORT) --out $(RUN_DIR)/check
 	$(PY) train.py hydra.run.dir=$(RUN_DIR)/train

@@ -217,7 +217,12 @@ def infer(cfg: Any) -> dict:
         if cfg.get("cudnn_benchmark", True):
             torch.backends.cudnn.benchmark = True  # tiles of one shape: each convolution autotuned once
     if info.spec.context is not None and cfg.mode == "dense" and not pred.can_dense:
-        log.info("multi-scale model whose encoders have no dense mode: predicting patch by patch (mode=patch)")
+        from xpression.models.closed_form import ClosedFormModel
+
+        model = getattr(pred.net, "members", [pred.net])[0]
+        what = (f"{type(model).__name__} (fitted, no dense mode)" if isinstance(model, ClosedFormModel)
+                else "multi-scale model whose encoders have no dense mode")
+        log.info("%s: predicting patch by patch (mode=patch)", what)
         cfg.mode = "patch"
     jobs, cohort = plan_jobs(cfg, info)
     identity = {**info.identity(), **trust_identity(trust)}
