@@ -16,7 +16,8 @@
 #   ms_deep_long  multiscale on the 57.6 um deep patch, up to 60 epochs, patience 15
 #   forest      model=forest (filter bank with signed distances + extremely randomised trees, its
 #               preset's context view), fitted once
-# ms_xlong is train.py's default recipe, cnn3d_xlong `make run`'s (README "The default recipe").
+# forest is train.py's default recipe and make run's; ms_xlong the network recipe before it, cnn3d_xlong
+# make run's before that (README "The default recipe").
 # On a 2-core CPU: 17 s (cnn3d) to 80 s (ms_deep_long) per seed; all ten, 5 seeds: 28 min.
 # REUSE=1: keep a candidate whose folder already holds runs (add candidates to an earlier OUT).
 set -euo pipefail
@@ -24,7 +25,7 @@ PY=${PY:-.venv/bin/python}
 COHORT=${COHORT:-data/phantom_default/cohort.yaml}
 OUT=${OUT:-runs/default_recipe/$(date +%Y-%m-%d_%H-%M-%S)}
 SEEDS=${SEEDS:-0,1,2,3,4}
-RECIPES=${RECIPES:-cnn3d cnn3d_xlong ms_xlong}  # the former default, make run's and train.py's
+RECIPES=${RECIPES:-cnn3d cnn3d_xlong ms_xlong forest}  # former defaults and train.py's (forest)
 mkdir -p "$OUT"
 SHORT="trainer.max_epochs=30 callbacks.early_stopping.patience=5"
 recipe() {

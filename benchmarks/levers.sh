@@ -13,7 +13,7 @@
 #              steps, at most PRETRAIN_MINUTES minutes; $OUT/ssl_pretrain/encoder.ckpt, reused if there)
 #   multiscale cnn3d on the patch + a second cnn3d on a 172.8 x 600 x 600 um context view
 #              (every 3rd voxel of the low-pass filtered volume around the same centre), LONG epochs
-#   recipe     train.py's default recipe: multiscale (its preset's context view, 3x the patch: the
+#   recipe     the network recipe (train.py's default until model=forest): multiscale (its preset's context view, 3x the patch: the
 #              same voxels), up to 150 epochs, early stopping after 30 without progress
 #   forest     filter-bank features of the patch and the same context view + extremely randomised
 #              trees (model=forest), fitted once: no epochs

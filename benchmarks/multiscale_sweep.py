@@ -3,8 +3,8 @@
     python benchmarks/multiscale_sweep.py [--run RUN] [--cohort COHORT.yaml] [--volume-id ID]
                                           [--tiles N] [--threads N] [--device cpu|cuda]
 
-The network: ``--run`` (a train.py run of a multi-scale model) or, by default, ``train.py``'s
-default model with random weights (``model=multiscale_cnn3d``: cnn3d on the 34 x 205 x 205 um
+The network: ``--run`` (a train.py run of a multi-scale model) or, by default, the multi-scale
+network with random weights (``model=multiscale_cnn3d``: cnn3d on the 34 x 205 x 205 um
 patch, a second cnn3d on the context view 3x the patch, every 3rd voxel of the low-pass filtered
 volume), at the cohort's voxel size. The grid is the study's (33.6 x 25.6 x 25.6 um); the first
 ``--tiles`` tissue tiles (default tiles of the sweep) are swept in both modes with the same
@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 
 def default_model(voxel_um: tuple, targets: int = 6):
-    """train.py's default multi-scale model (random weights) and its input spec."""
+    """The multi-scale network's preset (``model=multiscale_cnn3d``, random weights) and its input spec."""
     from xpression.config import compose
     from xpression.data.geometry import PatchGeometry
     from xpression.data.input_spec import InputSpec, IntensitySpec
@@ -37,7 +37,7 @@ def default_model(voxel_um: tuple, targets: int = 6):
     from xpression.resolvers import register_resolvers
 
     register_resolvers()
-    cfg = compose("train", ["data.manifest=unused"])
+    cfg = compose("train", ["model=multiscale_cnn3d", "data.manifest=unused"])
     patch_um = np.asarray(cfg.patch.size_um, float)
     shape = PatchGeometry(tuple(patch_um)).shape_vox(voxel_um)
     names = [f"t{i}" for i in range(targets)]

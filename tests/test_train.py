@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _small_cnn(overrides: list[str]) -> list[str]:
     """The tests' network: the small single-view 3D CNN (dense sweeps, 64 features) unless an
-    override names another; train.py's default is the multi-scale one."""
+    override names another; train.py's default is the forest (fitted, no epochs)."""
     return overrides if any(o.startswith(("model=", "experiment=")) for o in overrides) else ["model=cnn3d", *overrides]
 
 
