@@ -4,7 +4,7 @@
                                        [--cohort COHORT.yaml] [--no-figures]
 
 ``SOURCE_*`` are ``infer.py`` output folders (``<volume_id>/maps.ome.zarr``) swept on the same
-grid, e.g. of the default recipe and of a ``model=forest`` run. ``OUTPUT`` gets the mix's maps
+grid, e.g. of a ``model=multiscale_cnn3d`` run and of a ``model=forest`` run (the default). ``OUTPUT`` gets the mix's maps
 (:func:`xpression.inference.mix.mix_maps`: the weighted mean of the targets, the mixture's SD
 where every source has SD channels, no ``ood``) and ``summary.json``. When the cohort
 (``--cohort``, else the one the first source was swept over, from its ``summary.json``) has a
