@@ -253,3 +253,20 @@ def test_a_forest_sweeps_with_its_trees_spread_and_an_ood_channel(forest, datamo
     require_features([forest])  # a fitted forest has features to measure the distance in
     with pytest.raises(InferenceError, match="uncertainty=trees takes one model"):
         TrustNet([forest, forest], "trees")
+
+
+def test_uncertainty_on_a_forest_run_takes_its_trees_and_refuses_mc_dropout_in_one_line(forest, tmp_path):
+    from omegaconf import OmegaConf
+
+    from xpression.inference.predictor import InferenceError
+    from xpression.inference.runs import load_predictor, resolve_run
+    from xpression.inference.uncertainty import trust_predictor
+
+    info = resolve_run(forest.save_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt"))
+    pred = load_predictor(info, "cpu", "fp32")
+    with pytest.raises(InferenceError, match=r"mc_dropout: .* holds a forest \(no dropout\); use uncertainty=trees"):
+        trust_predictor(OmegaConf.create({"uncertainty": "mc_dropout"}), info, [info], pred)
+    wrapped, meta = trust_predictor(OmegaConf.create({"uncertainty": "trees"}), info, [info], pred)
+    names = list(forest.target_spec.names)
+    assert meta["method"] == "trees" and meta["sd_channels"] == [f"{t}_sd" for t in names]
+    assert list(wrapped.target_names) == names + [f"{t}_sd" for t in names]

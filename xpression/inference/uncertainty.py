@@ -399,6 +399,8 @@ def trust_predictor(cfg: Any, info: Any, members: Sequence[Any], pred: Predictor
         if len({i.sha256 for i in infos}) < len(infos):
             log.warning("the ensemble holds the same checkpoint more than once: its SD is 0 there")
     if method == "mc_dropout":
+        if hasattr(pred.net, "predict_spread"):
+            raise InferenceError(f"uncertainty=mc_dropout: {info.run_dir} holds a forest (no dropout); use uncertainty=trees")
         if not dropout_layers(pred.net):
             raise InferenceError(f"uncertainty=mc_dropout: the network of {info.run_dir} has no dropout layer "
                                  "(p > 0); train with dropout (e.g. model.backbone.dropout=0.3) or use uncertainty=ensemble")
