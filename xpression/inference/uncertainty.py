@@ -224,9 +224,11 @@ class TrustNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, 1, D, H, W)`` patches -> ``(B, C)``: means, SDs, ood."""
         if self.method == "trees":
-            mean, sd, feats = self.members[0].predict_spread(x, with_features=self.with_ood)
-            out = [mean, self._scaled(sd.to(self.sd_scale.device))] + ([self._ood(0, feats).unsqueeze(1)] if self.with_ood else [])
-            return torch.cat([t.to(x.device) for t in out], dim=1)
+            # the forest runs in numpy on the CPU; its answers join the trust map's buffers on x's device
+            mean, sd, feats = (None if t is None else t.to(x.device) for t in
+                               self.members[0].predict_spread(x, with_features=self.with_ood))
+            out = [mean, self._scaled(sd)] + ([self._ood(0, feats).unsqueeze(1)] if self.with_ood else [])
+            return torch.cat(out, dim=1)
 
         def head(net: nn.Module, feats: torch.Tensor) -> torch.Tensor:
             return net.head.activate(net.forward_head(feats)).float()
