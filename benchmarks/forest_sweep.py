@@ -1,0 +1,99 @@
+"""Where a forest's patch-by-patch sweep spends its time, in one profiled run of ``infer.py``.
+
+    python benchmarks/forest_sweep.py RUN [--volume-id ID] [--out DIR] [infer.py key=value ...]
+
+``RUN`` is a ``model=forest`` run (``make run``'s, say). One volume of its cohort (default: the
+first) is swept by ``infer.py`` as a user runs it (``figures=false ct_preview=false``, no
+scoring) under ``cProfile``; the table gives, per step of the patch path, its time (cumulative,
+each counted once), its share of the sweep and the grid points per second the sweep reached:
+
+- the sweep: ``_run_patch`` (every tile's patches, their features and the trees), and the whole
+  command (start-up, mask, writes included);
+- cutting the context views (``ContextView.window``);
+- the filter bank's Gaussian features (``ViewKernels.features``) and signed distances
+  (``NearestFirst.distances``);
+- the trees (``tree_leaves``).
+
+Further ``key=value`` arguments go to ``infer.py`` (e.g. ``uncertainty=trees ood=true``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import json
+import pstats
+import runpy
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+STEPS = [  # (label, file suffix, function name)
+    ("sweep (_run_patch)", "inference/sweep.py", "_run_patch"),
+    ("context views cut", "data/context.py", "window"),
+    ("Gaussian features", "models/filterbank.py", "features"),
+    ("signed distances", "models/filterbank.py", "distances"),
+    ("trees", "models/forest.py", "tree_leaves"),
+]
+
+
+def cumulative(stats: pstats.Stats, suffix: str, name: str) -> float:
+    """Cumulative seconds of the function ``name`` defined in a file ending with ``suffix``."""
+    return sum(v[3] for (file, _, func), v in stats.stats.items() if file.endswith(suffix) and func == name)  # type: ignore[attr-defined]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("run", type=Path, help="a model=forest run folder")
+    ap.add_argument("--volume-id", default=None, help="the volume to sweep (default: the cohort's first)")
+    ap.add_argument("--out", type=Path, default=None, help="where the maps go (default: a temporary folder)")
+    args, extra = ap.parse_known_args(argv)
+    if not (args.run / "config.yaml").is_file():
+        raise SystemExit(f"error: {args.run} is not a train.py run folder (no config.yaml)")
+    out = args.out or Path(tempfile.mkdtemp(prefix="forest_sweep_"))
+    volume = [f"volumes=[{args.volume_id}]"] if args.volume_id else []
+    if not args.volume_id:
+        import yaml
+
+        from xpression.data.manifest import load_manifest
+
+        manifest = yaml.safe_load((args.run / "config.yaml").read_text())["data"]["manifest"]
+        volume = [f"volumes=[{load_manifest(manifest).volumes[0].id}]"]
+    sys.argv = ["infer.py", f"run={args.run}", f"output={out}", "progress=false", "figures=false", "ct_preview=false",
+                "infer/evaluation=none", *volume, *extra]
+    profile = cProfile.Profile()
+    start = time.perf_counter()
+    profile.enable()
+    try:
+        runpy.run_path(str(ROOT / "infer.py"), run_name="__main__")
+    except SystemExit as stop:
+        if stop.code not in (0, None):
+            raise
+    profile.disable()
+    total = time.perf_counter() - start
+    stats = pstats.Stats(profile)
+    import numpy as np
+
+    from xpression.inference.writers import read_maps
+
+    summary = json.loads((out / "summary.json").read_text())
+    points = 0  # the tissue grid points the sweep predicted (the rest of the grid is NaN)
+    for vid in summary["volumes"]:
+        maps, _ = read_maps(out / vid / "maps.ome.zarr")
+        points += int(np.isfinite(np.asarray(maps[0])).sum())
+    sweep = cumulative(stats, *STEPS[0][1:])
+    print(f"\n{args.run}: {', '.join(summary['volumes'])}, {points:,} grid points; maps in {out}\n")
+    print("| step | seconds | share of the sweep | grid points/s |")
+    print("|---|---|---|---|")
+    print(f"| whole command (profiled) | {total:.1f} | - | {points / total:,.0f} |")
+    for label, suffix, name in STEPS:
+        t = cumulative(stats, suffix, name)
+        print(f"| {label} | {t:.1f} | {t / sweep:.0%} | {points / t:,.0f} |" if t else f"| {label} | 0 | - | - |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
