@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 STEPS = [  # (label, file suffix, function name)
     ("sweep (_run_patch)", "inference/sweep.py", "_run_patch"),
@@ -51,17 +52,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--volume-id", default=None, help="the volume to sweep (default: the cohort's first)")
     ap.add_argument("--out", type=Path, default=None, help="where the maps go (default: a temporary folder)")
     args, extra = ap.parse_known_args(argv)
-    if not (args.run / "config.yaml").is_file():
-        raise SystemExit(f"error: {args.run} is not a train.py run folder (no config.yaml)")
+    from xpression.data.manifest import load_manifest
+    from xpression.inference.predictor import InferenceError
+    from xpression.inference.runs import resolve_run
+
+    try:
+        info = resolve_run(args.run)
+    except InferenceError as err:
+        raise SystemExit(f"error: {err}") from None
     out = args.out or Path(tempfile.mkdtemp(prefix="forest_sweep_"))
-    volume = [f"volumes=[{args.volume_id}]"] if args.volume_id else []
-    if not args.volume_id:
-        import yaml
-
-        from xpression.data.manifest import load_manifest
-
-        manifest = yaml.safe_load((args.run / "config.yaml").read_text())["data"]["manifest"]
-        volume = [f"volumes=[{load_manifest(manifest).volumes[0].id}]"]
+    volume = [f"volumes=[{args.volume_id or load_manifest(info.manifest).volumes[0].id}]"]
     sys.argv = ["infer.py", f"run={args.run}", f"output={out}", "progress=false", "figures=false", "ct_preview=false",
                 "infer/evaluation=none", *volume, *extra]
     profile = cProfile.Profile()

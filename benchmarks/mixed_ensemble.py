@@ -24,11 +24,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from xpression.evaluation.benchmark import runs_by_seed  # noqa: E402
 from xpression.evaluation.scores import score_rows  # noqa: E402
 from xpression.evaluation.stats import paired_difference  # noqa: E402
 
@@ -36,18 +36,9 @@ PLACE = ["volume_id", "where", "distance_um"]
 WHERE_UM = ["z_um", "y_um", "x_um"]
 
 
-def runs_by_seed(folder: Path) -> dict[int, Path]:
+def probe_runs(folder: Path) -> dict[int, Path]:
     """The runs under ``folder`` that kept their probe points, by seed."""
-    out = {}
-    for points in sorted(folder.rglob("probe_points.csv")):
-        run = points.parent
-        seed = int(yaml.safe_load((run / "config.yaml").read_text())["seed"])
-        if seed in out:
-            raise SystemExit(f"error: two runs with seed {seed} under {folder}: {out[seed]} and {run}")
-        out[seed] = run
-    if not out:
-        raise SystemExit(f"error: no run under {folder} kept probe_points.csv (train with +off_plane=probe)")
-    return out
+    return runs_by_seed(folder, "probe_points.csv", " (train with +off_plane=probe)")
 
 
 def target_kind(run: Path) -> str:
@@ -79,7 +70,7 @@ def main() -> None:
     args = ap.parse_args()
     if not 0.0 <= args.weight_b <= 1.0:
         raise SystemExit(f"error: --weight-b must lie in [0, 1], got {args.weight_b}")
-    runs_a, runs_b = runs_by_seed(args.a), runs_by_seed(args.b)
+    runs_a, runs_b = probe_runs(args.a), probe_runs(args.b)
     seeds = sorted(set(runs_a) & set(runs_b))
     if not seeds:
         raise SystemExit(f"error: no seed in common: A has {sorted(runs_a)}, B has {sorted(runs_b)}")

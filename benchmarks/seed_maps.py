@@ -26,19 +26,8 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from xpression.evaluation.benchmark import runs_by_seed  # noqa: E402
 from xpression.evaluation.stats import paired_difference  # noqa: E402
-
-
-def seed_runs(multirun: Path) -> dict[int, Path]:
-    """``{seed: run folder}`` of a multirun folder (each run's config.yaml names its seed)."""
-    import yaml
-
-    runs = {}
-    for cfg in sorted(multirun.glob("*/config.yaml")):
-        runs[int(yaml.safe_load(cfg.read_text())["seed"])] = cfg.parent
-    if not runs:
-        raise SystemExit(f"error: {multirun} holds no train.py runs (*/config.yaml)")
-    return runs
 
 
 def sweep(run: Path, python: str) -> None:
@@ -108,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sweep", action="store_true", help="run infer.py on every run without maps first")
     parser.add_argument("--csv", type=Path, default=None, help="also write the table here")
     args = parser.parse_args(argv)
-    runs_a, runs_b = seed_runs(args.a), seed_runs(args.b)
+    runs_a, runs_b = runs_by_seed(args.a), runs_by_seed(args.b)
     if args.sweep:
         for run in [*runs_a.values(), *runs_b.values()]:
             sweep(run, sys.executable)

@@ -3,7 +3,6 @@ sd over seeds, never pooled across volumes; a figure and a table written; bad in
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -11,14 +10,11 @@ import pandas as pd
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+from tests._scripts import load_benchmark
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("label_curve", REPO / "benchmarks" / "label_curve.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("label_curve")
 
 
 def _run(folder: Path, seed: int, train: dict[str, int], scores: list[dict]) -> None:

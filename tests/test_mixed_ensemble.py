@@ -3,7 +3,6 @@ and the refusal of runs that scored different points."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -12,7 +11,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests._scripts import load_benchmark
+
 NAMES = ["alveolar", "airway", "infected"]
 
 
@@ -51,9 +51,7 @@ def folders(tmp_path):
 
 def _mix(folders: Path, weight: float, monkeypatch, capsys) -> tuple[int, str, str]:
     """The script's main() in this process (a subprocess costs seconds of imports)."""
-    spec = importlib.util.spec_from_file_location("mixed_ensemble", ROOT / "benchmarks" / "mixed_ensemble.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_benchmark("mixed_ensemble")
     monkeypatch.setattr(sys, "argv", ["mixed_ensemble.py", str(folders / "A"), str(folders / "B"), "--weight-b", str(weight),
                                       "--csv", str(folders / "out.csv")])
     code = 0

@@ -3,28 +3,22 @@ around each plane, and their correlation; bad input in one line."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 import zarr
 
 from tests._inference_models import TinyValidNet
+from tests._scripts import load_benchmark
 from xpression.data.volume import open_volume
 from xpression.inference.predictor import Predictor
 from xpression.inference.volume_sweep import SweepSettings, infer_volume
 
-REPO = Path(__file__).resolve().parents[1]
 torch.set_num_threads(1)
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("plane_profile", REPO / "benchmarks" / "plane_profile.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("plane_profile")
 
 
 def test_plane_profile_follows_the_map_and_the_ct(tmp_path, capsys):

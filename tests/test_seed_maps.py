@@ -3,21 +3,17 @@ seed per volume and place (unseen volumes, whose distance is empty, included), b
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests._scripts import load_benchmark
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("seed_maps", ROOT / "benchmarks" / "seed_maps.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("seed_maps")
 
 
 def _multirun(root: Path, model_r: dict[int, float], extrusion_r: dict[int, float], unseen_r: dict[int, float]) -> Path:
@@ -43,8 +39,8 @@ def test_rows_are_paired_by_seed_with_the_baselines_beside(tmp_path):
     a = _multirun(tmp_path / "A", {0: 0.50, 1: 0.60, 2: 0.70}, {0: 0.3, 1: 0.3, 2: 0.3}, {0: 0.4, 1: 0.5, 2: 0.6})
     # B's seeds are listed in another order: pairing must follow the seeds, not the folders
     b = _multirun(tmp_path / "B", {2: 0.80, 0: 0.60, 1: 0.70}, {2: 0.3, 0: 0.3, 1: 0.3}, {2: 0.6, 0: 0.4, 1: 0.5})
-    assert sorted(m.seed_runs(b)) == [0, 1, 2]
-    table = m.summary(m.scores(m.seed_runs(a)), m.scores(m.seed_runs(b)), "A", "B").set_index("volume")
+    assert sorted(m.runs_by_seed(b)) == [0, 1, 2]
+    table = m.summary(m.scores(m.runs_by_seed(a)), m.scores(m.runs_by_seed(b)), "A", "B").set_index("volume")
     plane, unseen = table.loc["a"], table.loc["b"]
     assert plane["um"] == "100" and unseen["um"] == "" and plane["seeds"] == 3
     assert plane["A r"].startswith("0.600 ± 0.100 (0.100)") and plane["B r"].startswith("0.700 ± 0.100")
@@ -60,8 +56,8 @@ def test_rows_are_paired_by_seed_with_the_baselines_beside(tmp_path):
 def test_a_folder_without_runs_or_maps_is_one_line(tmp_path):
     m = _module()
     with pytest.raises(SystemExit, match="holds no train.py runs"):
-        m.seed_runs(tmp_path)
+        m.runs_by_seed(tmp_path)
     (tmp_path / "r").mkdir()
     (tmp_path / "r" / "config.yaml").write_text("seed: 0\n")
     with pytest.raises(SystemExit, match="evaluation.csv is missing; sweep the run first"):
-        m.scores(m.seed_runs(tmp_path))
+        m.scores(m.runs_by_seed(tmp_path))

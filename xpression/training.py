@@ -126,7 +126,7 @@ def train(cfg: DictConfig) -> float | None:
         fit_without_lightning(trainer, model, datamodule)
         if trainer.is_global_zero:
             model.save_checkpoint(out_dir / "checkpoints" / "last.ckpt", config)
-            save_closed_form_ood_fit(model, out_dir)
+            save_ood_fit(model, datamodule, out_dir)
     if not trainer.is_global_zero:
         return None
 
@@ -166,23 +166,18 @@ def fit_summary(trainer: pl.Trainer, metrics: Mapping[str, Any], fitted: bool = 
     return "; ".join(parts)
 
 
-def save_ood_fit(model: pl.LightningModule, datamodule: Any, out_dir: Path,
-                 device: str | torch.device = "cpu") -> Path | None:
+def save_ood_fit(model: Any, datamodule: Any, out_dir: Path, device: str | torch.device = "cpu") -> Path | None:
     """``out_dir/ood_fit.npz``: the out-of-distribution fit on the training spots' features of
-    ``model``'s evaluation network (the weights' digest recorded: infer.py fits again for others)."""
-    from xpression.inference.ood import OOD_FILE, fit_training_spots
+    ``model``'s evaluation network (the weights' digest recorded: infer.py fits again for others).
+    A closed-form model's fit comes from the training features it kept (no second pass)."""
+    from xpression.inference.ood import OOD_FILE, fit_ood, fit_training_spots, weights_digest
 
+    if getattr(model, "training_features", None) is not None:
+        return fit_ood(model.standardised(model.training_features), weights_digest(model)).save(out_dir / OOD_FILE)
     net = getattr(model, "eval_net", model)
     if not hasattr(net, "forward_features"):
         return None
     return fit_training_spots(net, datamodule, device).save(out_dir / OOD_FILE)
-
-
-def save_closed_form_ood_fit(model: Any, out_dir: Path) -> Path:
-    """``out_dir/ood_fit.npz`` for a closed-form model, from the training features its fit kept."""
-    from xpression.inference.ood import OOD_FILE, fit_ood, weights_digest
-
-    return fit_ood(model.standardised(model.training_features), weights_digest(model)).save(out_dir / OOD_FILE)
 
 
 def _checkpoint_epoch(path: str) -> int | None:

@@ -39,7 +39,7 @@ from xpression.evaluation.stats import PairedDifference, paired_difference
 from xpression.metrics import MIN_TRUTH_SD, format_score
 from xpression.plotting import new_figure, save_figure
 
-__all__ = ["collect_runs", "summarise_scores", "write_report", "findings", "main"]
+__all__ = ["collect_runs", "runs_by_seed", "summarise_scores", "write_report", "findings", "main"]
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,23 @@ def _place(row: dict, held_out: str) -> str | None:
     if where == f"{held_out} spots":
         return "held-out spots"
     return where if where in ("plane", "volume") else None
+
+
+def runs_by_seed(folder: str | Path, marker: str = "config.yaml", hint: str = "") -> dict[int, Path]:
+    """``{seed: run folder}`` of the ``train.py`` runs under ``folder`` (a multirun) that hold
+    ``marker``, each seed read from the run's ``config.yaml``. ``SystemExit`` with one line when
+    two runs share a seed or none is found (``hint`` is added to that line)."""
+    folder = Path(folder)
+    out: dict[int, Path] = {}
+    for found in sorted(folder.rglob(marker)):
+        run = found.parent
+        seed = int(yaml.safe_load((run / "config.yaml").read_text())["seed"])
+        if seed in out:
+            raise SystemExit(f"error: two runs with seed {seed} under {folder}: {out[seed]} and {run}")
+        out[seed] = run
+    if not out:
+        raise SystemExit(f"error: {folder} holds no train.py runs with {marker}{hint}")
+    return out
 
 
 def collect_runs(dirs: Sequence[str | Path]) -> tuple[pd.DataFrame, pd.DataFrame]:

@@ -159,7 +159,10 @@ class ClosedFormModel(nn.Module):
 
     def predict_from_features(self, feats: np.ndarray) -> np.ndarray:
         """``(B, F)`` features -> ``(B, T)`` float32 predictions, valid for the target kind."""
-        raw = self.predict_features(feats).reshape(len(feats), -1)
+        return self.valid(self.predict_features(feats).reshape(len(feats), -1))
+
+    def valid(self, raw: np.ndarray) -> np.ndarray:
+        """``(N, T)`` raw predictions made valid for the target kind, float32."""
         return get_kind(self.target_spec.kind).activate_numpy(raw).astype(np.float32)
 
     def predict_patches(self, patches: np.ndarray) -> np.ndarray:
@@ -188,7 +191,7 @@ class ClosedFormModel(nn.Module):
 
     def ood_features(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, C, D, H, W)`` views -> ``(B, F)`` float32 standardised features (:meth:`standardised`)."""
-        return self.predict_with_features(x)[1]
+        return torch.from_numpy(self.standardised(self.tensor_features(x)))
 
     def predict_with_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``forward(x)`` and :meth:`ood_features` from one computation of the features."""

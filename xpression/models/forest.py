@@ -24,7 +24,6 @@ import torch
 
 from xpression.config import ConfigError
 from xpression.data.input_spec import InputSpec
-from xpression.data.kinds import get_kind
 from xpression.models.closed_form import ClosedFormModel
 from xpression.models.filterbank import FilterBank
 
@@ -175,9 +174,8 @@ class FilterBankForest(ClosedFormModel):
         (:meth:`standardised`), from one computation of the features."""
         feats = self.tensor_features(x)
         leaves = tree_leaves(feats, *(getattr(self, k).cpu().numpy() for k in TREE_KEYS))
-        kind = get_kind(self.target_spec.kind)
-        each = kind.activate_numpy(leaves.reshape(-1, leaves.shape[-1])).reshape(leaves.shape)
-        mean = kind.activate_numpy(leaves.mean(axis=1)).astype(np.float32)
+        each = self.valid(leaves.reshape(-1, leaves.shape[-1])).reshape(leaves.shape)
+        mean = self.valid(leaves.mean(axis=1))  # what predict_from_features gives
         sd = each.std(axis=1, ddof=1 if leaves.shape[1] > 1 else 0).astype(np.float32)
         ood = torch.from_numpy(self.standardised(feats)) if with_features else None
         return torch.from_numpy(mean), torch.from_numpy(sd), ood
