@@ -265,3 +265,15 @@ def test_map_sinks_write_the_finished_maps(volume, tmp_path):
     np.testing.assert_array_equal(np.moveaxis(tifffile.imread(tmp_path / "maps.tif"), 1, 0), store)
     with pytest.raises(InferenceError, match=r"exports: unknown map sink 'zarr2'; valid names: bigtiff, .*ome_zarr"):
         check_exports(["zarr2"])
+
+
+def test_predictors_take_the_cache_uint8_levels_as_their_float_intensities():
+    """Patches as the cache stores them (uint8 levels) give the predictions of their float32
+    intensities, for a network's Predictor and a fitted model alike."""
+    from xpression.data.patches import dequantise
+
+    levels = np.random.default_rng(4).integers(0, 256, (3, *TinyValidNet().patch_shape), dtype=np.uint8)
+    p = pred()
+    want = p.predict_patches(dequantise(levels))
+    np.testing.assert_array_equal(p.predict_patches(levels), want)
+    assert np.ptp(want, axis=0).max() > 0  # the patches' predictions differ: the input reached the net

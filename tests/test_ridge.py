@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
+from xpression.data.patches import _LEVEL, dequantise
 from xpression.models.ridge import RidgeBaseline, patch_features
 
 
@@ -76,7 +77,11 @@ def test_features_equal_the_straightforward_ones_bit_for_bit(threads):
     levels = rng.integers(0, 256, (7, 9, 41, 37)).astype(np.uint8)
     nan = rng.random((3, 4, 17, 19))
     nan[1, 2, 3, 4] = np.nan
-    cases = [levels.astype(np.float32) * np.float32(1 / 255), rng.random((5, 6, 33, 31)), rng.random((3, 1, 33, 33)),
+    quantised = levels.astype(np.float32) * np.float32(1 / 255)
+    off_grid = quantised.copy()
+    off_grid[2, 3, 4, 5] += np.float32(1e-4)  # one value between levels: these rows are sorted
+    two_levels = np.where(rng.random((4, 3, 21, 23)) < 0.93, 0, 255).astype(np.uint8)  # ties at every rank
+    cases = [quantised, off_grid, dequantise(two_levels), rng.random((5, 6, 33, 31)), rng.random((3, 1, 33, 33)),
              np.zeros((1, 5, 33, 33)), nan]
     for x in cases:
         for b in sorted({1, 2, len(x)}):
@@ -84,6 +89,19 @@ def test_features_equal_the_straightforward_ones_bit_for_bit(threads):
                 want = _features_straightforward(x[:b], (1.6, 1.6, 1.6), (27.5, 50.0, 100.0), 0.3)
                 got = patch_features(x[:b], (1.6, 1.6, 1.6), (27.5, 50.0, 100.0), 0.3, threads=threads)
             np.testing.assert_array_equal(got, want)
+
+
+def test_only_rows_of_cache_levels_are_counted_instead_of_sorted():
+    from xpression.models.ridge import _level_codes
+
+    levels = np.random.default_rng(2).integers(0, 256, (3, 500)).astype(np.uint8)
+    np.testing.assert_array_equal(_level_codes(dequantise(levels)), levels)
+    assert _level_codes(levels / 255.0) is None  # float64
+    assert _level_codes((levels / 255.0).astype(np.float32)) is None  # other numbers than the cache's
+    for bad in (np.nan, -_LEVEL, 1 + _LEVEL, 0.5):
+        x = dequantise(levels)
+        x[1, 7] = bad
+        assert _level_codes(x) is None
 
 
 def test_fit_predict_equals_fit_then_predict(ridge, datamodule):
@@ -98,6 +116,13 @@ def test_fit_predict_equals_fit_then_predict(ridge, datamodule):
     for key, value in two.state_dict().items():
         assert torch.equal(one.state_dict()[key], value), key
     pd.testing.assert_frame_equal(columns, _ridge_columns(two, datamodule, table))
+
+
+def test_a_fitted_model_takes_the_cache_uint8_levels_as_their_float_intensities(ridge):
+    levels = np.random.default_rng(5).integers(0, 256, (4, *ridge.patch_shape), dtype=np.uint8)
+    want = ridge.predict_patches(dequantise(levels))
+    np.testing.assert_array_equal(ridge.predict_patches(levels), want)
+    assert np.ptp(want, axis=0).max() > 0
 
 
 def test_ridge_beats_the_training_mean(ridge, datamodule):

@@ -140,3 +140,6 @@ def test_resampled_patches_do_not_depend_on_the_threads(tmp_path):
     finally:
         torch.set_num_threads(before)
     np.testing.assert_array_equal(one, np.stack([dequantise(cut_patch(slab, grid, h, w, (5, 9, 9))) for h, w in grid.index_of(uv)]))
+    stored = read_patches(vol, plane, uv, (5, 9, 9), (0.7, 0.7, 0.7), norm, "uint8", stored=True)
+    assert stored.dtype == np.uint8 and stored.max() > 100
+    np.testing.assert_array_equal(dequantise(stored), one)

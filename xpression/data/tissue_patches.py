@@ -16,7 +16,7 @@ import numpy as np
 
 from xpression.data.geometry import Plane
 from xpression.data.mask import TissueMask
-from xpression.data.patches import patches_inside, quantise, read_patches, slab_grid
+from xpression.data.patches import patches_inside, read_patches, slab_grid
 
 __all__ = ["tissue_patches"]
 
@@ -57,7 +57,7 @@ def tissue_patches(volume: Any, mask: TissueMask, n: int, patch_shape: Sequence[
         inside = patches_inside(volume, grid, grid.index_of(uv), patch_shape)
         uv = uv[inside][:per_plane]
         if len(uv):
-            out.append(quantise(read_patches(volume, plane, uv, patch_shape, vs, transform, dtype), dtype))
+            out.append(read_patches(volume, plane, uv, patch_shape, vs, transform, dtype, stored=True))
             points.append(np.column_stack([np.full(len(uv), z_um), uv[:, 1], uv[:, 0]]))
     if not out:
         raise ValueError(f"no tissue point of {getattr(volume, 'path', 'the volume')} has room for a patch of "

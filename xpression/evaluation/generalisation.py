@@ -39,7 +39,7 @@ import pandas as pd
 from xpression.data.geometry import Plane
 from xpression.data.manifest import Cohort, load_manifest
 from xpression.data.mask import tissue_mask
-from xpression.data.patches import read_patches
+from xpression.data.patches import dequantise, read_patches
 from xpression.data.volume import open_volume
 from xpression.evaluation.baselines import KNN_K, TrainingSpots, baseline_predictions
 from xpression.evaluation.scores import score_rows
@@ -252,10 +252,11 @@ def evaluate_off_plane(model: Any, datamodule: Any, spots: pd.DataFrame, probe: 
             # the training patch path: the model's voxels, normalised and rounded as the cache was
             uv = plane.points_um[:, [2, 1]]
             patches = read_patches(volume, Plane.axial(plane.z_um), uv, datamodule.patch_shape_vox,
-                                   model_vs, norm, datamodule.cache_dtype)
+                                   model_vs, norm, datamodule.cache_dtype, stored=True)  # the predictors dequantise
             views = patches
             if datamodule.context is not None:  # a multi-scale model: the patch, then its context view
-                views = np.stack([patches, datamodule.context.read(volume, Plane.axial(plane.z_um), uv, norm, datamodule.cache_dtype)], axis=1)
+                views = np.stack([dequantise(patches),
+                                  datamodule.context.read(volume, Plane.axial(plane.z_um), uv, norm, datamodule.cache_dtype)], axis=1)
             preds = {"model": _predict(predictor, views, probe.batch_size)[:, cols]}
             if ridge is not None:
                 preds["ridge"] = _predict(ridge, patches, probe.batch_size)[:, cols]

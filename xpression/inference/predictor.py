@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from xpression.data.context import context_block_shape
+from xpression.data.patches import image_to_float
 
 __all__ = ["DenseGeometry", "Predictor", "InferenceError"]
 
@@ -133,10 +134,13 @@ class Predictor:
         return nullcontext()
 
     def _tensor(self, x: np.ndarray) -> torch.Tensor:
-        t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+        """Float32 intensities on :attr:`device`; the cache's uint8 levels travel as uint8 (a
+        quarter of the bytes) and are dequantised there (:func:`image_to_float`, same numbers)."""
+        x = np.asarray(x)
+        t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.uint8 if x.dtype == np.uint8 else np.float32))
         if self.device.type == "cuda":
             t = t.pin_memory()  # an asynchronous copy needs page-locked memory
-        return t.to(self.device, non_blocking=True)
+        return image_to_float(t.to(self.device, non_blocking=True))
 
     def _layout(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, D, H, W)`` -> the network's ``(B, 1, D, H, W)`` input in its memory layout
@@ -192,7 +196,8 @@ class Predictor:
         return out.float()
 
     def predict_patches(self, patches: np.ndarray) -> np.ndarray:
-        """``(B, D, H, W)`` normalised patches -> ``(B, T)`` float32 predictions."""
+        """``(B, D, H, W)`` normalised patches (float, or the cache's uint8 levels) -> ``(B, T)``
+        float32 predictions."""
         return self.patches_tensor(self._tensor(patches)).cpu().numpy()
 
     def predict_dense(self, blocks: np.ndarray, step: Sequence[int] = (1, 1, 1)) -> np.ndarray:

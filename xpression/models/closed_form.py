@@ -22,7 +22,7 @@ from torch import nn
 
 from xpression.data.input_spec import INPUT_SPEC_KEY, InputSpec
 from xpression.data.kinds import get_kind
-from xpression.data.patches import image_to_float
+from xpression.data.patches import dequantise, image_to_float
 from xpression.models.targets import as_target_spec
 from xpression.runfolder import RUN_CONFIG_KEY
 
@@ -108,8 +108,10 @@ class ClosedFormModel(nn.Module):
         return self.input_spec.voxel_size_um
 
     def as_views(self, patches: np.ndarray) -> np.ndarray:
-        """``(B, D, H, W)`` patches or ``(B, C, D, H, W)`` views -> ``(B, C, D, H, W)``."""
+        """``(B, D, H, W)`` patches or ``(B, C, D, H, W)`` views (float intensities, or the
+        cache's uint8 levels) -> ``(B, C, D, H, W)`` float intensities."""
         patches = np.asarray(patches)
+        patches = dequantise(patches) if patches.dtype == np.uint8 else patches
         return patches[:, None] if patches.ndim == 4 else patches
 
     def fit(self, datamodule: Any) -> "ClosedFormModel":

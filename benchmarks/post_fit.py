@@ -1,0 +1,120 @@
+"""What a training run computes on the CPU around its model: the slab cache, and the scoring after
+the fit without the model's own forward passes.
+
+    python benchmarks/post_fit.py --manifest COHORT.yaml [--voxel-size-um 1.6] [--threads 2] [--repeat 2]
+
+``train.py`` scores every run after its fit (``xpression.evaluation.run_scores.evaluate_run``):
+the features + ridge baseline fitted on the run's patch (one pass over every spot), then the
+off-plane probe (``conf/off_plane/probe.yaml``): the probe patches read as training reads them,
+the model and the ridge on them, the baselines without CT. On a GPU the model's share is small,
+so the rest bounds the share of a run spent outside training steps (``benchmarks/train_speed.py``).
+
+Here the model is free (a constant), so what is timed is everything else, split into its parts:
+the data module's set-up (sections, targets, the slab cache at the model's voxel size), the
+ridge's fit pass, the probe's patch reads and the ridge on the probe patches. Each part is the
+median over ``--repeat`` runs in one process. One table is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+class FreeModel:
+    """A per-patch predictor that costs nothing: every patch gets the same composition."""
+
+    def __init__(self, n_targets: int):
+        self.n_targets = n_targets
+
+    def predict_patches(self, patches: np.ndarray) -> np.ndarray:
+        return np.full((len(patches), self.n_targets), 1.0 / self.n_targets, np.float32)
+
+
+class FreeModelModule(torch.nn.Module):
+    """:class:`FreeModel` as a module, for ``predict_spots``' spot table."""
+
+    def __init__(self, n_targets: int):
+        super().__init__()
+        self.n_targets = n_targets
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.full((len(x), self.n_targets), 1.0 / self.n_targets)
+
+
+def timed(owner: object, name: str, seconds: dict[str, float], label: str) -> None:
+    """Wrap ``owner.name`` so each call adds its wall time to ``seconds[label]``."""
+    inner = getattr(owner, name)
+
+    def wrapper(*args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return inner(*args, **kwargs)
+        finally:
+            seconds[label] += time.perf_counter() - t0
+
+    setattr(owner, name, wrapper)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--manifest", required=True)
+    ap.add_argument("--voxel-size-um", type=float, default=None, help="model voxel size (default: the volume's)")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    ap.add_argument("--repeat", type=int, default=2)
+    args = ap.parse_args()
+
+    from omegaconf import OmegaConf
+
+    from xpression.callbacks import predict_spots
+    from xpression.data.datamodule import XPressionDataModule
+    from xpression.data.sampling import StratifiedSampler
+    from xpression.data.splits import StratifiedRandomSplit
+    from xpression.evaluation import generalisation
+    from xpression.evaluation.run_scores import evaluate_run
+    from xpression.models.closed_form import ClosedFormModel
+    from xpression.models.ridge import RidgeBaseline
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    runs: list[dict[str, float]] = []
+    for _ in range(args.repeat):
+        seconds: dict[str, float] = defaultdict(float)
+        t0 = time.perf_counter()
+        dm = XPressionDataModule(args.manifest, sampler=StratifiedSampler(voxel_size_um=args.voxel_size_um),
+                                 split=StratifiedRandomSplit(), batch_size=32, num_workers=0, seed=0)
+        dm.setup("fit")
+        seconds["set-up (sections, targets, slab cache)"] = time.perf_counter() - t0
+        table = predict_spots(FreeModelModule(len(dm.target_spec.names)), dm)
+        probe = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "off_plane" / "probe.yaml"))
+        probe["max_patch_um"] = [float(v) for v in dm.sampler.geometry.extent_um(dm.voxel_size_um)]
+        originals = (ClosedFormModel.fit_predict, generalisation.read_patches, RidgeBaseline.predict_patches)
+        timed(ClosedFormModel, "fit_predict", seconds, "ridge: fit pass over every spot")
+        timed(generalisation, "read_patches", seconds, "probe: patch reads")
+        timed(RidgeBaseline, "predict_patches", seconds, "probe: the ridge on its patches")
+        try:
+            t0 = time.perf_counter()
+            metrics, _ = evaluate_run(FreeModel(len(dm.target_spec.names)), dm, table, off_plane=probe)
+            seconds["scoring after the fit, all of it"] = time.perf_counter() - t0
+        finally:
+            ClosedFormModel.fit_predict, generalisation.read_patches, RidgeBaseline.predict_patches = originals
+        points = sum((metrics.get("off_plane") or {}).get("n_points", {}).values())
+        runs.append(dict(seconds))
+    print(f"{args.manifest}: {len(dm.spots)} spots, patch {dm.patch_shape_vox} voxels of {dm.voxel_size_um} um, "
+          f"{points} probe points, torch threads {torch.get_num_threads()}, median of {args.repeat} runs")
+    print(f"{'part':45s} {'seconds':>8s}")
+    for key in runs[0]:
+        print(f"{key:45s} {np.median([r[key] for r in runs]):8.2f}")
+
+
+if __name__ == "__main__":
+    main()
