@@ -13,8 +13,10 @@ skipped. Output of every stage goes to ``DIR/gpu_check.txt`` as it comes; the fi
 2. ``sweep``: ``benchmarks/sweep.py --model published`` over it on the GPU: end to end
    (read, normalise, network, store) against the bare trunk, dense vs patch, a kernel profile.
 3. ``cohort``: the tiny phantom, 256 x 1600 x 1600 um (6.4 um voxels), for the training stages.
-4. ``train_cnn3d_paper``, ``loader``, ``train_timm_resnet18``: ``benchmarks/train_speed.py``
-   and ``benchmarks/loader.py`` at 1.6 um (21 x 129 x 129 patches), batch 32.
+4. ``train_cnn3d_paper``, ``train_timm_resnet18``, ``loader``: ``benchmarks/train_speed.py``
+   (with the phases of a step) and ``benchmarks/loader.py`` (with where a batch's time goes) at
+   1.6 um (21 x 129 x 129 patches), batch 32; ``post_fit``: ``benchmarks/post_fit.py``, the
+   scoring after a fit without the model, in parts (CPU work, on this machine's CPUs).
 5. ``sweep_compile``: the sweep with ``torch.compile``, only if time is left.
 
 ``--cpu-smoke`` runs every stage tiny on the CPU (6.4 um voxels, the small ``cnn3d``), so
@@ -182,6 +184,9 @@ def table(res: dict) -> str:
         ("sweep end to end, MVoxel/s (whole run | steady)", f"{_fmt(t.get('mvox_s'))} | {_fmt(t.get('mvox_s_steady'))}"),
         ("sweep grid points/s", _fmt(t.get("points_s"), ".0f")),
         ("reading alone, MVoxel/s", f"{_fmt(g('sweep', 'read_only', 'mvox_s'))} ({g('sweep', 'read_only', 'readers') or '-'} threads)"),
+        ("reading steps, MVoxel/s: files | decoding | pageable | pinned",
+         " | ".join(_fmt(g("sweep", "read_parts", k + "_mvox_s")) for k in ("files", "decode", "pageable", "pinned"))
+         + f" ({_fmt(g('sweep', 'read_parts', 'files_mb_s'), '.0f')} MB/s of files)"),
         ("bare trunk MVoxel/s (cuDNN autotune off | on)", f"{_fmt(g('sweep', 'bare_cudnn_benchmark_off', 'mvox_s'))} | "
                                                          f"{_fmt(g('sweep', 'bare_cudnn_benchmark_on', 'mvox_s'))}"
                                                          if "bare_cudnn_benchmark_on" in s else _fmt(g("sweep", "bare", "mvox_s"))),
@@ -205,6 +210,11 @@ def table(res: dict) -> str:
         post = r.get("post_fit") or {}
         rows.append((f"{name}: bare step | Lightning, patches/s", f"{_fmt(r.get('bare_patches_s'), '.0f')} | {_fmt(lit.get('patches_s'), '.0f')} "
                                                                   f"= {_fmt(r.get('ratio_lightning_bare'), '.2f')}"))
+        b = r.get("step_breakdown") or {}
+        if b:
+            rows.append((f"{name}: ms per step: loader+copy | float+augment | step",
+                         " | ".join(_fmt(b.get(k), ".2f") for k in ("fetch_ms", "augment_ms", "step_ms"))
+                         + f" (bare step {_fmt(1e3 * r['batch_size'] / r['bare_patches_s'] if r.get('bare_patches_s') else None, '.2f')})"))
         rows.append((f"{name}: epoch s | post-fit s | outside steps (10 ep)",
                      f"{_fmt(min(lit.get('epoch_seconds') or [float('nan')]), '.2f')} | "
                      f"{_fmt((post.get('predict_spots_seconds') or 0) + (post.get('off_plane_seconds') or 0), '.1f')} | "
@@ -215,8 +225,15 @@ def table(res: dict) -> str:
         rates = " | ".join(f"{w}: {ld[w]:.0f}" for w in counts)
         ratio = ld[counts[-1]] / ld[counts[0]] if ld[counts[0]] else float("nan")
         rows.append(("loader patches/s by workers", f"{rates} ({counts[-1]}/{counts[0]} workers: {ratio:.1f}x)"))
+        per = g("loader", "loader_ms_per_batch") or {}
+        rows.append(("loader ms per batch: waiting | to device + augment | pin copy", "; ".join(
+            f"{w}: " + " | ".join(_fmt(per[w].get(k), ".2f") for k in ("wait_ms", "to_device_augment_ms", "pin_copy_ms"))
+            for w in sorted(per, key=int)) or "-"))
     else:
         rows.append(("loader patches/s by workers", "-"))
+    pf = g("post_fit", "seconds") or {}
+    if pf:
+        rows.append(("post-fit without the model, s (CPU)", ", ".join(f"{k} {v:.2f}" for k, v in pf.items())))
     c = g("sweep_compile", "e2e", "timed") or {}
     if c:
         rows.append(("sweep with torch.compile, MVoxel/s (steady)", f"{_fmt(c.get('mvox_s_steady'))}; bare {_fmt(g('sweep_compile', 'bare', 'mvox_s'))}"))
@@ -238,7 +255,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", REPO / "gpu_check_out")))
     ap.add_argument("--cpu-smoke", action="store_true", help="every stage tiny on the CPU (tests)")
-    ap.add_argument("--budget-s", type=float, default=None, help="overall time for the stages (default 290; smoke 600)")
+    ap.add_argument("--budget-s", type=float, default=None, help="overall time for the stages (default 420; smoke 600)")
     ap.add_argument("--cohort", type=Path, default=None, help="an existing phantom cohort for the training stages")
     ap.add_argument("--no-post-fit", action="store_true", help="skip the post-fit scoring in the training stage")
     ap.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one)")
@@ -256,7 +273,7 @@ def main() -> None:
 
     smoke = args.cpu_smoke
     args.out.mkdir(parents=True, exist_ok=True)
-    st = Stages(args.out, args.budget_s or (600.0 if smoke else 290.0))
+    st = Stages(args.out, args.budget_s or (600.0 if smoke else 420.0))
     work = args.work or Path(tempfile.mkdtemp(prefix="gpu_check_work_"))
     work.mkdir(parents=True, exist_ok=True)
     st.say(f"gpu_check {'(CPU smoke)' if smoke else ''} started {time.strftime('%Y-%m-%d %H:%M:%S')}; out {args.out}; work {work}")
@@ -289,21 +306,24 @@ def main() -> None:
             common = ["--manifest", cohort, "--device", dev, "--batch-size", "8", "--workers", "0", "--epochs", "2",
                       "--steps", "2", "--threads", "2", "--limit-batches", "3"]
             st.run("train_cnn3d", [PY, "benchmarks/train_speed.py", "--model", "cnn3d", *common, "--json", "{json}"], 300)
-            st.run("loader", [PY, "benchmarks/loader.py", "--manifest", cohort, "--device", dev, "--batch-size", "8",
-                              "--num-workers", "0", "1", "--seconds", "1", "--no-model", "--json", "{json}"], 120)
             st.run("train_timm_resnet18_smoke", [PY, "benchmarks/train_speed.py", "--model", "timm_resnet18", *common,
                                                  "--no-post-fit", "--json", "{json}"], 300)
+            st.run("loader", [PY, "benchmarks/loader.py", "--manifest", cohort, "--device", dev, "--batch-size", "8",
+                              "--num-workers", "0", "1", "--seconds", "1", "--no-model", "--json", "{json}"], 120)
+            st.run("post_fit", [PY, "benchmarks/post_fit.py", "--manifest", cohort, "--repeat", "1", "--json", "{json}"], 120)
         else:
             common = ["--manifest", cohort, "--device", dev, "--voxel-size-um", "1.6", "--batch-size", "32", "--workers", "6",
                       "--epochs", "3", "--steps", "20"]
             post = ["--no-post-fit"] if args.no_post_fit else []
             st.run("train_cnn3d_paper", [PY, "benchmarks/train_speed.py", "--model", "cnn3d_paper", *common, *post, "--json", "{json}"],
                    110, 40)
+            st.run("train_timm_resnet18", [PY, "benchmarks/train_speed.py", "--model", "timm_resnet18", *common,
+                                           "--no-post-fit", "--json", "{json}"], 90, 40)
             st.run("loader", [PY, "benchmarks/loader.py", "--manifest", cohort, "--device", dev, "--voxel-size-um", "1.6",
                               "--batch-size", "32", "--num-workers", "0", "4", "8", "--seconds", "4", "--no-model",
                               "--json", "{json}"], 80, 30)
-            st.run("train_timm_resnet18", [PY, "benchmarks/train_speed.py", "--model", "timm_resnet18", *common,
-                                           "--no-post-fit", "--json", "{json}"], 90, 40)
+            st.run("post_fit", [PY, "benchmarks/post_fit.py", "--manifest", cohort, "--voxel-size-um", "1.6", "--repeat", "1",
+                                "--json", "{json}"], 60, 30)
     if not smoke and vol.exists():
         st.run("sweep_compile", [PY, "benchmarks/sweep.py", "--model", model, "--device", dev, "--volume", vol, "--no-rss",
                                  "--no-patch", "--compile", "--tmp", work, "--json", "{json}", *sweep_args], 150, 90)

@@ -65,26 +65,61 @@ def _model(dm: XPressionDataModule) -> tuple[nn.Module, str]:
         return net, "inline 3-layer CNN"
 
 
-def _loader_rate(dm: XPressionDataModule, seconds: float, device: torch.device) -> tuple[float, int]:
-    epoch, n = 0, 0
+def _loader_rate(dm: XPressionDataModule, seconds: float, device: torch.device) -> tuple[float, int, dict]:
+    """Patches/s as training consumes the loader, and where a batch's time goes (ms per batch,
+    after the first): the main thread waiting for the next batch, the main thread moving it to
+    ``device`` and augmenting it (launch time on a GPU: the work itself runs asynchronously), and,
+    with pooled batches, the pin-memory thread's copy of a slot into pinned memory."""
+    from xpression.data.datamodule import BatchPool
+
+    epoch, n, batches = 0, 0, 0
+    wait = busy = 0.0
+    copies: list[float] = []
+    take = BatchPool.take
+
+    def timed_take(*a, **k):
+        t = time.perf_counter()
+        try:
+            return take(*a, **k)
+        finally:
+            copies.append(time.perf_counter() - t)
+
+    BatchPool.take = timed_take
     start = None
-    loader = dm.train_dataloader()  # once, as a Trainer does: persistent workers serve every epoch
-    while start is None or time.perf_counter() - start < seconds:
-        dm.set_epoch(epoch)
-        for batch in loader:
-            batch = dm.apply_augment(dm.device_batch(batch, device))
-            if start is None:  # the first batch pays for starting the workers
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                start = time.perf_counter()
-                continue
-            n += batch["image"].shape[0]
-            if time.perf_counter() - start > seconds:
-                break
-        epoch += 1
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return n / (time.perf_counter() - start), n
+    try:
+        loader = dm.train_dataloader()  # once, as a Trainer does: persistent workers serve every epoch
+        while start is None or time.perf_counter() - start < seconds:
+            dm.set_epoch(epoch)
+            it = iter(loader)
+            while True:
+                t0 = time.perf_counter()
+                batch = next(it, None)
+                t1 = time.perf_counter()
+                if batch is None:
+                    break
+                batch = dm.apply_augment(dm.device_batch(batch, device))
+                t2 = time.perf_counter()
+                if start is None:  # the first batch pays for starting the workers
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)
+                    start = time.perf_counter()
+                    copies.clear()
+                    continue
+                n += batch["image"].shape[0]
+                batches += 1
+                wait, busy = wait + t1 - t0, busy + t2 - t1
+                if time.perf_counter() - start > seconds:
+                    break
+            epoch += 1
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        rate = n / (time.perf_counter() - start)
+    finally:
+        BatchPool.take = take
+    per = 1e3 / max(batches, 1)
+    parts = {"wait_ms": wait * per, "to_device_augment_ms": busy * per,
+             "pin_copy_ms": 1e3 * sum(copies) / len(copies) if copies else None}
+    return rate, n, parts
 
 
 def _model_rate(model: nn.Module, batch: dict, steps: int) -> float:
@@ -150,21 +185,25 @@ def main() -> None:
           f"({int((spots['split'] == 'train').sum())} train) | patch {shape} vox at {dm.voxel_size_um} um | "
           f"batch {args.batch_size}, torch threads {args.threads}, {device}")
     print(f"sections + targets + split: {t1 - t0:.2f} s; slab read + cache: {t2 - t1:.2f} s")
-    rows = [(f"DataModule train loader, {w} workers (+ augment)", r, f"{n} patches") for w, (r, n) in rates.items()]
+    rows = [(f"DataModule train loader, {w} workers (+ augment)", r,
+             f"{n} patches; ms per batch: waiting {p['wait_ms']:.2f}, to {device.type} + augment {p['to_device_augment_ms']:.2f}"
+             + (f", pin copy (pin-memory thread) {p['pin_copy_ms']:.2f}" if p["pin_copy_ms"] is not None else ""))
+            for w, (r, n, p) in rates.items()]
     if model_rate is not None:
         rows.append((f"training step, {model_name}", model_rate, f"{args.steps} steps"))
     print(f"{'what':<48}{'patches/s':>12}  note")
     for what, rate, note in rows:
         print(f"{what:<48}{rate:>12.0f}  {note}")
     first = rates[args.num_workers[0]][0]
-    for w, (r, _) in list(rates.items())[1:]:
+    for w, (r, _, _) in list(rates.items())[1:]:
         print(f"{f'{w} workers / {args.num_workers[0]} workers':<48}{r / first:>11.1f}x")
     if model_rate is not None:
-        best = max(r for r, _ in rates.values())
+        best = max(r for r, _, _ in rates.values())
         print(f"{'loader (best) / model':<48}{best / model_rate:>11.1f}x  (target >= 5x)")
     if args.json:
         args.json.write_text(json.dumps({"patch_shape_vox": list(shape), "batch_size": args.batch_size, "device": str(device),
-                                         "loader_patches_s": {str(w): r for w, (r, _) in rates.items()},
+                                         "loader_patches_s": {str(w): r for w, (r, _, _) in rates.items()},
+                                         "loader_ms_per_batch": {str(w): p for w, (_, _, p) in rates.items()},
                                          "model_patches_s": model_rate}, indent=2))
 
 

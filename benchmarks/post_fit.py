@@ -1,7 +1,7 @@
 """What a training run computes on the CPU around its model: the slab cache, and the scoring after
 the fit without the model's own forward passes.
 
-    python benchmarks/post_fit.py --manifest COHORT.yaml [--voxel-size-um 1.6] [--threads 2] [--repeat 2]
+    python benchmarks/post_fit.py --manifest COHORT.yaml [--voxel-size-um 1.6] [--threads 2] [--repeat 2] [--json PATH]
 
 ``train.py`` scores every run after its fit (``xpression.evaluation.run_scores.evaluate_run``):
 the features + ridge baseline fitted on the run's patch (one pass over every spot), then the
@@ -18,6 +18,7 @@ median over ``--repeat`` runs in one process. One table is printed.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from collections import defaultdict
@@ -71,6 +72,7 @@ def main() -> None:
     ap.add_argument("--voxel-size-um", type=float, default=None, help="model voxel size (default: the volume's)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = ap.parse_args()
 
     from omegaconf import OmegaConf
@@ -112,8 +114,12 @@ def main() -> None:
     print(f"{args.manifest}: {len(dm.spots)} spots, patch {dm.patch_shape_vox} voxels of {dm.voxel_size_um} um, "
           f"{points} probe points, torch threads {torch.get_num_threads()}, median of {args.repeat} runs")
     print(f"{'part':45s} {'seconds':>8s}")
-    for key in runs[0]:
-        print(f"{key:45s} {np.median([r[key] for r in runs]):8.2f}")
+    median = {key: float(np.median([r[key] for r in runs])) for key in runs[0]}
+    for key, sec in median.items():
+        print(f"{key:45s} {sec:8.2f}")
+    if args.json:
+        args.json.write_text(json.dumps({"spots": len(dm.spots), "probe_points": points, "seconds": median,
+                                         "threads": torch.get_num_threads(), "repeat": args.repeat}, indent=2))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,10 @@ augmentation) and the model config ``conf/model/<model>.yaml`` with random weigh
    bar, logger or checkpoints), loader workers as given. The ``Throughput`` callback's patches/s
    (loading, transfer, augmentation and steps; the median over the epochs after the first) and
    the wall time of whole epochs (validation included).
-3. After the fit, on the training device: predictions for every spot (``predict_spots``) and
+3. ``--breakdown`` (default on): one more epoch with the device synchronised between phases,
+   ms per step in the loader and copy to the device, in the float conversion and augmentation,
+   and in the step itself, beside the bare step's ms.
+4. After the fit, on the training device: predictions for every spot (``predict_spots``) and
    the off-plane probe (``conf/off_plane/probe.yaml``, cohorts with a truth spec), timed.
 
 The ratio Lightning / bare and the share of a 10-epoch run spent outside training steps
@@ -123,6 +126,52 @@ def lightning_rate(module, dm, device, epochs: int, limit_batches: int | None = 
             "train_patches_per_epoch": int(len(dm.train_sampler())) if limit_batches is None else limit_batches * dm.batch_size}
 
 
+def step_breakdown(module, dm, device, limit_batches: int | None = None) -> dict:
+    """One more epoch with the device synchronised at each phase boundary (slower than the
+    throughput epochs, which overlap them): ms per training step spent in the loader and the copy
+    to the device, in the float conversion and augmentation (``on_after_batch_transfer``), and in
+    the step itself (forward, loss, backward, clipping, optimiser, Lightning's hooks around them)."""
+    import pytorch_lightning as pl
+
+    marks: dict[str, list[float]] = {"fetch": [], "augment": [], "step": []}
+    clock = {"end": None, "after": None}
+    inner = dm.on_after_batch_transfer
+
+    def after_transfer(batch, dataloader_idx):
+        _sync(device)
+        t0 = time.perf_counter()
+        out = inner(batch, dataloader_idx)
+        _sync(device)
+        if dm.trainer is not None and dm.trainer.training:
+            clock["after"] = time.perf_counter()
+            marks["augment"].append(clock["after"] - t0)
+            if clock["end"] is not None:
+                marks["fetch"].append(t0 - clock["end"])
+        return out
+
+    class Phases(pl.Callback):
+        def on_train_batch_end(cb, trainer, pl_module, outputs, batch, batch_idx):  # noqa: N805
+            _sync(device)
+            clock["end"] = time.perf_counter()
+            if clock["after"] is not None:
+                marks["step"].append(clock["end"] - clock["after"])
+
+        def on_train_epoch_end(cb, trainer, pl_module):  # noqa: N805
+            clock["end"] = None  # validation runs between epochs: not a fetch
+
+    dm.on_after_batch_transfer = after_transfer
+    try:
+        trainer = pl.Trainer(accelerator="gpu" if device.type == "cuda" else "cpu", devices=1,
+                             precision="bf16-mixed" if device.type == "cuda" else "32-true", max_epochs=1,
+                             gradient_clip_val=1.0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                             enable_model_summary=False, num_sanity_val_steps=0, callbacks=[Phases()],
+                             limit_train_batches=limit_batches, limit_val_batches=0)
+        trainer.fit(module, datamodule=dm)
+    finally:
+        del dm.on_after_batch_transfer
+    return {f"{k}_ms": 1e3 * float(np.median(v[1:] or v)) if v else None for k, v in marks.items()}
+
+
 def post_fit(module, dm, device) -> dict:
     """Seconds for the post-fit predictions and what ``train`` scores after the fit (baselines,
     the ridge on the run's patch, the off-plane probe) on ``device``."""
@@ -160,6 +209,8 @@ def main() -> None:
     ap.add_argument("--sampler", choices=["stratified", "spot"], default="stratified")
     ap.add_argument("--split", choices=["stratified_random", "spatial_blocks"], default="stratified_random")
     ap.add_argument("--post-fit", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--breakdown", action=argparse.BooleanOptionalAction, default=True,
+                    help="one more epoch, synchronised, timing the phases of a step")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
 
@@ -206,6 +257,14 @@ def main() -> None:
           f"(epochs: {', '.join(f'{r:.0f}' for r in lit['patches_s_per_epoch'])}); "
           f"whole epochs {', '.join(f'{s:.2f}' for s in lit['epoch_seconds'])} s", flush=True)
     emit()
+
+    if args.breakdown:
+        report["step_breakdown"] = parts = step_breakdown(build_module(args.model, dm), dm, device, args.limit_batches)
+        bare_ms = 1e3 * args.batch_size / report["bare_patches_s"]
+        shown = ", ".join(f"{label} {'-' if parts[key] is None else format(parts[key], '.2f')}" for label, key in
+                          (("loader + copy to the device", "fetch_ms"), ("float + augment", "augment_ms"), ("step", "step_ms")))
+        print(f"{'a step, phases synchronised, median ms':40s} {shown}; bare step {bare_ms:.2f}", flush=True)
+        emit()
 
     if args.post_fit:
         post = post_fit(module, dm, device)

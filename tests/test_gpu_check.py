@@ -38,18 +38,28 @@ def test_gpu_check_runs_every_stage_on_the_cpu(tiny_cohort, tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads((out / "gpu_check.json").read_text())
     assert {k: v["status"] for k, v in res["stages"].items()} == {
-        k: "ok" for k in ("volume", "sweep", "train_cnn3d", "loader", "train_timm_resnet18_smoke")}, (out / "gpu_check.txt").read_text()[-4000:]
+        k: "ok" for k in ("volume", "sweep", "train_cnn3d", "train_timm_resnet18_smoke", "loader", "post_fit")}, (out / "gpu_check.txt").read_text()[-4000:]
     assert res["volume"]["shape"] == [40, 160, 160]
     sweep = res["sweep"]
     assert sweep["e2e"]["timed"]["tiles"] == sweep["tiles_tissue"] > 1
     assert sweep["e2e"]["timed"]["mvox_s"] > 0 and sweep["bare"]["mvox_s"] > 0 and sweep["ratio_e2e_bare"] > 0
     assert sweep["max_abs_dense_minus_patch"] < 1e-4 and sweep["dense_patch_speedup"] > 1
+    parts = sweep["read_parts"]  # the reading step by step
+    assert parts["chunks"] > 0 and parts["mbytes"] > 0.1
+    assert all(parts[k] > 0 for k in ("files_mvox_s", "decode_mvox_s", "pageable_mvox_s")) and parts["pinned_mvox_s"] is None
     for name in ("train_cnn3d", "train_timm_resnet18_smoke"):
         assert res[name]["bare_patches_s"] > 0 and res[name]["lightning"]["patches_s"] > 0
     assert res["train_cnn3d"]["post_fit"]["spots"] > 100 and res["train_cnn3d"]["post_fit"]["off_plane_points"] > 0
-    assert set(res["loader"]["loader_patches_s"]) == {"0", "1"}
+    for name in ("train_cnn3d", "train_timm_resnet18_smoke"):  # a step's phases, synchronised
+        assert all(res[name]["step_breakdown"][k] > 0 for k in ("fetch_ms", "augment_ms", "step_ms"))
+    assert set(res["loader"]["loader_patches_s"]) == set(res["loader"]["loader_ms_per_batch"]) == {"0", "1"}
+    assert all(res["loader"]["loader_ms_per_batch"][w]["wait_ms"] > 0 for w in ("0", "1"))
+    post = res["post_fit"]
+    assert post["probe_points"] > 0 and post["seconds"]["scoring after the fit, all of it"] > post["seconds"]["probe: patch reads"] > 0
     assert len(list(out.iterdir())) <= 8  # what comes back from the GPU machine is capped
     assert (out / "sweep_profile.txt").read_text().count("\n") > 5
-    last = proc.stdout.strip().splitlines()[-20:]
+    last = proc.stdout.strip().splitlines()[-30:]
     assert any(line.startswith("loader patches/s by workers") for line in last)
+    reading = [line.split("  ")[-1].split(" | ") for line in last if line.startswith("reading steps, MVoxel/s")]
+    assert len(reading) == 1 and all(float(v) > 0 for v in reading[0][:3]) and reading[0][3].startswith("- (")
     assert any(line.startswith("stage sweep") and "ok" in line for line in last)
