@@ -244,3 +244,45 @@ def test_removing_the_summary_callback_removes_the_summary():
     assert model_summary_flag(OmegaConf.create({"max_epochs": 1}), []) == {"enable_model_summary": False}
     assert model_summary_flag(OmegaConf.create({"max_epochs": 1}), [RichModelSummary()]) == {}
     assert model_summary_flag(OmegaConf.create({"enable_model_summary": True}), []) == {}
+
+
+def test_training_steps_read_nothing_back_from_the_device_but_every_n_steps_loss():
+    """A value read from the device (``.item()``, ``float()``) waits for the GPU: with the default
+    progress bar, training steps read the loss every ``loss_every_n_steps`` steps (and at the
+    epoch's first and last), not after every step (Lightning does that for any per-step
+    progress-bar metric). Counted on the CPU, where the reads are the same calls."""
+    import traceback
+
+    from xpression.callbacks import ProgressBar, Throughput
+
+    reads: list[str] = []
+    item, to_float = torch.Tensor.item, torch.Tensor.__float__
+
+    def counted(original):
+        def read(self):
+            callers = [f.filename for f in traceback.extract_stack(limit=8)[:-1]]
+            if not any("torch/optim" in c for c in callers):  # CPU Adam reads its step count: no device there
+                reads.append(callers[-1])
+            return original(self)
+        return read
+
+    class Steps(pl.Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            reads.clear()
+
+        def on_train_epoch_end(self, trainer, pl_module):
+            self.reads = list(reads)
+
+    steps = Steps()
+    data = batches(n=24, b=2)
+    torch.Tensor.item, torch.Tensor.__float__ = counted(item), counted(to_float)
+    try:
+        tr = trainer(max_epochs=1, max_steps=-1, limit_val_batches=0, enable_progress_bar=True,
+                     callbacks=[ProgressBar(loss_every_n_steps=10), Throughput(), steps])
+        tr.fit(make(), loader(data))
+    finally:
+        torch.Tensor.item, torch.Tensor.__float__ = item, to_float
+    assert tr.global_step == 24
+    assert 3 <= len(steps.reads) <= 5, steps.reads  # steps 1, 10, 20, 24 (+ the epoch's own end)
+    with pytest.raises(ValueError, match="loss_every_n_steps"):
+        ProgressBar(loss_every_n_steps=0)

@@ -14,9 +14,9 @@ import numpy as np
 import pandas as pd
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import RichModelSummary
+from pytorch_lightning.callbacks import RichModelSummary, RichProgressBar
 
-__all__ = ["Throughput", "ModelSummary", "PostFit", "SpotPredictions", "best_checkpoint", "fit_without_lightning", "predict_spots"]
+__all__ = ["Throughput", "ModelSummary", "ProgressBar", "PostFit", "SpotPredictions", "best_checkpoint", "fit_without_lightning", "predict_spots"]
 
 
 class Throughput(pl.Callback):
@@ -48,6 +48,43 @@ class Throughput(pl.Callback):
         rate = self._patches / max(self._t1 - self._t0, 1e-9)
         self.rates.append(rate)
         pl_module.log("train/patches_per_s", rate, on_step=False, on_epoch=True)
+
+
+class ProgressBar(RichProgressBar):
+    """Lightning's rich progress bar with the training loss read every ``loss_every_n_steps``
+    steps (and at the end of each epoch) rather than after every step: reading a value from the
+    GPU waits for the step to finish, and the host then cannot prepare the next step meanwhile.
+    The loss shown is that of the step it was read at (``train/loss``)."""
+
+    def __init__(self, loss_every_n_steps: int = 50, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if int(loss_every_n_steps) < 1:
+            raise ValueError(f"loss_every_n_steps must be >= 1, got {loss_every_n_steps}")
+        self.loss_every_n_steps = int(loss_every_n_steps)
+        self._loss: float | None = None
+        self._read_loss = False
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._loss = None
+        super().on_train_epoch_start(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        self._read_loss = self._loss is None or (batch_idx + 1) % self.loss_every_n_steps == 0 \
+            or batch_idx + 1 == trainer.num_training_batches
+        try:
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        finally:
+            self._read_loss = False
+
+    def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        metrics = super().get_metrics(trainer, pl_module)
+        if self._read_loss:
+            loss = trainer.callback_metrics.get("train/loss_step")
+            self._loss = float(loss) if loss is not None else None
+        if self._loss is not None and trainer.training:
+            metrics["train/loss"] = f"{self._loss:.4g}"
+        return metrics
 
 
 class ModelSummary(RichModelSummary):

@@ -163,7 +163,10 @@ class XPressionModule(pl.LightningModule):
         target = batch["target"].to(raw.dtype)
         loss = self.loss_fn(raw, target)
         bs = target.shape[0]
-        self.log(f"{split}/loss", loss, on_step=split == "train", on_epoch=True, prog_bar=True,
+        # Not in the progress bar on training steps: Lightning turns a step's progress-bar values
+        # into Python numbers after every step, a device sync that keeps the host from preparing
+        # the next step while this one runs (xpression.callbacks.ProgressBar shows it every n steps).
+        self.log(f"{split}/loss", loss, on_step=split == "train", on_epoch=True, prog_bar=split != "train",
                  batch_size=bs, sync_dist=split != "train")
         pred = net.head.activate(raw.detach()).float()
         # kept on the device until the epoch ends: a copy to the host here would wait for the
