@@ -52,7 +52,7 @@ class Throughput(pl.Callback):
 
 class ProgressBar(RichProgressBar):
     """Lightning's rich progress bar with the training loss read every ``loss_every_n_steps``
-    steps (and at the end of each epoch) rather than after every step: reading a value from the
+    steps (and at each epoch's first and last step) rather than after every step: reading a value from the
     GPU waits for the step to finish, and the host then cannot prepare the next step meanwhile.
     The loss shown is that of the step it was read at (``train/loss``)."""
 
