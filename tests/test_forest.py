@@ -48,6 +48,23 @@ def test_filter_bank_on_known_views():
     np.testing.assert_allclose(bank(views[..., ::-1]), base, atol=1e-10)
 
 
+def test_filter_bank_rows_are_their_own_whatever_the_batch():
+    """Views go in blocks of rows: a view's features do not depend on the others in its batch
+    (Gaussian ones to float64 rounding, distances exactly), and the caller's array is untouched."""
+    bank = FilterBank((5, 17, 17), [(6.4, 6.4, 6.4), (19.2, 19.2, 19.2)], [6.4, 25.6], distance_below=[0.3],
+                      distance_above=[0.6])
+    rng = np.random.default_rng(2)
+    views = rng.random((75, 2, 5, 17, 17))  # 75 rows: over two blocks and a part
+    copy = views.copy()
+    together = bank(views)
+    alone = np.concatenate([bank(views[i : i + 1]) for i in range(len(views))])
+    np.testing.assert_array_equal(views, copy)
+    np.testing.assert_allclose(together, alone, rtol=1e-12, atol=1e-14)
+    distances = [j for j, name in enumerate(bank.names) if name.startswith("dist")]
+    np.testing.assert_array_equal(together[:, distances], alone[:, distances])
+    assert np.ptp(together[:, distances], axis=0).min() > 0  # the distances vary: the check has teeth
+
+
 def test_signed_distance_features_on_known_views():
     bank = FilterBank((9, 33, 33), [(6.4, 6.4, 6.4), (19.2, 19.2, 19.2)], [25.6], distance_below=[0.2],
                       distance_above=[0.7], distance_cap_um=150.0)
