@@ -293,7 +293,7 @@ def main() -> None:
     st.run("volume", [PY, __file__, "--make-volume", vol, "--shape", *shape, "--voxel-um", voxel, "--json", "{json}"], 90)
     if vol.exists():
         st.run("sweep", [PY, "benchmarks/sweep.py", "--model", model, "--device", dev, "--volume", vol, "--no-rss",
-                         "--tmp", work, "--json", "{json}", "--profile", args.out / "sweep_profile.txt", *sweep_args], 130, 40)
+                         "--tmp", work, "--json", "{json}", "--profile", args.out / "sweep_profile.txt", *sweep_args], 150, 40)
 
     cohort = args.cohort
     if cohort is None:
