@@ -192,7 +192,8 @@ def table(res: dict) -> str:
                                                          if "bare_cudnn_benchmark_on" in s else _fmt(g("sweep", "bare", "mvox_s"))),
         ("bare trunk, cuDNN's 3D kernels only, MVoxel/s", _fmt(g("sweep", "bare_depth_fold_off", "mvox_s"))),
         ("conv ways, ms (3d/depth[/depth+x]) -> chosen", "; ".join(
-            f"{'x'.join(map(str, c['weight'][:2]))}: " + "/".join(f"{t:.1f}" for t in c["ms"].values()) + f" ms -> {c['chosen']}"
+            f"{'x'.join(map(str, c['weight'][:2]))}: " + "/".join(f"{t:.1f}" for t in _ways_ms(c).values())
+            + f" ms -> {c.get('chosen') or ('depth' if c.get('folded') else '3d')}"
             for c in s.get("fold_choices", [])) or "-"),
         ("end to end / bare trunk (whole | steady)", f"{_fmt(s.get('ratio_e2e_bare'), '.2f')} | {_fmt(s.get('ratio_steady_bare'), '.2f')}"),
         ("whole lung 2000x9000x9000, extrapolated", _fmt(s.get("lung_minutes"), ".1f", " min")),
@@ -241,6 +242,11 @@ def table(res: dict) -> str:
         rows.append((f"stage {name}", f"{st.get('status')}" + (f", {st['seconds']} s" if "seconds" in st else "")))
     width = max(len(r[0]) for r in rows)
     return "\n".join(f"{a:<{width}}  {b}" for a, b in rows)
+
+
+def _ways_ms(choice: dict) -> dict:
+    """ms per way of one folded layer: ``ms`` now, ``ms_3d`` / ``ms_folded`` in older results."""
+    return choice.get("ms") or {k: choice[f"ms_{k}"] for k in ("3d", "folded") if f"ms_{k}" in choice}
 
 
 def _get(d: dict, *keys):

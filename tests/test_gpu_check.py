@@ -63,3 +63,19 @@ def test_gpu_check_runs_every_stage_on_the_cpu(tiny_cohort, tmp_path):
     reading = [line.split("  ")[-1].split(" | ") for line in last if line.startswith("reading steps, MVoxel/s")]
     assert len(reading) == 1 and all(float(v) > 0 for v in reading[0][:3]) and reading[0][3].startswith("- (")
     assert any(line.startswith("stage sweep") and "ok" in line for line in last)
+
+
+def test_the_table_renders_the_stored_h200_results():
+    """The summary of a GPU run stored before this code's figures existed: older keys are read,
+    and figures the run did not have show as '-'."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import gpu_check
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    res = json.loads((REPO / "benchmarks/results/gpu_h200_2026-11-28/after_gpu_check.json").read_text())
+    rows = dict(line.split("  ", 1) for line in gpu_check.table(res).splitlines())
+    rows = {k.strip(): v.strip() for k, v in rows.items()}
+    assert rows["whole lung 2000x9000x9000, extrapolated"] == "8.0 min"
+    assert rows["conv ways, ms (3d/depth[/depth+x]) -> chosen"].startswith("32x1: 0.5/0.3 ms -> depth; 64x32: 0.2/0.3 ms -> 3d")
+    assert rows["reading steps, MVoxel/s: files | decoding | pageable | pinned"].startswith("- | - | - | -")
