@@ -1,7 +1,8 @@
 """What a training run computes on the CPU around its model: the slab cache, and the scoring after
 the fit without the model's own forward passes.
 
-    python benchmarks/post_fit.py --manifest COHORT.yaml [--voxel-size-um 1.6] [--threads 2] [--repeat 2] [--json PATH]
+    python benchmarks/post_fit.py --manifest COHORT.yaml [--voxel-size-um 1.6] [--threads 2] [--workers 2]
+                                  [--repeat 2] [--json PATH]
 
 ``train.py`` scores every run after its fit (``xpression.evaluation.run_scores.evaluate_run``):
 the features + ridge baseline fitted on the run's patch (one pass over every spot), then the
@@ -11,7 +12,7 @@ so the rest bounds the share of a run spent outside training steps (``benchmarks
 
 Here the model is free (a constant), so what is timed is everything else, split into its parts:
 the data module's set-up (sections, targets, the slab cache at the model's voxel size), the
-ridge's fit pass, the probe's patch reads and the ridge on the probe patches. Each part is the
+loader's pass for the spot predictions, the ridge's fit pass, the probe's patch reads and the ridge on the probe patches. Each part is the
 median over ``--repeat`` runs in one process. One table is printed.
 """
 
@@ -71,6 +72,7 @@ def main() -> None:
     ap.add_argument("--manifest", required=True)
     ap.add_argument("--voxel-size-um", type=float, default=None, help="model voxel size (default: the volume's)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    ap.add_argument("--workers", type=int, default=2, help="the data module's loader workers, as a run sets them")
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = ap.parse_args()
@@ -93,10 +95,13 @@ def main() -> None:
         seconds: dict[str, float] = defaultdict(float)
         t0 = time.perf_counter()
         dm = XPressionDataModule(args.manifest, sampler=StratifiedSampler(voxel_size_um=args.voxel_size_um),
-                                 split=StratifiedRandomSplit(), batch_size=32, num_workers=0, seed=0)
+                                 split=StratifiedRandomSplit(), batch_size=32, num_workers=args.workers,
+                                 persistent_workers=args.workers > 0, seed=0)
         dm.setup("fit")
         seconds["set-up (sections, targets, slab cache)"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
         table = predict_spots(FreeModelModule(len(dm.target_spec.names)), dm)
+        seconds["spot predictions (the loader's pass)"] = time.perf_counter() - t0
         probe = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "off_plane" / "probe.yaml"))
         probe["max_patch_um"] = [float(v) for v in dm.sampler.geometry.extent_um(dm.voxel_size_um)]
         originals = (ClosedFormModel.fit_predict, generalisation.read_patches, RidgeBaseline.predict_patches)

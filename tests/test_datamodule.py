@@ -347,9 +347,10 @@ def test_worker_batches_travel_as_uint8_from_shared_slabs(tiny_cohort):
     clone = pickle.loads(payload)
     np.testing.assert_array_equal(clone.patch(3)[0], ds.patch(3)[0])
 
-    inline = list(dm.predict_dataloader())
+    inline = list(dm.val_dataloader())
     dm.num_workers = 2
-    workers = list(dm.predict_dataloader())
+    workers = list(dm.val_dataloader())
+    assert len(inline) > 0 and dm.predict_dataloader().num_workers == 0  # one pass over every spot: no workers
     assert len(inline) == len(workers)
     for a, b in zip(inline, workers):
         assert a["image"].dtype == b["image"].dtype == torch.uint8
