@@ -76,6 +76,10 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = ap.parse_args()
+    if args.repeat < 1 or args.workers < 0:
+        ap.error("--repeat must be >= 1 and --workers >= 0")
+    if not Path(args.manifest).is_file():
+        ap.error(f"--manifest: no such file: {args.manifest}")
 
     from omegaconf import OmegaConf
 
