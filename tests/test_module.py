@@ -246,14 +246,15 @@ def test_removing_the_summary_callback_removes_the_summary():
     assert model_summary_flag(OmegaConf.create({"enable_model_summary": True}), []) == {}
 
 
-def test_training_steps_read_nothing_back_from_the_device_but_every_n_steps_loss():
-    """A value read from the device (``.item()``, ``float()``) waits for the GPU: with the default
-    progress bar, training steps read the loss every ``loss_every_n_steps`` steps (and at the
-    epoch's first and last), not after every step (Lightning does that for any per-step
-    progress-bar metric). Counted on the CPU, where the reads are the same calls."""
+def test_training_steps_read_nothing_back_from_the_device_but_every_n_steps_loss(tmp_path):
+    """A value read from the device (``.item()``, ``float()``) waits for the GPU. With the default
+    callbacks (``conf/callbacks/default.yaml``: checkpoints, early stopping, throughput, learning
+    rate, progress bar, summary), training steps read the loss every ``loss_every_n_steps`` steps
+    (and at the epoch's first and last), not after every step (Lightning does that for any
+    per-step progress-bar metric). Counted on the CPU, where the reads are the same calls."""
     import traceback
 
-    from xpression.callbacks import ProgressBar, Throughput
+    from xpression.callbacks import ProgressBar
 
     reads: list[str] = []
     item, to_float = torch.Tensor.item, torch.Tensor.__float__
@@ -266,23 +267,36 @@ def test_training_steps_read_nothing_back_from_the_device_but_every_n_steps_loss
             return original(self)
         return read
 
-    class Steps(pl.Callback):
+    class Steps(pl.Callback):  # the training steps that read something (their hooks and the loop's logging included)
+        marks: list[int] | None = None
+
         def on_train_epoch_start(self, trainer, pl_module):
             reads.clear()
+            self.marks = []
 
-        def on_train_epoch_end(self, trainer, pl_module):
-            self.reads = list(reads)
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.marks.append(len(reads))
 
+        def on_validation_start(self, trainer, pl_module):
+            if self.marks is not None and not hasattr(self, "reading"):  # the epoch's steps are over
+                self.marks.append(len(reads))
+                self.reading = [i for i in range(1, len(self.marks)) if self.marks[i] > self.marks[i - 1]]
+
+    cfg = compose("train", ["model=cnn3d", f"paths.output_dir={tmp_path}"])
+    callbacks = [instantiate(c) for c in cfg.callbacks.values()]
+    assert any(isinstance(c, ProgressBar) for c in callbacks) and len(callbacks) >= 6
     steps = Steps()
     data = batches(n=24, b=2)
     torch.Tensor.item, torch.Tensor.__float__ = counted(item), counted(to_float)
     try:
-        tr = trainer(max_epochs=1, max_steps=-1, limit_val_batches=0, enable_progress_bar=True,
-                     callbacks=[ProgressBar(loss_every_n_steps=10), Throughput(), steps])
-        tr.fit(make(), loader(data))
+        tr = trainer(max_epochs=1, max_steps=-1, limit_val_batches=2, enable_progress_bar=True, enable_model_summary=True,
+                     enable_checkpointing=True, logger=instantiate(cfg.logger.csv), log_every_n_steps=cfg.trainer.log_every_n_steps,
+                     callbacks=[*callbacks, steps])
+        tr.fit(make(), loader(data), loader(data))
     finally:
         torch.Tensor.item, torch.Tensor.__float__ = item, to_float
-    assert tr.global_step == 24
-    assert 3 <= len(steps.reads) <= 5, steps.reads  # steps 1, 10, 20, 24 (+ the epoch's own end)
+    assert tr.global_step == 24 and (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    assert cfg.trainer.log_every_n_steps == 10
+    assert steps.reading == [1, 10, 20, 24], reads  # the loggers' steps, and the epoch's first and last
     with pytest.raises(ValueError, match="loss_every_n_steps"):
         ProgressBar(loss_every_n_steps=0)

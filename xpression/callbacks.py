@@ -52,15 +52,17 @@ class Throughput(pl.Callback):
 
 class ProgressBar(RichProgressBar):
     """Lightning's rich progress bar with the training loss read every ``loss_every_n_steps``
-    steps (and at each epoch's first and last step) rather than after every step: reading a value from the
-    GPU waits for the step to finish, and the host then cannot prepare the next step meanwhile.
-    The loss shown is that of the step it was read at (``train/loss``)."""
+    steps (and at each epoch's first and last step) rather than after every step: reading a
+    value from the GPU waits for the step to finish, and the host then cannot prepare the next
+    step meanwhile. By default on the steps the loggers write (``trainer.log_every_n_steps``),
+    which read the values anyway. The loss shown is that of the step it was read at
+    (``train/loss``)."""
 
-    def __init__(self, loss_every_n_steps: int = 50, **kwargs: Any) -> None:
+    def __init__(self, loss_every_n_steps: int | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        if int(loss_every_n_steps) < 1:
-            raise ValueError(f"loss_every_n_steps must be >= 1, got {loss_every_n_steps}")
-        self.loss_every_n_steps = int(loss_every_n_steps)
+        if loss_every_n_steps is not None and int(loss_every_n_steps) < 1:
+            raise ValueError(f"loss_every_n_steps must be >= 1 (or null: the trainer's log_every_n_steps), got {loss_every_n_steps}")
+        self.loss_every_n_steps = None if loss_every_n_steps is None else int(loss_every_n_steps)
         self._loss: float | None = None
         self._read_loss = False
 
@@ -70,8 +72,8 @@ class ProgressBar(RichProgressBar):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        self._read_loss = self._loss is None or (batch_idx + 1) % self.loss_every_n_steps == 0 \
-            or batch_idx + 1 == trainer.num_training_batches
+        every = self.loss_every_n_steps or max(int(trainer.log_every_n_steps), 1)
+        self._read_loss = self._loss is None or (batch_idx + 1) % every == 0 or batch_idx + 1 == trainer.num_training_batches
         try:
             super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         finally:
