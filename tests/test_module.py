@@ -249,9 +249,10 @@ def test_removing_the_summary_callback_removes_the_summary():
 def test_training_steps_read_nothing_back_from_the_device_but_every_n_steps_loss(tmp_path):
     """A value read from the device (``.item()``, ``float()``) waits for the GPU. With the default
     callbacks (``conf/callbacks/default.yaml``: checkpoints, early stopping, throughput, learning
-    rate, progress bar, summary), training steps read the loss every ``loss_every_n_steps`` steps
-    (and at the epoch's first and last), not after every step (Lightning does that for any
-    per-step progress-bar metric). Counted on the CPU, where the reads are the same calls."""
+    rate, progress bar, summary) and logger, training steps read on the steps the logger writes
+    (``trainer.log_every_n_steps``) and the epoch's first and last, not after every step
+    (Lightning does that for any per-step progress-bar metric). Counted on the CPU, where the
+    reads are the same calls."""
     import traceback
 
     from xpression.callbacks import ProgressBar
