@@ -32,18 +32,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-class FreeModel:
-    """A per-patch predictor that costs nothing: every patch gets the same composition."""
-
-    def __init__(self, n_targets: int):
-        self.n_targets = n_targets
-
-    def predict_patches(self, patches: np.ndarray) -> np.ndarray:
-        return np.full((len(patches), self.n_targets), 1.0 / self.n_targets, np.float32)
-
-
-class FreeModelModule(torch.nn.Module):
-    """:class:`FreeModel` as a module, for ``predict_spots``' spot table."""
+class FreeModel(torch.nn.Module):
+    """A model that costs nothing: every patch gets the same composition, as a module
+    (``predict_spots``) and as a per-patch predictor (the probe)."""
 
     def __init__(self, n_targets: int):
         super().__init__()
@@ -51,6 +42,9 @@ class FreeModelModule(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.full((len(x), self.n_targets), 1.0 / self.n_targets)
+
+    def predict_patches(self, patches: np.ndarray) -> np.ndarray:
+        return self(patches).numpy()
 
 
 def timed(owner: object, name: str, seconds: dict[str, float], label: str) -> None:
@@ -104,7 +98,7 @@ def main() -> None:
         dm.setup("fit")
         seconds["set-up (sections, targets, slab cache)"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        table = predict_spots(FreeModelModule(len(dm.target_spec.names)), dm)
+        table = predict_spots(FreeModel(len(dm.target_spec.names)), dm)
         seconds["spot predictions (the loader's pass)"] = time.perf_counter() - t0
         probe = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "off_plane" / "probe.yaml"))
         probe["max_patch_um"] = [float(v) for v in dm.sampler.geometry.extent_um(dm.voxel_size_um)]

@@ -303,19 +303,16 @@ def read_parts(vol, pred, norm, mask, grid, tile_shape, args) -> dict | None:
 
     from xpression.data.zarr_chunks import _executor, read_threads
     from xpression.inference.grid import Tiling
-    from xpression.inference.sweep import _read_tile, plan_sweep, tissue_tiles
+    from xpression.inference.sweep import plan_sweep, tile_block, tissue_tiles
 
     reader = getattr(vol, "_chunk_reader", None)
     if reader is None:
         return None
     tiling = Tiling(grid.shape, tile_shape)
     plan = plan_sweep(pred, grid, "dense", args.overlap, tile_shape)
-    tiles = [tiling.tile(i) for i in tissue_tiles(tiling, grid, mask)]
-    boxes = []
-    for tile in tiles:
-        inp = _read_tile(vol, plan, grid, tile, mask, norm, True, False, None)
-        if inp.block is not None:
-            boxes.append((np.asarray(inp.origin, int), np.asarray(inp.origin, int) + np.asarray(inp.block.shape)))
+    pad = tile_shape if pred.device.type == "cuda" else None  # as the sweep pads its tiles there
+    blocks = [tile_block(plan, grid, tiling.tile(i), mask, pad) for i in tissue_tiles(tiling, grid, mask)]
+    boxes = [(lo.astype(int), hi.astype(int)) for _, parts, lo, hi in blocks if parts]
     shape = np.asarray(vol.shape)
     inside = [(np.clip(lo, 0, shape), np.clip(hi, 0, shape)) for lo, hi in boxes]  # past the faces: fill, no file
     coords = [c for lo, hi in inside if np.all(hi > lo) for c in itertools.product(

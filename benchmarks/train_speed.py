@@ -106,18 +106,24 @@ class _EpochClock:
         self.callback = Clock()
 
 
-def lightning_rate(module, dm, device, epochs: int, limit_batches: int | None = None) -> dict:
+def _trainer(device, epochs: int, callbacks: list, limit_train: int | None, limit_val: int | None):
+    """The Trainer both loops run in: as ``trainer=gpu`` (bf16) or ``cpu`` configures it, without
+    logger, progress bar, checkpoints or sanity check."""
     import pytorch_lightning as pl
 
+    cuda = device.type == "cuda"
+    return pl.Trainer(accelerator="gpu" if cuda else "cpu", devices=1, precision="bf16-mixed" if cuda else "32-true",
+                      max_epochs=epochs, gradient_clip_val=1.0, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, callbacks=callbacks,
+                      limit_train_batches=limit_train, limit_val_batches=limit_val)
+
+
+def lightning_rate(module, dm, device, epochs: int, limit_batches: int | None = None) -> dict:
     from xpression.callbacks import Throughput
     from xpression.training import EpochSeed
 
     tp, clock = Throughput(), _EpochClock()
-    trainer = pl.Trainer(accelerator="gpu" if device.type == "cuda" else "cpu", devices=1,
-                         precision="bf16-mixed" if device.type == "cuda" else "32-true", max_epochs=epochs,
-                         gradient_clip_val=1.0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, num_sanity_val_steps=0, callbacks=[EpochSeed(0), tp, clock.callback],
-                         limit_train_batches=limit_batches, limit_val_batches=limit_batches)
+    trainer = _trainer(device, epochs, [EpochSeed(0), tp, clock.callback], limit_batches, limit_batches)
     t0 = time.perf_counter()
     trainer.fit(module, datamodule=dm)
     later = tp.rates[1:] or tp.rates
@@ -161,12 +167,7 @@ def step_breakdown(module, dm, device, limit_batches: int | None = None) -> dict
 
     dm.on_after_batch_transfer = after_transfer
     try:
-        trainer = pl.Trainer(accelerator="gpu" if device.type == "cuda" else "cpu", devices=1,
-                             precision="bf16-mixed" if device.type == "cuda" else "32-true", max_epochs=1,
-                             gradient_clip_val=1.0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                             enable_model_summary=False, num_sanity_val_steps=0, callbacks=[Phases()],
-                             limit_train_batches=limit_batches, limit_val_batches=0)
-        trainer.fit(module, datamodule=dm)
+        _trainer(device, 1, [Phases()], limit_batches, 0).fit(module, datamodule=dm)
     finally:
         del dm.on_after_batch_transfer
     return {f"{k}_ms": 1e3 * float(np.median(v[1:] or v)) if v else None for k, v in marks.items()}

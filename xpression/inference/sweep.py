@@ -292,16 +292,25 @@ def _padded(plan: SweepPlan, grid: OutputGrid, tile: Tile, full: Sequence[int], 
     return out
 
 
+def tile_block(plan: SweepPlan, grid: OutputGrid, tile: Tile, mask: MaskLike,
+               pad: Sequence[int] | None) -> tuple[np.ndarray, list, np.ndarray | None, np.ndarray | None]:
+    """``(tile mask, slabs, lo, hi)``: the one block ``[lo, hi)`` (volume voxels, z y x) a tile's
+    slabs are read from (``pad``: every tile's slabs padded to that shape, as on a GPU); no
+    slabs and ``None`` bounds for a tile without tissue."""
+    m = tile_mask(mask, grid, tile)
+    if not m.any():
+        return m, [], None, None
+    parts = _padded(plan, grid, tile, pad, m) if pad is not None else _slabs(plan, grid, tile, m)
+    return m, parts, np.min([sl.vstart for sl in parts], axis=0), np.max([sl.vstop for sl in parts], axis=0)
+
+
 def _read_tile(volume: Any, plan: SweepPlan, grid: OutputGrid, tile: Tile, mask: MaskLike,
                normalize: Callable[[np.ndarray], np.ndarray], raw: bool, pin: bool,
                pad: Sequence[int] | None, context: ContextSource | None = None) -> _TileInput:
     """One read per tile (its slabs share chunks, e.g. all z-planes of a tile); slabs are views."""
-    m = tile_mask(mask, grid, tile)
-    if not m.any():
+    m, parts, lo, hi = tile_block(plan, grid, tile, mask, pad)
+    if not parts:
         return _TileInput(tile, m, [])
-    parts = _padded(plan, grid, tile, pad, m) if pad is not None else _slabs(plan, grid, tile, m)
-    lo = np.min([sl.vstart for sl in parts], axis=0)
-    hi = np.max([sl.vstop for sl in parts], axis=0)
     if raw and pin:
         import torch
 

@@ -35,6 +35,7 @@ flip-invariant in-plane, so no augmentation is needed to fit on them.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Sequence
 
 import numpy as np
@@ -95,14 +96,10 @@ class ViewKernels:
             o[:, :, 5] = linear[:, 4 * s :]
         return out.reshape(len(view), -1)
 
-    @property
+    @cached_property
     def _linear(self) -> np.ndarray:
         """``(V, 5 S)``: the Gaussian, its three derivatives and the Laplacian, as columns."""
-        cached = self.__dict__.get("_linear_columns")
-        if cached is None:
-            cached = np.ascontiguousarray(np.concatenate([self.gauss, *self.deriv, self.laplacian]).T)
-            object.__setattr__(self, "_linear_columns", cached)  # a frozen dataclass: cached once
-        return cached
+        return np.ascontiguousarray(np.concatenate([self.gauss, *self.deriv, self.laplacian]).T)
 
     def shares(self, view: np.ndarray, below: Sequence[float], above: Sequence[float]) -> np.ndarray:
         """``(B, V)`` normalised intensities -> ``(B, S (len(below) + len(above)))``: at each scale,

@@ -164,8 +164,12 @@ class FilterBankForest(ClosedFormModel):
                  self.n_trees, len(self.tree_feature),
                  ", ".join(f"{self.bank.names[i]} {forest.feature_importances_[i]:.2f}" for i in order))
 
+    def _trees(self) -> list[np.ndarray]:
+        """The stored trees' arrays (TREE_KEYS order), as :func:`tree_leaves` takes them."""
+        return [getattr(self, k).cpu().numpy() for k in TREE_KEYS]
+
     def predict_features(self, x: np.ndarray) -> np.ndarray:
-        return predict_trees(x, *(getattr(self, k).cpu().numpy() for k in TREE_KEYS))
+        return predict_trees(x, *self._trees())
 
     def predict_spread(self, x: torch.Tensor, with_features: bool = False
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -173,7 +177,7 @@ class FilterBankForest(ClosedFormModel):
         trees of each tree's prediction (in target units) and, ``with_features``, the ood features
         (:meth:`standardised`), from one computation of the features."""
         feats = self.tensor_features(x)
-        leaves = tree_leaves(feats, *(getattr(self, k).cpu().numpy() for k in TREE_KEYS))
+        leaves = tree_leaves(feats, *self._trees())
         each = self.valid(leaves.reshape(-1, leaves.shape[-1])).reshape(leaves.shape)
         mean = self.valid(leaves.mean(axis=1))  # what predict_from_features gives
         sd = each.std(axis=1, ddof=1 if leaves.shape[1] > 1 else 0).astype(np.float32)
