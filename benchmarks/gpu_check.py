@@ -191,7 +191,7 @@ def table(res: dict) -> str:
                                                          f"{_fmt(g('sweep', 'bare_cudnn_benchmark_on', 'mvox_s'))}"
                                                          if "bare_cudnn_benchmark_on" in s else _fmt(g("sweep", "bare", "mvox_s"))),
         ("bare trunk, cuDNN's 3D kernels only, MVoxel/s", _fmt(g("sweep", "bare_depth_fold_off", "mvox_s"))),
-        ("conv ways, ms (3d/depth[/depth+x]) -> chosen", "; ".join(
+        ("conv ways, ms (3d/depth[/depth+x/depth+x8]) -> chosen", "; ".join(
             f"{'x'.join(map(str, c['weight'][:2]))}: " + "/".join(f"{t:.1f}" for t in _ways_ms(c).values())
             + f" ms -> {c.get('chosen') or ('depth' if c.get('folded') else '3d')}"
             for c in s.get("fold_choices", [])) or "-"),

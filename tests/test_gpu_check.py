@@ -77,5 +77,5 @@ def test_the_table_renders_the_stored_h200_results():
     rows = dict(line.split("  ", 1) for line in gpu_check.table(res).splitlines())
     rows = {k.strip(): v.strip() for k, v in rows.items()}
     assert rows["whole lung 2000x9000x9000, extrapolated"] == "8.0 min"
-    assert rows["conv ways, ms (3d/depth[/depth+x]) -> chosen"].startswith("32x1: 0.5/0.3 ms -> depth; 64x32: 0.2/0.3 ms -> 3d")
+    assert rows["conv ways, ms (3d/depth[/depth+x/depth+x8]) -> chosen"].startswith("32x1: 0.5/0.3 ms -> depth; 64x32: 0.2/0.3 ms -> 3d")
     assert rows["reading steps, MVoxel/s: files | decoding | pageable | pinned"].startswith("- | - | - | -")

@@ -9,8 +9,11 @@ third 29 ms and 2 ms; its first (one input channel) 59 ms and 89 ms, so it stays
 went from 292 to 502 MVoxel/s. With channels-last inputs the folded output is
 already in the 3D channels-last layout, so only the input planes are copied (``kd`` times).
 For thin inputs the kernel's x taps can be folded into the channels as well (``kh x 1`` 2D
-kernels over ``C * kd * kw`` channels, 27 for the first layer): a third way, for that first
-layer, not yet timed on a GPU.
+kernels over ``C * kd * kw`` channels, 27 for the first layer), stacked straight into the
+channels-last layout: a third way, and a fourth with the channels padded with zeros to a
+multiple of 8 (what tensor-core kernels take), both for that first layer and not yet timed on a
+GPU. Under autocast the input is cast before it is copied into the folded planes (the
+convolution would cast it anyway), which halves those copies' bytes.
 
 :func:`conv3d` picks, per layer and input shape, whichever way is fastest on the device
 (timed once, like cuDNN's autotuner; ``mode="auto"`` on CUDA), or one of them by ``mode``.
@@ -32,9 +35,11 @@ __all__ = ["FoldConv3d", "conv3d", "conv3d_folded", "fold_choices", "FOLD_MODE",
 log = logging.getLogger(__name__)
 
 # "auto": time the ways on CUDA, keep the fastest; else always this one on any device:
-# "off" (3D), "depth" (kernel depth folded into channels), "depth+x" (and the kernel's x taps).
+# "off" (3D), "depth" (kernel depth folded into channels), "depth+x" (and the kernel's x taps),
+# "depth+x8" (those channels padded with zeros to a multiple of 8).
 FOLD_MODE = {"mode": "auto"}
-WAYS = ("3d", "depth", "depth+x")
+WAYS = ("3d", "depth", "depth+x", "depth+x8")
+_COLUMN_WAYS = {"depth+x": 1, "depth+x8": 8}  # channel multiple of each way folding the x taps
 # the x taps are copied kw times: only for thin inputs (the first layer), where it pays
 MAX_COLUMN_CHANNELS = 64
 _timings: dict[tuple, dict[str, float]] = {}  # ms of each way, per layer and input (key of conv3d)
@@ -62,12 +67,29 @@ def _taps(x: torch.Tensor, dim: int, k: int, stride: int) -> tuple[torch.Tensor,
                        dim=2), n_out
 
 
+def _x_taps(x: torch.Tensor, kd: int, kw: int, sz: int, sx: int, multiple: int) -> tuple[torch.Tensor, int]:
+    """``(N, C, D, H, W)`` (padded) -> ``(N * D', K, H, W')`` channels-last: the ``C * kd * kw``
+    strided shifts a kernel's depth and x taps read, channel order ``(c, i, j)``, followed by
+    zero channels up to ``K``, a multiple of ``multiple``; one copy. Also returns ``D'``."""
+    n, c, d, h, w = x.shape
+    d_out, w_out = (d - kd) // sz + 1, (w - kw) // sx + 1
+    for extent, k, axis in ((d, kd, "depth"), (w, kw, "x")):
+        if extent < k:
+            raise ValueError(f"input extent {extent} (padded) along {axis} is smaller than the kernel extent {k}")
+    taps = [x[:, ci, i : i + (d_out - 1) * sz + 1 : sz, :, j : j + (w_out - 1) * sx + 1 : sx]
+            for ci in range(c) for i in range(kd) for j in range(kw)]                 # each N, D', H, W'
+    taps += [x.new_zeros(()).expand(taps[0].shape)] * (-len(taps) % multiple)
+    cols = torch.stack(taps, dim=-1)                                                   # N, D', H, W', K
+    return cols.view(n * d_out, h, w_out, len(taps)).permute(0, 3, 1, 2), d_out
+
+
 def conv3d_folded(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                   stride: Sequence[int] = (1, 1, 1), padding: Sequence[int] = (0, 0, 0),
-                  columns: bool = False) -> torch.Tensor:
+                  columns: bool = False, channel_multiple: int = 1) -> torch.Tensor:
     """``F.conv3d(x, weight, bias, stride, padding)`` as one 2D convolution over depth-folded planes;
     with ``columns`` the kernel's x taps are folded into the channels too (a ``kh x 1`` 2D kernel
-    over ``C * kd * kw`` channels, which suits tensor cores where ``C`` is 1).
+    over ``C * kd * kw`` channels, zero-padded to a multiple of ``channel_multiple``, which suits
+    tensor cores where ``C`` is 1).
 
     ``x``: ``(N, C, D, H, W)``; ``weight``: ``(O, C, kd, kh, kw)``; dilation 1, groups 1.
     """
@@ -76,19 +98,22 @@ def conv3d_folded(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     sz, sy, sx = (int(s) for s in stride)
     pz, py, px = (int(p) for p in padding)
     channels_last = x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous()
+    if torch.is_autocast_enabled(x.device.type):  # the convolution casts it anyway: copy half the bytes
+        x = x.to(torch.get_autocast_dtype(x.device.type))
     if pz or (columns and px):
         x = F.pad(x, (px if columns else 0, px if columns else 0, 0, 0, pz, pz))
-    planes, d_out = _taps(x, 2, kd, sz)                                 # N, C, kd, D', H, W
-    folded = planes.permute(0, 3, 1, 2, 4, 5).reshape(n * d_out, c * kd, *x.shape[3:])
-    w2 = weight.reshape(o, c * kd, kh, kw)
     if columns:
-        cols, w_out = _taps(folded, 3, kw, sx)                          # N D', C kd, kw, H, W'
-        folded = cols.reshape(n * d_out, c * kd * kw, folded.shape[2], w_out)
-        w2 = w2.permute(0, 1, 3, 2).reshape(o, c * kd * kw, kh, 1)      # channel order (c, i, j)
-        sx, px, kw = 1, 0, 1
-    if channels_last:
-        folded = folded.contiguous(memory_format=torch.channels_last)
-    y = F.conv2d(folded, w2, bias, (sy, sx), (py, px))
+        folded, d_out = _x_taps(x, kd, kw, sz, sx, channel_multiple)
+        w2 = weight.permute(0, 1, 2, 4, 3).reshape(o, c * kd * kw, kh, 1)            # channel order (c, i, j)
+        if folded.shape[1] > w2.shape[1]:
+            w2 = torch.cat([w2, w2.new_zeros(o, folded.shape[1] - w2.shape[1], kh, 1)], dim=1)
+        y = F.conv2d(folded, w2, bias, (sy, 1), (py, 0))
+    else:
+        planes, d_out = _taps(x, 2, kd, sz)                                             # N, C, kd, D', H, W
+        folded = planes.permute(0, 3, 1, 2, 4, 5).reshape(n * d_out, c * kd, *x.shape[3:])
+        if channels_last:
+            folded = folded.contiguous(memory_format=torch.channels_last)
+        y = F.conv2d(folded, weight.reshape(o, c * kd, kh, kw), bias, (sy, sx), (py, px))
     # (N * D', O, H', W') -> (N, O, D', H', W'): channels-last 2D is channels-last 3D here
     return y.view(n, d_out, o, *y.shape[2:]).permute(0, 2, 1, 3, 4)
 
@@ -108,7 +133,8 @@ def _run(way: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
          stride: Sequence[int], pad: tuple[int, int, int]) -> torch.Tensor:
     if way == "3d":
         return F.conv3d(x, weight, bias, tuple(stride), pad)
-    return conv3d_folded(x, weight, bias, stride, pad, columns=way == "depth+x")
+    return conv3d_folded(x, weight, bias, stride, pad, columns=way in _COLUMN_WAYS,
+                         channel_multiple=_COLUMN_WAYS.get(way, 1))
 
 
 def conv3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -126,7 +152,8 @@ def conv3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     if ms is None and torch.compiler.is_compiling():  # no timing inside a traced graph: what eager chose, else 3D
         return _run("3d", x, weight, bias, stride, pad)
     if ms is None:
-        ways = [w for w in WAYS if w != "depth+x" or x.shape[1] * weight.shape[2] * weight.shape[4] <= MAX_COLUMN_CHANNELS]
+        thin = x.shape[1] * weight.shape[2] * weight.shape[4] <= MAX_COLUMN_CHANNELS
+        ways = [w for w in WAYS if w not in _COLUMN_WAYS or thin]
         with torch.no_grad():
             ms = _timings[key] = {w: _time(lambda: _run(w, x, weight, bias, stride, pad)) for w in ways}
         log.debug("conv3d %s x %s: %s", tuple(x.shape), tuple(weight.shape), ms)
