@@ -18,7 +18,7 @@ import yaml
 from tests.test_train import _cfg
 from xpression.config import ConfigError, check_output_writable
 from xpression.data.geometry import DataError, PatchGeometry
-from xpression.data.manifest import load_manifest
+from xpression.data.manifest import ManifestError, load_manifest
 from xpression.data.mask import tissue_mask
 from xpression.data.sections import read_adata
 from xpression.data.splits import check_split_counts
@@ -176,6 +176,21 @@ def test_config_values_are_checked_before_any_file_is_read(tmp_path):
     }
     assert set(problems) == expected
     assert not (tmp_path / "config.yaml").exists()
+
+
+def test_no_epoch_limit_needs_a_schedule_that_ends(tmp_path):
+    """trainer.max_epochs=-1 (Lightning's "no limit") with the cosine schedule has no horizon: one
+    line before any file is read; with a step limit, or without a schedule, it is accepted."""
+    missing = tmp_path / "missing" / "cohort.yaml"
+    with pytest.raises(ConfigError) as err:
+        train(_cfg(tmp_path, missing, ["model=cnn3d", "trainer.max_epochs=-1"]))
+    assert err.value.problems == [
+        "trainer.max_epochs=-1 (no limit) leaves the cosine learning-rate schedule without an end: "
+        "set model.scheduler=none, a trainer.max_epochs, or +trainer.max_steps=N"]
+    assert list(tmp_path.iterdir()) == []
+    for fix in (["model.scheduler=none"], ["+trainer.max_steps=100"]):
+        with pytest.raises(ManifestError):  # past the config check: the manifest is read
+            train(_cfg(tmp_path, missing, ["model=cnn3d", "trainer.max_epochs=-1", *fix]))
 
 
 def test_forest_settings_are_checked_before_any_file_is_read(tmp_path):

@@ -125,6 +125,14 @@ def test_cosine_warmup_schedule():
     assert cosine_warmup(100, 100, 10, 0.1) == pytest.approx(0.1)
 
 
+def test_a_cosine_schedule_without_any_limit_is_refused_in_one_line():
+    """Lightning's max_epochs=-1 and no max_steps: the cosine schedule has no end (Lightning's own
+    estimate is infinite)."""
+    with pytest.raises(ValueError, match="scheduler='cosine' needs a known number of steps"):
+        trainer(max_steps=-1, max_epochs=-1).fit(make(scheduler="cosine"), loader(batches()))
+    trainer(max_steps=3).fit(make(scheduler="cosine"), loader(batches()))  # a limit: fine
+
+
 def test_ema_used_for_eval(tmp_path):
     data = batches()
     m = make(ema_decay=0.9)

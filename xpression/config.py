@@ -236,6 +236,10 @@ def _epochs(cfg: DictConfig) -> list[str]:
     low, high = _value(cfg, "trainer.min_epochs"), _value(cfg, "trainer.max_epochs")
     if _is_int(low) and _is_int(high) and high != -1 and low > high:
         return [f"trainer.min_epochs ({low}) is larger than trainer.max_epochs ({high})"]
+    steps = _value(cfg, "trainer.max_steps")
+    if high == -1 and steps in (_ABSENT, None, -1) and _value(cfg, "model.scheduler") == "cosine":
+        return ["trainer.max_epochs=-1 (no limit) leaves the cosine learning-rate schedule without an end: "
+                "set model.scheduler=none, a trainer.max_epochs, or +trainer.max_steps=N"]
     return []
 
 

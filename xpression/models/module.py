@@ -264,7 +264,11 @@ class XPressionModule(pl.LightningModule):
                                  {"params": no_decay, "weight_decay": 0.0}], lr=hp.lr)
         if hp.scheduler in ("none", None):
             return opt
-        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        total = self.trainer.estimated_stepping_batches
+        if not math.isfinite(total):
+            raise ValueError("scheduler='cosine' needs a known number of steps (trainer max_epochs or max_steps); "
+                             "with neither limit use scheduler='none'")
+        total = max(int(total), 1)
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda step: cosine_warmup(step, total, hp.warmup_steps, hp.min_lr_ratio))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
