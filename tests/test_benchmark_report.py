@@ -123,8 +123,17 @@ def test_split_findings(tmp_path):
 def test_runs_without_scores_are_an_error(tmp_path):
     (tmp_path / "old").mkdir()
     (tmp_path / "old" / "metrics.json").write_text(json.dumps({"pearson_mean": 0.4}))
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit, match="error: no metrics.json with per-volume scores under"):
         write_report([tmp_path], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_folder_that_is_not_there_is_one_line_and_nothing_written(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([str(tmp_path / "typo"), "--out", str(tmp_path / "report")])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == f"error: not a folder: {tmp_path / 'typo'} (give multirun or run folders)\n"
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_label_chain_finding(tmp_path):

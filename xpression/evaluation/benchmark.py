@@ -525,7 +525,7 @@ def write_report(dirs: Sequence[str | Path], out: str | Path) -> dict[str, Path]
     ``comparisons.csv`` and ``accuracy_vs_distance.png`` into ``out``."""
     runs, scores = collect_runs(dirs)
     if runs.empty or scores.empty:
-        raise SystemExit(f"no metrics.json with per-volume scores under {', '.join(map(str, dirs))}")
+        raise SystemExit(f"error: no metrics.json with per-volume scores under {', '.join(map(str, dirs))}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"md": out / "benchmark.md", "csv": out / "benchmark.csv", "comparisons": out / "comparisons.csv"}
@@ -584,6 +584,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("dirs", nargs="+", help="multirun or run folders (searched for metrics.json)")
     parser.add_argument("--out", help="report folder (default: the first folder)")
     args = parser.parse_args(argv)
+    missing = [d for d in args.dirs if not Path(d).is_dir()]
+    if missing:
+        parser.exit(2, f"error: not a folder: {', '.join(missing)} (give multirun or run folders)\n")
     paths = write_report(args.dirs, args.out or args.dirs[0])
     print(Path(paths["md"]).read_text())
     print("wrote " + ", ".join(str(p) for p in paths.values()))
