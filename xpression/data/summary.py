@@ -5,6 +5,7 @@ Reads only metadata (array shapes, voxel sizes, the AnnData's obs/var/obsm keys)
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -44,13 +45,12 @@ def cohort_table(cohort: Cohort) -> Table:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        print("usage: python -m xpression.data.summary COHORT.yaml", file=sys.stderr)
-        return 2
+    parser = argparse.ArgumentParser(prog="python -m xpression.data.summary", description=__doc__.splitlines()[0])
+    parser.add_argument("manifest", type=Path, help="the cohort manifest (cohort.yaml)")
+    args = parser.parse_args(argv)
     console = Console(width=None if sys.stdout.isatty() else 160)
     try:
-        cohort = load_manifest(Path(args[0]))
+        cohort = load_manifest(args.manifest)
         console.print(cohort_table(cohort))
     except (ManifestError, VolumeError) as err:
         console.print(f"[red]error:[/red] {err}")
