@@ -183,3 +183,27 @@ def test_convert_cli(tmp_path, tiff, data, capsys):
     vol = open_volume(tmp_path / "cli.ome.zarr")
     assert vol.voxel_size_um == (1.6, 1.6, 1.6)
     np.testing.assert_array_equal(vol[3:7, 10:20, :], data[3:7, 10:20, :])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--voxel-size-um", "-1"], "--voxel-size-um: give one or three positive numbers (z y x, um), got [-1.0]"),
+    (["--voxel-size-um", "1", "2"], "--voxel-size-um: give one or three positive numbers (z y x, um), got [1.0, 2.0]"),
+    (["--voxel-size-um", "1", "--chunk", "0", "8", "8"], "--chunk: give three positive voxel counts (z y x), got [0, 8, 8]"),
+    (["--voxel-size-um", "1", "--levels", "0"], "--levels: must be at least 1, got 0"),
+])
+def test_convert_cli_refuses_bad_settings_in_one_line(tmp_path, tiff, args, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        convert_mod.main([str(tiff), str(tmp_path / "o.ome.zarr"), *args])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == f"python -m xpression.data.convert: error: {message}"
+    assert not (tmp_path / "o.ome.zarr").exists()
+
+
+def test_convert_cli_reports_a_bad_source_or_output_in_one_line(tmp_path, tiff, capsys):
+    for src, out, expected in [(tmp_path / "missing.tif", tmp_path / "a.ome.zarr", "file not found"),
+                               (tiff, tmp_path, "existing data")]:  # the folder holding the stack itself
+        with pytest.raises(SystemExit) as exit_:
+            convert_mod.main([str(src), str(out), "--voxel-size-um", "1"])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and err.startswith("error: ") and expected in err and err.count("\n") == 1
+    assert not (tmp_path / "a.ome.zarr").exists() and tiff.is_file()

@@ -145,16 +145,26 @@ def convert_tiff_to_omezarr(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description="Convert a TIFF/BigTIFF z stack to OME-Zarr 0.5 (resumable).")
+    p = argparse.ArgumentParser(prog="python -m xpression.data.convert",
+                                description="Convert a TIFF/BigTIFF z stack to OME-Zarr 0.5 (resumable).")
     p.add_argument("src")
     p.add_argument("out")
     p.add_argument("--voxel-size-um", type=float, nargs="+", required=True, help="z y x in um, or one value")
-    p.add_argument("--chunk", type=int, nargs=3, default=(64, 64, 64))
-    p.add_argument("--levels", type=int, default=3)
+    p.add_argument("--chunk", type=int, nargs=3, default=(64, 64, 64), help="zarr chunk, z y x voxels")
+    p.add_argument("--levels", type=int, default=3, help="pyramid levels (each a 2x mean of the one before)")
     p.add_argument("--overwrite", action="store_true")
     a = p.parse_args(argv)
+    if len(a.voxel_size_um) not in (1, 3) or not all(v > 0 for v in a.voxel_size_um):
+        p.error(f"--voxel-size-um: give one or three positive numbers (z y x, um), got {a.voxel_size_um}")
+    if not all(c > 0 for c in a.chunk):
+        p.error(f"--chunk: give three positive voxel counts (z y x), got {a.chunk}")
+    if a.levels < 1:
+        p.error(f"--levels: must be at least 1, got {a.levels}")
     voxel = a.voxel_size_um[0] if len(a.voxel_size_um) == 1 else a.voxel_size_um
-    print(convert_to_omezarr(a.src, a.out, voxel, a.chunk, a.levels, a.overwrite, progress=True))
+    try:
+        print(convert_to_omezarr(a.src, a.out, voxel, a.chunk, a.levels, a.overwrite, progress=True))
+    except VolumeError as err:
+        p.exit(2, f"error: {err}\n")
 
 
 if __name__ == "__main__":
