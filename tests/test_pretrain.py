@@ -150,3 +150,27 @@ def test_pretrain_cli_writes_an_encoder_that_init_from_loads(tiny_cohort, tmp_pa
     again = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert again.returncode == 1 and ckpt.read_bytes() == before
     assert again.stderr.strip().splitlines()[-1].startswith("error: invalid config: pretrain.out:")
+
+
+def test_every_bad_pretraining_setting_is_listed_before_anything_runs(tmp_path):
+    """Each out-of-range value by its key (a zero-step run, a negative batch and an empty mask
+    block used to run, or end in a traceback), before the cohort is opened or a file written."""
+    from xpression.config import ConfigError
+
+    cfg = compose("pretrain", [f"data.manifest={tmp_path / 'missing.yaml'}", "pretrain.steps=0", "pretrain.batch_size=-1",
+                               "pretrain.mask_block_um=[0,51.2,51.2]", "pretrain.mask_ratio=1.0", "pretrain.max_minutes=0",
+                               "pretrain.dropout=1.5", "patch.size_um=[57.6,0,205]"])
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path / "run")
+    with pytest.raises(ConfigError) as err:
+        pretrain(cfg)
+    assert set(err.value.problems) == {
+        "pretrain.steps: must be a positive integer, got 0",
+        "pretrain.batch_size: must be a positive integer, got -1",
+        "pretrain.mask_block_um: must be 3 positive numbers [z, y, x] in um, got [0, 51.2, 51.2]",
+        "pretrain.mask_ratio: must be a fraction in (0, 1), got 1.0",
+        "pretrain.max_minutes: must be null or a positive number, got 0",
+        "pretrain.dropout: must be null or a number in [0, 1), got 1.5",
+        "patch.size_um: must be 3 positive numbers [depth, height, width] in um, got [57.6, 0, 205]",
+    }
+    assert list(tmp_path.iterdir()) == []

@@ -192,6 +192,28 @@ INFER_RULES: dict[str, _Rule] = {
                              and all(isinstance(g, str) and g for g in v))),
 }
 
+# python -m xpression.pretrain (conf/pretrain.yaml); the patch and the model are checked as for train.py
+PRETRAIN_RULES: dict[str, _Rule] = {
+    "seed": NON_NEGATIVE_INT,
+    "pretrain.patches_per_volume": POSITIVE_INT,
+    "pretrain.planes_per_volume": POSITIVE_INT,
+    "pretrain.steps": POSITIVE_INT,
+    "pretrain.max_minutes": _optional(POSITIVE),
+    "pretrain.batch_size": POSITIVE_INT,
+    "pretrain.lr": POSITIVE,
+    "pretrain.weight_decay": NON_NEGATIVE,
+    "pretrain.warmup_steps": NON_NEGATIVE_INT,
+    "pretrain.mask_block_um": POSITIVE_TRIPLE,
+    "pretrain.mask_ratio": _Rule("a fraction in (0, 1)", lambda v: _is_number(v) and 0 < v < 1),
+    "pretrain.decoder_channels": POSITIVE_INT,
+    "pretrain.dropout": _optional(BELOW_ONE),
+    "pretrain.eval_every": POSITIVE_INT,
+    "pretrain.eval_patches": POSITIVE_INT,
+    "pretrain.progress": BOOL,
+    "patch.size_um": TRAIN_RULES["patch.size_um"],
+    "patch.voxel_size_um": VOXEL_SIZE,
+}
+
 _ABSENT = object()
 
 
@@ -310,6 +332,13 @@ def check_train_config(cfg: DictConfig) -> None:
                 + _apply(cfg, TRAIN_RULES) + _split_fractions(cfg) + _epochs(cfg) + _genes(cfg))
     if problems:
         raise ConfigError(_one_per_key(problems), "training config")
+
+
+def check_pretrain_config(cfg: DictConfig) -> None:
+    """Raise :class:`ConfigError` listing every out-of-range value of a pretraining config."""
+    problems = _apply(cfg, PRETRAIN_RULES)
+    if problems:
+        raise ConfigError(problems, "pretraining config")
 
 
 def check_infer_config(cfg: DictConfig) -> None:

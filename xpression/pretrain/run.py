@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from xpression.config import ConfigError
+from xpression.config import ConfigError, check_pretrain_config
 from xpression.models.masked import MaskedReconstruction, save_encoder
 from xpression.pretrain.loop import PretrainSettings, fit
 from xpression.pretrain.pool import draw_pool, open_cohort_volumes
@@ -36,14 +36,13 @@ def settings_from(node: DictConfig) -> PretrainSettings:
 
 def pretrain(cfg: DictConfig) -> dict:
     """Pretrain ``cfg.model.backbone`` on the volumes of ``cfg.data.manifest``; returns the summary."""
+    check_pretrain_config(cfg)
     node = cfg.pretrain
     out_dir = Path(cfg.paths.output_dir)
     ckpt = Path(node.out) if node.get("out") else out_dir / "encoder.ckpt"
     if ckpt.exists():
         raise ConfigError([f"pretrain.out: {ckpt} exists; pretraining never overwrites a checkpoint (name another)"])
     settings = settings_from(node)
-    if not 0.0 < settings.mask_ratio < 1.0:
-        raise ConfigError([f"pretrain.mask_ratio: expected a fraction in (0, 1), got {settings.mask_ratio}"])
     data = open_cohort_volumes(cfg.data.manifest, node.volumes, cfg.patch.size_um, cfg.patch.voxel_size_um,
                                cfg.data.intensity, cfg.data.intensity_reference, int(cfg.seed))
     backbone = OmegaConf.to_container(cfg.model.backbone, resolve=True)
