@@ -194,3 +194,19 @@ def test_a_read_error_reaches_the_caller(volume):
     grid, _ = make_grid(volume.shape, volume.voxel_size_um, (6.4, 12.8, 12.8), multiple_of=(1, 2, 2))
     with pytest.raises(OSError, match="corrupt"):
         sweep(Broken(), pred, grid, tile_shape=(3, 4, 4), normalize=norm, prefetch=3, readers=2)
+
+
+@pytest.mark.parametrize("numpy_gather", [True, False], ids=["numpy", "torch"])
+@pytest.mark.parametrize("shape, stride", [((3, 5, 4), (1, 1, 1)), ((2, 3, 3), (2, 3, 1))])
+def test_patch_windows_are_the_slices_cut_one_by_one(numpy_gather, shape, stride):
+    """The patch sweep's batched cut (numpy's on the CPU, torch's on a GPU) gives, per corner,
+    exactly the strided slice of the block there, corners at the faces included."""
+    from xpression.inference.sweep import _windows
+
+    block = torch.rand(9, 14, 11, generator=torch.Generator().manual_seed(0))
+    span = [(n - 1) * k + 1 for n, k in zip(shape, stride)]
+    corners = np.array([[0, 0, 0], [9 - span[0], 14 - span[1], 11 - span[2]], [2, 5, 1], [2, 5, 1]])
+    got = _windows(block, corners, shape, stride, numpy_gather=numpy_gather)
+    want = torch.stack([block[a:a + s0, b:b + s1, c:c + s2][::stride[0], ::stride[1], ::stride[2]]
+                        for (a, b, c), (s0, s1, s2) in zip(corners, [span] * len(corners))])
+    assert got.shape == (len(corners),) + shape and torch.equal(got, want)
