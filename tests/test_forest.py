@@ -287,3 +287,49 @@ def test_uncertainty_on_a_forest_run_takes_its_trees_and_refuses_mc_dropout_in_o
     names = list(forest.target_spec.names)
     assert meta["method"] == "trees" and meta["sd_channels"] == [f"{t}_sd" for t in names]
     assert list(wrapped.target_names) == names + [f"{t}_sd" for t in names]
+
+
+def test_a_forest_on_threads_answers_as_on_one_and_sweeps_in_large_batches(forest, datamodule, monkeypatch):
+    """The rows of a batch are split over torch's CPU threads (features, trees, their spread):
+    the same numbers, bit for bit, as on one thread; a patch sweep gives it 256 views per thread
+    per call, a network 64."""
+    import threading
+
+    import torch
+
+    from xpression.inference.predictor import Predictor
+
+    views = torch.from_numpy(np.random.default_rng(6).random((40, 2, *datamodule.patch_shape_vox)).astype(np.float32))
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = forest(views), *forest.predict_spread(views, with_features=True)
+        assert forest.patch_batch_size == 256 and Predictor(forest, device="cpu").default_batch_size == 256
+        torch.set_num_threads(3)
+        seen: set[str] = set()
+        real_features = type(forest).features
+        monkeypatch.setattr(type(forest), "features",
+                            lambda self, v: seen.add(threading.current_thread().name) or real_features(self, v))
+        three = forest(views), *forest.predict_spread(views, with_features=True)
+        assert len(seen) == 3 and all(name.startswith("xpression-rows") for name in seen)  # 40 rows: 3 blocks
+        assert forest.patch_batch_size == 768
+    finally:
+        torch.set_num_threads(old)
+    for a, b in zip(one, three):
+        assert torch.equal(a, b)
+    net = torch.nn.Conv3d(1, 2, 3)
+    net.patch_shape = (3, 3, 3)
+    assert Predictor(net, device="cpu").default_batch_size == 64
+
+
+def test_map_rows_splits_rows_into_blocks_and_keeps_their_order():
+    from xpression.models.closed_form import map_rows
+
+    x = np.arange(70.0).reshape(35, 2)
+    sizes: list[int] = []
+    out = map_rows(lambda rows: sizes.append(len(rows)) or rows * 2, x, threads=4)
+    np.testing.assert_array_equal(out, x * 2)
+    assert sorted(sizes) == [8, 9, 9, 9]
+    sizes.clear()
+    map_rows(lambda rows: sizes.append(len(rows)) or rows, x[:15], threads=4)  # under 2 x 8 rows: one call
+    assert sizes == [15]

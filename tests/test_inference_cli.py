@@ -121,6 +121,6 @@ def test_unwritable_output_fails_before_the_model_loads(run, tmp_path, monkeypat
     blocker.write_text("a file where the output folder should go")
     with pytest.raises(ConfigError, match=r"output: .*results/maps cannot be created: .*results is a file"):
         infer(config(run=str(run), output=str(blocker / "maps")))
-    with pytest.raises(ConfigError, match=r"batch_size: must be a positive integer, got 0"):
+    with pytest.raises(ConfigError, match=r"batch_size: must be null or a positive integer, got 0"):
         infer(config(run=str(run), output=str(tmp_path / "ok"), batch_size=0))
     assert blocker.read_text() == "a file where the output folder should go" and not (tmp_path / "ok").exists()

@@ -168,7 +168,7 @@ INFER_RULES: dict[str, _Rule] = {
     "tile_vox": _Rule("'auto' or 3 positive integers [z, y, x]", lambda v: v == "auto" or POSITIVE_INT_TRIPLE.ok(v)),
     "mode": _choice("dense", "patch"),
     "overlap": _optional(BELOW_ONE),
-    "batch_size": POSITIVE_INT,
+    "batch_size": _optional(POSITIVE_INT),
     "prefetch": _optional(NON_NEGATIVE_INT),
     "readers": _optional(POSITIVE_INT),
     "precision": _choice("auto", "fp32", "bf16"),
@@ -478,7 +478,7 @@ class InferConfig:
     # infer/sweep
     tile_vox: str | list[int] = "auto"
     overlap: float | None = None
-    batch_size: int = 64
+    batch_size: int | None = None
     prefetch: int | None = None
     readers: int | None = None
     pad_tiles: bool | None = None

@@ -98,6 +98,8 @@ class Predictor:
         stride = _attr(net, "output_stride")
         self.output_stride = None if stride is None else tuple(int(s) for s in stride)
         self.dense_equivalent = bool(_attr(net, "dense_equivalent") or False)
+        # patches (patch mode) or input slabs (dense mode) per forward unless told: the model's own, else 64
+        self.default_batch_size = int(_attr(net, "patch_batch_size") or 64)
         self.views = int(_attr(net, "views") or 1)
         self.context_stride = None if context_stride is None else tuple(int(k) for k in context_stride)
         self.can_dense = (hasattr(net, "dense_forward") and self.output_stride is not None

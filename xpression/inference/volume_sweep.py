@@ -258,7 +258,8 @@ class SweepSettings:
     forward per grid point); ``tile_vox``: tile extent (voxels, z y x, rounded to whole grid
     steps and to storage chunks), or ``"auto"``/``None``: :func:`auto_tile_vox` (a resumed store
     keeps its own tiles); ``overlap``, ``batch_size``, ``prefetch``, ``readers``, ``pad_tiles``:
-    as in :func:`~xpression.inference.sweep.sweep_tiles`; ``levels``: pyramid levels of the
+    as in :func:`~xpression.inference.sweep.sweep_tiles` (``batch_size`` None: the predictor's
+    ``default_batch_size``, 64 for networks); ``levels``: pyramid levels of the
     store; ``overwrite``: replace a finished store (never done silently); ``write_queue``:
     computed tiles waiting to be stored; ``wait_s``: how long a process waits for the others.
     """
@@ -267,7 +268,7 @@ class SweepSettings:
     mode: str = "dense"
     tile_vox: Sequence[int] | str | None = DEFAULT_TILE_VOX
     overlap: float | None = None
-    batch_size: int = 64
+    batch_size: int | None = None
     prefetch: int | None = None
     readers: int | None = None
     pad_tiles: bool | None = None
@@ -313,6 +314,8 @@ def infer_volume(
     st = settings
     spacing_um, mode, tile_vox, overlap, batch_size = st.spacing_um, st.mode, st.tile_vox, st.overlap, st.batch_size
     overwrite, wait_s = st.overwrite, st.wait_s
+    if batch_size is None:
+        batch_size = predictor.default_batch_size
     grid, notes = plan_grid(volume, predictor, spacing_um, mode, anchor_um)
     if overlap is None:
         overlap = default_overlap(predictor, mode)

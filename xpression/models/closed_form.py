@@ -13,8 +13,11 @@ checkpoint with the :class:`~xpression.data.input_spec.InputSpec` that ``infer.p
 from __future__ import annotations
 
 import logging
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -26,7 +29,7 @@ from xpression.data.patches import dequantise, image_to_float
 from xpression.models.targets import as_target_spec
 from xpression.runfolder import RUN_CONFIG_KEY
 
-__all__ = ["ClosedFormModel", "one_blas_thread"]
+__all__ = ["ClosedFormModel", "map_rows", "one_blas_thread"]
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +49,39 @@ def one_blas_thread() -> Any:
     return _BLAS.limit(limits=1, user_api="blas")
 
 
+_ROW_POOL: ThreadPoolExecutor | None = None
+_ROW_POOL_LOCK = threading.Lock()
+_ROW_THREAD = "xpression-rows"
+MIN_ROWS_PER_THREAD = 8  # fewer rows than this per thread: not worth a hand-over
+
+
+def _reset_row_pool() -> None:  # a forked process has none of the pool's threads
+    global _ROW_POOL, _ROW_POOL_LOCK
+    _ROW_POOL, _ROW_POOL_LOCK = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_reset_row_pool)
+
+
+def map_rows(fn: Callable[[np.ndarray], np.ndarray], x: np.ndarray, threads: int | None = None) -> np.ndarray:
+    """``fn(x)`` for an ``fn`` whose every output row depends on its input row alone, computed on
+    ``threads`` blocks of rows at once (default: torch's CPU threads) and concatenated: the same
+    numbers as one call. numpy releases the GIL in its loops and BLAS calls, so a fitted model's
+    features and trees use every core a sweep gives it (``torch.set_num_threads``; one under
+    ``torchrun``, which sets ``OMP_NUM_THREADS=1``)."""
+    global _ROW_POOL
+    threads = torch.get_num_threads() if threads is None else int(threads)
+    blocks = min(threads, len(x) // MIN_ROWS_PER_THREAD)
+    if blocks <= 1 or threading.current_thread().name.startswith(_ROW_THREAD):  # no nesting in the pool
+        return fn(x)
+    with _ROW_POOL_LOCK:
+        if _ROW_POOL is None or _ROW_POOL._max_workers < blocks:
+            _ROW_POOL = ThreadPoolExecutor(max(blocks, threads), thread_name_prefix=_ROW_THREAD)
+        pool = _ROW_POOL
+    cuts = np.linspace(0, len(x), blocks + 1).astype(int)
+    return np.concatenate(list(pool.map(fn, [x[a:b] for a, b in zip(cuts[:-1], cuts[1:])])))
+
+
 class ClosedFormModel(nn.Module):
     """Base of the models fitted in one pass over the training spots (no augmentation).
 
@@ -57,6 +93,7 @@ class ClosedFormModel(nn.Module):
     """
 
     family = "closed_form"
+    features_in_threads = True  # views_features splits the rows over threads (map_rows); False: features thread themselves
     views = 1  # input channels read: the patch; a subclass reading the context view too says 2
     dense_equivalent = False
     output_stride = None
@@ -101,6 +138,15 @@ class ClosedFormModel(nn.Module):
         """Read back :meth:`model_record` from a checkpoint's input spec."""
 
     # -- shared --------------------------------------------------------------------------------------
+    ROWS_PER_THREAD_BATCH = 256  # views per CPU thread in one sweep batch: a thread's work outweighs its hand-over
+
+    @property
+    def patch_batch_size(self) -> int:
+        """Views per call a patch sweep gives this model by default: 256 per CPU thread (its rows
+        are split over torch's threads, :func:`map_rows`; larger calls also spread the per-call
+        cost of the features and trees)."""
+        return self.ROWS_PER_THREAD_BATCH * max(1, torch.get_num_threads())
+
     @property
     def voxel_size_um(self) -> tuple[float, float, float]:
         if self.input_spec is None:
@@ -209,9 +255,11 @@ class ClosedFormModel(nn.Module):
 
     def views_features(self, patches: np.ndarray) -> np.ndarray:
         """:meth:`features` of ``(B, D, H, W)`` patches or ``(B, C, D, H, W)`` views, with numpy's
-        BLAS on one thread (:func:`one_blas_thread`)."""
+        BLAS on one thread (:func:`one_blas_thread`) and the rows on torch's CPU threads
+        (:func:`map_rows`)."""
+        views = self.as_views(patches)
         with one_blas_thread():
-            return self.features(self.as_views(patches))
+            return map_rows(self.features, views) if self.features_in_threads else self.features(views)
 
     def save_checkpoint(self, path: str | Path, run_config: dict | None = None) -> Path:
         """A checkpoint ``infer.py`` loads like a network's: the fitted tensors, constructor

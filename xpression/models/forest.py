@@ -24,7 +24,7 @@ import torch
 
 from xpression.config import ConfigError
 from xpression.data.input_spec import InputSpec
-from xpression.models.closed_form import ClosedFormModel
+from xpression.models.closed_form import ClosedFormModel, map_rows
 from xpression.models.filterbank import FilterBank
 
 __all__ = ["FilterBankForest", "predict_trees", "tree_leaves", "trees_to_arrays"]
@@ -169,7 +169,8 @@ class FilterBankForest(ClosedFormModel):
         return [getattr(self, k).cpu().numpy() for k in TREE_KEYS]
 
     def predict_features(self, x: np.ndarray) -> np.ndarray:
-        return predict_trees(x, *self._trees())
+        trees = self._trees()
+        return map_rows(lambda rows: predict_trees(rows, *trees), x)
 
     def predict_spread(self, x: torch.Tensor, with_features: bool = False
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -177,7 +178,8 @@ class FilterBankForest(ClosedFormModel):
         trees of each tree's prediction (in target units) and, ``with_features``, the ood features
         (:meth:`standardised`), from one computation of the features."""
         feats = self.tensor_features(x)
-        leaves = tree_leaves(feats, *self._trees())
+        trees = self._trees()
+        leaves = map_rows(lambda rows: tree_leaves(rows, *trees), feats)
         each = self.valid(leaves.reshape(-1, leaves.shape[-1])).reshape(leaves.shape)
         mean = self.valid(leaves.mean(axis=1))  # what predict_from_features gives
         sd = each.std(axis=1, ddof=1 if leaves.shape[1] > 1 else 0).astype(np.float32)

@@ -210,6 +210,7 @@ class RidgeBaseline(ClosedFormModel):
     """
 
     family = "ridge"
+    features_in_threads = False  # patch_features splits its chunks over threads itself
 
     def __init__(self, target_spec: Any, patch_shape: Sequence[int], spot_radius_vox: float | None = None,
                  radii_um: Sequence[float] = (SPOT_RADIUS_UM, 50.0, 100.0), air_threshold: float = 0.3,
