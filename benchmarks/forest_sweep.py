@@ -9,12 +9,16 @@ each counted once), its share of the sweep and the grid points per second the sw
 
 - the sweep: ``_run_patch`` (every tile's patches, their features and the trees), and the whole
   command (start-up, mask, writes included);
-- cutting the context views (``ContextView.window``);
+- cutting each batch's patches and context views from the tile's block (``_windows``);
 - the filter bank's Gaussian features (``ViewKernels.features``) and signed distances
   (``NearestFirst.distances``);
 - the trees (``tree_leaves``).
 
 Further ``key=value`` arguments go to ``infer.py`` (e.g. ``uncertainty=trees ood=true``).
+
+The profile runs on one CPU thread (``--threads 1``): cProfile sees only the thread it runs in,
+and a forest splits its rows over torch's threads (``map_rows``). ``--threads N`` times the
+command on N threads as ``infer.py`` runs it, without the per-step rows.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 STEPS = [  # (label, file suffix, function name)
     ("sweep (_run_patch)", "inference/sweep.py", "_run_patch"),
-    ("context views cut", "data/context.py", "window"),
+    ("patches and context views cut", "inference/sweep.py", "_windows"),
     ("Gaussian features", "models/filterbank.py", "features"),
     ("signed distances", "models/filterbank.py", "distances"),
     ("trees", "models/forest.py", "tree_leaves"),
@@ -51,7 +55,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("run", type=Path, help="a model=forest run folder")
     ap.add_argument("--volume-id", default=None, help="the volume to sweep (default: the cohort's first)")
     ap.add_argument("--out", type=Path, default=None, help="where the maps go (default: a temporary folder)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads (default 1: the profile's steps; more: the whole command's time only)")
     args, extra = ap.parse_known_args(argv)
+    if args.threads < 1:
+        ap.error(f"--threads must be >= 1, got {args.threads}")
+    import torch
+
+    torch.set_num_threads(args.threads)
     from xpression.data.manifest import load_manifest
     from xpression.inference.predictor import InferenceError
     from xpression.inference.runs import resolve_run
@@ -64,17 +75,18 @@ def main(argv: list[str] | None = None) -> int:
     volume = [f"volumes=[{args.volume_id or load_manifest(info.manifest).volumes[0].id}]"]
     sys.argv = ["infer.py", f"run={args.run}", f"output={out}", "progress=false", "figures=false", "ct_preview=false",
                 "infer/evaluation=none", *volume, *extra]
-    profile = cProfile.Profile()
+    profile = cProfile.Profile() if args.threads == 1 else None
     start = time.perf_counter()
-    profile.enable()
+    if profile is not None:
+        profile.enable()
     try:
         runpy.run_path(str(ROOT / "infer.py"), run_name="__main__")
     except SystemExit as stop:
         if stop.code not in (0, None):
             raise
-    profile.disable()
+    if profile is not None:
+        profile.disable()
     total = time.perf_counter() - start
-    stats = pstats.Stats(profile)
     import numpy as np
 
     from xpression.inference.writers import read_maps
@@ -84,11 +96,15 @@ def main(argv: list[str] | None = None) -> int:
     for vid in summary["volumes"]:
         maps, _ = read_maps(out / vid / "maps.ome.zarr")
         points += int(np.isfinite(np.asarray(maps[0])).sum())
-    sweep = cumulative(stats, *STEPS[0][1:])
-    print(f"\n{args.run}: {', '.join(summary['volumes'])}, {points:,} grid points; maps in {out}\n")
+    print(f"\n{args.run}: {', '.join(summary['volumes'])}, {points:,} grid points; maps in {out}; "
+          f"{args.threads} thread(s)\n")
     print("| step | seconds | share of the sweep | grid points/s |")
     print("|---|---|---|---|")
-    print(f"| whole command (profiled) | {total:.1f} | - | {points / total:,.0f} |")
+    print(f"| whole command{' (profiled)' if profile is not None else ''} | {total:.1f} | - | {points / total:,.0f} |")
+    if profile is None:
+        return 0
+    stats = pstats.Stats(profile)
+    sweep = cumulative(stats, *STEPS[0][1:])
     for label, suffix, name in STEPS:
         t = cumulative(stats, suffix, name)
         print(f"| {label} | {t:.1f} | {t / sweep:.0%} | {points / t:,.0f} |" if t else f"| {label} | 0 | - | - |")
