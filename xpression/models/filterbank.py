@@ -46,6 +46,7 @@ __all__ = ["FEATURES", "FilterBank", "NearestFirst", "ViewKernels"]
 
 FEATURES = ("mean", "air", "bright", "sd", "gradient", "laplacian")
 _ROWS = 32  # views per block of the Gaussian features: a block and its temporaries stay in cache
+_HEAD = 512  # a view's nearest voxels a signed distance searches first
 
 
 @dataclass(frozen=True)
@@ -136,34 +137,40 @@ class NearestFirst:
     def distances(self, view: np.ndarray, below: Sequence[float], above: Sequence[float], cap_um: float) -> np.ndarray:
         """``(B, V)`` normalised intensities -> ``(B, len(below) + len(above))`` signed distances
         (um) from the centre to the nearest voxel below / above each level, minus the distance to
-        the nearest voxel that is not, each capped at ``cap_um``."""
+        the nearest voxel that is not, each capped at ``cap_um``. Each row is first searched among
+        its ``_HEAD`` nearest voxels, and whole only where they hold no hit (most rows find their
+        nearest air and tissue there)."""
         view = np.asarray(view)
         radius = np.minimum(self.radius_um[self.order], cap_um)
-        out = np.zeros((len(view), len(below) + len(above)))
+        levels = [(t, np.less) for t in below] + [(t, np.greater) for t in above]
+        out = np.zeros((len(view), len(levels)))
+        head = self.order[:_HEAD]
         for lo in range(0, len(view), _ROWS):  # blocks of rows, so the masks stay in cache
-            a = view[lo : lo + _ROWS][:, self.order]
-            for j, mask in enumerate([a < t for t in below] + [a > t for t in above]):
-                first_in, has_in = _first(mask, True)
-                first_out, has_out = _first(mask, False)
-                out[lo : lo + _ROWS, j] = np.where(has_in, radius[first_in], cap_um) - np.where(has_out, radius[first_out], cap_um)
+            block = view[lo : lo + _ROWS]
+            near = block[:, head]
+            index = np.zeros((len(levels), 2, len(block)), np.intp)  # (level, hit / miss, row)
+            found = np.zeros(index.shape, bool)
+            for j, (level, side) in enumerate(levels):
+                mask = side(near, level)
+                for k, value in enumerate((True, False)):
+                    index[j, k], found[j, k] = _first(mask, value)
+            rows = np.flatnonzero(~found.all(axis=(0, 1)))
+            if rows.size and len(self.order) > len(head):  # the rows that found no hit, searched whole
+                whole = block[rows][:, self.order]
+                for j, (level, side) in enumerate(levels):
+                    mask = side(whole, level)
+                    for k, value in enumerate((True, False)):
+                        again = ~found[j, k, rows]
+                        index[j, k, rows[again]], found[j, k, rows[again]] = _first(mask[again], value)
+            hit = np.where(found, radius[index], cap_um)
+            out[lo : lo + _ROWS] = (hit[:, 0] - hit[:, 1]).T
         return out
 
 
-def _first(mask: np.ndarray, value: bool, head: int = 512) -> tuple[np.ndarray, np.ndarray]:
-    """Per row of ``(B, V)`` ``mask``: the index of its first ``value`` and whether it has one.
-    Rows are scanned over their first ``head`` columns, and whole only where that finds none
-    (most rows find their nearest air or tissue among the nearest voxels)."""
-    find = np.argmax if value else np.argmin
-    rows = np.arange(len(mask))
-    part = mask[:, :head]
-    index = find(part, axis=1)
-    found = part[rows, index] == value
-    rest = np.flatnonzero(~found)
-    if rest.size and mask.shape[1] > head:
-        whole = mask[rest]
-        index[rest] = find(whole, axis=1)
-        found[rest] = whole[np.arange(len(rest)), index[rest]] == value
-    return index, found
+def _first(mask: np.ndarray, value: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Per row of ``(B, N)`` ``mask``: the index of its first ``value`` and whether it has one."""
+    index = (np.argmax if value else np.argmin)(mask, axis=1)
+    return index, mask[np.arange(len(mask)), index] == value
 
 
 class FilterBank:
