@@ -220,6 +220,10 @@ def table(res: dict) -> str:
                      f"{_fmt(min(lit.get('epoch_seconds') or [float('nan')]), '.2f')} | "
                      f"{_fmt((post.get('predict_spots_seconds') or 0) + (post.get('off_plane_seconds') or 0), '.1f')} | "
                      f"{_fmt(r.get('outside_steps_10_epochs'), '.0%')}"))
+        if lit.get("checkpoint_saves"):
+            rows.append((f"{name}: checkpoints, training thread s | saves",
+                         f"{_fmt(lit.get('checkpoint_seconds'), '.2f')} | {lit['checkpoint_saves']} "
+                         f"({', '.join(lit.get('checkpoint_plugins') or []) or '-'})"))
     ld = g("loader", "loader_patches_s") or {}
     if ld:
         counts = sorted(ld, key=int)

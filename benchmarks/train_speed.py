@@ -12,7 +12,8 @@ augmentation) and the model config ``conf/model/<model>.yaml`` with random weigh
    clipping + AdamW, as the Trainer configures them (CUDA: bf16 autocast), timed over
    ``--steps`` steps after a warm-up. Patches per second.
 2. Lightning loop: ``Trainer.fit`` for ``--epochs`` epochs (CUDA: ``bf16-mixed``; no progress
-   bar, logger or checkpoints), loader workers as given. The ``Throughput`` callback's patches/s
+   bar or logger; the run's checkpoint callbacks and checkpoint plugin, writing to a temporary
+   folder, unless ``--no-checkpoints``), loader workers as given. The ``Throughput`` callback's patches/s
    (loading, transfer, augmentation and steps; the median over the epochs after the first) and
    the wall time of whole epochs (validation included).
 3. ``--breakdown`` (default on): one more epoch with the device synchronised between phases,
@@ -90,45 +91,90 @@ def bare_step_rate(module, batch: dict, device, steps: int, clip: float = 1.0) -
 
 
 class _EpochClock:
-    """Wall time of each whole training epoch (its validation included)."""
+    """Wall time of each whole training epoch: from its start to the next epoch's start (the last:
+    to the end of training), so its validation, its checkpoint saves (Lightning runs the
+    checkpoint callbacks after every other callback) and every other epoch-end hook are in it."""
 
     def __init__(self):
         import pytorch_lightning as pl
 
+        starts: list[float] = []
+
         class Clock(pl.Callback):
             def on_train_epoch_start(cb, trainer, pl_module):  # noqa: N805
-                cb.t0 = time.perf_counter()
+                now = time.perf_counter()
+                if starts:
+                    self.seconds.append(now - starts[-1])
+                starts.append(now)
 
-            def on_train_epoch_end(cb, trainer, pl_module):  # noqa: N805
-                self.seconds.append(time.perf_counter() - cb.t0)
+            def on_train_end(cb, trainer, pl_module):  # noqa: N805
+                if starts:
+                    self.seconds.append(time.perf_counter() - starts[-1])
 
         self.seconds: list[float] = []
         self.callback = Clock()
 
 
-def _trainer(device, epochs: int, callbacks: list, limit_train: int | None, limit_val: int | None):
+def _trainer(device, epochs: int, callbacks: list, limit_train: int | None, limit_val: int | None,
+             checkpoints: Path | None = None, plugins: bool = True):
     """The Trainer both loops run in: as ``trainer=gpu`` (bf16) or ``cpu`` configures it, without
-    logger, progress bar, checkpoints or sanity check."""
+    logger, progress bar or sanity check; with ``checkpoints`` (a folder), the run's two checkpoint
+    callbacks (``conf/callbacks``: the best, and the last every epoch) write there through the
+    trainer config's checkpoint plugins (``plugins=False``: Lightning's default, on the training
+    thread), as in ``train.py``; else none."""
     import pytorch_lightning as pl
+    from hydra.utils import instantiate
+
+    from xpression.config import compose
 
     cuda = device.type == "cuda"
+    extra: dict = {"enable_checkpointing": False}
+    if checkpoints is not None:
+        cfg = compose("train", [f"trainer={'gpu' if cuda else 'cpu'}"])
+        callbacks = callbacks + [instantiate(cfg.callbacks[key], dirpath=str(checkpoints))
+                                 for key in ("model_checkpoint", "last_checkpoint")]
+        extra = {"enable_checkpointing": True,
+                 "plugins": [instantiate(p) for p in cfg.trainer.get("plugins") or []] if plugins else None}
     return pl.Trainer(accelerator="gpu" if cuda else "cpu", devices=1, precision="bf16-mixed" if cuda else "32-true",
-                      max_epochs=epochs, gradient_clip_val=1.0, logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, callbacks=callbacks,
-                      limit_train_batches=limit_train, limit_val_batches=limit_val)
+                      max_epochs=epochs, gradient_clip_val=1.0, logger=False, enable_progress_bar=False,
+                      enable_model_summary=False, num_sanity_val_steps=0, callbacks=callbacks,
+                      limit_train_batches=limit_train, limit_val_batches=limit_val, **extra)
 
 
-def lightning_rate(module, dm, device, epochs: int, limit_batches: int | None = None) -> dict:
+def lightning_rate(module, dm, device, epochs: int, limit_batches: int | None = None, checkpoints: bool = True,
+                   plugins: bool = True) -> dict:
+    """The Lightning loop's rates and epoch times; with ``checkpoints``, the run's checkpoint
+    callbacks write every epoch (into a temporary folder) and the time the training thread spends
+    in them is reported (with the default background writes: the copy of the state)."""
+    import tempfile
+
     from xpression.callbacks import Throughput
     from xpression.training import EpochSeed
 
     tp, clock = Throughput(), _EpochClock()
-    trainer = _trainer(device, epochs, [EpochSeed(0), tp, clock.callback], limit_batches, limit_batches)
-    t0 = time.perf_counter()
-    trainer.fit(module, datamodule=dm)
+    with tempfile.TemporaryDirectory(prefix="train_speed_ckpt_") as folder:
+        trainer = _trainer(device, epochs, [EpochSeed(0), tp, clock.callback], limit_batches, limit_batches,
+                           Path(folder) if checkpoints else None, plugins)
+        saves: list[float] = []
+        inner = trainer.save_checkpoint
+
+        def timed_save(*args, **kwargs):
+            t = time.perf_counter()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                saves.append(time.perf_counter() - t)
+
+        trainer.save_checkpoint = timed_save  # what ModelCheckpoint calls
+        t0 = time.perf_counter()
+        trainer.fit(module, datamodule=dm)
+        fit_seconds = time.perf_counter() - t0
+        written = sorted(p.name for p in Path(folder).iterdir())
     later = tp.rates[1:] or tp.rates
     return {"patches_s": float(np.median(later)), "patches_s_per_epoch": tp.rates, "epoch_seconds": clock.seconds,
-            "fit_seconds": time.perf_counter() - t0,
+            "fit_seconds": fit_seconds, "checkpoint_saves": len(saves), "checkpoint_seconds": float(sum(saves)),
+            "checkpoint_plugins": [type(p).__name__ for p in (trainer.strategy.checkpoint_io,)] if checkpoints else [],
+            "checkpoint_files": written,
             "train_patches_per_epoch": int(len(dm.train_sampler())) if limit_batches is None else limit_batches * dm.batch_size}
 
 
@@ -210,6 +256,11 @@ def main() -> None:
     ap.add_argument("--sampler", choices=["stratified", "spot"], default="stratified")
     ap.add_argument("--split", choices=["stratified_random", "spatial_blocks"], default="stratified_random")
     ap.add_argument("--post-fit", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--checkpoints", action=argparse.BooleanOptionalAction, default=True,
+                    help="the run's checkpoint callbacks write every epoch of the Lightning loop (as in train.py)")
+    ap.add_argument("--checkpoint-plugins", action=argparse.BooleanOptionalAction, default=True,
+                    help="the trainer config's checkpoint plugins (background writes); --no-checkpoint-plugins: "
+                         "Lightning's default writes on the training thread")
     ap.add_argument("--breakdown", action=argparse.BooleanOptionalAction, default=True,
                     help="one more epoch, synchronised, timing the phases of a step")
     ap.add_argument("--json", type=Path, default=None)
@@ -251,12 +302,15 @@ def main() -> None:
     emit()
 
     module = build_module(args.model, dm)
-    lit = lightning_rate(module, dm, device, args.epochs, args.limit_batches)
+    lit = lightning_rate(module, dm, device, args.epochs, args.limit_batches, args.checkpoints, args.checkpoint_plugins)
     report["lightning"] = lit
     report["ratio_lightning_bare"] = lit["patches_s"] / report["bare_patches_s"]
     print(f"{'Lightning loop (Throughput callback)':40s} {lit['patches_s']:10.0f} patches/s "
           f"(epochs: {', '.join(f'{r:.0f}' for r in lit['patches_s_per_epoch'])}); "
           f"whole epochs {', '.join(f'{s:.2f}' for s in lit['epoch_seconds'])} s", flush=True)
+    if args.checkpoints:
+        print(f"{'checkpoints on the training thread':40s} {lit['checkpoint_seconds']:10.2f} s for {lit['checkpoint_saves']} "
+              f"saves ({lit['checkpoint_plugins'][0]}; {', '.join(lit['checkpoint_files'])}), in the epochs above", flush=True)
     emit()
 
     if args.breakdown:

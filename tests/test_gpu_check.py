@@ -50,6 +50,9 @@ def test_gpu_check_runs_every_stage_on_the_cpu(tiny_cohort, tmp_path):
     for name in ("train_cnn3d", "train_timm_resnet18_smoke"):
         assert res[name]["bare_patches_s"] > 0 and res[name]["lightning"]["patches_s"] > 0
     assert res["train_cnn3d"]["post_fit"]["spots"] > 100 and res["train_cnn3d"]["post_fit"]["off_plane_points"] > 0
+    lit = res["train_cnn3d"]["lightning"]  # the run's checkpoints were written every epoch, as in train.py
+    assert lit["checkpoint_files"] == ["best.ckpt", "last.ckpt"] and lit["checkpoint_saves"] >= len(lit["epoch_seconds"])
+    assert lit["checkpoint_plugins"] == ["TorchCheckpointIO"] and lit["checkpoint_seconds"] > 0  # trainer=cpu: no background writes
     for name in ("train_cnn3d", "train_timm_resnet18_smoke"):  # a step's phases, synchronised
         assert all(res[name]["step_breakdown"][k] > 0 for k in ("fetch_ms", "augment_ms", "step_ms"))
     assert set(res["loader"]["loader_patches_s"]) == set(res["loader"]["loader_ms_per_batch"]) == {"0", "1"}
@@ -60,6 +63,7 @@ def test_gpu_check_runs_every_stage_on_the_cpu(tiny_cohort, tmp_path):
     assert (out / "sweep_profile.txt").read_text().count("\n") > 5
     last = proc.stdout.strip().splitlines()[-30:]
     assert any(line.startswith("loader patches/s by workers") for line in last)
+    assert any(line.startswith("train_cnn3d: checkpoints, training thread s | saves") for line in last)
     reading = [line.split("  ")[-1].split(" | ") for line in last if line.startswith("reading steps, MVoxel/s")]
     assert len(reading) == 1 and all(float(v) > 0 for v in reading[0][:3]) and reading[0][3].startswith("- (")
     assert any(line.startswith("stage sweep") and "ok" in line for line in last)

@@ -133,6 +133,7 @@ def train(cfg: DictConfig) -> float | None:
     last = out_dir / "checkpoints" / "last.ckpt"
     if isinstance(model, pl.LightningModule) and not last.exists():
         trainer.save_checkpoint(last)  # presets without the checkpoint callbacks: keep the final weights for infer.py
+        trainer.strategy.checkpoint_io.teardown()  # a background write (AsyncCheckpointIO) finishes here
     # [ood hook] infer.py ood=true reads it (xpression.inference.ood). Multi-process runs leave it
     # to infer.py, which fits it from the run's training spots when the file is missing.
     if isinstance(model, pl.LightningModule) and trainer.world_size == 1:
