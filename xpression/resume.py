@@ -42,6 +42,7 @@ RESUMABLE_OVERRIDES = (
     "data.num_workers",
     "data.pin_memory",
     "data.persistent_workers",
+    "trainer.plugins",  # how checkpoints are written (runs recorded before it wrote them on the training thread)
     "figures",
 )
 # How a run is started, not what it trains: never compared.
