@@ -50,6 +50,7 @@ SLOW_FILES = {"test_train.py", "test_train_runs.py", "test_experiments.py", "tes
 # most of them sweeps or CLI runs in subprocesses; `make test-fast` stays under 2 minutes without them.
 SLOW_TESTS = {
     "test_gpu_check.py::test_gpu_check_runs_every_stage_on_the_cpu",  # 43 s
+    "test_forest_sweep_benchmark.py::test_every_profiled_step_is_found_and_threads_time_the_command",  # 13 s with its run
     "test_uncertainty.py::test_infer_with_ood_and_mc_dropout_scores_against_the_truth",  # 26 s
     "test_checkpoint_only.py::test_a_checkpoint_alone_sweeps_like_its_run_folder",  # 2 x 12 s
     "test_input_checks.py::test_every_shipped_config_passes_the_checks",  # 21 s
