@@ -50,14 +50,15 @@ def one_blas_thread() -> Any:
 
 
 _ROW_POOL: ThreadPoolExecutor | None = None
+_ROW_POOL_SIZE = 0
 _ROW_POOL_LOCK = threading.Lock()
 _ROW_THREAD = "xpression-rows"
 MIN_ROWS_PER_THREAD = 8  # fewer rows than this per thread: not worth a hand-over
 
 
 def _reset_row_pool() -> None:  # a forked process has none of the pool's threads
-    global _ROW_POOL, _ROW_POOL_LOCK
-    _ROW_POOL, _ROW_POOL_LOCK = None, threading.Lock()
+    global _ROW_POOL, _ROW_POOL_SIZE, _ROW_POOL_LOCK
+    _ROW_POOL, _ROW_POOL_SIZE, _ROW_POOL_LOCK = None, 0, threading.Lock()
 
 
 os.register_at_fork(after_in_child=_reset_row_pool)
@@ -69,14 +70,15 @@ def map_rows(fn: Callable[[np.ndarray], np.ndarray], x: np.ndarray, threads: int
     numbers as one call. numpy releases the GIL in its loops and BLAS calls, so a fitted model's
     features and trees use every core a sweep gives it (``torch.set_num_threads``; one under
     ``torchrun``, which sets ``OMP_NUM_THREADS=1``)."""
-    global _ROW_POOL
+    global _ROW_POOL, _ROW_POOL_SIZE
     threads = torch.get_num_threads() if threads is None else int(threads)
     blocks = min(threads, len(x) // MIN_ROWS_PER_THREAD)
     if blocks <= 1 or threading.current_thread().name.startswith(_ROW_THREAD):  # no nesting in the pool
         return fn(x)
     with _ROW_POOL_LOCK:
-        if _ROW_POOL is None or _ROW_POOL._max_workers < blocks:
-            _ROW_POOL = ThreadPoolExecutor(max(blocks, threads), thread_name_prefix=_ROW_THREAD)
+        if _ROW_POOL is None or _ROW_POOL_SIZE < blocks:  # grown when torch is given more threads
+            _ROW_POOL_SIZE = max(blocks, threads)
+            _ROW_POOL = ThreadPoolExecutor(_ROW_POOL_SIZE, thread_name_prefix=_ROW_THREAD)
         pool = _ROW_POOL
     cuts = np.linspace(0, len(x), blocks + 1).astype(int)
     return np.concatenate(list(pool.map(fn, [x[a:b] for a, b in zip(cuts[:-1], cuts[1:])])))
