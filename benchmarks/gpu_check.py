@@ -320,7 +320,7 @@ def main() -> None:
                                                  "--no-post-fit", "--json", "{json}"], 300)
             st.run("loader", [PY, "benchmarks/loader.py", "--manifest", cohort, "--device", dev, "--batch-size", "8",
                               "--num-workers", "0", "1", "--seconds", "1", "--no-model", "--json", "{json}"], 120)
-            st.run("post_fit", [PY, "benchmarks/post_fit.py", "--manifest", cohort, "--repeat", "1", "--workers", "0",
+            st.run("post_fit", [PY, "benchmarks/post_fit.py", "--manifest", cohort, "--repeat", "1",
                                 "--json", "{json}"], 120)
         else:
             common = ["--manifest", cohort, "--device", dev, "--voxel-size-um", "1.6", "--batch-size", "32", "--workers", "6",
@@ -334,7 +334,7 @@ def main() -> None:
                               "--batch-size", "32", "--num-workers", "0", "4", "8", "--seconds", "4", "--no-model",
                               "--json", "{json}"], 80, 30)
             st.run("post_fit", [PY, "benchmarks/post_fit.py", "--manifest", cohort, "--voxel-size-um", "1.6", "--repeat", "1",
-                                "--workers", "6", "--json", "{json}"], 60, 30)
+                                "--json", "{json}"], 60, 30)
     if not smoke and vol.exists():
         st.run("sweep_compile", [PY, "benchmarks/sweep.py", "--model", model, "--device", dev, "--volume", vol, "--no-rss",
                                  "--no-patch", "--compile", "--tmp", work, "--json", "{json}", *sweep_args], 150, 90)

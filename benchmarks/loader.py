@@ -34,6 +34,9 @@ from xpression.data.sampling import StratifiedSampler
 from xpression.data.splits import SpatialBlocksSplit
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks._timing import timed_calls  # noqa: E402
 
 
 def _manifest(arg: str | None, tmp: str) -> Path:
@@ -76,15 +79,7 @@ def _loader_rate(dm: XPressionDataModule, seconds: float, device: torch.device) 
     wait = busy = 0.0
     copies: list[float] = []
     take = BatchPool.take
-
-    def timed_take(*a, **k):
-        t = time.perf_counter()
-        try:
-            return take(*a, **k)
-        finally:
-            copies.append(time.perf_counter() - t)
-
-    BatchPool.take = timed_take
+    BatchPool.take = timed_calls(take, copies.append)
     start = None
     try:
         loader = dm.train_dataloader()  # once, as a Trainer does: persistent workers serve every epoch

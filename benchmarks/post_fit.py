@@ -1,8 +1,8 @@
 """What a training run computes on the CPU around its model: the slab cache, and the scoring after
 the fit without the model's own forward passes.
 
-    python benchmarks/post_fit.py --manifest COHORT.yaml [--voxel-size-um 1.6] [--threads 2] [--workers 2]
-                                  [--repeat 2] [--json PATH]
+    python benchmarks/post_fit.py --manifest COHORT.yaml [--voxel-size-um 1.6] [--threads 2] [--repeat 2]
+                                  [--json PATH]
 
 ``train.py`` scores every run after its fit (``xpression.evaluation.run_scores.evaluate_run``):
 the features + ridge baseline fitted on the run's patch (one pass over every spot), then the
@@ -12,8 +12,9 @@ so the rest bounds the share of a run spent outside training steps (``benchmarks
 
 Here the model is free (a constant), so what is timed is everything else, split into its parts:
 the data module's set-up (sections, targets, the slab cache at the model's voxel size), the
-loader's pass for the spot predictions, the ridge's fit pass, the probe's patch reads and the ridge on the probe patches. Each part is the
-median over ``--repeat`` runs in one process. One table is printed.
+loader's pass for the spot predictions (in the main process, as every pass over all spots is:
+``predict_dataloader``), the ridge's fit pass, the probe's patch reads and the ridge on the probe
+patches. Each part is the median over ``--repeat`` runs in one process. One table is printed.
 """
 
 from __future__ import annotations
@@ -49,16 +50,9 @@ class FreeModel(torch.nn.Module):
 
 def timed(owner: object, name: str, seconds: dict[str, float], label: str) -> None:
     """Wrap ``owner.name`` so each call adds its wall time to ``seconds[label]``."""
-    inner = getattr(owner, name)
+    from benchmarks._timing import timed_calls
 
-    def wrapper(*args, **kwargs):
-        t0 = time.perf_counter()
-        try:
-            return inner(*args, **kwargs)
-        finally:
-            seconds[label] += time.perf_counter() - t0
-
-    setattr(owner, name, wrapper)
+    setattr(owner, name, timed_calls(getattr(owner, name), lambda s: seconds.__setitem__(label, seconds[label] + s)))
 
 
 def main() -> None:
@@ -66,12 +60,11 @@ def main() -> None:
     ap.add_argument("--manifest", required=True)
     ap.add_argument("--voxel-size-um", type=float, default=None, help="model voxel size (default: the volume's)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    ap.add_argument("--workers", type=int, default=2, help="the data module's loader workers, as a run sets them")
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = ap.parse_args()
-    if args.repeat < 1 or args.workers < 0:
-        ap.error("--repeat must be >= 1 and --workers >= 0")
+    if args.repeat < 1:
+        ap.error("--repeat must be >= 1")
     if not Path(args.manifest).is_file():
         ap.error(f"--manifest: no such file: {args.manifest}")
 
@@ -93,8 +86,7 @@ def main() -> None:
         seconds: dict[str, float] = defaultdict(float)
         t0 = time.perf_counter()
         dm = XPressionDataModule(args.manifest, sampler=StratifiedSampler(voxel_size_um=args.voxel_size_um),
-                                 split=StratifiedRandomSplit(), batch_size=32, num_workers=args.workers,
-                                 persistent_workers=args.workers > 0, seed=0)
+                                 split=StratifiedRandomSplit(), batch_size=32, seed=0)
         dm.setup("fit")
         seconds["set-up (sections, targets, slab cache)"] = time.perf_counter() - t0
         t0 = time.perf_counter()

@@ -148,6 +148,7 @@ def lightning_rate(module, dm, device, epochs: int, limit_batches: int | None = 
     in them is reported (with the default background writes: the copy of the state)."""
     import tempfile
 
+    from benchmarks._timing import timed_calls
     from xpression.callbacks import Throughput
     from xpression.training import EpochSeed
 
@@ -156,16 +157,7 @@ def lightning_rate(module, dm, device, epochs: int, limit_batches: int | None = 
         trainer = _trainer(device, epochs, [EpochSeed(0), tp, clock.callback], limit_batches, limit_batches,
                            Path(folder) if checkpoints else None, plugins)
         saves: list[float] = []
-        inner = trainer.save_checkpoint
-
-        def timed_save(*args, **kwargs):
-            t = time.perf_counter()
-            try:
-                return inner(*args, **kwargs)
-            finally:
-                saves.append(time.perf_counter() - t)
-
-        trainer.save_checkpoint = timed_save  # what ModelCheckpoint calls
+        trainer.save_checkpoint = timed_calls(trainer.save_checkpoint, saves.append)  # what ModelCheckpoint calls
         t0 = time.perf_counter()
         trainer.fit(module, datamodule=dm)
         fit_seconds = time.perf_counter() - t0

@@ -89,6 +89,9 @@ def test_features_equal_the_straightforward_ones_bit_for_bit(threads):
                 want = _features_straightforward(x[:b], (1.6, 1.6, 1.6), (27.5, 50.0, 100.0), 0.3)
                 got = patch_features(x[:b], (1.6, 1.6, 1.6), (27.5, 50.0, 100.0), 0.3, threads=threads)
             np.testing.assert_array_equal(got, want)
+    for stored in (levels, two_levels):  # the cache's uint8 levels, counted as they are: their float32 values' features
+        want = _features_straightforward(dequantise(stored), (1.6, 1.6, 1.6), (27.5, 50.0, 100.0), 0.3)
+        np.testing.assert_array_equal(patch_features(stored, (1.6, 1.6, 1.6), (27.5, 50.0, 100.0), 0.3, threads=threads), want)
 
 
 def test_only_rows_of_cache_levels_are_counted_instead_of_sorted():

@@ -25,7 +25,7 @@ from torch import nn
 
 from xpression.data.input_spec import INPUT_SPEC_KEY, InputSpec
 from xpression.data.kinds import get_kind
-from xpression.data.patches import dequantise, image_to_float
+from xpression.data.patches import dequantise
 from xpression.models.targets import as_target_spec
 from xpression.runfolder import RUN_CONFIG_KEY
 
@@ -95,7 +95,6 @@ class ClosedFormModel(nn.Module):
     """
 
     family = "closed_form"
-    features_in_threads = True  # views_features splits the rows over threads (map_rows); False: features thread themselves
     views = 1  # input channels read: the patch; a subclass reading the context view too says 2
     dense_equivalent = False
     output_stride = None
@@ -159,7 +158,7 @@ class ClosedFormModel(nn.Module):
         """``(B, D, H, W)`` patches or ``(B, C, D, H, W)`` views (float intensities, or the
         cache's uint8 levels) -> ``(B, C, D, H, W)`` float intensities."""
         patches = np.asarray(patches)
-        patches = dequantise(patches) if patches.dtype == np.uint8 else patches
+        patches = dequantise(patches) if patches.dtype in (np.uint8, np.float16) else patches
         return patches[:, None] if patches.ndim == 4 else patches
 
     def fit(self, datamodule: Any) -> "ClosedFormModel":
@@ -190,12 +189,12 @@ class ClosedFormModel(nn.Module):
             index = batch["index"].numpy()
             rows = train[index]
             if keep:
-                every = self.views_features(image_to_float(batch["image"]).numpy())
+                every = self.views_features(batch["image"].numpy())
                 batches.append((index, every))
                 if rows.any():
                     feats.append(every[rows])
             elif rows.any():
-                feats.append(self.views_features(image_to_float(batch["image"][rows]).numpy()))
+                feats.append(self.views_features(batch["image"][rows].numpy()))
             if rows.any():
                 targets.append(batch["target"][rows].numpy())
         if not feats:
@@ -224,7 +223,7 @@ class ClosedFormModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, C, D, H, W)`` (float intensities, or a loader's uint8 levels) -> ``(B, T)``."""
-        return torch.from_numpy(self.predict_patches(image_to_float(x.detach().cpu()).numpy()))
+        return torch.from_numpy(self.predict_patches(x.detach().cpu().numpy()))
 
     # -- the feature space of the ood distance --------------------------------------------------------
     @property
@@ -253,7 +252,7 @@ class ClosedFormModel(nn.Module):
         model -> ``(B, F)`` features."""
         if not self.fitted:
             raise RuntimeError(f"{type(self).__name__} is not fitted; call fit(datamodule) first")
-        return self.views_features(image_to_float(x.detach().cpu()).numpy())
+        return self.views_features(x.detach().cpu().numpy())
 
     def views_features(self, patches: np.ndarray) -> np.ndarray:
         """:meth:`features` of ``(B, D, H, W)`` patches or ``(B, C, D, H, W)`` views, with numpy's
@@ -261,7 +260,7 @@ class ClosedFormModel(nn.Module):
         (:func:`map_rows`)."""
         views = self.as_views(patches)
         with one_blas_thread():
-            return map_rows(self.features, views) if self.features_in_threads else self.features(views)
+            return map_rows(self.features, views)
 
     def save_checkpoint(self, path: str | Path, run_config: dict | None = None) -> Path:
         """A checkpoint ``infer.py`` loads like a network's: the fitted tensors, constructor

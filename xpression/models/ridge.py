@@ -18,7 +18,6 @@ checkpoint with its :class:`~xpression.data.input_spec.InputSpec`, which ``infer
 from __future__ import annotations
 
 import logging
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Sequence
 
 import numpy as np
@@ -29,7 +28,7 @@ from torch import nn
 from xpression.data.input_spec import InputSpec
 from xpression.data.patches import dequantise
 from xpression.data.registration import SPOT_RADIUS_UM
-from xpression.models.closed_form import ClosedFormModel
+from xpression.models.closed_form import ClosedFormModel, map_rows
 
 __all__ = ["RidgeBaseline", "patch_features"]
 
@@ -45,18 +44,19 @@ def _disc(hw: tuple[int, int], radius_vox: float) -> np.ndarray:
     return (yy - h // 2) ** 2 + (xx - w // 2) ** 2 <= radius_vox**2
 
 
-def _percentiles(flat: np.ndarray, q: Sequence[float]) -> list[np.ndarray]:
+def _percentiles(flat: np.ndarray, q: Sequence[float], codes: np.ndarray | None = None) -> list[np.ndarray]:
     """``np.percentile(flat, q, axis=1)`` (its default linear method), bit for bit, one
     ``(B,)`` float64 array per ``q``. Only the ranks around each ``q`` are needed: rows that hold
     the cache's 256 uint8 levels only (the patch path's quantised patches) are counted per level
     instead of sorted; other rows are sorted once (numpy partitions along the first axis, which
-    on patches of a few hundred distinct levels is several times slower than a full sort)."""
+    on patches of a few hundred distinct levels is several times slower than a full sort).
+    ``codes``: the rows' uint8 levels when the caller has them (else they are recognised)."""
     n = flat.shape[1]
     virtual = (n - 1) * np.true_divide(np.asarray(q), 100)  # numpy's virtual index and rounding
     below = np.floor(virtual).astype(np.intp)
     prev, nxt = np.minimum(below, n - 1), np.minimum(below + 1, n - 1)
     gamma = (virtual - below)[:, None]
-    codes = _level_codes(flat)
+    codes = _level_codes(flat) if codes is None else codes
     if codes is not None:
         a, b = _ranked_levels(codes, prev), _ranked_levels(codes, nxt)  # (Q, B) float32
         has_nan = np.zeros(len(flat), bool)
@@ -93,10 +93,11 @@ def _ranked_levels(codes: np.ndarray, ranks: np.ndarray) -> np.ndarray:
     return _LEVELS[index]
 
 
-def _stats(x: np.ndarray) -> list[np.ndarray]:
-    """Mean, sd and the 10/50/90th percentiles over all but the first axis."""
+def _stats(x: np.ndarray, codes: np.ndarray | None = None) -> list[np.ndarray]:
+    """Mean, sd and the 10/50/90th percentiles over all but the first axis (``codes``: ``x``'s
+    uint8 levels, if known)."""
     flat = x.reshape(len(x), -1)
-    return [flat.mean(1), flat.std(1), *_percentiles(flat, [10, 50, 90])]
+    return [flat.mean(1), flat.std(1), *_percentiles(flat, [10, 50, 90], None if codes is None else codes.reshape(len(x), -1))]
 
 
 def _air_fractions(x: np.ndarray, voxel_size_um: Sequence[float], radii_um: Sequence[float],
@@ -147,37 +148,34 @@ def _gradient_3d(x: np.ndarray) -> list[np.ndarray]:
 
 def patch_features(patches: np.ndarray, voxel_size_um: Sequence[float], radii_um: Sequence[float],
                    air_threshold: float, threads: int | None = None) -> np.ndarray:
-    """``(B, D, H, W)`` normalised patches ([0, 1]) -> ``(B, F)`` features.
+    """``(B, D, H, W)`` normalised patches ([0, 1], or the cache's uint8 levels) -> ``(B, F)`` features.
 
     ``voxel_size_um``: (z, y, x) voxel size (um) of the patches; ``radii_um``: in-plane radii
     (um) of the air-fraction discs (clipped to the patch); ``air_threshold``: normalised
-    intensity below which a voxel counts as air; ``threads``: threads computing chunks of
-    ``_CHUNK`` patches (default: torch's CPU threads). Each row depends on its own patch only,
-    so the numbers do not depend on the chunks or the threads.
+    intensity below which a voxel counts as air; ``threads``: blocks of rows computed at once
+    (:func:`~xpression.models.closed_form.map_rows`; default: torch's CPU threads), each in
+    chunks of ``_CHUNK`` patches. Each row depends on its own patch only, so the numbers do not
+    depend on the chunks or the threads, and uint8 levels give those of their float32 values.
     """
-    x = np.asarray(patches, np.float32)
-    if len(x) <= _CHUNK:
-        return _chunk_features(x, voxel_size_um, radii_um, air_threshold)
-    chunks = [x[i : i + _CHUNK] for i in range(0, len(x), _CHUNK)]
-    threads = min(torch.get_num_threads() if threads is None else int(threads), len(chunks))
+    x = np.asarray(patches)
+    x = x if x.dtype == np.uint8 else np.asarray(x, np.float32)
 
-    def one(chunk: np.ndarray) -> np.ndarray:
-        return _chunk_features(chunk, voxel_size_um, radii_um, air_threshold)
+    def rows(block: np.ndarray) -> np.ndarray:
+        return np.concatenate([_chunk_features(block[i : i + _CHUNK], voxel_size_um, radii_um, air_threshold)
+                               for i in range(0, len(block), _CHUNK)])
 
-    if threads <= 1:
-        return np.concatenate([one(c) for c in chunks])
-    with ThreadPoolExecutor(threads) as pool:  # numpy releases the GIL in its loops
-        return np.concatenate(list(pool.map(one, chunks)))
+    return map_rows(rows, x, threads)
 
 
 def _chunk_features(patches: np.ndarray, voxel_size_um: Sequence[float], radii_um: Sequence[float],
                     air_threshold: float) -> np.ndarray:
     """:func:`patch_features` of a few patches at once (their buffers stay in cache)."""
-    x = np.ascontiguousarray(patches, np.float32)
+    codes = patches if patches.dtype == np.uint8 else None  # the levels the percentiles count
+    x = np.ascontiguousarray(dequantise(patches))
     b, d, h, w = x.shape
     centre = x[:, d // 2]
     feats: list[np.ndarray] = []
-    feats += _stats(centre) + _stats(x)
+    feats += _stats(centre, None if codes is None else codes[:, d // 2]) + _stats(x, codes)
     feats += _air_fractions(x, voxel_size_um, radii_um, air_threshold)
     gy, gx = np.gradient(centre, axis=(1, 2))
     g2 = np.hypot(gy, gx)
@@ -210,7 +208,6 @@ class RidgeBaseline(ClosedFormModel):
     """
 
     family = "ridge"
-    features_in_threads = False  # patch_features splits its chunks over threads itself
 
     def __init__(self, target_spec: Any, patch_shape: Sequence[int], spot_radius_vox: float | None = None,
                  radii_um: Sequence[float] = (SPOT_RADIUS_UM, 50.0, 100.0), air_threshold: float = 0.3,
@@ -228,6 +225,12 @@ class RidgeBaseline(ClosedFormModel):
     @property
     def fitted(self) -> bool:
         return self.coef.numel() > 0
+
+    def as_views(self, patches: np.ndarray) -> np.ndarray:
+        """As :meth:`ClosedFormModel.as_views`, but the cache's uint8 levels stay levels: the
+        features count them for their percentiles (the same numbers as from their float32 values)."""
+        patches = np.asarray(patches)
+        return patches[:, None] if patches.ndim == 4 else patches
 
     def features(self, views: np.ndarray) -> np.ndarray:
         """``(B, C, D, H, W)`` -> ``(B, F)`` from the patch (see :func:`patch_features`; a context

@@ -56,12 +56,17 @@ def _pad_of(weight: torch.Tensor, padding: str | Sequence[int]) -> tuple[int, in
     return p if len(p) == 3 else None
 
 
+def _outputs(extent: int, k: int, stride: int) -> int:
+    """Outputs of a valid convolution of ``k`` taps and ``stride`` over ``extent`` (padded) voxels."""
+    if extent < k:
+        raise ValueError(f"input extent {extent} (padded) is smaller than the kernel extent {k}")
+    return (extent - k) // stride + 1
+
+
 def _taps(x: torch.Tensor, dim: int, k: int, stride: int) -> tuple[torch.Tensor, int]:
     """The ``k`` strided shifts of ``x`` along ``dim`` that a kernel of ``k`` taps reads, stacked
     as axis 2 (after the channels); and the number of outputs along ``dim``."""
-    n_out = (x.shape[dim] - k) // stride + 1
-    if n_out < 1:
-        raise ValueError(f"input extent {x.shape[dim]} (padded) is smaller than the kernel extent {k}")
+    n_out = _outputs(x.shape[dim], k, stride)
     span = (n_out - 1) * stride + 1
     return torch.stack([x.narrow(dim, i, span)[(slice(None),) * dim + (slice(None, None, stride),)] for i in range(k)],
                        dim=2), n_out
@@ -72,10 +77,7 @@ def _x_taps(x: torch.Tensor, kd: int, kw: int, sz: int, sx: int, multiple: int) 
     strided shifts a kernel's depth and x taps read, channel order ``(c, i, j)``, followed by
     zero channels up to ``K``, a multiple of ``multiple``; one copy. Also returns ``D'``."""
     n, c, d, h, w = x.shape
-    d_out, w_out = (d - kd) // sz + 1, (w - kw) // sx + 1
-    for extent, k, axis in ((d, kd, "depth"), (w, kw, "x")):
-        if extent < k:
-            raise ValueError(f"input extent {extent} (padded) along {axis} is smaller than the kernel extent {k}")
+    d_out, w_out = _outputs(d, kd, sz), _outputs(w, kw, sx)
     taps = [x[:, ci, i : i + (d_out - 1) * sz + 1 : sz, :, j : j + (w_out - 1) * sx + 1 : sx]
             for ci in range(c) for i in range(kd) for j in range(kw)]                 # each N, D', H, W'
     taps += [x.new_zeros(()).expand(taps[0].shape)] * (-len(taps) % multiple)
