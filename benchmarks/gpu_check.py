@@ -220,6 +220,12 @@ def table(res: dict) -> str:
                      f"{_fmt(min(lit.get('epoch_seconds') or [float('nan')]), '.2f')} | "
                      f"{_fmt((post.get('predict_spots_seconds') or 0) + (post.get('off_plane_seconds') or 0), '.1f')} | "
                      f"{_fmt(r.get('outside_steps_10_epochs'), '.0%')}"))
+        if "probe_model_seconds" in post:
+            rest = post["off_plane_seconds"] - post["ridge_fit_seconds"] - post["probe_model_seconds"]
+            rows.append((f"{name}: post-fit s: spots | ridge fit | probe model | probe rest",
+                         " | ".join(_fmt(v, ".2f") for v in (post.get("predict_spots_seconds"), post["ridge_fit_seconds"],
+                                                            post["probe_model_seconds"], rest))
+                         + f" ({r.get('torch_threads', '-')} torch threads)"))
         if lit.get("checkpoint_saves"):
             rows.append((f"{name}: checkpoints, training thread s | saves",
                          f"{_fmt(lit.get('checkpoint_seconds'), '.2f')} | {lit['checkpoint_saves']} "

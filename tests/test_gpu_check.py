@@ -49,7 +49,12 @@ def test_gpu_check_runs_every_stage_on_the_cpu(tiny_cohort, tmp_path):
     assert all(parts[k] > 0 for k in ("files_mvox_s", "decode_mvox_s", "pageable_mvox_s")) and parts["pinned_mvox_s"] is None
     for name in ("train_cnn3d", "train_timm_resnet18_smoke"):
         assert res[name]["bare_patches_s"] > 0 and res[name]["lightning"]["patches_s"] > 0
-    assert res["train_cnn3d"]["post_fit"]["spots"] > 100 and res["train_cnn3d"]["post_fit"]["off_plane_points"] > 0
+    fit = res["train_cnn3d"]["post_fit"]
+    assert fit["spots"] > 100 and fit["off_plane_points"] > 0
+    # the scoring's parts: the ridge's fit pass and the model on the probe's patches both ran, inside the whole
+    assert 0 < fit["ridge_fit_seconds"] and 0 < fit["probe_model_seconds"]
+    assert fit["ridge_fit_seconds"] + fit["probe_model_seconds"] < fit["off_plane_seconds"]
+    assert res["train_cnn3d"]["torch_threads"] == 2
     lit = res["train_cnn3d"]["lightning"]  # the run's checkpoints were written every epoch, as in train.py
     assert lit["checkpoint_files"] == ["best.ckpt", "last.ckpt"] and lit["checkpoint_saves"] >= len(lit["epoch_seconds"])
     assert lit["checkpoint_plugins"] == ["AsyncCheckpointIO"] and lit["checkpoint_seconds"] > 0  # conf/trainer's background writes
@@ -64,6 +69,8 @@ def test_gpu_check_runs_every_stage_on_the_cpu(tiny_cohort, tmp_path):
     last = proc.stdout.strip().splitlines()[-30:]
     assert any(line.startswith("loader patches/s by workers") for line in last)
     assert any(line.startswith("train_cnn3d: checkpoints, training thread s | saves") for line in last)
+    assert any(line.startswith("train_cnn3d: post-fit s: spots | ridge fit | probe model | probe rest") and
+               line.endswith("(2 torch threads)") for line in last)
     reading = [line.split("  ")[-1].split(" | ") for line in last if line.startswith("reading steps, MVoxel/s")]
     assert len(reading) == 1 and all(float(v) > 0 for v in reading[0][:3]) and reading[0][3].startswith("- (")
     assert any(line.startswith("stage sweep") and "ok" in line for line in last)
