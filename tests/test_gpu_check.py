@@ -55,6 +55,7 @@ def test_gpu_check_runs_every_stage_on_the_cpu(tiny_cohort, tmp_path):
     assert 0 < fit["ridge_fit_seconds"] and 0 < fit["probe_model_seconds"]
     assert fit["ridge_fit_seconds"] + fit["probe_model_seconds"] < fit["off_plane_seconds"]
     assert res["train_cnn3d"]["torch_threads"] == 2
+    assert res["train_cnn3d"]["outside_steps_10_epochs_with_startup"] > res["train_cnn3d"]["outside_steps_10_epochs"]
     lit = res["train_cnn3d"]["lightning"]  # the run's checkpoints were written every epoch, as in train.py
     assert lit["checkpoint_files"] == ["best.ckpt", "last.ckpt"] and lit["checkpoint_saves"] >= len(lit["epoch_seconds"])
     assert lit["checkpoint_plugins"] == ["AsyncCheckpointIO"] and lit["checkpoint_seconds"] > 0  # conf/trainer's background writes
