@@ -220,7 +220,8 @@ def table(res: dict) -> str:
                      f"{_fmt(min(lit.get('epoch_seconds') or [float('nan')]), '.2f')} | "
                      f"{_fmt((post.get('predict_spots_seconds') or 0) + (post.get('off_plane_seconds') or 0), '.1f')} | "
                      f"{_fmt(r.get('outside_steps_10_epochs'), '.0%')} "
-                     f"({_fmt(r.get('outside_steps_10_epochs_with_startup'), '.0%')} with start-up)"))
+                     f"({_fmt(r.get('outside_steps_10_epochs_with_startup'), '.0%')} with start-up "
+                     f"{_fmt(r.get('setup_seconds'), '.1f')} s, imports {_fmt(r.get('imports_seconds'), '.1f')} s)"))
         if "probe_model_seconds" in post:
             rest = post["off_plane_seconds"] - post["ridge_fit_seconds"] - post["probe_model_seconds"]
             rows.append((f"{name}: post-fit s: spots | ridge fit | probe model | probe rest",
