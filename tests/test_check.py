@@ -51,3 +51,34 @@ def test_plane_image_reads_the_section_plane(tmp_path):
     assert image.shape == (40, 60)
     assert np.corrcoef(image.mean(axis=0), np.arange(60))[0, 1] > 0.99
     assert plane_image(volume, Plane.axial(30.0), np.array([0.0, 0.0]), np.array([236.0, 156.0])).max() == pytest.approx(0.0)
+
+
+def test_check_fails_a_section_train_would_refuse_for_spots_outside_the_volume(tmp_path, capsys):
+    """More spots outside the volume than training allows (``data.max_drop_fraction``) is an error
+    here too, with training's message, not a warning that exits 0."""
+    study = write_study(tmp_path / "study", ndim=3)
+    ct = np.load(tmp_path / "study" / "ct.npy")
+    np.save(tmp_path / "study" / "ct.npy", ct[:, :, : ct.shape[2] // 4])  # a CT cropped to a quarter of its width
+    assert main([str(study["manifest"]), "--out", str(tmp_path / "out")]) == 1
+    captured = capsys.readouterr()
+    text = captured.out.replace("\n", "")
+    assert "s0: error: " in text and "spots unusable (limit 50%)" in text and "fall outside volume ct.npy in-plane" in text
+    inside = int(text.split("s0: error: ")[1].split("section s0: ")[1].split(" of ")[0])
+    assert inside > 270 // 2  # more than half of the 270 spots are lost
+    assert (tmp_path / "out" / "s0_overlay.png").is_file()  # the overlay shows where they went
+    # allowed to lose them all: a warning, exit 0
+    assert main([str(study["manifest"]), "--out", str(tmp_path / "out2"), "--max-drop-fraction", "1"]) == 0
+    text = capsys.readouterr().out.replace("\n", "")
+    assert f"s0: warning: {inside} of 270 spots lie outside the volume" in text
+
+
+def test_check_refuses_bad_options_before_any_work(tiny_cohort, tmp_path, capsys):
+    taken = tmp_path / "a_file"
+    taken.write_text("mine")
+    with pytest.raises(SystemExit) as stop:
+        main([str(tiny_cohort), "--out", str(taken)])
+    assert stop.value.code == 2 and "is a file; give a folder" in capsys.readouterr().err
+    assert taken.read_text() == "mine"
+    with pytest.raises(SystemExit) as stop:
+        main([str(tiny_cohort), "--max-drop-fraction", "1.5"])
+    assert stop.value.code == 2 and "--max-drop-fraction must be in [0, 1]" in capsys.readouterr().err

@@ -27,7 +27,7 @@ from xpression.data.geometry import DataError, Plane, SlabGrid
 from xpression.data.manifest import Cohort, ManifestError, SectionEntry, load_manifest
 from xpression.data.mask import tissue_mask
 from xpression.data.patches import read_slab
-from xpression.data.placement import spots_in_volume
+from xpression.data.placement import placement_problem, spots_in_volume
 from xpression.data.registration import SPOT_RADIUS_UM
 from xpression.data.sections import Section, load_section
 from xpression.data.targets import ObsmTarget, dominant_index
@@ -59,8 +59,14 @@ def _mask_for(volume: Volume) -> tuple[Any, str | None]:
         return None, f"no CT tissue mask ({err})"
 
 
-def check_section(entry: SectionEntry, volume: Volume, mask: Any, max_residual_um: float = SPOT_RADIUS_UM) -> SectionCheck:
-    """Register one section (the checks training runs) and count where its spots fall."""
+def check_section(entry: SectionEntry, volume: Volume, mask: Any, max_residual_um: float = SPOT_RADIUS_UM,
+                  max_drop_fraction: float = 0.5) -> SectionCheck:
+    """Register one section (the checks training runs) and count where its spots fall.
+
+    ``max_drop_fraction``: the largest share of the spots that may lie outside the volume, as
+    training allows (``data.max_drop_fraction``); beyond it the section is an error, as
+    ``train.py`` refuses it (training also drops spots whose patch, not only whose centre,
+    leaves the volume, so it may refuse a section that passes here)."""
     result = SectionCheck(entry)
     try:
         section = load_section(entry, max_residual_um=max_residual_um, voxel_size_um=volume.voxel_size_um)
@@ -70,11 +76,14 @@ def check_section(entry: SectionEntry, volume: Volume, mask: Any, max_residual_u
     result.section = section
     result.notes.extend(section.registration.warnings)
     n = len(section.points_um)
-    result.in_volume = int(spots_in_volume(volume, section.points_um).sum())
-    if result.in_volume < n:
+    inside = spots_in_volume(volume, section.points_um)
+    result.in_volume = int(inside.sum())
+    if n - result.in_volume > max_drop_fraction * n:
+        result.error = str(placement_problem(section, volume, inside, (0.0, 0.0, 0.0), max_drop_fraction))
+    elif result.in_volume < n:
         result.notes.append(f"{n - result.in_volume} of {n} spots lie outside the volume")
     if mask is not None:
-        result.in_mask = int(mask.contains(section.points_um).sum())
+        result.in_mask = int((mask.contains(section.points_um) & inside).sum())
         if result.in_mask < 0.5 * n:
             result.notes.append(f"only {result.in_mask} of {n} spots fall on CT tissue: check the landmarks, their "
                                 "declaration and z_um/plane against the overlay")
@@ -201,7 +210,7 @@ def check_table(cohort: Cohort, results: list[SectionCheck]) -> Table:
         reg = sec.registration
         n = len(sec.points_um)
         worst, worst_um = reg.worst
-        status = "[yellow]warning[/yellow]" if r.notes else "[green]ok[/green]"
+        status = "[red]error[/red]" if r.error else "[yellow]warning[/yellow]" if r.notes else "[green]ok[/green]"
         table.add_row(
             sec.id, sec.volume_id, str(n), f"{len(reg.names)}/{reg.n_rows}", f"{reg.rms_um:.1f}", f"{worst} {worst_um:.1f}",
             _pitch_text(reg), f"{r.in_volume}/{n}", "-" if r.in_mask is None else f"{r.in_mask}/{n}", _plane_text(r), status,
@@ -210,8 +219,9 @@ def check_table(cohort: Cohort, results: list[SectionCheck]) -> Table:
 
 
 def check_cohort(cohort: Cohort, out: Path | None = None, obsm_key: str = "programs_true",
-                 max_residual_um: float = SPOT_RADIUS_UM) -> list[SectionCheck]:
-    """Check every section of ``cohort``; with ``out``, write ``<out>/<section>_overlay.png`` each."""
+                 max_residual_um: float = SPOT_RADIUS_UM, max_drop_fraction: float = 0.5) -> list[SectionCheck]:
+    """Check every section of ``cohort`` (:func:`check_section`); with ``out``, write
+    ``<out>/<section>_overlay.png`` each."""
     results = []
     for ventry in cohort.volumes:
         if not ventry.sections:
@@ -223,7 +233,7 @@ def check_cohort(cohort: Cohort, out: Path | None = None, obsm_key: str = "progr
             continue
         mask, note = _mask_for(volume)
         for entry in ventry.sections:
-            result = check_section(entry, volume, mask, max_residual_um)
+            result = check_section(entry, volume, mask, max_residual_um, max_drop_fraction)
             if note and result.section is not None:
                 result.notes.append(note)
             if out is not None and result.section is not None:
@@ -238,7 +248,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="folder for the overlays (default runs/check/<date-time>)")
     parser.add_argument("--obsm", default="programs_true", help="obsm key whose dominant column colours the spots")
     parser.add_argument("--max-residual-um", type=float, default=SPOT_RADIUS_UM, help="landmark residual bound (um)")
+    parser.add_argument("--max-drop-fraction", type=float, default=0.5,
+                        help="largest share of a section's spots that may lie outside its volume (train.py's "
+                             "data.max_drop_fraction); more is an error")
     args = parser.parse_args(argv)
+    if not 0 <= args.max_drop_fraction <= 1:
+        parser.error(f"--max-drop-fraction must be in [0, 1], got {args.max_drop_fraction:g}")
+    if args.out is not None and args.out.exists() and not args.out.is_dir():
+        parser.error(f"--out {args.out} is a file; give a folder for the overlays")
     console = Console(width=None if sys.stdout.isatty() else 160)
     logging.getLogger("xpression.data.registration").setLevel(logging.ERROR)  # its warnings are printed below the table
     try:
@@ -251,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     if taken:
         print(f"error: {taken[0]} exists; choose another --out (nothing is overwritten)", file=sys.stderr)
         return 2
-    results = check_cohort(cohort, out, args.obsm, args.max_residual_um)
+    results = check_cohort(cohort, out, args.obsm, args.max_residual_um, args.max_drop_fraction)
     console.print(check_table(cohort, results))
     for r in results:
         for note in r.notes:
