@@ -200,6 +200,22 @@ def test_a_checkpoint_of_another_config_is_refused(crashed, tmp_path):
         fresh.paths.output_dir = str(crashed)
     with pytest.raises(ResumeError, match=r"already holds a training run \(config.yaml\); continue it with `train.py resume="):
         start_run(fresh)
+    # nor into a folder holding what a run writes, without its config.yaml (e.g. a user's copy of
+    # another run's results): predictions.csv and metrics.json would be replaced
+    results = tmp_path / "my_results"
+    results.mkdir()
+    (results / "predictions.csv").write_text("mine")
+    (results / "metrics.json").write_text("{}")
+    (results / "notes.txt").write_text("mine too")
+    with open_dict(fresh):
+        fresh.paths.output_dir = str(results)
+    with pytest.raises(ResumeError, match=r"my_results already holds metrics.json, predictions.csv, which a training run "
+                                          r"writes; train into a new folder \(nothing there is overwritten\)"):
+        start_run(fresh)
+    assert (results / "predictions.csv").read_text() == "mine"
+    (results / "predictions.csv").unlink()
+    (results / "metrics.json").unlink()
+    assert start_run(fresh)[1].out_dir == results  # the user's own files alone are no run's outputs
     with pytest.raises(ResumeError, match="not a training run folder"):
         start_run(_compose(f"resume={run / 'csv'}"))
     shutil.rmtree(run / "checkpoints")

@@ -26,7 +26,7 @@ from typing import Any, Callable
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
-from xpression.runfolder import RUN_CONFIG_KEY, run_config_path
+from xpression.runfolder import RUN_CONFIG_KEY, RUN_OUTPUTS, run_config_path
 
 __all__ = ["RESUMABLE_OVERRIDES", "ResumeError", "RunStart", "RecordRunConfig", "start_run", "output_dir",
            "run_config_path", "write_run_config", "continue_metrics_history"]
@@ -125,6 +125,10 @@ def start_run(cfg: DictConfig) -> tuple[DictConfig, RunStart]:
         if has_run and _global_rank() == 0:
             raise ResumeError(f"{out_dir} already holds a training run (config.yaml); continue it with "
                               f"`train.py resume={out_dir}`, or train into a new folder")
+        taken = [name for name in RUN_OUTPUTS if (out_dir / name).exists()]
+        if taken and _global_rank() == 0:
+            raise ResumeError(f"{out_dir} already holds {', '.join(taken)}, which a training run writes; train into a "
+                              "new folder (nothing there is overwritten)")
         return cfg, RunStart(out_dir)
     ckpt = Path(str(ckpt)).expanduser().absolute()
     if not ckpt.is_file():

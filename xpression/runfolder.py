@@ -11,9 +11,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["RUN_CONFIG_KEY", "run_config_path"]
+__all__ = ["RUN_CONFIG_KEY", "RUN_OUTPUTS", "run_config_path"]
 
 RUN_CONFIG_KEY = "xpression_run_config"  # where a checkpoint records its run's resolved config
+
+# What a training run writes into its folder (besides Hydra's ``.hydra/`` and the log): a fresh
+# run refuses a folder that already holds any of them, so nothing there is overwritten.
+RUN_OUTPUTS = ("config.yaml", "checkpoints", "metrics.json", "predictions.csv", "probe_points.csv", "figures",
+               "ood_fit.npz", "csv")
 
 
 def run_config_path(run_dir: Path) -> Path:
