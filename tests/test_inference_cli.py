@@ -105,8 +105,21 @@ def test_clear_errors_before_compute(run, cohort, tmp_path):
     other = make_run(tmp_path / "other", cohort, seed=1)
     out = tmp_path / "o"
     infer(config(run=str(run), output=str(out), volumes=["mock_0"], figures=False, evaluate=False, ct_preview=False))
-    with pytest.raises(InferenceError, match="different run"):
+    with pytest.raises(InferenceError, match=r"summary.json records maps of a different run \(.*run0/r\); choose another "):
         infer(config(run=str(other), output=str(out), volumes=["mock_0"]))
+    (out / "summary.json").rename(out / "kept.json")  # the maps' own record refuses them too
+    with pytest.raises(InferenceError, match="maps.ome.zarr holds maps of a different run"):
+        infer(config(run=str(other), output=str(out), volumes=["mock_0"]))
+    (out / "kept.json").rename(out / "summary.json")
+    # the same run sweeping another volume into the folder keeps the first one listed
+    summary = infer(config(run=str(run), output=str(out), volumes=["infected_0"], figures=False, evaluate=False,
+                           ct_preview=False))
+    assert list(summary["volumes"]) == ["mock_0", "infected_0"]
+    assert json.loads((out / "summary.json").read_text())["volumes"].keys() == {"mock_0", "infected_0"}
+    (out / "summary.json").write_text("my notes")  # a file infer.py did not write is not replaced
+    with pytest.raises(InferenceError, match=r"summary.json is not a summary infer.py wrote \(JSONDecodeError"):
+        infer(config(run=str(run), output=str(out), volumes=["mock_0"]))
+    assert (out / "summary.json").read_text() == "my notes"
 
 
 def test_unwritable_output_fails_before_the_model_loads(run, tmp_path, monkeypatch):

@@ -225,6 +225,7 @@ def infer(cfg: Any) -> dict:
         log.info("%s: predicting patch by patch (mode=patch)", what)
         cfg.mode = "patch"
     jobs, cohort = plan_jobs(cfg, info)
+    earlier = earlier_summary(cfg, info, cohort)  # before any sweep: a folder of another run or cohort is refused
     identity = {**info.identity(), **trust_identity(trust)}
     _precheck(jobs, pred, cfg, identity)
     rank, world = dist_rank_world()
@@ -260,10 +261,37 @@ def infer(cfg: Any) -> dict:
 
                 path = write_gene_maps(res.path, genes, overwrite=bool(cfg.overwrite))
                 summary["volumes"][job.volume_id]["genes"] = {"path": str(path), "genes": genes.genes, "units": genes.units}
+    # the volumes swept into this folder before stay listed (and scored) beside this call's
+    summary["volumes"] = {**{k: v for k, v in earlier.get("volumes", {}).items() if k not in summary["volumes"]},
+                          **summary["volumes"]}
     if rank == 0:
         Path(cfg.output).mkdir(parents=True, exist_ok=True)
         (Path(cfg.output) / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
+
+
+def earlier_summary(cfg: Any, info: RunInfo, cohort: Any) -> dict:
+    """``<output>/summary.json`` of an earlier call of this run over this cohort (or volume), whose
+    volumes the new summary keeps listing; ``{}`` when there is none or ``overwrite=true``.
+
+    Raises:
+        InferenceError: the folder's summary.json is unreadable, or records another run or cohort
+            (it would be replaced): choose another output, or pass overwrite=true.
+    """
+    path = Path(cfg.output) / "summary.json"
+    if not path.is_file() or bool(cfg.get("overwrite", False)):
+        return {}
+    fix = "choose another output=, or pass overwrite=true to replace it"
+    try:
+        earlier = json.loads(path.read_text())
+        recorded = (str(earlier["run_dir"]), earlier.get("cohort"), dict(earlier["volumes"]))
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise InferenceError(f"{path} is not a summary infer.py wrote ({type(err).__name__}: {err}); {fix}") from None
+    now = (str(info.run_dir), str(cohort.path) if cohort is not None else None)
+    if recorded[:2] != now:
+        what = "run" if recorded[0] != now[0] else "cohort"
+        raise InferenceError(f"{path} records maps of a different {what} ({recorded[0] if what == 'run' else recorded[1]}); {fix}")
+    return earlier
 
 
 def _gene_loadings(cfg: Any, info: RunInfo, spec: dict, jobs: list[VolumeJob], identity: dict) -> Any:
