@@ -116,3 +116,50 @@ def test_unreadable_inputs(tmp_path):
     bad.write_text("- just\n- a list\n")
     with pytest.raises(ManifestError, match="expected a mapping"):
         load_manifest(bad)
+
+
+def _one_volume(tmp_path: Path, image: str, **volume) -> Path:
+    (tmp_path / "sections").mkdir(exist_ok=True)
+    for name in ("s0.h5ad", "s0.csv"):
+        (tmp_path / "sections" / name).write_bytes(b"")
+    manifest = {"name": "test", "volumes": [{"id": "v0", "image": image, **volume, "sections": [
+        {"id": "s0", "adata": "sections/s0.h5ad", "landmarks": "sections/s0.csv", "z_um": 2.0}]}]}
+    path = tmp_path / "cohort.yaml"
+    path.write_text(yaml.safe_dump(manifest, sort_keys=False))
+    return path
+
+
+def test_a_tiff_that_records_its_voxel_size_needs_none_in_the_manifest(tmp_path):
+    """An OME-TIFF (PhysicalSize*, as tifffile writes it from the OME-XML it is given) and an ImageJ
+    stack calibrated in microns carry the voxel size; a plain TIFF does not, and is named."""
+    import numpy as np
+    import tifffile
+
+    from xpression.data import open_volume
+
+    stack = np.zeros((4, 8, 8), np.uint8)
+    tifffile.imwrite(tmp_path / "ome.ome.tif", stack, metadata={"axes": "ZYX", "PhysicalSizeZ": 5.0,
+                                                                "PhysicalSizeY": 2.5, "PhysicalSizeX": 2.5})
+    cohort = load_manifest(_one_volume(tmp_path, "ome.ome.tif"))
+    assert cohort.volumes[0].voxel_size_um is None  # read from the file when it is opened
+    assert open_volume(cohort.volumes[0].image, cohort.volumes[0].voxel_size_um).voxel_size_um == (5.0, 2.5, 2.5)
+    tifffile.imwrite(tmp_path / "fiji.tif", stack, imagej=True, resolution=(1 / 2.5, 1 / 2.5),
+                     metadata={"spacing": 5.0, "unit": "micron", "axes": "ZYX"})
+    assert load_manifest(_one_volume(tmp_path, "fiji.tif")).volumes[0].voxel_size_um is None
+    tifffile.imwrite(tmp_path / "plain.tif", stack)
+    with pytest.raises(ManifestError, match=r"volume 'v0': voxel_size_um is required: missing voxel size: the file "
+                                            r"records neither OME metadata"):
+        load_manifest(_one_volume(tmp_path, "plain.tif"))
+    assert load_manifest(_one_volume(tmp_path, "plain.tif", voxel_size_um=[5, 2.5, 2.5])).volumes[0].voxel_size_um == (5, 2.5, 2.5)
+
+
+def test_a_zarr_group_without_the_suffix_is_an_image(tmp_path):
+    """bioformats2raw writes its image as the group '<root>/0': no .zarr suffix, still a zarr group."""
+    import zarr
+
+    group = zarr.open_group(str(tmp_path / "scan.ome.zarr" / "0"), mode="w", zarr_format=2)
+    group.create_array("0", shape=(4, 8, 8), dtype="uint8")
+    assert load_manifest(_one_volume(tmp_path, "scan.ome.zarr/0", voxel_size_um=[1, 1, 1])).volumes[0].image.name == "0"
+    (tmp_path / "notes").mkdir()
+    with pytest.raises(ManifestError, match="unsupported extension"):
+        load_manifest(_one_volume(tmp_path, "notes", voxel_size_um=[1, 1, 1]))

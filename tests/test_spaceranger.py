@@ -2,13 +2,19 @@
 
 The fixtures are written as Space Ranger writes them (10x "HDF5 Feature-Barcode Matrix Format",
 Cell Ranger's ``save_h5_file``: fixed-length ASCII strings, CSC features x barcodes with int32
-data, int64 indices/indptr, int32 shape; 10x "Spatial Outputs": ``tissue_positions_list.csv``
+data, int64 indices/indptr, int32 shape; 10x "Feature-Barcode Matrices (MEX Format)": gzipped
+``matrix.mtx`` (features x barcodes, ``%%MatrixMarket matrix coordinate integer general`` and a
+``%metadata_json`` comment), headerless tab-separated ``features.tsv.gz`` (id, name, feature_type)
+and ``barcodes.tsv.gz``; 10x "Spatial Outputs": ``tissue_positions_list.csv``
 without a header in 1.x, ``tissue_positions.csv`` with one from 2.0), never with the reader.
 """
 
 from __future__ import annotations
 
+import gzip
+import io
 import json
+import logging
 import shutil
 import warnings
 from pathlib import Path
@@ -16,6 +22,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+import scipy.io
 import scipy.sparse as sp
 import yaml
 from PIL import Image
@@ -87,6 +94,30 @@ def _write_matrix_h5(path: Path, barcodes: list[str], counts: np.ndarray) -> Non
         g.create_dataset("shape", data=np.asarray(csc.shape, dtype="int32"))
 
 
+def _write_mex(folder: Path, barcodes: list[str], counts: np.ndarray, compress: bool = True,
+               genes_tsv: bool = False) -> None:
+    """``filtered_feature_bc_matrix/`` as Space Ranger writes it: 1-based features x barcodes
+    coordinates, headerless TSVs. ``compress=False``: the same files gunzipped (as some GEO uploads
+    carry them); ``genes_tsv``: the Cell Ranger 2 ``genes.tsv`` (id, name), genes only."""
+    folder.mkdir(parents=True)
+    if genes_tsv:
+        counts = counts[:, : len(GENES)]
+        feature_lines = [f"{i}\t{n}" for i, n in zip(GENE_IDS, GENES)]
+    else:
+        feature_lines = [f"{i}\t{n}\tGene Expression" for i, n in zip(GENE_IDS, GENES)]
+        feature_lines.append(f"{ANTIBODY[0]}\t{ANTIBODY[1]}\tAntibody Capture")
+    mtx = io.BytesIO()
+    scipy.io.mmwrite(mtx, sp.coo_matrix(counts.T), field="integer",
+                     comment='metadata_json: {"software_version": "spaceranger-2.1.0", "format_version": 2}')
+    files = {"genes.tsv" if genes_tsv else "features.tsv": ("\n".join(feature_lines) + "\n").encode(),
+             "barcodes.tsv": ("\n".join(barcodes) + "\n").encode(), "matrix.mtx": mtx.getvalue()}
+    for name, data in files.items():
+        if compress:
+            (folder / f"{name}.gz").write_bytes(gzip.compress(data))
+        else:
+            (folder / name).write_bytes(data)
+
+
 def _write_legacy_h5(path: Path, barcodes: list[str], counts: np.ndarray) -> None:
     """Cell Ranger 2 layout: one top-level group per genome, genes only."""
     csc = sp.csc_matrix(counts[:, : len(GENES)].T)
@@ -106,7 +137,8 @@ def _position_rows(slide: dict) -> list[str]:
 
 
 def make_spaceranger(folder: Path, layout: str = "sr2", images: bool = True, seed: int = 0) -> dict:
-    """A Space Ranger ``outs/`` folder in one ``layout`` (``sr1``, ``sr2``, ``parquet``, ``legacy_h5``).
+    """A Space Ranger ``outs/`` folder in one ``layout`` (``sr1``, ``sr2``, ``parquet``, ``legacy_h5``;
+    ``mex``, ``mex_plain``, ``mex_genes_tsv``: ``sr2`` with the MEX folder instead of the ``.h5``).
 
     The filtered matrix holds the spots under tissue; the positions file lists every spot.
     Returns the truth the folder was written from.
@@ -117,12 +149,16 @@ def make_spaceranger(folder: Path, layout: str = "sr2", images: bool = True, see
     tissue = np.flatnonzero(slide["in_tissue"] == 1)
     barcodes = [slide["barcodes"][i] for i in tissue]
     counts = _counts(len(tissue))
-    writer = _write_legacy_h5 if layout == "legacy_h5" else _write_matrix_h5
-    writer(folder / "filtered_feature_bc_matrix.h5", barcodes, counts)
+    if layout.startswith("mex"):
+        _write_mex(folder / "filtered_feature_bc_matrix", barcodes, counts, compress=layout != "mex_plain",
+                   genes_tsv=layout == "mex_genes_tsv")
+    else:
+        writer = _write_legacy_h5 if layout == "legacy_h5" else _write_matrix_h5
+        writer(folder / "filtered_feature_bc_matrix.h5", barcodes, counts)
     rows = _position_rows(slide)
     if layout == "sr1":
         (spatial / "tissue_positions_list.csv").write_text("\n".join(rows) + "\n")
-    elif layout in ("sr2", "legacy_h5"):
+    elif layout in ("sr2", "legacy_h5") or layout.startswith("mex"):
         (spatial / "tissue_positions.csv").write_text("\n".join([HEADER, *rows]) + "\n")
     elif layout == "parquet":
         import pandas as pd
@@ -245,7 +281,8 @@ def test_parquet_without_pyarrow_names_the_dependency(tmp_path):
 @pytest.mark.parametrize(
     "remove, message",
     [
-        ("filtered_feature_bc_matrix.h5", r"not a Space Ranger output folder: no filtered_feature_bc_matrix\.h5"),
+        ("filtered_feature_bc_matrix.h5", r"not a Space Ranger output folder: no filtered_feature_bc_matrix\.h5 \(nor a "
+                                          r"filtered_feature_bc_matrix/ folder\)"),
         ("spatial/tissue_positions.csv", r"without spot positions: none of spatial/\{tissue_positions\.csv, tissue_positions_list\.csv, tissue_positions\.parquet\}"),
         ("spatial/scalefactors_json.json", r"without spatial/scalefactors_json\.json"),
     ],
@@ -270,8 +307,8 @@ def test_malformed_files_are_named(tmp_path):
     with pytest.raises(DataError, match=r"expected 6 columns"):
         read_spaceranger(tmp_path / "outs")
     positions.write_text("\n".join(lines) + "\n")
-    (tmp_path / "outs" / "spatial" / "scalefactors_json.json").write_text(json.dumps({"tissue_hires_scalef": 0.2}))
-    with pytest.raises(DataError, match=r"scalefactors_json\.json: 'spot_diameter_fullres' must be a positive number"):
+    (tmp_path / "outs" / "spatial" / "scalefactors_json.json").write_text(json.dumps({**SCALEFACTORS, "spot_diameter_fullres": 0}))
+    with pytest.raises(DataError, match=r"scalefactors_json\.json: 'spot_diameter_fullres' must be a positive number, got 0"):
         read_spaceranger(tmp_path / "outs")
     (tmp_path / "outs" / "spatial" / "scalefactors_json.json").write_text(json.dumps(SCALEFACTORS))
     (tmp_path / "outs" / "filtered_feature_bc_matrix.h5").write_bytes(b"not hdf5")
@@ -315,3 +352,151 @@ def test_manifest_reports_a_folder_that_is_not_space_ranger_output(tmp_path):
     (tmp_path / "other.txt").write_text("")
     with pytest.raises(ManifestError, match=r"'other\.txt' is neither an \.h5ad file nor a Space Ranger output folder"):
         load_manifest(_cohort(tmp_path, "other.txt"))
+
+
+# -- the MEX folder without the .h5 ------------------------------------------------------------------
+
+@pytest.mark.parametrize("layout", ["mex", "mex_plain", "mex_genes_tsv"])
+def test_mex_folder_without_h5_loads_to_the_same_anndata_as_the_h5(tmp_path, layout):
+    truth = make_spaceranger(tmp_path / "h5" / "outs", "sr2")
+    make_spaceranger(tmp_path / "mex" / "outs", layout)
+    assert not (tmp_path / "mex" / "outs" / "filtered_feature_bc_matrix.h5").exists()
+    mex, h5 = read_spaceranger(tmp_path / "mex"), read_spaceranger(tmp_path / "h5")
+    _same(mex, h5)
+    assert sp.isspmatrix_csr(mex.X) and mex.X.dtype == np.float32
+    np.testing.assert_array_equal(mex.X.toarray(), truth["counts"][:, : len(GENES)])  # the antibody left out
+    assert list(mex.var_names) == GENES and list(mex.var["feature_types"]) == ["Gene Expression"] * len(GENES)
+    assert list(mex.obs_names) == truth["barcodes"]
+    np.testing.assert_array_equal(mex.obsm["spatial"], _expected_xy(truth))
+    lib = mex.uns["spatial"]["mex"]  # no library_ids in a MEX folder: the run folder's name
+    assert lib["scalefactors"] == SCALEFACTORS
+    np.testing.assert_array_equal(lib["images"]["hires"], truth["hires"])
+    assert lib["metadata"] == {"software_version": "spaceranger-2.1.0"}  # from the %metadata_json line
+
+
+def test_h5_is_preferred_and_mex_folder_goes_through_the_manifest(tmp_path):
+    truth = make_spaceranger(tmp_path / "st" / "outs", "mex")
+    cohort = load_manifest(_cohort(tmp_path, "st"))
+    section = load_section(cohort.section("s0"))
+    assert list(section.barcodes) == truth["barcodes"]
+    np.testing.assert_allclose(section.px, _expected_xy(truth))
+    # Both present: the .h5 is read (its library_ids name the library).
+    make_spaceranger(tmp_path / "both", "sr2")
+    _write_mex(tmp_path / "both" / "filtered_feature_bc_matrix", truth["barcodes"][:3], truth["counts"][:3])
+    assert list(read_spaceranger(tmp_path / "both").uns["spatial"]) == ["lung_A1"]
+
+
+def _mex_outs(tmp_path: Path) -> Path:
+    make_spaceranger(tmp_path / "outs", "mex")
+    return tmp_path / "outs" / "filtered_feature_bc_matrix"
+
+
+def test_incomplete_mex_folder_names_the_missing_file(tmp_path):
+    mex = _mex_outs(tmp_path)
+    (mex / "matrix.mtx.gz").unlink()
+    with pytest.raises(DataError, match=r"filtered_feature_bc_matrix: no filtered_feature_bc_matrix\.h5 beside it and "
+                                        r"this MEX folder has no matrix\.mtx\.gz$") as err:
+        read_adata(tmp_path / "outs")
+    assert "\n" not in str(err.value)
+    with pytest.raises(ManifestError, match=r"section 's0'\.adata: .*has no matrix\.mtx\.gz"):
+        load_manifest(_cohort(tmp_path, "outs"))
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("features_2_columns", r"features\.tsv\.gz: expected 3 tab-separated columns \(id, name, feature_type\), got 2; "
+                           r"a 2-column file is the Cell Ranger 2 genes\.tsv"),
+    ("barcode_dropped", r"matrix\.mtx\.gz: inconsistent matrix: shape \[7, 25\] \(features x barcodes\), 7 features in "
+                        r"features\.tsv\.gz, 24 barcodes in barcodes\.tsv\.gz"),
+    ("matrix_not_gzip", r"matrix\.mtx\.gz: cannot read Matrix Market file \(BadGzipFile"),
+    ("matrix_garbage", r"matrix\.mtx\.gz: cannot read Matrix Market file \(ValueError"),
+    ("duplicate_barcode", r"filtered_feature_bc_matrix: duplicate barcodes"),
+])
+def test_malformed_mex_files_are_one_clear_error(tmp_path, damage, message):
+    mex = _mex_outs(tmp_path)
+    features = gzip.decompress((mex / "features.tsv.gz").read_bytes()).decode().splitlines()
+    barcodes = gzip.decompress((mex / "barcodes.tsv.gz").read_bytes()).decode().splitlines()
+    if damage == "features_2_columns":
+        text = "\n".join(ln.rsplit("\t", 1)[0] for ln in features) + "\n"
+        (mex / "features.tsv.gz").write_bytes(gzip.compress(text.encode()))
+    elif damage == "barcode_dropped":
+        (mex / "barcodes.tsv.gz").write_bytes(gzip.compress(("\n".join(barcodes[1:]) + "\n").encode()))
+    elif damage == "matrix_not_gzip":
+        (mex / "matrix.mtx.gz").write_bytes(gzip.decompress((mex / "matrix.mtx.gz").read_bytes()))
+    elif damage == "matrix_garbage":
+        (mex / "matrix.mtx.gz").write_bytes(gzip.compress(b"%%MatrixMarket matrix coordinate integer general\nnot numbers\n"))
+    elif damage == "duplicate_barcode":
+        (mex / "barcodes.tsv.gz").write_bytes(gzip.compress(("\n".join([barcodes[1]] + barcodes[1:]) + "\n").encode()))
+    with pytest.raises(DataError, match=message) as err:
+        read_adata(tmp_path / "outs")
+    assert "\n" not in str(err.value) and "Traceback" not in str(err.value)
+
+
+def test_gene_named_na_keeps_its_name(tmp_path):
+    """A gene symbol such as NA (or NaN, null) is text in features.tsv, not a missing value."""
+    mex = _mex_outs(tmp_path)
+    features = gzip.decompress((mex / "features.tsv.gz").read_bytes()).decode().replace("\tAger\t", "\tNA\t")
+    (mex / "features.tsv.gz").write_bytes(gzip.compress(features.encode()))
+    assert list(read_spaceranger(tmp_path / "outs").var_names) == [g if g != "Ager" else "NA" for g in GENES]
+
+
+# -- scale factors, images, duplicate gene names ---------------------------------------------------------
+
+def test_missing_scalefactor_key_is_named_with_the_file(tmp_path):
+    make_spaceranger(tmp_path / "outs", "sr2")
+    path = tmp_path / "outs" / "spatial" / "scalefactors_json.json"
+    path.write_text(json.dumps({k: v for k, v in SCALEFACTORS.items() if k != "tissue_hires_scalef"}))
+    with pytest.raises(DataError) as err:
+        read_adata(tmp_path / "outs")
+    assert str(err.value) == (
+        f"{path}: key(s) 'tissue_hires_scalef' missing from this file (Space Ranger writes spot_diameter_fullres, "
+        "tissue_hires_scalef, tissue_lowres_scalef); found ['fiducial_diameter_fullres', 'spot_diameter_fullres', "
+        "'tissue_lowres_scalef']")
+    assert "got None" not in str(err.value)
+
+
+@pytest.mark.parametrize("corruption", ["truncated", "not_png"])
+def test_corrupt_hires_image_warns_and_the_section_still_loads(tmp_path, caplog, corruption):
+    """The loader never uses the images (fullres landmarks need none; hires ones need only the scale factor)."""
+    truth = make_spaceranger(tmp_path / "st" / "outs", "sr1")
+    hires = tmp_path / "st" / "outs" / "spatial" / "tissue_hires_image.png"
+    raw = hires.read_bytes()
+    hires.write_bytes(raw[: len(raw) // 2] if corruption == "truncated" else b"not a png")
+    with caplog.at_level(logging.WARNING, logger="xpression.data.spaceranger"):
+        section = load_section(load_manifest(_cohort(tmp_path, "st")).section("s0"))
+    np.testing.assert_allclose(section.px, _expected_xy(truth))
+    images = next(iter(section.adata.uns["spatial"].values()))["images"]
+    assert list(images) == ["lowres"]
+    np.testing.assert_array_equal(images["lowres"], truth["lowres"])
+    warned = [r.getMessage() for r in caplog.records if "cannot read image" in r.getMessage()]
+    assert len(warned) == 1 and str(hires) in warned[0] and "\n" not in warned[0]
+
+
+def test_duplicate_gene_names_are_made_unique_with_one_logged_line(tmp_path, caplog):
+    make_spaceranger(tmp_path / "outs", "sr2")
+    names = GENES[:2] + ["Cd74", "Cd74"] + GENES[4:]  # Sftpc and Ager renamed Cd74
+    with h5py.File(tmp_path / "outs" / "filtered_feature_bc_matrix.h5", "r+") as f:
+        feats = f["matrix/features"]
+        del feats["name"]
+        feats.create_dataset("name", data=_ascii(names + [ANTIBODY[1]]))
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.WARNING, logger="xpression.data.spaceranger"):
+        warnings.simplefilter("always")
+        adata = read_adata(tmp_path / "outs")
+    assert list(adata.var_names) == ["Cd74", "Ptprc", "Cd74-1", "Cd74-2", "Pecam1", "Col1a1"]
+    assert list(adata.var["gene_ids"]) == GENE_IDS  # the IDs tell the copies apart
+    assert not [w for w in caught if "not unique" in str(w.message)]  # anndata's warning is not needed
+    lines = [r.getMessage() for r in caplog.records if "duplicate gene names" in r.getMessage()]
+    assert lines == [f"{tmp_path / 'outs' / 'filtered_feature_bc_matrix.h5'}: 2 duplicate gene names made unique as "
+                     "var_names_make_unique does (a -1, -2, ... suffix on each later copy, e.g. Cd74 -> Cd74-1, "
+                     "Cd74 -> Cd74-2; var['gene_ids'] keeps their IDs)"]
+
+
+def test_mex_fixture_reads_the_same_with_scanpy(tmp_path):
+    """An independent MEX reader (scanpy's read_10x_mtx) agrees with ours on the same folder."""
+    sc = pytest.importorskip("scanpy")
+    make_spaceranger(tmp_path / "outs", "mex")
+    ours = read_spaceranger(tmp_path / "outs")
+    theirs = sc.read_10x_mtx(tmp_path / "outs" / "filtered_feature_bc_matrix", var_names="gene_symbols")
+    np.testing.assert_array_equal(ours.X.toarray(), theirs.X.toarray())
+    assert list(ours.var_names) == list(theirs.var_names)
+    assert list(ours.var["gene_ids"]) == list(theirs.var["gene_ids"])
+    assert list(ours.obs_names) == list(theirs.obs_names)

@@ -12,7 +12,7 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-__all__ = ["new_figure", "save_figure", "target_cmap", "add_scale_bar", "log_figure"]
+__all__ = ["new_figure", "save_figure", "file_in_the_way", "target_cmap", "add_scale_bar", "log_figure"]
 
 
 def new_figure(nrows: int = 1, ncols: int = 1, figsize: tuple[float, float] = (6.4, 4.8),
@@ -23,9 +23,27 @@ def new_figure(nrows: int = 1, ncols: int = 1, figsize: tuple[float, float] = (6
     return fig, fig.subplots(nrows, ncols, **subplots)
 
 
+def file_in_the_way(folder: str | Path) -> Path | None:
+    """The file that keeps ``folder`` from being a folder (``folder`` itself or a parent that exists
+    and is not a folder), or None when ``folder`` is, or can be made, a folder. Command lines check
+    their output folder with it before the work starts."""
+    folder = Path(folder)
+    return next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+
+
 def save_figure(fig: Figure, out: str | Path, dpi: int = 110) -> Path:
-    """Write ``fig`` to ``out`` (format from the suffix; parent folders created)."""
+    """Write ``fig`` to ``out`` (format from the suffix; parent folders created).
+
+    Raises:
+        NotADirectoryError: a file is where a parent folder of ``out`` must go (one-line message).
+        IsADirectoryError: ``out`` is a folder.
+    """
     out = Path(out)
+    blocker = file_in_the_way(out.parent)
+    if blocker is not None:
+        raise NotADirectoryError(f"cannot write {out}: {blocker} is a file, not a folder")
+    if out.is_dir():
+        raise IsADirectoryError(f"cannot write {out}: it is a folder")
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=dpi)
     return out

@@ -32,7 +32,7 @@ from xpression.data.registration import SPOT_RADIUS_UM
 from xpression.data.sections import Section, load_section
 from xpression.data.targets import ObsmTarget, dominant_index
 from xpression.data.volume import Volume, VolumeError, open_volume
-from xpression.plotting import new_figure, save_figure
+from xpression.plotting import file_in_the_way, new_figure, save_figure
 
 __all__ = ["SectionCheck", "check_cohort", "check_table", "draw_overlay", "main"]
 
@@ -254,8 +254,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not 0 <= args.max_drop_fraction <= 1:
         parser.error(f"--max-drop-fraction must be in [0, 1], got {args.max_drop_fraction:g}")
-    if args.out is not None and args.out.exists() and not args.out.is_dir():
-        parser.error(f"--out {args.out} is a file; give a folder for the overlays")
+    blocker = None if args.out is None else file_in_the_way(args.out)
+    if blocker is not None:
+        parser.error(f"--out {args.out}: {blocker} is a file; give a folder for the overlays")
     console = Console(width=None if sys.stdout.isatty() else 160)
     logging.getLogger("xpression.data.registration").setLevel(logging.ERROR)  # its warnings are printed below the table
     try:

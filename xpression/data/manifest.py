@@ -11,14 +11,14 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
 from xpression.data.bigwarp import read_landmarks
 from xpression.data.geometry import DataError, Plane
 from xpression.data.spaceranger import find_spaceranger_files
-from xpression.data.volume import TIFF_SUFFIXES, VolumeError, ZARR_SUFFIXES, open_volume
+from xpression.data.volume import TIFF_SUFFIXES, VolumeError, ZARR_SUFFIXES, open_volume, volume_kind
 
 __all__ = ["Cohort", "ManifestError", "SectionEntry", "TruthEntry", "VolumeEntry", "load_manifest"]
 
@@ -152,13 +152,16 @@ class _Checker:
         seen.add(value)
         return value
 
-    def path(self, value: Any, where: str, *, suffixes: tuple[str, ...] = ()) -> Path | None:
+    def path(self, value: Any, where: str, *, suffixes: tuple[str, ...] = (),
+             accept: Callable[[Path], bool] | None = None) -> Path | None:
+        """``value`` as a path (relative to the manifest's folder) that exists, named with one of
+        ``suffixes`` unless ``accept`` takes it (e.g. a zarr group without the suffix)."""
         if not isinstance(value, str) or not value:
             self.fail(where, f"expected a path string, got {value!r}")
             return None
         path = Path(value)
         path = path if path.is_absolute() else self.root / path
-        if suffixes and not path.name.lower().endswith(suffixes):
+        if suffixes and not path.name.lower().endswith(suffixes) and not (accept is not None and accept(path)):
             self.fail(where, f"{value!r} has an unsupported extension (expected one of {', '.join(suffixes)})")
         if not path.exists():
             self.fail(where, f"file not found: {path}")
@@ -239,12 +242,16 @@ def _volumes(check: _Checker, raw: Any) -> list[VolumeEntry]:
         vid = check.ident(entry.get("id"), f"{where}.id", "volume", volume_ids)
         if vid is not None:
             where = f"volume {vid!r}"
-        image = check.path(entry.get("image"), f"{where}.image", suffixes=_VOLUME_SUFFIXES) if "image" in entry else None
+        image = check.path(entry.get("image"), f"{where}.image", suffixes=_VOLUME_SUFFIXES,
+                           accept=lambda p: volume_kind(p) is not None) if "image" in entry else None
         voxel = None
         if "voxel_size_um" in entry:
             voxel = check.triple(entry["voxel_size_um"], f"{where}.voxel_size_um", positive=True)
-        elif image is not None and not image.name.lower().endswith(".zarr"):
-            check.fail(where, "voxel_size_um is required for TIFF and .npy volumes (only OME-Zarr carries it)")
+        elif image is not None and volume_kind(image) != "zarr":
+            try:  # an OME-TIFF or a calibrated ImageJ stack records it (only the metadata is read)
+                open_volume(image)
+            except VolumeError as err:
+                check.fail(where, f"voxel_size_um is required: {err.problem}")
         condition = entry.get("condition")
         if condition is not None and not isinstance(condition, str):
             check.fail(f"{where}.condition", f"expected a string, got {condition!r}")

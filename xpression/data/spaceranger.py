@@ -7,22 +7,31 @@ Read as Space Ranger writes them (10x "HDF5 Feature-Barcode Matrix Format" and "
   feature_type, genome}`` as fixed-length ASCII with XML character references; file attributes
   ``library_ids``, ``chemistry_description``, ``software_version``. The Cell Ranger 2 layout (one
   top-level group per genome with ``genes``/``gene_names``) is read too when it holds one genome.
+- without that file, the same matrix as Market Exchange Format (10x "Feature-Barcode Matrices (MEX
+  Format)", as many GEO uploads carry it): ``filtered_feature_bc_matrix/`` with ``matrix.mtx.gz``
+  (features x barcodes, 1-based coordinates), ``features.tsv.gz`` (tab-separated, no header: id,
+  name, feature_type) and ``barcodes.tsv.gz`` (one barcode a line). Uncompressed ``.mtx``/``.tsv``
+  files are read too, and a two-column ``genes.tsv`` (id, name: the Cell Ranger 2 naming) as Gene
+  Expression only, like the Cell Ranger 2 ``.h5``.
 - ``spatial/tissue_positions_list.csv`` (1.x, no header), ``spatial/tissue_positions.csv`` (2.0+,
   header) or ``spatial/tissue_positions.parquet`` (needs pyarrow): ``barcode, in_tissue,
   array_row, array_col, pxl_row_in_fullres, pxl_col_in_fullres``; one row per spot of the slide,
   under tissue or not.
 - ``spatial/scalefactors_json.json`` and the optional ``tissue_hires_image.png`` /
-  ``tissue_lowres_image.png``.
+  ``tissue_lowres_image.png``. Nothing in this package needs the images (landmarks in hires/lowres
+  pixels are converted with the scale factors), so an unreadable one is left out with a warning.
 
 The result matches ``squidpy.read.visium`` / the former ``scanpy.read_visium``: raw counts (CSR,
 float32) of the Gene Expression features, ``var_names`` gene names (``var['gene_ids']``,
-``var['feature_types']``), ``obs_names`` barcodes, ``obs['in_tissue', 'array_row', 'array_col']``,
+``var['feature_types']``; duplicate names made unique with a logged warning, as
+``var_names_make_unique`` does), ``obs_names`` barcodes, ``obs['in_tissue', 'array_row', 'array_col']``,
 ``obsm['spatial']`` = (x, y) = (``pxl_col_in_fullres``, ``pxl_row_in_fullres``) full-resolution
 pixels, and ``uns['spatial'][library_id]`` with ``images``, ``scalefactors`` and ``metadata``.
 """
 
 from __future__ import annotations
 
+import gzip
 import html
 import json
 import logging
@@ -41,6 +50,11 @@ __all__ = ["SpaceRangerFiles", "find_spaceranger_files", "read_spaceranger"]
 log = logging.getLogger(__name__)
 
 MATRIX_FILE = "filtered_feature_bc_matrix.h5"
+MEX_FOLDER = "filtered_feature_bc_matrix"
+# The MEX files, each in order of preference (Space Ranger writes the first).
+MEX_FILES = {"matrix": ("matrix.mtx.gz", "matrix.mtx"),
+             "features": ("features.tsv.gz", "features.tsv", "genes.tsv.gz", "genes.tsv"),
+             "barcodes": ("barcodes.tsv.gz", "barcodes.tsv")}
 # In order of preference: the CSV layouts need no optional dependency.
 POSITION_FILES = ("tissue_positions.csv", "tissue_positions_list.csv", "tissue_positions.parquet")
 POSITION_COLUMNS = ("barcode", "in_tissue", "array_row", "array_col", "pxl_row_in_fullres", "pxl_col_in_fullres")
@@ -55,7 +69,7 @@ class SpaceRangerFiles:
     """The files of one Space Ranger output folder (``outs/``); images are None when absent."""
 
     root: Path
-    matrix: Path
+    matrix: Path  # filtered_feature_bc_matrix.h5, or the filtered_feature_bc_matrix/ MEX folder without it
     positions: Path
     scalefactors: Path
     images: dict[str, Path]
@@ -70,11 +84,20 @@ def find_spaceranger_files(folder: str | Path) -> SpaceRangerFiles:
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(folder, "Space Ranger output folder not found")
+
+    def has_matrix(path: Path) -> bool:
+        return (path / MATRIX_FILE).is_file() or (path / MEX_FOLDER).is_dir()
+
     root = folder
-    if not (root / MATRIX_FILE).is_file() and (root / "outs" / MATRIX_FILE).is_file():
+    if not has_matrix(root) and has_matrix(folder / "outs"):
         root = folder / "outs"
-    if not (root / MATRIX_FILE).is_file():
-        raise DataError(folder, f"not a Space Ranger output folder: no {MATRIX_FILE} in it or in its outs/")
+    if not has_matrix(root):
+        raise DataError(folder, f"not a Space Ranger output folder: no {MATRIX_FILE} (nor a {MEX_FOLDER}/ folder) "
+                                "in it or in its outs/")
+    matrix = root / MATRIX_FILE
+    if not matrix.is_file():
+        matrix = root / MEX_FOLDER
+        _mex_files(matrix)  # all three files there
     spatial = root / "spatial"
     positions = next((spatial / name for name in POSITION_FILES if (spatial / name).is_file()), None)
     if positions is None:
@@ -82,13 +105,16 @@ def find_spaceranger_files(folder: str | Path) -> SpaceRangerFiles:
     if not (spatial / SCALEFACTORS_FILE).is_file():
         raise DataError(root, f"Space Ranger folder without spatial/{SCALEFACTORS_FILE}")
     images = {res: spatial / name for res, name in IMAGE_FILES.items() if (spatial / name).is_file()}
-    return SpaceRangerFiles(root, root / MATRIX_FILE, positions, spatial / SCALEFACTORS_FILE, images)
+    return SpaceRangerFiles(root, matrix, positions, spatial / SCALEFACTORS_FILE, images)
 
 
 def read_spaceranger(folder: str | Path, library_id: str | None = None) -> Any:
     """Read a Space Ranger output folder into an AnnData (see the module docstring).
 
-    Only Gene Expression features become genes. Matrix barcodes must all have a position; positions
+    The matrix is ``filtered_feature_bc_matrix.h5``, else the ``filtered_feature_bc_matrix/`` MEX folder
+    (the same AnnData either way). Only Gene Expression features become genes; duplicate gene names
+    are made unique as ``var_names_make_unique`` does (``-1``, ``-2``, ... on the later copies), with
+    one logged warning. Matrix barcodes must all have a position; positions
     of spots not in the matrix (the filtered matrix holds the spots under tissue) are dropped.
     ``library_id`` defaults to the matrix's ``library_ids`` attribute, else the folder name (the
     run folder's for ``outs/``).
@@ -101,7 +127,8 @@ def read_spaceranger(folder: str | Path, library_id: str | None = None) -> Any:
     files = find_spaceranger_files(folder)
     scalefactors = _read_scalefactors(files.scalefactors)  # the small files first
     positions = _read_positions(files.positions)
-    counts, barcodes, var, attrs = _read_matrix(files.matrix)
+    counts, barcodes, var, attrs = _read_mex(files.matrix) if files.matrix.is_dir() else _read_matrix(files.matrix)
+    var.index = _unique_names(var.index, files.matrix)
     missing = pd.Index(barcodes).difference(positions.index)
     if len(missing):
         raise DataError(files.positions, f"{len(missing)} of {len(barcodes)} barcodes of {files.matrix.name} have no "
@@ -178,10 +205,18 @@ def _read_matrix(path: Path) -> tuple[sp.csr_matrix, list[str], pd.DataFrame, di
                               f"indptr of length {len(indptr)} (expected {n_barcodes + 1})")
     if len(data) != len(indices) or (len(indices) and (indices.min() < 0 or indices.max() >= n_features)):
         raise DataError(path, "inconsistent matrix: 'indices' out of range or not as long as 'data'")
-    if pd.Index(barcodes).has_duplicates:
-        raise DataError(path, f"duplicate barcodes, e.g. {pd.Index(barcodes)[pd.Index(barcodes).duplicated()][:3].tolist()}")
     # CSC features x barcodes is the CSR barcodes x features matrix, read as is.
     counts = sp.csr_matrix((data.astype(np.float32), indices, indptr), shape=(n_barcodes, n_features))
+    counts, var = _gene_expression(path, counts, barcodes, ids, names, types, genome)
+    return counts, barcodes, var, attrs
+
+
+def _gene_expression(path: Path, counts: sp.csr_matrix, barcodes: list[str], ids: list[str], names: list[str],
+                     types: list[str], genome: list[str] | None) -> tuple[sp.csr_matrix, pd.DataFrame]:
+    """The Gene Expression columns of ``counts`` (barcodes x features) and their ``var``; the same for
+    the ``.h5`` and the MEX matrix."""
+    if pd.Index(barcodes).has_duplicates:
+        raise DataError(path, f"duplicate barcodes, e.g. {pd.Index(barcodes)[pd.Index(barcodes).duplicated()][:3].tolist()}")
     gene = np.asarray(types) == GENE_EXPRESSION
     if not gene.any():
         raise DataError(path, f"no '{GENE_EXPRESSION}' features; feature types: {sorted(set(types))}")
@@ -192,7 +227,95 @@ def _read_matrix(path: Path) -> tuple[sp.csr_matrix, list[str], pd.DataFrame, di
         var["genome"] = np.asarray(genome, dtype=object)[gene]
     if not gene.all():
         log.info("%s: %d non-gene-expression features left out (%s)", path, int((~gene).sum()), sorted(set(types) - {GENE_EXPRESSION}))
-    return counts[:, np.flatnonzero(gene)].tocsr(), barcodes, var, attrs
+    return counts[:, np.flatnonzero(gene)].tocsr(), var
+
+
+def _mex_files(folder: Path) -> dict[str, Path]:
+    """The matrix, features and barcodes files of a MEX folder (``MEX_FILES``, first found of each)."""
+    found, missing = {}, []
+    for kind, names in MEX_FILES.items():
+        path = next((folder / n for n in names if (folder / n).is_file()), None)
+        if path is None:
+            missing.append(names[0])
+        else:
+            found[kind] = path
+    if missing:
+        raise DataError(folder, f"no {MATRIX_FILE} beside it and this MEX folder has no {' or '.join(missing)}")
+    return found
+
+
+def _read_table(path: Path, what: str) -> pd.DataFrame:
+    """A headerless tab-separated file (``.gz`` or plain) as strings, read verbatim (a gene named NA stays NA)."""
+    try:
+        table = pd.read_csv(path, sep="\t", header=None, dtype=str, keep_default_na=False, quoting=3,
+                            compression="gzip" if path.name.endswith(".gz") else None)
+    except (OSError, EOFError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
+        raise DataError(path, f"cannot read {what} ({type(err).__name__}: {err})") from err
+    return table
+
+
+def _read_mex(folder: Path) -> tuple[sp.csr_matrix, list[str], pd.DataFrame, dict]:
+    """The MEX folder read as :func:`_read_matrix` reads the ``.h5`` (file attributes: the
+    ``software_version`` of the ``%metadata_json`` header line, when there is one)."""
+    import scipy.io
+
+    files = _mex_files(folder)
+    path = files["features"]
+    features = _read_table(path, "features")
+    if path.name.startswith("genes"):  # Cell Ranger 2 naming: id, name; genes only
+        if features.shape[1] < 2:
+            raise DataError(path, f"expected 2 tab-separated columns (id, name), got {features.shape[1]}")
+        types = [GENE_EXPRESSION] * len(features)
+    else:
+        if features.shape[1] < 3:
+            raise DataError(path, f"expected 3 tab-separated columns (id, name, feature_type), got {features.shape[1]}"
+                                  + ("; a 2-column file is the Cell Ranger 2 genes.tsv" if features.shape[1] == 2 else ""))
+        types = features[2].tolist()
+    ids, names = features[0].tolist(), features[1].tolist()
+    barcode_table = _read_table(files["barcodes"], "barcodes")
+    barcodes = barcode_table[0].tolist()
+    path = files["matrix"]
+    attrs: dict = {}
+    opener = gzip.open if path.name.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as fh:
+            for line in iter(fh.readline, b""):
+                if not line.startswith(b"%"):
+                    break
+                if line.startswith(b"%metadata_json:"):
+                    try:
+                        meta = json.loads(line.split(b":", 1)[1])
+                    except ValueError:
+                        meta = {}
+                    if isinstance(meta, dict) and isinstance(meta.get("software_version"), str):
+                        attrs["software_version"] = meta["software_version"]
+        with opener(path, "rb") as fh:
+            matrix = scipy.io.mmread(fh)
+    except (OSError, EOFError, ValueError, UnicodeDecodeError) as err:
+        raise DataError(path, f"cannot read Matrix Market file ({type(err).__name__}: {err})") from err
+    if not sp.issparse(matrix):
+        raise DataError(path, "expected a sparse 'coordinate' Matrix Market matrix, got a dense 'array' one")
+    if matrix.shape != (len(ids), len(barcodes)):
+        raise DataError(path, f"inconsistent matrix: shape {list(matrix.shape)} (features x barcodes), "
+                              f"{len(ids)} features in {files['features'].name}, {len(barcodes)} barcodes in "
+                              f"{files['barcodes'].name}")
+    counts = sp.csr_matrix(matrix.T, dtype=np.float32)
+    counts, var = _gene_expression(folder, counts, barcodes, ids, names, types, None)
+    return counts, barcodes, var, attrs
+
+
+def _unique_names(names: pd.Index, path: Path) -> pd.Index:
+    """``names`` made unique as ``AnnData.var_names_make_unique`` does, saying so in one warning."""
+    if not names.has_duplicates:
+        return names
+    from anndata.utils import make_index_unique
+
+    unique = make_index_unique(pd.Index(names, dtype=object))
+    renamed = unique[unique != names]
+    log.warning("%s: %d duplicate gene names made unique as var_names_make_unique does (a -1, -2, ... suffix on "
+                "each later copy, e.g. %s; var['gene_ids'] keeps their IDs)", path, len(renamed),
+                ", ".join(f"{a} -> {b}" for a, b in zip(names[unique != names][:3], renamed[:3])))
+    return unique
 
 
 def _require(path: Path, group: Any, keys: tuple[str, ...], prefix: str) -> None:
@@ -250,23 +373,33 @@ def _read_scalefactors(path: Path) -> dict[str, float]:
         raise DataError(path, f"cannot read scale factors ({err})") from err
     if not isinstance(factors, dict):
         raise DataError(path, f"expected a JSON object, got {type(factors).__name__}")
+    absent = [key for key in REQUIRED_SCALEFACTORS if key not in factors]
+    if absent:
+        raise DataError(path, f"key(s) {', '.join(map(repr, absent))} missing from this file (Space Ranger writes "
+                              f"{', '.join(REQUIRED_SCALEFACTORS)}); found {sorted(factors)}")
     for key in REQUIRED_SCALEFACTORS:
-        value = factors.get(key)
+        value = factors[key]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
             raise DataError(path, f"{key!r} must be a positive number, got {value!r}")
     return factors
 
 
 def _read_images(paths: dict[str, Path]) -> dict[str, np.ndarray]:
+    """The images that can be read; an unreadable one is left out with a warning (nothing here needs them)."""
     from PIL import Image
 
     images = {}
     for res, path in paths.items():
         try:
             with Image.open(path) as im:
-                images[res] = np.asarray(im)
-        except OSError as err:
-            raise DataError(path, f"cannot read image ({err})") from err
+                image = np.asarray(im)
+            if image.ndim not in (2, 3) or image.dtype.kind not in "uif":
+                raise ValueError(f"decoded to a {image.dtype} array of shape {image.shape}")
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+            log.warning("%s: cannot read image, left out of uns['spatial'][...]['images'] (%s: %s); only plots over "
+                        "the H&E need it", path, type(err).__name__, err)
+            continue
+        images[res] = image
     for res in sorted(set(IMAGE_FILES) - set(paths)):
         log.info("no spatial/%s: uns['spatial'][...]['images'] has no %r image", IMAGE_FILES[res], res)
     return images

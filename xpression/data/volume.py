@@ -1,4 +1,5 @@
-"""Lazy access to micro-CT volumes: OME-Zarr / zarr v3, (Big)TIFF stacks and ``.npy``.
+"""Lazy access to micro-CT volumes: OME-Zarr / zarr v3 (and v2, bioformats2raw layout),
+(Big)TIFF stacks (OME-TIFF, ImageJ, SubIFD pyramids) and ``.npy``.
 
 Arrays are indexed ``(z, y, x)``; voxel sizes are in micrometres (um), ``[z, y, x]``. The
 physical position of voxel index ``i`` is ``origin_um + i * voxel_size_um`` (voxel centres).
@@ -16,7 +17,7 @@ import numpy as np
 
 from xpression.data.zarr_chunks import ChunkReader, read_threads
 
-__all__ = ["Volume", "VolumeError", "open_volume", "TIFF_SUFFIXES", "ZARR_SUFFIXES"]
+__all__ = ["Volume", "VolumeError", "open_volume", "volume_kind", "TIFF_SUFFIXES", "ZARR_SUFFIXES"]
 
 TIFF_SUFFIXES = (".tif", ".tiff", ".btf", ".tf8", ".tf2")
 ZARR_SUFFIXES = (".zarr",)
@@ -81,13 +82,61 @@ def _transform(transforms: list, kind: str, ndim: int) -> np.ndarray | None:
     return None
 
 
+# Length units in um, case-sensitive ("Mm" is a megametre, "mm" a millimetre): the symbols of
+# OME-XML's UnitsLength (OME-TIFF PhysicalSize*Unit), the UDUNITS-2 names NGFF 0.4 lists for
+# "space" axes (OME-Zarr), and what ImageJ writes as `unit=` (it escapes the micro sign as
+# "\u00B5m" and writes "micron" or "um" for micrometres).
+_SI_PREFIX = {"yocto": ("y", -24), "zepto": ("z", -21), "atto": ("a", -18), "femto": ("f", -15), "pico": ("p", -12),
+              "nano": ("n", -9), "micro": ("\u00b5", -6), "milli": ("m", -3), "centi": ("c", -2), "deci": ("d", -1),
+              "": ("", 0), "deca": ("da", 1), "hecto": ("h", 2), "kilo": ("k", 3), "mega": ("M", 6), "giga": ("G", 9),
+              "tera": ("T", 12), "peta": ("P", 15), "exa": ("E", 18), "zetta": ("Z", 21), "yotta": ("Y", 24)}
+_UM_PER_UNIT: dict[str, float] = {}
+for _name, (_sym, _exp) in _SI_PREFIX.items():  # 10 ** (exp + 6) um per unit, exact for the usual ones
+    _UM_PER_UNIT[f"{_sym}m"] = _UM_PER_UNIT[f"{_name}meter"] = _UM_PER_UNIT[f"{_name}metre"] = 10.0 ** (_exp + 6)
+_UM_PER_UNIT.update({
+    "\u03bcm": 1.0, "um": 1.0, "micron": 1.0, "microns": 1.0, "\\u00B5m": 1.0, "\\u03BCm": 1.0,
+    "\u00c5": 1e-4, "\u212b": 1e-4, "angstrom": 1e-4, "in": 25400.0, "inch": 25400.0, "inches": 25400.0, "ft": 304800.0,
+    "foot": 304800.0, "yd": 914400.0, "yard": 914400.0, "mi": 1609344000.0, "mile": 1609344000.0,
+    "thou": 25.4, "li": 25400.0 / 12, "pt": 25400.0 / 72, "pc": 3.0856775814913673e22, "parsec": 3.0856775814913673e22,
+})
+# Spelled-out names are matched in any case ("Micrometer"); symbols only exactly ("mm" vs "Mm").
+_UM_PER_UNIT_NAME = {k.lower(): v for k, v in _UM_PER_UNIT.items() if len(k) > 4 and k.isascii() and k.isalpha()}
+
+
+def _um_per_unit(unit: Any) -> float | None:
+    """um per ``unit`` (an OME-XML symbol, UDUNITS-2 name or ImageJ unit), None if not a known length."""
+    text = str(unit).strip()
+    return _UM_PER_UNIT.get(text, _UM_PER_UNIT_NAME.get(text.lower()))
+
+
+def _axis_um_per_unit(ms: dict, path: Any) -> np.ndarray:
+    """um per unit of the last three (z, y, x) axes of OME-Zarr ``multiscales`` ``axes``.
+
+    Units are UDUNITS-2 names (NGFF 0.4 "axes": angstrom ... micrometer ... zettameter, foot,
+    inch, yard, mile, parsec); an axis without ``unit`` is taken as micrometre. A spatial axis
+    (``type`` "space", or named z/y/x) whose unit is not a known length is refused."""
+    axes = [a if isinstance(a, dict) else {"name": a} for a in (ms.get("axes") or [])]  # NGFF 0.3: names only
+    factors = []
+    for a in axes:
+        unit = a.get("unit")
+        spatial = a.get("type") == "space" or (a.get("type") is None and a.get("name") in ("z", "y", "x"))
+        if not spatial or unit is None:
+            factors.append(1.0)
+            continue
+        factor = _um_per_unit(unit)
+        if factor is None:
+            raise VolumeError(path, f"spatial axis {a.get('name')!r} has unit {unit!r}, not a known length unit "
+                                    "(expected a UDUNITS-2 length such as 'micrometer', 'millimeter' or 'nanometer')")
+        factors.append(factor)
+    out = np.ones(3)
+    tail = factors[-3:]
+    out[3 - len(tail):] = tail
+    return out
+
+
 def _ome_levels(ms: dict, path: Any) -> list[tuple[str, np.ndarray | None, np.ndarray]]:
-    axes = ms.get("axes") or []
-    units = {a.get("name"): a.get("unit") for a in axes if isinstance(a, dict)}
-    for ax in ("z", "y", "x"):
-        unit = units.get(ax)
-        if unit not in (None, "micrometer"):
-            raise VolumeError(path, f"axis {ax!r} has unit {unit!r}; only 'micrometer' is supported")
+    """(array path, voxel size um or None, origin um) of each level of an OME ``multiscales``."""
+    um_per_unit = _axis_um_per_unit(ms, path)
     global_scale = _transform(ms.get("coordinateTransformations"), "scale", 3)
     global_shift = _transform(ms.get("coordinateTransformations"), "translation", 3)
     levels = []
@@ -100,10 +149,62 @@ def _ome_levels(ms: dict, path: Any) -> list[tuple[str, np.ndarray | None, np.nd
             shift = shift * global_scale
         if global_shift is not None:
             shift = shift + global_shift
-        levels.append((str(ds["path"]), scale, shift))
+        levels.append((str(ds["path"]), None if scale is None else scale * um_per_unit, shift * um_per_unit))
     if not levels:
         raise VolumeError(path, "OME-Zarr multiscales lists no datasets")
     return levels
+
+
+def _ome_attr(attrs: dict, key: str) -> Any:
+    """``key`` of OME-Zarr group attributes: under ``"ome"`` (NGFF 0.5, zarr v3) or top level (0.4)."""
+    ome = attrs.get("ome")
+    if isinstance(ome, dict) and key in ome:
+        return ome[key]
+    return attrs.get(key)
+
+
+def _bf2raw_image(root: Any, path: Path) -> Any:
+    """The image group of a bioformats2raw collection (NGFF 0.4 "bioformats2raw.layout" 3) when
+    it holds exactly one image.
+
+    The images are the paths listed in the ``OME`` group's ``series`` attribute or, without it,
+    the groups ``0/``, ``1/``, ... numbered consecutively from 0 (the spec's lookup). Several
+    images are refused with their list: the reader would otherwise pick one silently.
+    """
+    import zarr
+
+    layout = _ome_attr(dict(root.attrs), "bioformats2raw.layout")
+    if layout != 3:
+        raise VolumeError(path, f"bioformats2raw.layout {layout!r} is not supported (only layout 3)")
+    if _ome_attr(dict(root.attrs), "plate") is not None:
+        raise VolumeError(path, "an HCS plate (bioformats2raw layout with plate metadata), not one volume; "
+                                "point at one field's image group")
+
+    def child(name: str) -> Any:
+        try:
+            return root[name]
+        except (KeyError, FileNotFoundError, ValueError):
+            return None
+
+    ome = child("OME")
+    series = _ome_attr(dict(ome.attrs), "series") if isinstance(ome, zarr.Group) else None
+    if series is not None:
+        if not isinstance(series, list) or not all(isinstance(p, str) for p in series):
+            raise VolumeError(path, f"bioformats2raw OME/series must be a list of group paths, got {series!r}")
+    else:
+        series = []
+        while isinstance(child(str(len(series))), zarr.Group):
+            series.append(str(len(series)))
+    if not series:
+        raise VolumeError(path, "bioformats2raw layout holds no image group ('0/' missing and no OME/series list)")
+    if len(series) > 1:
+        shown = ", ".join(series[:10]) + (f", ... ({len(series)} in all)" if len(series) > 10 else "")
+        raise VolumeError(path, f"bioformats2raw collection holds {len(series)} images ({shown}); "
+                                f"open one of them as {path}/<name>, e.g. {path}/{series[0]}")
+    image = child(series[0])
+    if not isinstance(image, zarr.Group):
+        raise VolumeError(path, f"bioformats2raw image group {series[0]!r} is missing")
+    return image
 
 
 def _open_zarr(path: Path, level: int) -> tuple[Any, dict]:
@@ -119,6 +220,11 @@ def _open_zarr(path: Path, level: int) -> tuple[Any, dict]:
             raise VolumeError(path, f"level {level} requested but the zarr array has a single level")
         return node, meta
     ms = _ome_multiscale(dict(node.attrs))
+    if ms is None and _ome_attr(dict(node.attrs), "bioformats2raw.layout") is not None:
+        node = _bf2raw_image(node, path)
+        ms = _ome_multiscale(dict(node.attrs))
+        if ms is None:
+            raise VolumeError(path, f"bioformats2raw image group {node.path!r} has no OME multiscales metadata")
     if ms is not None:
         levels = _ome_levels(ms, path)
     else:
@@ -179,7 +285,15 @@ def _check_tiff(tif: Any, series: Any, path: Path) -> None:
                 raise VolumeError(path, f"corrupt or truncated TIFF: page {i} data ends past end of file")
 
 
-def _open_tiff(path: Path) -> tuple[Any, Any, dict]:
+def _open_tiff(path: Path, level: int = 0) -> tuple[Any, Any, dict]:
+    """The TIFF stack's pyramid level ``level`` as a zarr array, the open TiffFile, and metadata.
+
+    A pyramidal (OME-)TIFF as bfconvert, QuPath or ``tifffile.TiffWriter.write(..., subifds=n)``
+    write it keeps level 0 in the main IFDs and the reduced levels in SubIFDs; tifffile lists them
+    as ``series.levels``, and level ``i`` is read as ``imread(path, level=i)`` reads it. A reduced
+    level covers the same box as level 0: its voxel is level 0's times ``shape0 / shape_i`` per
+    axis, and its voxel 0 is centred on the middle of the level-0 voxels it spans.
+    """
     import tifffile
     import zarr
 
@@ -192,29 +306,42 @@ def _open_tiff(path: Path) -> tuple[Any, Any, dict]:
                 tif.close()
                 tif = tifffile.TiffFile(str(path), is_shaped=False, is_imagej=False)
             series = tif.series[0]
-            _check_tiff(tif, series, path)
+            n_levels = len(series.levels)
+            if not 0 <= level < n_levels:
+                raise VolumeError(path, f"level {level} out of range; the TIFF has {n_levels} level(s)")
+            _check_tiff(tif, series.levels[level], path)
         if errors:
             raise VolumeError(path, f"corrupt or truncated TIFF: {errors[0]}")
         tif.filehandle.set_lock(True)
-        arr = zarr.open(series.aszarr(), mode="r")
+        arr = zarr.open(series.aszarr(level=level), mode="r")  # an Array: one level, not the pyramid's Group
+        if not isinstance(arr, zarr.Array):
+            raise VolumeError(path, f"tifffile gave a {type(arr).__name__} for level {level}, not an array")
+        if len(tif.series) > 1 and len(series.shape) == 2:
+            raise VolumeError(path, "TIFF holds several series of different shapes, not one z stack")
+        voxel0 = tiff_voxel_size(tif, path)
+        meta: dict = {"voxel_size_um": voxel0, "origin_um": (0.0, 0.0, 0.0), "levels": [str(i) for i in range(n_levels)]}
+        if level:
+            shape0 = tuple(int(n) for n in series.levels[0].shape)
+            if len(arr.shape) != len(shape0):
+                raise VolumeError(path, f"level {level} has shape {tuple(arr.shape)}, level 0 {shape0}: not one pyramid")
+            kept = [ax for ax in range(len(shape0)) if ax not in _squeeze_to_3d(shape0, path)]
+            factor = tuple(shape0[ax] / int(arr.shape[ax]) for ax in kept)  # z, y, x: level-0 voxels per voxel
+            meta["level_factor"] = factor
+            meta["origin_level0_vox"] = tuple((f - 1) / 2 for f in factor)
+            if voxel0 is not None:
+                meta["level0_voxel_size_um"] = voxel0
+                meta["voxel_size_um"] = tuple(v * f for v, f in zip(voxel0, factor))
     except Exception as exc:
         if tif is not None:
             tif.close()
         if isinstance(exc, VolumeError):
             raise
         raise VolumeError(path, f"corrupt or unreadable TIFF: {exc}") from exc
-    if len(tif.series) > 1 and len(series.shape) == 2:
-        raise VolumeError(path, "TIFF holds several series of different shapes, not one z stack")
-    return arr, tif, {"voxel_size_um": tiff_voxel_size(tif, path), "origin_um": (0.0, 0.0, 0.0), "levels": ["0"]}
-
-
-# Length units of OME-XML (UnitsLength) and ImageJ's `unit`, in um; ImageJ escapes the micro sign.
-_UM_PER_UNIT = {"µm": 1.0, "μm": 1.0, "um": 1.0, "micron": 1.0, "microns": 1.0, "\\u00B5m": 1.0, "nm": 1e-3,
-                "mm": 1e3, "cm": 1e4, "m": 1e6, "pm": 1e-6, "Å": 1e-4}
+    return arr, tif, meta
 
 
 def _in_um(value: Any, unit: Any, path: Path, key: str) -> float:
-    factor = _UM_PER_UNIT.get(str(unit).strip())
+    factor = _um_per_unit(unit)
     if factor is None:
         raise VolumeError(path, f"TIFF metadata {key}: unknown length unit {unit!r}")
     return float(value) * factor
@@ -224,7 +351,16 @@ def tiff_voxel_size(tif: Any, path: Path) -> tuple[float, float, float] | None:
     """The voxel size [z, y, x] um an OME-TIFF (``Pixels`` ``PhysicalSize{Z,Y,X}`` and their
     units, um by default) or an ImageJ hyperstack (``spacing``, the X/YResolution tags and
     ``unit``) records, as tifffile reads them; None when the file records none (a plain TIFF, or
-    ImageJ's uncalibrated ``pixel`` unit)."""
+    ImageJ's uncalibrated ``pixel`` unit).
+
+    ImageJ leaves ``spacing`` out when the z spacing is 1.0 unit: ij/io/FileSaver.java
+    getDescriptionString() writes ``if (fi.pixelDepth!=0.0 && fi.pixelDepth!=1.0)
+    sb.append("spacing="+fi.pixelDepth)``, and on reading FileOpener.setCalibration() sets
+    ``cal.pixelDepth = fi.pixelDepth`` whenever a unit is given, with FileInfo's default
+    ``pixelDepth = 1.0``. So a calibrated stack (a ``unit`` other than ``pixel``) without
+    ``spacing`` has a z spacing of 1.0 unit. ``yunit`` / ``zunit`` (written by newer ImageJ when
+    they differ from ``unit``) give the y and z units.
+    """
     import tifffile
 
     if tif.is_ome:
@@ -235,15 +371,18 @@ def tiff_voxel_size(tif: Any, path: Path) -> tuple[float, float, float] | None:
                                 f"PhysicalSize{a}") for a in "ZYX")  # type: ignore[return-value]
         return None
     meta = tif.imagej_metadata if tif.is_imagej else None
-    if not meta or "spacing" not in meta or str(meta.get("unit", "pixel")).strip() in ("pixel", ""):
+    unit = str((meta or {}).get("unit", "")).strip()
+    if unit in ("", "pixel", "pixels"):
         return None
     tags = tif.pages.first.tags
     if "XResolution" not in tags or "YResolution" not in tags:
         return None
-    unit = meta["unit"]
+    y_unit, z_unit = (str(meta.get(k, unit)).strip() for k in ("yunit", "zunit"))  # type: ignore[union-attr]
     per_px = [tags[k].value for k in ("YResolution", "XResolution")]  # (numerator, denominator): pixels per unit
-    y, x = (_in_um(den / num, unit, path, name) for (num, den), name in zip(per_px, ("YResolution", "XResolution")))
-    return (_in_um(meta["spacing"], unit, path, "spacing"), y, x)
+    y, x = (_in_um(den / num, u, path, name)
+            for (num, den), u, name in zip(per_px, (y_unit, unit), ("YResolution", "XResolution")))
+    spacing = meta.get("spacing", 1.0)  # type: ignore[union-attr]  # absent: ImageJ's default pixelDepth
+    return (_in_um(spacing, z_unit, path, "spacing"), y, x)
 
 
 def _open_npy(path: Path) -> tuple[Any, dict]:
@@ -254,13 +393,27 @@ def _open_npy(path: Path) -> tuple[Any, dict]:
     return arr, {"voxel_size_um": None, "origin_um": (0.0, 0.0, 0.0), "levels": ["0"]}
 
 
+_ZARR_METADATA = ("zarr.json", ".zgroup", ".zarray")  # zarr v3; zarr v2 group / array
+
+
+def volume_kind(path: str | os.PathLike) -> str | None:
+    """``"npy"``, ``"tiff"`` or ``"zarr"``: how :func:`open_volume` would read ``path``; None for
+    a path it does not read."""
+    try:
+        return _kind_of(Path(path))
+    except VolumeError:
+        return None
+
+
 def _kind_of(path: Path) -> str:
+    """"npy", "tiff" or "zarr": by suffix, or a directory holding zarr v3/v2 metadata (e.g. the
+    series group ``<root>/0`` of a bioformats2raw layout)."""
     name = path.name.lower()
     if name.endswith(".npy"):
         return "npy"
     if name.endswith(TIFF_SUFFIXES):
         return "tiff"
-    if name.endswith(ZARR_SUFFIXES) or (path.is_dir() and (path / "zarr.json").exists()):
+    if name.endswith(ZARR_SUFFIXES) or (path.is_dir() and any((path / m).exists() for m in _ZARR_METADATA)):
         return "zarr"
     raise VolumeError(
         path,
@@ -318,13 +471,12 @@ class Volume:
         self._tif = None
         if kind == "zarr":
             arr, meta = _open_zarr(path, self.level_index)
+        elif kind == "tiff":
+            arr, self._tif, meta = _open_tiff(path, self.level_index)
         else:
             if self.level_index != 0:
                 raise VolumeError(path, f"level {self.level_index} requested but {kind} files have one level")
-            if kind == "tiff":
-                arr, self._tif, meta = _open_tiff(path)
-            else:
-                arr, meta = _open_npy(path)
+            arr, meta = _open_npy(path)
         self.kind = kind
         self._drop = _squeeze_to_3d(arr.shape, path)
         self._arr = arr
@@ -339,8 +491,11 @@ class Volume:
         self.shape: tuple[int, int, int] = tuple(int(arr.shape[ax]) for ax in kept)  # type: ignore[assignment]
         self.dtype = np.dtype(arr.dtype)
         self.levels: tuple[str, ...] = tuple(meta["levels"])
-        self.origin_um: tuple[float, float, float] = meta["origin_um"]
         self.voxel_size_um = self._resolve_voxel(meta)
+        self.origin_um: tuple[float, float, float] = meta["origin_um"]
+        if "origin_level0_vox" in meta:  # a TIFF pyramid level: the offset is known in level-0 voxels
+            level0 = np.asarray(self.voxel_size_um) / np.asarray(meta["level_factor"])
+            self.origin_um = tuple(float(o) for o in np.asarray(meta["origin_level0_vox"]) * level0)  # type: ignore[assignment]
         chunks = getattr(arr, "chunks", None)
         if kind == "npy" or chunks is None or len(chunks) != len(arr.shape):
             chunks = (1,) + self.shape[1:]  # whole planes: contiguous in C order
@@ -363,9 +518,14 @@ class Volume:
                 )
             return stored
         if given is None:
-            raise VolumeError(path, "missing voxel size: the file has no OME metadata; pass voxel_size_um=[z, y, x] in um")
-        factor = meta.get("level_factor", 1.0)
-        return (given[0] * factor, given[1] * factor, given[2] * factor)
+            raise VolumeError(
+                path,
+                "missing voxel size: the file records neither OME metadata (OME-XML PhysicalSizeZ/Y/X, OME-Zarr "
+                "scale) nor an ImageJ calibration (unit and X/YResolution); give voxel_size_um [z, y, x] in um "
+                "(the manifest's voxel_size_um, or voxel_size_um= in Python)",
+            )
+        factor = np.broadcast_to(np.asarray(meta.get("level_factor", 1.0), dtype=float), (3,))
+        return (given[0] * float(factor[0]), given[1] * float(factor[1]), given[2] * float(factor[2]))
 
     def _backend(self) -> Any:
         # A forked worker must not share the parent's TIFF file handle (shared file offset).
@@ -496,11 +656,13 @@ class Volume:
 def open_volume(path: str | os.PathLike, voxel_size_um: Any = None, level: int = 0) -> Volume:
     """Open a volume lazily (nothing but metadata is read).
 
-    ``path``: an OME-Zarr / zarr v3 group or array (``level`` picks the pyramid level, "0" by
-    default), a multi-page (Big)TIFF stack, or a ``.npy`` file (memory-mapped).
+    ``path``: an OME-Zarr / zarr v3 or v2 group or array (``level`` picks the pyramid level, "0"
+    by default; a bioformats2raw collection opens its image when it holds one), a multi-page
+    (Big)TIFF stack (a SubIFD pyramid's reduced levels are ``level`` 1, 2, ...), or a ``.npy``
+    file (memory-mapped).
     ``voxel_size_um``: ``[z, y, x]`` in um (a scalar means isotropic). Required unless the file
-    carries OME metadata; if both are present they must agree (for level 0), else
-    :class:`VolumeError` is raised.
+    carries OME metadata or an ImageJ calibration; if both are present they must agree (for
+    level 0), else :class:`VolumeError` is raised.
     """
     if isinstance(path, Volume):
         return path
