@@ -377,12 +377,20 @@ def infer_volume(
 
 
 class _Progress:
-    """Tiles done, volume voxels per second and ETA (rich), or nothing."""
+    """Tiles done, volume voxels per second and ETA: a live bar (rich) on a terminal; elsewhere
+    (a batch job's log, ``> file``) a log line after the first tile (the first time left), then
+    every ``every_s`` seconds, and one at the end."""
 
-    def __init__(self, total: int, desc: str, enabled: bool):
+    def __init__(self, total: int, desc: str, enabled: bool, every_s: float = 30.0, terminal: bool | None = None):
         self.enabled = enabled and total > 0
-        self.total, self.voxels, self.t0 = total, 0, time.perf_counter()
-        if self.enabled:
+        self.total, self.done, self.voxels, self.t0 = total, 0, 0, time.perf_counter()
+        self.desc, self.every_s, self.last_line = desc, float(every_s), self.t0
+        if terminal is None:
+            from rich.console import Console
+
+            terminal = Console().is_terminal
+        self.live = self.enabled and terminal
+        if self.live:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
             self.p = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -390,16 +398,31 @@ class _Progress:
             self.task = self.p.add_task(desc, total=total, rate="")
 
     def __enter__(self) -> "_Progress":
-        if self.enabled:
+        if self.live:
             self.p.start()
         return self
 
     def advance(self, voxels: int) -> None:
         self.voxels += voxels
-        if self.enabled:
-            rate = self.voxels / max(time.perf_counter() - self.t0, 1e-9)
+        self.done += 1
+        now = time.perf_counter()
+        rate = self.voxels / max(now - self.t0, 1e-9)
+        if self.live:
             self.p.update(self.task, advance=1, rate=f"{rate / 1e6:.2f} Mvox/s")
+        elif self.enabled and (now - self.last_line >= self.every_s or self.done in (1, self.total)):
+            self.last_line = now
+            eta = (now - self.t0) / self.done * (self.total - self.done)
+            log.info("%s: %d/%d tiles (%.0f%%), %.2f Mvox/s, %s left", self.desc, self.done, self.total,
+                     100 * self.done / self.total, rate / 1e6, _duration(eta))
 
     def __exit__(self, *exc: Any) -> None:
-        if self.enabled:
+        if self.live:
             self.p.stop()
+
+
+def _duration(seconds: float) -> str:
+    """``1 h 02 min``, ``3 min 05 s`` or ``42 s``."""
+    s = int(round(seconds))
+    if s >= 3600:
+        return f"{s // 3600} h {s % 3600 // 60:02d} min"
+    return f"{s // 60} min {s % 60:02d} s" if s >= 60 else f"{s} s"
