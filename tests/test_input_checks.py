@@ -228,6 +228,28 @@ def test_a_bad_patch_is_reported_not_its_context_view_traceback(tmp_path):
         "patch.context_um: cannot be computed from the keys it follows (could not convert string to float: 'abc')"}
     assert not (tmp_path / "config.yaml").exists()
 
+def test_your_own_cohort_names_its_manifest(tmp_path):
+    """data=cohort (README "Your own data") keeps the default cohort's loader settings, trains on
+    every section, and without data.manifest fails in one line before anything is read."""
+    from hydra import compose, initialize
+    from hydra.core.global_hydra import GlobalHydra
+
+    from xpression.config import check_train_config
+
+    GlobalHydra.instance().clear()
+    with initialize(version_base="1.3", config_path="../conf"):
+        default = compose(config_name="train")
+        own = compose(config_name="train", overrides=["data=cohort"])
+        with pytest.raises(ConfigError) as err:
+            check_train_config(own)
+        assert err.value.problems == ["data.manifest: must be the path of a cohort manifest, e.g. "
+                                      "data.manifest=my/cohort.yaml, got None"]
+        given = compose(config_name="train", overrides=["data=cohort", "data.manifest=my/cohort.yaml"])
+        check_train_config(given)
+    assert given.data.manifest == "my/cohort.yaml" and given.data.sections is None
+    assert given.data.batch_size == default.data.batch_size and given.data.augment == default.data.augment
+
+
 def test_every_shipped_config_passes_the_checks(tmp_path):
     from hydra import compose, initialize
     from hydra.core.global_hydra import GlobalHydra
@@ -244,6 +266,7 @@ def test_every_shipped_config_passes_the_checks(tmp_path):
                 if not path.stem.startswith("_"):  # a base config, not an option
                     # a backbone swaps the single-view model's network (the default one is multi-scale)
                     pin = ["model=cnn3d"] if group == "model/backbone" else []
+                    pin += ["data.manifest=my/cohort.yaml"] if (group, path.stem) == ("data", "cohort") else []
                     check_train_config(compose(config_name="train", overrides=[*pin, f"{group}={path.stem}"]))
         for path in sorted((ROOT / "conf" / "experiment").glob("*.yaml")):
             check_train_config(compose(config_name="train", overrides=[f"experiment={path.stem}"]))

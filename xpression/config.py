@@ -99,6 +99,8 @@ def _choice(*options: Any) -> _Rule:
 TRAIN_RULES: dict[str, _Rule] = {
     "seed": NON_NEGATIVE_INT,
     "data.seed": NON_NEGATIVE_INT,
+    "data.manifest": _Rule("the path of a cohort manifest, e.g. data.manifest=my/cohort.yaml",
+                           lambda v: isinstance(v, str) and bool(v.strip())),
     "data.batch_size": POSITIVE_INT,
     "data.num_workers": NON_NEGATIVE_INT,
     "data.max_residual_um": POSITIVE,
