@@ -81,7 +81,7 @@ def test_layers_carry_physical_scale_and_the_right_channels(output):
 
 def test_missing_napari_is_one_line(output, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "napari", None)  # import napari raises ImportError
-    with pytest.raises(ViewError, match=r"napari is not installed: pip install -e '\.\[viewer\]'"):
+    with pytest.raises(ViewError, match=r"napari is not installed: .*python.* -m pip install -e '\.\[viewer\]'"):
         open_viewer([], "x")
     assert main([str(output[0])]) == 1
     err = capsys.readouterr().err.strip()

@@ -189,7 +189,9 @@ def open_viewer(layers: list[tuple[Any, dict, str]], title: str, show: bool = Tr
     try:
         import napari
     except ImportError:
-        raise ViewError("napari is not installed: pip install -e '.[viewer]'") from None
+        # the interpreter running this, which may not be the first pip on the PATH
+        raise ViewError(f"napari is not installed: {sys.executable} -m pip install -e '.[viewer]' "
+                        "(in the repository)") from None
     viewer = napari.Viewer(title=title, show=show)
     for data, kwargs, kind in layers:
         getattr(viewer, f"add_{kind}")(data, **kwargs)
