@@ -244,3 +244,20 @@ def test_probe_points_rescore_to_the_reported_scores(ridge, datamodule):
             assert row["pearson_mean"] == pytest.approx(want, rel=1e-9, nan_ok=True)
             checked += 1
     assert checked >= 5
+
+
+def test_infer_sweeps_a_ridge_run_patch_by_patch_on_its_own(datamodule, tiny_cohort, tmp_path):
+    """The ridge has no dense mode: infer.py's default (mode=dense) predicts patch by patch, as for
+    the forest, instead of telling the user to set mode=patch."""
+    from tests._inference_models import infer_config
+    from xpression.inference.pipeline import infer
+
+    spec = datamodule.input_spec()
+    model = RidgeBaseline(spec.target_spec, spec.patch_shape_vox, input_spec=spec).fit(datamodule)
+    checkpoint = model.save_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    cfg = infer_config(run=str(checkpoint), cohort=str(tiny_cohort), volumes=["mock_0"], output=str(tmp_path / "maps"),
+                       figures=False, evaluate=False, ct_preview=False)
+    assert cfg.mode == "dense"
+    summary = infer(cfg)
+    assert cfg.mode == "patch" and list(summary["volumes"]) == ["mock_0"]
+    assert summary["volumes"]["mock_0"]["tiles"] > 0

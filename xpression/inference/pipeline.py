@@ -216,14 +216,15 @@ def infer(cfg: Any) -> dict:
         torch.cuda.set_device(pred.device)
         if cfg.get("cudnn_benchmark", True):
             torch.backends.cudnn.benchmark = True  # tiles of one shape: each convolution autotuned once
-    if info.spec.context is not None and cfg.mode == "dense" and not pred.can_dense:
+    if cfg.mode == "dense" and not pred.can_dense:
         from xpression.models.closed_form import ClosedFormModel
 
         model = getattr(pred.net, "members", [pred.net])[0]
-        what = (f"{type(model).__name__} (fitted, no dense mode)" if isinstance(model, ClosedFormModel)
-                else "multi-scale model whose encoders have no dense mode")
-        log.info("%s: predicting patch by patch (mode=patch)", what)
-        cfg.mode = "patch"
+        if isinstance(model, ClosedFormModel) or info.spec.context is not None:
+            what = (f"{type(model).__name__} (fitted, no dense mode)" if isinstance(model, ClosedFormModel)
+                    else "multi-scale model whose encoders have no dense mode")
+            log.info("%s: predicting patch by patch (mode=patch)", what)
+            cfg.mode = "patch"
     jobs, cohort = plan_jobs(cfg, info)
     earlier = earlier_summary(cfg, info, cohort)  # before any sweep: a folder of another run or cohort is refused
     identity = {**info.identity(), **trust_identity(trust)}
