@@ -68,8 +68,11 @@ def test_mix_is_weighted_sum():
     ({"name": "mix", "terms": [{"name": "mse"}, {"name": "kl"}]}, "counts"),
 ])
 def test_kind_mismatch_errors(cfg, kind):
-    with pytest.raises(ValueError, match=f"accepts targets of kind .*not '{kind}'"):
+    from xpression.cli import input_error
+
+    with pytest.raises(ValueError, match=f"accepts targets of kind .*not '{kind}': choose another loss=") as err:
         build_loss(cfg, kind)
+    assert input_error(err.value) is err.value  # train.py prints it as one line, not a traceback
 
 
 def test_registry_and_defaults():

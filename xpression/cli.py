@@ -25,10 +25,11 @@ def _input_error_types() -> tuple[type[BaseException], ...]:
     from xpression.data.manifest import ManifestError
     from xpression.data.volume import VolumeError
     from xpression.inference.predictor import InferenceError
+    from xpression.models.losses import LossKindError
     from xpression.models.masked import InitFromError
     from xpression.resume import ResumeError
 
-    return (ConfigError, DataError, ManifestError, VolumeError, InferenceError, InitFromError, ResumeError)
+    return (ConfigError, DataError, ManifestError, VolumeError, InferenceError, InitFromError, ResumeError, LossKindError)
 
 
 def input_error(err: BaseException) -> BaseException | None:

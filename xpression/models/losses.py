@@ -43,6 +43,10 @@ def list_losses() -> list[str]:
     return LOSSES.names()
 
 
+class LossKindError(ValueError):
+    """A loss chosen for a kind of target it does not fit (an input error: one line, no traceback)."""
+
+
 class Loss(nn.Module):
     """Base class: checks ``kind`` against ``accepts`` (None: every kind) at construction."""
 
@@ -53,8 +57,8 @@ class Loss(nn.Module):
         super().__init__()
         self._kind = get_kind(kind)
         if self.accepts is not None and kind not in self.accepts:
-            raise ValueError(f"loss {self.name!r} accepts targets of kind {list(self.accepts)}, "
-                             f"not {kind!r}")
+            raise LossKindError(f"loss {self.name!r} accepts targets of kind {list(self.accepts)}, not {kind!r}: "
+                                "choose another loss= (loss=auto picks the kind's own)")
         self.kind = kind
 
     def pred(self, raw: torch.Tensor) -> torch.Tensor:
