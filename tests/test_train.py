@@ -163,3 +163,31 @@ def test_other_loggers_work_offline(tiny_cohort, tmp_path, logger, monkeypatch):
     folder = "tensorboard" if logger == "tensorboard" else "wandb"
     written = [p for p in (tmp_path / folder).rglob("*") if p.is_file()]
     assert written, f"{logger} wrote nothing under {tmp_path / folder}"
+
+
+def test_wandb_online_without_a_login_is_one_line_before_anything_is_read(tiny_cohort, tmp_path, monkeypatch):
+    """WANDB_OFFLINE=false without a login would make wandb prompt at the terminal (or fail in a
+    batch job): refused first; a key, a netrc entry (what `wandb login` writes) or offline pass."""
+    from xpression.config import ConfigError, compose
+    from xpression.training import check_wandb_login
+
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_BASE_URL", raising=False)
+    monkeypatch.setenv("WANDB_OFFLINE", "false")
+    loggers = compose("train", ["logger=wandb"]).logger
+    with pytest.raises(ConfigError, match=r"logger.wandb: WANDB_OFFLINE=false logs online, which needs a wandb login"):
+        check_wandb_login(loggers)
+    with pytest.raises(ConfigError, match="needs a wandb login"):  # train.py stops there, before the cohort is read
+        _run(tmp_path / "run", tmp_path / "no" / "cohort.yaml", "logger=wandb")
+    (home / ".netrc").write_text("machine api.wandb.ai\n  login user\n  password 0123456789abcdef\n")
+    (home / ".netrc").chmod(0o600)
+    check_wandb_login(loggers)
+    (home / ".netrc").unlink()
+    monkeypatch.setenv("WANDB_API_KEY", "0123456789abcdef")
+    check_wandb_login(loggers)
+    monkeypatch.delenv("WANDB_API_KEY")
+    monkeypatch.setenv("WANDB_OFFLINE", "true")
+    check_wandb_login(compose("train", ["logger=wandb"]).logger)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -72,6 +73,30 @@ def model_summary_flag(trainer_cfg: Any, callbacks: list) -> dict:
     return {"enable_model_summary": False}
 
 
+def check_wandb_login(loggers: Any) -> None:
+    """Raise :class:`ConfigError` when a wandb logger is to log online (``WANDB_OFFLINE=false``)
+    without a login (``WANDB_API_KEY`` or ``wandb login``'s netrc entry): wandb would otherwise
+    ask for one at the terminal, or fail with a traceback in a batch job."""
+    import netrc
+    from urllib.parse import urlparse
+
+    from xpression.config import ConfigError
+
+    for name, node in (loggers or {}).items():
+        if not str(node.get("_target_", "")).endswith("WandbLogger") or node.get("offline", True):
+            continue
+        if os.environ.get("WANDB_API_KEY"):
+            return
+        host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
+        try:
+            if netrc.netrc().authenticators(host):
+                return
+        except (OSError, netrc.NetrcParseError):
+            pass
+        raise ConfigError([f"logger.{name}: WANDB_OFFLINE=false logs online, which needs a wandb login: run "
+                           "`wandb login` or set WANDB_API_KEY (or leave WANDB_OFFLINE unset to log offline)"], "logger")
+
+
 def build_datamodule(cfg: DictConfig) -> Any:
     """The data module of a composed training config. ``data.seed`` (the split, the sampler's
     draws, the augmentations) follows ``seed`` unless set, so members of an ensemble can share one
@@ -91,6 +116,7 @@ def train(cfg: DictConfig) -> float | None:
     sync_patch(cfg)
     _add_default_evaluation(cfg)
     check_train_config(cfg)
+    check_wandb_login(cfg.get("logger"))
     out_dir = start.out_dir
     config = resolved_config(cfg)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
