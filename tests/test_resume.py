@@ -262,3 +262,30 @@ def test_a_checkpoint_recorded_before_context_edges_reads_fill_where_it_had_a_vi
     assert _differences(recorded, multi) == ["sampler.context_edges", "data.sampler.context_edges"]
     multi.patch.context_edges = "fill"
     assert _differences(recorded, multi) == []
+
+
+@pytest.mark.parametrize("sent, status, said", [("SIGTERM", 143, "stopped by SIGTERM"), ("SIGINT", 1, "interrupted")])
+def test_a_stopped_run_fails_and_says_how_to_continue(tiny_cohort, tmp_path, sent, status, said):
+    """A scheduler's SIGTERM mid-run: Lightning ends the fit with status 0, which a batch scheduler
+    records as a success; train.py exits 143 (128 + SIGTERM) with one line naming `resume=`. Ctrl-C
+    (SIGINT) keeps Lightning's status 1 and gets the same line."""
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    args = [sys.executable, "train.py", "data=phantom_tiny", f"data.manifest={tiny_cohort}", "model=cnn3d",
+            "trainer.max_epochs=200", "~callbacks.early_stopping", "+trainer.limit_train_batches=3",
+            "+trainer.limit_val_batches=2", "figures=false", "data.num_workers=0", f"hydra.run.dir={run}"]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 240
+    while not (run / "checkpoints" / "last.ckpt").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.communicate()[1][-3000:]
+    proc.send_signal(getattr(signal, sent))
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == status, err[-3000:]
+    line = next(ln for ln in (out + err).splitlines() if f"training {said} after" in ln)
+    assert f"continue it with `python train.py resume={run}`" in line
+    assert f"training {said} after" in (run / "train.log").read_text()
+    assert (run / "checkpoints" / "last.ckpt").is_file() and not (run / "metrics.json").exists()

@@ -147,7 +147,10 @@ def train(cfg: DictConfig) -> float | None:
     # rebuild the run without Hydra's runtime; a folder with one holds a run (xpression.resume).
     write_run_config(start, config)
     if isinstance(model, pl.LightningModule):
-        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        try:
+            trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        except SystemExit as stop:  # Lightning's own exit on Ctrl-C (1) or SIGTERM (0: a success to a scheduler)
+            raise SystemExit(_interrupted(trainer, out_dir, stop)) from None
     else:  # a closed-form baseline (model=ridge): fitted once on the training spots, no epochs
         fit_without_lightning(trainer, model, datamodule)
         if trainer.is_global_zero:
@@ -170,6 +173,19 @@ def train(cfg: DictConfig) -> float | None:
     log.info("%s", fit_summary(trainer, metrics, fitted=isinstance(model, pl.LightningModule)))
     log.info("run folder: %s", out_dir)
     return _optimized_value(cfg, metrics)
+
+
+def _interrupted(trainer: pl.Trainer, out_dir: Path, stop: SystemExit) -> int | str | None:
+    """The exit status of a fit Lightning ended with ``SystemExit``, after one line saying how to
+    continue it: 143 (128 + SIGTERM, as a shell reports a process it terminated) for a SIGTERM,
+    which Lightning would end with status 0, a success to a batch scheduler; else Lightning's own."""
+    sigterm = bool(getattr(trainer, "received_sigterm", False))
+    if sigterm or trainer.interrupted:
+        done = int(trainer.current_epoch)
+        log.error("training %s after %d complete epoch%s: continue it with `python train.py resume=%s` (its "
+                  "checkpoints/last.ckpt)", "stopped by SIGTERM" if sigterm else "interrupted", done, "s" * (done != 1),
+                  out_dir)
+    return 128 + 15 if sigterm else stop.code
 
 
 def fit_summary(trainer: pl.Trainer, metrics: Mapping[str, Any], fitted: bool = True) -> str:
