@@ -13,13 +13,23 @@
 # BUDGET=gpu: one GPU: 10 seeds, 30 epochs, every backbone, the paper's end-to-end recipe
 #   (`experiment=paper`), 300 probe points per distance; one stream.
 # Every setting below can be overridden from the environment, e.g. EPOCHS=20 SEEDS=0,1,2,3,4,5,6;
-# EXTRA adds overrides to every run (EPOCHS=1 EXTRA="++trainer.limit_train_batches=2" on the tiny
-# cohort checks the wiring in minutes).
+# EXTRA adds overrides to every run. For `context`: CONTEXT_BUFFER_UM (default 400, its widest
+# patch): training spots within it of a held-out spatial block are dropped for every row;
+# CONTEXT_PATCHES (default: the experiment's six) the patches (depth,height,width um) to sweep.
+# A wiring check in minutes on the tiny phantom (not a benchmark): its sections are about 1 mm
+# across, so a 400 um buffer, or a 400 um wide patch (which must not overlap a held-out one),
+# leaves no training spots there; 205 um patches and a 100 um buffer leave some:
+#   .venv/bin/python -m xpression.phantom --out data/phantom_tiny --preset tiny --seed 0 --quiet
+#   COHORT=data/phantom_tiny/cohort.yaml SEEDS=0 EPOCHS=1 EXTRA="++trainer.limit_train_batches=2" \
+#     CONTEXT_BUFFER_UM=100 CONTEXT_PATCHES="[6.4,205,205],[34,205,205],[134.4,205,205],[34,100,100]" \
+#     bash benchmarks/run_benchmark.sh
 set -euo pipefail
 PY=${PY:-.venv/bin/python}
 COHORT=${COHORT:-data/phantom_default/cohort.yaml}
 OUT=${OUT:-runs/benchmark/$(date +%Y-%m-%d_%H-%M-%S)}
 BUDGET=${BUDGET:-cpu}
+CONTEXT_BUFFER_UM=${CONTEXT_BUFFER_UM:-400}
+CONTEXT_PATCHES=${CONTEXT_PATCHES:-}
 case "$BUDGET" in
   cpu) : "${EPOCHS:=8}" "${SEEDS:=0,1,2,3,4}" "${POINTS:=150}" "${TRAINER:=cpu}" "${STREAMS:=2}" "${PAPER_RECIPE:=0}"
        : "${BACKBONES:=cnn3d,unet}" ;;
@@ -38,7 +48,14 @@ run() {  # run <experiment> <folder> <seeds> [overrides...]; wall and CPU second
     local TIMEFORMAT="%R s wall, %U s user, %S s sys"
     { time "$PY" train.py -m "experiment=$name" "hydra.sweep.dir=$OUT/$dir" "${COMMON[@]}" \
         "hydra.sweeper.params.seed=\"$seeds\"" "$@" > "$OUT/$dir.log" 2>&1 ; } \
-        2> "$OUT/$dir.time" || { echo "experiment $name failed; see $OUT/$dir.log" >&2; return 1; }
+        2> "$OUT/$dir.time" || {
+            echo "experiment $name failed; see $OUT/$dir.log" >&2
+            if [ "$name" = context ] && grep -q "split leaves no train spots" "$OUT/$dir.log"; then
+                echo "  its split leaves no training spots on this cohort's sections (buffer CONTEXT_BUFFER_UM=$CONTEXT_BUFFER_UM um," \
+                     "patches CONTEXT_PATCHES=${CONTEXT_PATCHES:-unset}): a small cohort such as the tiny phantom" \
+                     "needs a smaller buffer and patches no wider than 205 um (see the wiring check atop $0)" >&2
+            fi
+            return 1; }
     echo "$(date +%T) $dir done: $(cat "$OUT/$dir.time")"
 }
 
@@ -56,7 +73,8 @@ stream_a() {
 }
 stream_b() {
     { [ -z "$PAPER_B" ] || run "${PAPER_NET[0]}" backbones_paper_b "$PAPER_B" "${PAPER_NET[@]:1}"; } \
-    && run context context "$SEEDS" "${NET[@]}" \
+    && run context context "$SEEDS" "${NET[@]}" "split.buffer_um=$CONTEXT_BUFFER_UM" \
+           ${CONTEXT_PATCHES:+"patch.size_um=$CONTEXT_PATCHES"} \
     && run backbones backbones "$SEEDS" "${NET[@]}" "hydra.sweeper.params.model=\"$BACKBONES\"" \
     && run labels labels "$SEEDS" "${NET[@]}" \
     && if [ "$PAPER_RECIPE" = 1 ]; then run paper paper "$SEEDS"; fi

@@ -148,3 +148,77 @@ def test_label_chain_finding(tmp_path):
     assert "loses to" in planes and "-0.100 [-0.100, -0.100]" in planes
     spots = [n for n in notes if "held-out spots" in n][0]
     assert "-0.050" in spots  # 0, -0.05, -0.10 below: mean -0.05
+
+
+def _with_cohort(run: Path, manifest: str, cwd: Path | None = None) -> None:
+    """Record ``manifest`` as the run's ``data.manifest`` (and, for a relative one, the folder train.py ran in)."""
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["data"] = {"manifest": manifest}
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    if cwd is not None:
+        (run / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump({"hydra": {"runtime": {"cwd": str(cwd)}}}))
+
+
+def test_runs_of_two_cohorts_are_refused_in_one_line(tmp_path, capsys):
+    """The tiny and the default phantom share volume ids of different animals: never one table."""
+    for seed in range(2):
+        _fake_run(tmp_path / "A" / str(seed), [f"seed={seed}", "experiment=context"], 0.5, 0.4, 0.45)
+        _with_cohort(tmp_path / "A" / str(seed), str(tmp_path / "tiny" / "cohort.yaml"))
+    for seed in range(3):
+        _fake_run(tmp_path / "B" / str(seed), [f"seed={seed}", "experiment=splits"], 0.6, 0.4, 0.45)
+        # relative, as benchmarks/run_benchmark.sh passes it: resolved against the folder train.py ran in
+        _with_cohort(tmp_path / "B" / str(seed), "default/cohort.yaml", cwd=tmp_path)
+    runs, _ = collect_runs([tmp_path / "A", tmp_path / "B"])
+    assert sorted(runs["cohort"].unique()) == [str(tmp_path / "default" / "cohort.yaml"), str(tmp_path / "tiny" / "cohort.yaml")]
+    with pytest.raises(SystemExit) as exit_:
+        main([str(tmp_path / "A"), str(tmp_path / "B"), "--out", str(tmp_path / "report")])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: the runs trained on 2 cohorts: {tmp_path / 'tiny' / 'cohort.yaml'} (2 runs, under {tmp_path / 'A'}); "
+                   f"{tmp_path / 'default' / 'cohort.yaml'} (3 runs, under {tmp_path / 'B'}); each cohort's volumes are its "
+                   "own animals (the same volume id names a different animal in each), so their scores never share a "
+                   "table: benchmark one cohort at a time (give only that cohort's run folders)\n")
+    assert not (tmp_path / "report").exists()  # nothing written
+    # one cohort, the same manifest spelled absolute and relative: one report, naming it
+    for seed in range(2):
+        _with_cohort(tmp_path / "A" / str(seed), str(tmp_path / "default" / "cohort.yaml"))
+    main([str(tmp_path / "A"), str(tmp_path / "B"), "--out", str(tmp_path / "report")])
+    md = (tmp_path / "report" / "benchmark.md").read_text()
+    assert "5 runs (2 configurations, seeds 0, 1, 2)" in md
+    assert f"all trained on the cohort `{tmp_path / 'default' / 'cohort.yaml'}`" in md
+
+
+def _without_probe(run: Path) -> None:
+    """A run trained without ``+off_plane=probe``: no plane rows, no ``off_plane`` in metrics.json."""
+    metrics = json.loads((run / "metrics.json").read_text())
+    metrics["scores"] = [r for r in metrics["scores"] if r["where"] != "plane"]
+    del metrics["off_plane"]
+    (run / "metrics.json").write_text(json.dumps(metrics))
+
+
+def test_runs_without_the_probe_say_why_the_plane_columns_are_empty(tmp_path):
+    for seed in range(2):
+        _fake_run(tmp_path / "runs" / str(seed), [f"seed={seed}", "experiment=context"], 0.5 + 0.1 * seed, 0.4, 0.45)
+        _without_probe(tmp_path / "runs" / str(seed))
+    write_report([tmp_path / "runs"], tmp_path / "report")
+    md = (tmp_path / "report" / "benchmark.md").read_text()
+    assert ("No run was scored off the plane, so the plane columns are empty: the probe-plane scores need runs "
+            "trained with `+off_plane=probe`") in md
+    assert "No probe set: no run was scored off the plane" in md
+    assert "?" not in md and "One probe set for all rows" not in md and "µm from its section" not in md
+    table = md.split("## Every configuration against its own baselines")[1].split("##")[0]
+    row = [line for line in table.splitlines() if line.startswith("| context |")][0].split(" | ")
+    assert row[2] == "-"  # planes r: empty, and the line above says why
+    # held-out spots still scored: 0.5 and 0.6 over the two seeds
+    spots = md.split("held-out spots of its section")[1].split("###")[0]
+    assert "0.550 ± 0.071" in spots
+
+
+def test_some_runs_without_the_probe_are_named(context, tmp_path):
+    _fake_run(context / "99", ["sampler.patch_size_um=[34,205,205]", "seed=0", "experiment=context"], 0.5, 0.4, 0.45)
+    _without_probe(context / "99")
+    write_report([context], tmp_path / "report")
+    md = (tmp_path / "report" / "benchmark.md").read_text()
+    assert ("1 of 9 runs (context: sampler.patch_size_um=[34,205,205]) were not scored off the plane, so their plane "
+            "columns are empty: the probe-plane scores need runs trained with `+off_plane=probe`") in md
+    assert "One probe set for all rows" in md and "(probe set abc123, 8 runs)" in md

@@ -242,3 +242,58 @@ def test_a_mix_of_maps_with_themselves_scores_what_infer_recorded(swept, tmp_pat
     assert set(mixed["method"]) == {"mix"}
     pd.testing.assert_frame_equal(mixed.drop(columns="method").sort_values("volume_id").reset_index(drop=True),
                                   recorded.sort_values("volume_id").reset_index(drop=True))
+
+
+def _summary(folder: Path, section_z_um: float | None, vid: str = "v") -> None:
+    """The summary.json infer.py writes beside its maps: the plane its grid was laid through."""
+    (folder / "summary.json").write_text(json.dumps({"run_dir": str(folder), "cohort": None,
+                                                     "volumes": {vid: {"section_z_um": section_z_um}}}))
+
+
+def test_grids_of_one_spacing_apart_name_their_anchors(tmp_path):
+    """Sweeps of one spacing_um of runs trained on different sections: the grids pass through
+    different planes, and the error says so (not 'use the same spacing_um')."""
+    _store(tmp_path / "A", _values(0), NAMES)  # z grid points at 12.8 + 32 k um
+    shifted = OutputGrid((4, 2, 2), (5, 4, 4), (6, 10, 12), (6.4,) * 3)  # z at 25.6 + 32 k um
+    _store(tmp_path / "B", _values(1), NAMES, grid=shifted)
+
+    def message() -> str:
+        with pytest.raises(MixError) as err:
+            mix_maps([tmp_path / "A", tmp_path / "B"], [1.0, 1.0], tmp_path / "out", progress=False)
+        assert "\n" not in str(err.value) and "same spacing_um" not in str(err.value)
+        return str(err.value)
+
+    head = (f"volume v: the grids differ in translation (um): [12.8, 12.8, 12.8] in {tmp_path / 'A' / 'v' / 'maps.ome.zarr'} "
+            f"against [25.6, 12.8, 12.8] in {tmp_path / 'B' / 'v' / 'maps.ome.zarr'} at the same spacing")
+    fix = "maps mix on one grid: mix sweeps of runs trained on the same sections (data.sections)"
+    # no summary.json: the likely cause
+    assert message() == (f"{head}: likely their anchors differ (infer.py lays each grid through the trained section of "
+                         f"its run, so runs trained on different sections give shifted grids); {fix}")
+    # summary.json: the two planes, 38.4 - 12.8 = 25.6 um = 4 voxels apart
+    _summary(tmp_path / "A", 12.8)
+    _summary(tmp_path / "B", 38.4)
+    assert message() == (f"{head}: their anchors differ, as infer.py lays each grid through the trained section of its run "
+                         f"(z = 12.8 um in {tmp_path / 'A'}, z = 38.4 um in {tmp_path / 'B'}); {fix}, or sweep both with a z "
+                         "spacing whose step divides the 4 voxels (25.6 um) between the two planes")
+    _summary(tmp_path / "B", None)  # B's run trained on no section of this volume: its grid is centred
+    assert message().endswith(f"(z = 12.8 um in {tmp_path / 'A'}, none (grid centred) in {tmp_path / 'B'}); {fix}")
+    _summary(tmp_path / "B", 12.8)  # the same plane: not the anchors
+    assert "through the same plane: the sources swept different images of this volume" in message()
+    # one spacing, one grid point 0, more points: a larger image, not the anchors
+    _store(tmp_path / "S", _values(1, grid=OutputGrid((2, 2, 2), (5, 4, 4), (7, 10, 12), (6.4,) * 3)), NAMES,
+           grid=OutputGrid((2, 2, 2), (5, 4, 4), (7, 10, 12), (6.4,) * 3))
+    with pytest.raises(MixError, match=r"differ in shape: \[6, 10, 12\] in .* against \[7, 10, 12\] in .* at the same "
+                                       r"spacing and translation: the sources swept images of this volume of different sizes"):
+        mix_maps([tmp_path / "A", tmp_path / "S"], [1.0, 1.0], tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_grids_apart_through_the_cli_are_one_line_with_status_2(tmp_path, capsys):
+    _store(tmp_path / "A", _values(0), NAMES)
+    _store(tmp_path / "B", _values(1), NAMES, grid=OutputGrid((4, 2, 2), (5, 4, 4), (6, 10, 12), (6.4,) * 3))
+    _summary(tmp_path / "A", 12.8)
+    _summary(tmp_path / "B", 38.4)
+    assert main([str(tmp_path / "out"), str(tmp_path / "A"), str(tmp_path / "B"), "--no-figures"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: volume v: the grids differ in translation (um)")
+    assert "their anchors differ" in err and "z = 38.4 um" in err and "4 voxels (25.6 um)" in err

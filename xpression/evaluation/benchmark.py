@@ -5,6 +5,9 @@ rows (``xpression.evaluation.scores``) is one run. Runs are grouped by experimen
 ``experiment=`` override, else the multirun folder's name) and, within an experiment, by
 configuration: the overrides that differ between its runs, the seed left out.
 
+All runs must have trained on one cohort (``data.manifest`` in their ``config.yaml``): runs of
+several cohorts are refused in one line, as cohorts name different animals by the same volume ids.
+
 Scores are per volume, never pooled across animals. ``benchmark.md`` holds one table per volume
 and place: the held-out spots of a trained animal (its test split, else validation), probe
 planes at each distance from its section, and every volume without a training section (an
@@ -39,7 +42,7 @@ from xpression.evaluation.stats import PairedDifference, paired_difference
 from xpression.metrics import MIN_TRUTH_SD, format_score
 from xpression.plotting import new_figure, save_figure
 
-__all__ = ["collect_runs", "runs_by_seed", "summarise_scores", "write_report", "findings", "main"]
+__all__ = ["collect_runs", "runs_by_seed", "summarise_scores", "write_report", "findings", "check_one_cohort", "main"]
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +60,23 @@ UNSEEN_OTHER = "unseen condition"
 def _overrides(run: Path) -> list[str]:
     path = run / ".hydra" / "overrides.yaml"
     return [str(o) for o in (yaml.safe_load(path.read_text()) or [])] if path.is_file() else []
+
+
+def _cohort(run: Path, config: dict) -> str | None:
+    """The cohort manifest a run trained on (its ``config.yaml``'s ``data.manifest``), a relative
+    path resolved against the folder ``train.py`` ran in (``.hydra/hydra.yaml``); None if unrecorded."""
+    manifest = (config.get("data") or {}).get("manifest") if isinstance(config.get("data"), dict) else None
+    if not isinstance(manifest, str) or not manifest:
+        return None
+    path = Path(manifest).expanduser()
+    if not path.is_absolute():
+        try:
+            hydra = (yaml.safe_load((run / ".hydra" / "hydra.yaml").read_text()) or {}).get("hydra") or {}
+            cwd = (hydra.get("runtime") or {}).get("cwd")
+        except (OSError, yaml.YAMLError, AttributeError):
+            cwd = None
+        path = Path(cwd) / path if cwd else path
+    return str(path.resolve())
 
 
 def _split(override: str) -> tuple[str, str]:
@@ -125,6 +145,9 @@ def collect_runs(dirs: Sequence[str | Path]) -> tuple[pd.DataFrame, pd.DataFrame
                 "excluded": list((metrics.get("off_plane") or {}).get("excluded") or []),
                 "max_patch_um": (metrics.get("off_plane") or {}).get("probe", {}).get("max_patch_um"),
                 "probe_digest": (metrics.get("off_plane") or {}).get("digest"),
+                "probed": bool(metrics.get("off_plane")),
+                "cohort": _cohort(run, config),
+                "root": str(root),
             })
             held_out = metrics.get("held_out_split", "test")
             for r in metrics["scores"]:
@@ -520,21 +543,54 @@ def _cost_table(runs: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def check_one_cohort(runs: pd.DataFrame) -> None:
+    """``SystemExit`` with one line when the runs trained on more than one cohort (manifest):
+    cohorts share volume ids (``infected_0``) of different animals, so their rows never pool.
+    Runs that record no manifest are not counted."""
+    known = runs[runs["cohort"].notna()] if "cohort" in runs else runs.iloc[:0]
+    cohorts = list(dict.fromkeys(known["cohort"]))
+    if len(cohorts) < 2:
+        return
+    parts = []
+    for cohort in cohorts:
+        mine = known[known["cohort"] == cohort]
+        roots = ", ".join(dict.fromkeys(mine["root"]))
+        parts.append(f"{cohort} ({len(mine)} run{'s' if len(mine) != 1 else ''}, under {roots})")
+    raise SystemExit(f"error: the runs trained on {len(cohorts)} cohorts: {'; '.join(parts)}; each cohort's volumes are "
+                     "its own animals (the same volume id names a different animal in each), so their scores never "
+                     "share a table: benchmark one cohort at a time (give only that cohort's run folders)")
+
+
+def _probe_note(runs: pd.DataFrame) -> str | None:
+    """One line when some or all runs were trained without the off-plane probe (no plane rows)."""
+    probed = runs["probed"] if "probed" in runs else pd.Series(False, index=runs.index)
+    if probed.all():
+        return None
+    missing = runs.loc[~probed]
+    which = ("No run was scored off the plane, so the plane columns are empty" if probed.sum() == 0 else
+             f"{len(missing)} of {len(runs)} runs ({', '.join(dict.fromkeys(missing['experiment'] + ': ' + missing['config']))}) "
+             "were not scored off the plane, so their plane columns are empty")
+    return f"{which}: the probe-plane scores need runs trained with `+off_plane=probe` (the benchmark's experiment configs include it)."
+
+
 def write_report(dirs: Sequence[str | Path], out: str | Path) -> dict[str, Path]:
     """Collect the runs under ``dirs`` and write ``benchmark.md``, ``benchmark.csv``,
     ``comparisons.csv`` and ``accuracy_vs_distance.png`` into ``out``."""
     runs, scores = collect_runs(dirs)
     if runs.empty or scores.empty:
         raise SystemExit(f"error: no metrics.json with per-volume scores under {', '.join(map(str, dirs))}")
+    check_one_cohort(runs)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"md": out / "benchmark.md", "csv": out / "benchmark.csv", "comparisons": out / "comparisons.csv"}
     summarise_scores(runs, scores).to_csv(paths["csv"], index=False)
     comparisons: list[dict] = []
     seeds = sorted(runs["seed"].unique())
+    cohorts = list(dict.fromkeys(runs["cohort"].dropna()))
+    probe_note = _probe_note(runs)
     text = ["# Benchmark", "",
             f"{len(runs)} runs ({len(_configs(runs))} configurations, seeds {', '.join(map(str, seeds))}) from: "
-            + ", ".join(f"`{d}`" for d in dirs), "",
+            + ", ".join(f"`{d}`" for d in dirs) + (f", all trained on the cohort `{cohorts[0]}`" if cohorts else ""), "",
             "Every score is computed on the points of one volume (never pooled across animals), against the "
             "phantom's truth, and averaged over the programs: Pearson r, R² (coefficient of determination), "
             "Jensen-Shannon divergence (bits) and macro AUC (one-vs-rest on the dominant program); cells are "
@@ -552,18 +608,24 @@ def write_report(dirs: Sequence[str | Path], out: str | Path) -> dict[str, Path]
         text += ["## What it shows", ""] + [f"- {n}" for n in notes] + [""]
     text += ["## Every configuration against its own baselines", "",
              "Per-volume scores averaged per run over the trained animals' probe planes (all distances) and over the "
-             "unseen animals (those of a trained condition apart from those of another), then compared seed by seed.", "",
-             baselines_table(runs, scores, comparisons), ""]
+             "unseen animals (those of a trained condition apart from those of another), then compared seed by seed.", ""]
+    text += [probe_note, ""] if probe_note else []
+    text += [baselines_table(runs, scores, comparisons), ""]
     text += ["## Per volume", ""]
     for vid, place, d in _places(scores):
         text += [f"### {_place_title(scores, vid, place, d)}", "", place_table(runs, scores, vid, place, d, comparisons), ""]
     text += ["## Cost", "", _cost_table(runs), ""]
     excluded = sorted({e for ex in runs["excluded"] for e in ex})
     probe = [p for p in runs["max_patch_um"] if p]
-    text += ["## Probe set", "",
-             "One probe set for all rows: the same points for every configuration and seed, drawn where the "
-             f"largest patch ({', '.join(f'{v:g}' for v in probe[0]) if probe else '?'} µm, depth x height x width) fits.", ""]
     digests = runs["probe_digest"].dropna().unique()
+    text += ["## Probe set", ""]
+    if not runs["probed"].any():
+        text += ["No probe set: no run was scored off the plane (train with `+off_plane=probe` for the plane columns).", ""]
+    elif len(digests) > 1:
+        text += [f"{len(digests)} probe sets, not one: the rows' probe columns are not comparable (see the warning below).", ""]
+    else:
+        text += ["One probe set for all rows: the same points for every configuration and seed, drawn where the "
+                 f"largest patch ({', '.join(f'{v:g}' for v in probe[0]) if probe else '?'} µm, depth x height x width) fits.", ""]
     if len(digests) == 1:
         text += [f"- every run with a probe was scored on the same points (probe set {digests[0]}, "
                  f"{int(runs['probe_digest'].notna().sum())} runs)"]
@@ -587,7 +649,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     missing = [d for d in args.dirs if not Path(d).is_dir()]
     if missing:
         parser.exit(2, f"error: not a folder: {', '.join(missing)} (give multirun or run folders)\n")
-    paths = write_report(args.dirs, args.out or args.dirs[0])
+    try:
+        paths = write_report(args.dirs, args.out or args.dirs[0])
+    except SystemExit as err:  # bad input: its one line, exit status 2
+        if isinstance(err.code, str):
+            parser.exit(2, err.code + "\n")
+        raise
     print(Path(paths["md"]).read_text())
     print("wrote " + ", ".join(str(p) for p in paths.values()))
 

@@ -4,7 +4,8 @@
                                        [--cohort COHORT.yaml] [--no-figures]
 
 ``SOURCE_*`` are ``infer.py`` output folders (``<volume_id>/maps.ome.zarr``) swept on the same
-grid, e.g. of a ``model=multiscale_cnn3d`` run and of a ``model=forest`` run (the default). ``OUTPUT`` gets the mix's maps
+grid (the same ``spacing_um``, of runs trained on the same sections: each sweep lays its grid
+through its run's trained section of the volume), e.g. of a ``model=multiscale_cnn3d`` run and of a ``model=forest`` run (the default). ``OUTPUT`` gets the mix's maps
 (:func:`xpression.inference.mix.mix_maps`: the weighted mean of the targets, the mixture's SD
 where every source has SD channels, no ``ood``) and ``summary.json``. When the cohort
 (``--cohort``, else the one the first source was swept over, from its ``summary.json``) has a
@@ -80,7 +81,7 @@ def mix_and_score(output: str | Path, sources: Sequence[str | Path], weights: Se
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m xpression.evaluation.mix", description=__doc__.split("\n")[0])
     parser.add_argument("output", type=Path, help="folder for the mix's maps (<volume_id>/maps.ome.zarr)")
-    parser.add_argument("sources", type=Path, nargs="+", help="infer.py output folders, swept on the same grid")
+    parser.add_argument("sources", type=Path, nargs="+", help="infer.py output folders, swept on the same grid (same spacing_um, runs trained on the same sections)")
     parser.add_argument("--weights", type=float, nargs="+", default=None,
                         help="one positive weight per source, normalised to sum 1 (default: equal)")
     parser.add_argument("--overwrite", action="store_true", help="replace the maps already in OUTPUT")

@@ -8,7 +8,10 @@ every source carries ``<target>_sd`` (an ensemble's or MC dropout's spread), the
 channel. An ``ood`` channel is dropped: each is a distance from one model's own training
 features, which a mix does not have. The store has the sources' grid (scale and translation in
 um) and levels, is written one chunk at a time (memory bounded by a chunk per source, whatever
-the volume's size), and records its sources and weights in its metadata (``mix``).
+the volume's size), and records its sources and weights in its metadata (``mix``). Sources on
+different grids are refused: of different spacings, or of one spacing but lying apart, most
+often because each ``infer.py`` sweep lays its grid through its run's trained section of the
+volume (``section_z_um`` in its ``summary.json``) and the runs trained on different sections.
 
 Scoring a mix against a cohort's truth is the evaluation layer's (``python -m
 xpression.evaluation.mix``, which calls this).
@@ -16,6 +19,7 @@ xpression.evaluation.mix``, which calls this).
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,15 +94,62 @@ def _check_output(output: Path, sources: Sequence[Path], overwrite: bool) -> Non
         raise MixError(f"{output} exists; choose another output or pass --overwrite to replace the maps in it")
 
 
+_NO_ANCHOR = object()  # a source's anchor is not recorded (no summary.json beside its maps)
+
+
+def _anchor(src: _Source, vid: str) -> object:
+    """The plane (z, um) the sweep laid its grid through: the trained section of this volume of
+    the source's run (``section_z_um`` in the ``summary.json`` infer.py wrote beside the maps;
+    None: no trained section, the grid centred), or ``_NO_ANCHOR`` when not recorded."""
+    try:
+        volume = json.loads((src.path.parent.parent / "summary.json").read_text())["volumes"][vid]
+    except (OSError, ValueError, KeyError, TypeError):
+        return _NO_ANCHOR
+    z = volume.get("section_z_um", _NO_ANCHOR) if isinstance(volume, dict) else _NO_ANCHOR
+    return z if z is None or z is _NO_ANCHOR else float(z)
+
+
+def _shifted(vid: str, first: _Source, other: _Source) -> str:
+    """The message for grids of one spacing that lie apart: most likely their anchors (each sweep's
+    grid passes through its run's trained section) differ."""
+    head = (f"volume {vid}: the grids differ in translation (um): {list(first.grid.origin_um)} in {first.path} against "
+            f"{list(other.grid.origin_um)} in {other.path} at the same spacing")
+    za, zb = _anchor(first, vid), _anchor(other, vid)
+    fix = "maps mix on one grid: mix sweeps of runs trained on the same sections (data.sections)"
+    if za is _NO_ANCHOR or zb is _NO_ANCHOR:
+        return (f"{head}: likely their anchors differ (infer.py lays each grid through the trained section of its "
+                f"run, so runs trained on different sections give shifted grids); {fix}")
+    if za != zb:
+        def plane(z: object) -> str:
+            return "none (grid centred)" if z is None else f"z = {z:g} um"
+
+        hint = fix
+        if za is not None and zb is not None:  # both anchored: a z step dividing their distance puts both on one grid
+            vox = first.grid.voxel_size_um[0]
+            k = abs(round((za - first.grid.volume_origin_um[0]) / vox) - round((zb - other.grid.volume_origin_um[0]) / vox))
+            hint = f"{fix}, or sweep both with a z spacing whose step divides the {k} voxels ({k * vox:g} um) between the two planes"
+        return (f"{head}: their anchors differ, as infer.py lays each grid through the trained section of its run "
+                f"({plane(za)} in {first.path.parent.parent}, {plane(zb)} in {other.path.parent.parent}); {hint}")
+    return (f"{head} and through the same plane: the sources swept different images of this volume (their size, "
+            "voxel size or origin differ); maps mix on one grid: sweep every source over the same image")
+
+
 def _check_same(vid: str, first: _Source, other: _Source) -> None:
-    """Grids (shape, scale, translation) and target channels of ``other`` against ``first``."""
+    """Grids (scale, translation, shape) and target channels of ``other`` against ``first``."""
     a, b = first.grid, other.grid
-    for what, x, y in (("shape", a.shape, b.shape), ("scale (um)", a.spacing_um, b.spacing_um),
-                       ("translation (um)", a.origin_um, b.origin_um)):
+    for what, x, y in (("scale (um)", a.spacing_um, b.spacing_um), ("translation (um)", a.origin_um, b.origin_um),
+                       ("shape", a.shape, b.shape)):
         if len(x) != len(y) or not np.allclose(x, y, rtol=1e-6, atol=1e-6):
-            raise MixError(f"volume {vid}: the grids differ in {what}: {list(x)} in {first.path} against "
-                           f"{list(y)} in {other.path}; maps mix on one grid: sweep every source with the same spacing_um, "
-                           "one that no model rounds (infer.py's log notes each rounding)")
+            if what == "scale (um)":
+                raise MixError(f"volume {vid}: the grids differ in {what}: {list(x)} in {first.path} against "
+                               f"{list(y)} in {other.path}; maps mix on one grid: sweep every source with the same "
+                               "spacing_um, one that no model rounds (infer.py's log notes each rounding)")
+            if what == "shape":  # same spacing and grid point 0: the swept images differ in size
+                raise MixError(f"volume {vid}: the grids differ in {what}: {list(x)} in {first.path} against "
+                               f"{list(y)} in {other.path} at the same spacing and translation: the sources swept "
+                               "images of this volume of different sizes; maps mix on one grid: sweep every source "
+                               "over the same image")
+            raise MixError(_shifted(vid, first, other))
     if first.targets != other.targets:
         raise MixError(f"volume {vid}: the target channels differ: {first.targets} in {first.path} against "
                        f"{other.targets} in {other.path}; only maps of the same targets, in the same order, mix")
