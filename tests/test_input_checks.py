@@ -178,6 +178,21 @@ def test_config_values_are_checked_before_any_file_is_read(tmp_path):
     assert not (tmp_path / "config.yaml").exists()
 
 
+def test_split_fractions_are_shares_that_sum_to_one(tmp_path):
+    """[0.9, 0.9, 0.1] or [2, 1, 1] were taken as weights and normalised: one line now, before any
+    file is read; shares that sum to 1 pass the check (the manifest is then read)."""
+    missing = tmp_path / "missing" / "cohort.yaml"
+    for bad, total in (("[0.9,0.9,0.1]", "1.9"), ("[2,1,1]", "4")):
+        for split in ("spatial_blocks", "stratified_random"):
+            with pytest.raises(ConfigError) as err:
+                train(_cfg(tmp_path, missing, [f"split={split}", f"split.fractions={bad}"]))
+            assert err.value.problems == [f"split.fractions: the train, val and test shares must sum to 1, got "
+                                          f"{[float(x) if '.' in bad else int(x) for x in bad[1:-1].split(',')]!r} (sum {total})"]
+    with pytest.raises(ManifestError):
+        train(_cfg(tmp_path, missing, ["split.fractions=[0.6,0.2,0.2]"]))
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_no_epoch_limit_needs_a_schedule_that_ends(tmp_path):
     """trainer.max_epochs=-1 (Lightning's "no limit") with the cosine schedule has no horizon: one
     line before any file is read; with a step limit, or without a schedule, it is accepted."""

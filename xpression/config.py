@@ -253,6 +253,8 @@ def _split_fractions(cfg: DictConfig) -> list[str]:
     if value[0] <= 0 or value[1] <= 0:
         return [f"split.fractions: the train and val fractions must be positive (validation picks the "
                 f"checkpoint and stops early), got {value!r}"]
+    if abs(sum(value) - 1.0) > 1e-6:  # [0.9, 0.9, 0.1] is a typo more often than weights meant as such
+        return [f"split.fractions: the train, val and test shares must sum to 1, got {value!r} (sum {sum(value):g})"]
     return []
 
 
