@@ -4,6 +4,7 @@ from __future__ import annotations
 
 
 import json
+import re
 
 import numpy as np
 import pandas as pd
@@ -137,3 +138,14 @@ def test_unwritable_output_fails_before_the_model_loads(run, tmp_path, monkeypat
     with pytest.raises(ConfigError, match=r"batch_size: must be null or a positive integer, got 0"):
         infer(config(run=str(run), output=str(tmp_path / "ok"), batch_size=0))
     assert blocker.read_text() == "a file where the output folder should go" and not (tmp_path / "ok").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without a CUDA GPU")
+def test_a_device_this_machine_lacks_is_one_line(run, tmp_path):
+    """device=cuda on a CPU-only machine was torch's "Found no NVIDIA driver" traceback."""
+    for device, said in (("cuda", "device=cuda: this machine has no usable CUDA GPU; use device=cpu (or auto)"),
+                         ("cuda:1", "device=cuda:1: this machine has no usable CUDA GPU"),
+                         ("gpu", "device=gpu: not a device")):
+        with pytest.raises(InferenceError, match=re.escape(said)):
+            infer(config(run=str(run), output=str(tmp_path / "o"), device=device, volumes=["mock_0"]))
+    assert not (tmp_path / "o").exists()

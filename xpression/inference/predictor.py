@@ -57,6 +57,22 @@ def _attr(model: nn.Module, name: str) -> Any:
     return None
 
 
+def _available(device: str | torch.device) -> torch.device:
+    """``device`` as a torch device, or :class:`InferenceError` in one line when this machine has
+    no such device (a CUDA device without a driver or GPU, a GPU index past the last)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise InferenceError(f"device={device}: not a device ({err}); use cpu, cuda, cuda:N or auto") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InferenceError(f"device={device}: this machine has no usable CUDA GPU; use device=cpu (or auto)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise InferenceError(f"device={device}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+                                 f"cuda:0..cuda:{torch.cuda.device_count() - 1}")
+    return dev
+
+
 class Predictor:
     """Wraps a network for inference: eval mode, no autograd, device, precision, memory layout.
 
@@ -84,7 +100,7 @@ class Predictor:
     ):
         net = getattr(model, "eval_net", None)
         net = model if net is None else net
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = _available(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if precision not in ("auto", "fp32", "bf16"):
             raise InferenceError(f"precision must be 'auto', 'fp32' or 'bf16', got {precision!r}")
         self.precision = ("bf16" if self.device.type == "cuda" else "fp32") if precision == "auto" else precision
