@@ -32,7 +32,8 @@ def main(cfg: DictConfig) -> None:
             print(f"maps of {len(summary['volumes'])} volume(s) in {cfg.output} (<volume>/maps.ome.zarr, summary.json; "
                   f"log: {log_file.name})", flush=True)
 
-    run_reporting_input_errors(infer_and_score, cfg)
+    run_reporting_input_errors(infer_and_score, cfg, interrupted="interrupted: the same command continues the sweep "
+                                                                 "(the tiles written so far are kept)")
 
 
 if __name__ == "__main__":

@@ -80,10 +80,19 @@ def log_into(folder: str | os.PathLike, name: str) -> Path:
     return folder / name
 
 
-def run_reporting_input_errors(task: Callable[[Any], Any], cfg: Any) -> Any:
-    """Run ``task(cfg)``; on an input error print ``error: <cause>`` to stderr and exit with 1."""
+def run_reporting_input_errors(task: Callable[[Any], Any], cfg: Any, interrupted: str = "interrupted") -> Any:
+    """Run ``task(cfg)``; on an input error print ``error: <cause>`` to stderr and exit with 1; on
+    Ctrl-C print ``interrupted`` (what to do next, e.g. that a rerun continues) and exit with 130
+    (128 + SIGINT, as a shell reports it)."""
     try:
         return task(cfg)
+    except KeyboardInterrupt:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1" or _multirun():
+            raise
+        _to_log_files(interrupted)
+        sys.stdout.flush()
+        print(f"\n{interrupted}", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
     except Exception as err:
         cause = input_error(err)
         if cause is None or os.environ.get("HYDRA_FULL_ERROR") == "1" or _multirun():

@@ -1,0 +1,38 @@
+"""The entry points' last line: an input error or Ctrl-C ends in one line, not a traceback."""
+
+import pytest
+
+from xpression.cli import run_reporting_input_errors
+from xpression.config import ConfigError
+
+
+def test_ctrl_c_is_one_line_saying_what_next_with_status_130(capsys, monkeypatch):
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+
+    def task(cfg):
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as stop:
+        run_reporting_input_errors(task, {}, interrupted="interrupted: the same command continues the sweep")
+    assert stop.value.code == 130
+    assert capsys.readouterr().err.strip().splitlines() == ["interrupted: the same command continues the sweep"]
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "1")  # Hydra's switch for the full story still gives it
+    with pytest.raises(KeyboardInterrupt):
+        run_reporting_input_errors(task, {})
+
+
+def test_an_input_error_is_one_line_with_status_1_and_other_errors_stay_tracebacks(capsys, monkeypatch):
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+
+    def bad_input(cfg):
+        raise ConfigError(["data.batch_size: must be a positive integer, got 0"], "training config")
+
+    with pytest.raises(SystemExit) as stop:
+        run_reporting_input_errors(bad_input, {})
+    assert stop.value.code == 1 and capsys.readouterr().err.startswith("error: invalid training config")
+
+    def bug(cfg):
+        raise ZeroDivisionError("a defect, not an input")
+
+    with pytest.raises(ZeroDivisionError):
+        run_reporting_input_errors(bug, {})
