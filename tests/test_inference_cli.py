@@ -108,10 +108,14 @@ def test_clear_errors_before_compute(run, cohort, tmp_path):
     infer(config(run=str(run), output=str(out), volumes=["mock_0"], figures=False, evaluate=False, ct_preview=False))
     with pytest.raises(InferenceError, match=r"summary.json records maps of a different run \(.*run0/r\); choose another "):
         infer(config(run=str(other), output=str(out), volumes=["mock_0"]))
-    (out / "summary.json").rename(out / "kept.json")  # the maps' own record refuses them too
+    kept = tmp_path / "kept"  # without the folder's summary and scores, the maps' own record refuses them too
+    kept.mkdir()
+    for name in ("summary.json", "scan_check.csv"):
+        (out / name).rename(kept / name)
     with pytest.raises(InferenceError, match="maps.ome.zarr holds maps of a different run"):
         infer(config(run=str(other), output=str(out), volumes=["mock_0"]))
-    (out / "kept.json").rename(out / "summary.json")
+    for name in ("summary.json", "scan_check.csv"):
+        (kept / name).rename(out / name)
     # the same run sweeping another volume into the folder keeps the first one listed
     summary = infer(config(run=str(run), output=str(out), volumes=["infected_0"], figures=False, evaluate=False,
                            ct_preview=False))
@@ -121,6 +125,12 @@ def test_clear_errors_before_compute(run, cohort, tmp_path):
     with pytest.raises(InferenceError, match=r"summary.json is not a summary infer.py wrote \(JSONDecodeError"):
         infer(config(run=str(run), output=str(out), volumes=["mock_0"]))
     assert (out / "summary.json").read_text() == "my notes"
+    mine = tmp_path / "mine"  # a user's folder with a file named as infer.py's scores, and no summary
+    mine.mkdir()
+    (mine / "evaluation.csv").write_text("my table")
+    with pytest.raises(InferenceError, match=r"mine holds evaluation.csv but no summary.json of infer.py; choose another"):
+        infer(config(run=str(run), output=str(mine), volumes=["mock_0"]))
+    assert (mine / "evaluation.csv").read_text() == "my table" and sorted(p.name for p in mine.iterdir()) == ["evaluation.csv"]
 
 
 def test_unwritable_output_fails_before_the_model_loads(run, tmp_path, monkeypatch):

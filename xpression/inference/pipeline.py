@@ -271,18 +271,29 @@ def infer(cfg: Any) -> dict:
     return summary
 
 
+# What infer.py (and its scoring) writes beside summary.json in the output folder.
+_SCORE_FILES = ("evaluation.csv", "gene_evaluation.csv", "uncertainty.csv", "scan_check.csv")
+
+
 def earlier_summary(cfg: Any, info: RunInfo, cohort: Any) -> dict:
     """``<output>/summary.json`` of an earlier call of this run over this cohort (or volume), whose
     volumes the new summary keeps listing; ``{}`` when there is none or ``overwrite=true``.
 
     Raises:
-        InferenceError: the folder's summary.json is unreadable, or records another run or cohort
-            (it would be replaced): choose another output, or pass overwrite=true.
+        InferenceError: the folder's summary.json is unreadable, or records another run or cohort,
+            or the folder holds score files without one (they would be replaced): choose another
+            output, or pass overwrite=true.
     """
     path = Path(cfg.output) / "summary.json"
-    if not path.is_file() or bool(cfg.get("overwrite", False)):
+    if bool(cfg.get("overwrite", False)):
         return {}
     fix = "choose another output=, or pass overwrite=true to replace it"
+    if not path.is_file():
+        taken = [name for name in _SCORE_FILES if (path.parent / name).exists()]
+        if taken:  # a folder holding scores without the summary they belong to: not ours to replace
+            raise InferenceError(f"{path.parent} holds {', '.join(taken)} but no summary.json of infer.py; "
+                                 "choose another output=, or pass overwrite=true to replace them")
+        return {}
     try:
         earlier = json.loads(path.read_text())
         recorded = (str(earlier["run_dir"]), earlier.get("cohort"), dict(earlier["volumes"]))
