@@ -46,11 +46,12 @@ MAX_POINTS = 50_000
 
 
 def _plane_points(maps: Any, grid: OutputGrid, iz: int, cols: list[int], keep: float,
-                  rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Finite predictions ``(N, T')`` of grid plane ``iz`` and their positions ``(N, 3)`` um,
-    each kept with probability ``keep``."""
+                  rng: np.random.Generator, decide: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Predictions ``(N, T')`` of grid plane ``iz`` where the first ``decide`` of ``cols`` (all by
+    default) are finite, i.e. the swept tissue, and their positions ``(N, 3)`` um, each kept with
+    probability ``keep``."""
     plane = np.asarray(maps[:, iz], dtype=np.float32)[cols]  # (T', ny, nx)
-    valid = np.all(np.isfinite(plane), axis=0)
+    valid = np.all(np.isfinite(plane[:decide]), axis=0)
     if keep < 1.0:
         valid &= rng.random(valid.shape) < keep
     yy, xx = np.nonzero(valid)
@@ -134,7 +135,9 @@ def score_uncertainty(maps: Any, grid: OutputGrid, trust: Mapping[str, Any], cha
     cols = mean_cols + sd_cols + ood_cols
     rng = np.random.default_rng(seed)
     keep = min(1.0, max_points / max(grid.shape[0] * grid.shape[1] * grid.shape[2], 1))
-    parts = [_plane_points(maps, grid, iz, cols, keep, rng) for iz in range(grid.shape[0])]
+    # the tissue points are those of the mean channels (as the accuracy scores'): an SD or ood
+    # value that is not finite there is counted by uncertainty_scores, not a reason to drop the point
+    parts = [_plane_points(maps, grid, iz, cols, keep, rng, decide=len(mean_cols)) for iz in range(grid.shape[0])]
     values = np.concatenate([p for p, _ in parts])
     pts = np.concatenate([q for _, q in parts])
     if len(pts) < 3:
@@ -146,7 +149,7 @@ def score_uncertainty(maps: Any, grid: OutputGrid, trust: Mapping[str, Any], cha
     if scale is not None:  # the scale of each kept target, in the order of names
         scale = [scale[targets.index(n)] for n in names]
     row = uncertainty_scores(values[:, :T], truth, names, values[:, T : 2 * T] if sd_cols else None,
-                             values[:, -1] if ood_cols else None, ood_meta.get("train_p99"), scale)
+                             values[:, -1] if ood_cols else None, ood_meta.get("train_p99"), scale, where=volume_id)
     return {"volume_id": volume_id, "condition": condition, "trained": trained, "method": trust.get("method"), **row}
 
 
@@ -353,20 +356,26 @@ def uncertainty_table(df: pd.DataFrame) -> Any:
 
     table = Table(title="Uncertainty per volume against the phantom truth (SD: spread of the members or passes; "
                         "ood: distance from the training spots' features)")
-    cols = [("volume", "volume_id"), ("trained", "trained"), ("points", "n"), ("|error|", "abs_error_mean"),
+    cols = [("volume", "volume_id"), ("trained", "trained"), ("points", "n"),
+            ("non-finite SD", "n_nonfinite_sd"), ("non-finite ood", "n_nonfinite_ood"), ("|error|", "abs_error_mean"),
             ("mean SD", "sd_mean"), ("Spearman SD~|error|", "spearman_sd_error"),
             ("same, per target", "spearman_sd_error_targets"), ("+-2 SD coverage", "coverage_2sd"),
             ("uncalibrated", "coverage_2sd_uncalibrated"),
             ("ood mean", "ood_mean"), ("ood p95", "ood_p95"), ("> train p99", "ood_above_train_p99"),
             ("Spearman ood~|error|", "spearman_ood_error")]
-    cols = [(h, c) for h, c in cols if c in df.columns]
+    # the non-finite counts only where some volume has any (they are warned about as well)
+    cols = [(h, c) for h, c in cols if c in df.columns and not (c.startswith("n_nonfinite") and not df[c].fillna(0).any())]
     for h, _ in cols:
         table.add_column(h, justify="left" if h == "volume" else "right")
     for rec in df.to_dict(orient="records"):
         cells = []
         for _, c in cols:
             v = rec.get(c)
-            cells.append(str(v) if isinstance(v, (str, bool, np.bool_)) or c == "n" else
-                         ("n/a" if v is None or not np.isfinite(v) else f"{v:.3f}"))
+            if isinstance(v, (str, bool, np.bool_)) or c == "n" or c.startswith("n_nonfinite"):
+                cells.append(str(v if not isinstance(v, float) else int(v)))
+            elif v is None or np.isnan(v):
+                cells.append("n/a")
+            else:  # an infinite ood mean is shown as such; large ones (a closed-form model's) in %g
+                cells.append(f"{v:.3f}" if abs(v) < 1e4 else f"{v:.3g}")
         table.add_row(*cells)
     return table

@@ -8,7 +8,9 @@ for an ensemble, whose members' splits differ with their seeds, those no member 
 that ``|mean - label| <= 2 x scale x SD`` holds for ``coverage`` (0.954, a Gaussian's +-2 SD) of
 them, per target. Only the SD channels change (the means, and so every accuracy score, do not).
 The scale moves every SD of a target by one factor: the coverage changes, the ranking of points
-by SD does not.
+by SD does not. A factor above :data:`MAX_PLAUSIBLE_SCALE` (100) is applied but warned about in
+one line naming the channel: the members' spread is then two orders of magnitude below their
+error (e.g. forests fitted on the same few spots, differing only in their seed) and says little.
 """
 
 from __future__ import annotations
@@ -21,12 +23,14 @@ import torch
 
 from xpression.inference.predictor import InferenceError
 
-__all__ = ["COVERAGE_2SD", "fit_sd_scale", "calibration_spots", "calibrate_trust_net"]
+__all__ = ["COVERAGE_2SD", "MAX_PLAUSIBLE_SCALE", "fit_sd_scale", "implausible_scales", "calibration_spots",
+           "calibrate_trust_net"]
 
 log = logging.getLogger(__name__)
 
 COVERAGE_2SD = 0.954  # P(|z| <= 2) of a standard normal
 MIN_SPOTS = 10
+MAX_PLAUSIBLE_SCALE = 100.0  # a factor beyond this: the SD is two orders of magnitude below the error
 
 
 def fit_sd_scale(abs_error: np.ndarray, sd: np.ndarray, coverage: float = COVERAGE_2SD) -> np.ndarray:
@@ -48,6 +52,16 @@ def fit_sd_scale(abs_error: np.ndarray, sd: np.ndarray, coverage: float = COVERA
     return np.maximum(scale, 1e-6)
 
 
+def implausible_scales(scale: Sequence[float], names: Sequence[str], limit: float = MAX_PLAUSIBLE_SCALE) -> dict[str, float]:
+    """``{"<target>_sd": factor}`` of the ``(T,)`` factors ``scale`` above ``limit`` (dimensionless),
+    each warned about in one logged line naming the channel and the factor."""
+    flagged = {f"{n}_sd": float(s) for n, s in zip(names, scale) if float(s) > limit}
+    for channel, s in flagged.items():
+        log.warning("calibrate=true: channel %s scaled by %.1f (> %g): the members' spread is far below their error "
+                    "on the held-out spots, so this SD is mostly the factor", channel, s, limit)
+    return flagged
+
+
 def calibration_spots(datamodules: Sequence[Any]) -> np.ndarray:
     """Row indices (into the first DataModule's spot table) of the spots that no run of
     ``datamodules`` trained on (matched by section and barcode): its validation, test and
@@ -63,11 +77,12 @@ def calibration_spots(datamodules: Sequence[Any]) -> np.ndarray:
 
 
 def calibrate_trust_net(net: Any, infos: Sequence[Any], device: torch.device | str = "cpu",
-                        coverage: float = COVERAGE_2SD) -> dict:
+                        coverage: float = COVERAGE_2SD, names: Sequence[str] | None = None) -> dict:
     """Fit ``net``'s (a :class:`~xpression.inference.uncertainty.TrustNet` with SD channels)
     per-target SD scale on the held-out spots of ``infos`` (the primary run first, then the
-    other members) and set it; returns what the map metadata records: the scale, the spot count
-    and the coverage before and after on those spots."""
+    other members) and set it; returns what the map metadata records: the scale, the spot count,
+    the coverage before and after on those spots and the factors above :data:`MAX_PLAUSIBLE_SCALE`
+    (``implausible``, warned about). ``names``: the targets (default: the primary run's)."""
     from xpression.data.datamodule import image_to_float
 
     from xpression.inference.ood import run_datamodule
@@ -102,5 +117,7 @@ def calibrate_trust_net(net: Any, infos: Sequence[Any], device: torch.device | s
     after = float(np.mean(err <= 2 * sd * scale))
     log.info("SD calibration on %d held-out spots: scale %s; +-2 SD coverage %.2f -> %.2f", len(rows),
              np.round(scale, 2).tolist(), before, after)
+    names = list(names or (getattr(infos[0], "spec", None) and infos[0].spec.targets.get("names")) or
+                 [f"target{t}" for t in range(T)])
     return {"scale": [float(s) for s in scale], "n_spots": int(len(rows)), "coverage_target": float(coverage),
-            "coverage_before": before, "coverage_after": after}
+            "coverage_before": before, "coverage_after": after, "implausible": implausible_scales(scale, names)}

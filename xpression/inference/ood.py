@@ -13,6 +13,14 @@ The features are those entering the target head (``net.forward_features``, or th
   ``mahalanobis`` within every volume, but a patch of white noise scored as low as tissue
   (Mahalanobis: five times the training median), so it is no guard against a broken input.
 
+Closed-form models (forest, ridge) give their filter-bank features divided by each feature's
+spread over the training spots (``ood_features``), so Mahalanobis' shrinkage no longer bounds a
+feature that barely varies there: with a few training spots a feature constant up to rounding
+(spread ~1e-16) makes the ood of ordinary tissue 1e8-1e15 training spreads (a network's head
+features are not rescaled per feature: about ``sqrt(F)``). Such features are named in one logged
+warning (:func:`warn_constant_features`); the score still ranks points, its magnitude does not
+compare across runs, and the map store keeps it in float32 (float16 ends at 65504).
+
 The fit keeps both, and per score the 99th percentile of the training spots' own scores (for
 ``knn`` each spot's distance to the others, itself left out), the threshold the evaluation
 reports against.
@@ -36,12 +44,15 @@ import torch
 from xpression.inference.predictor import InferenceError
 
 __all__ = ["OOD_FILE", "OOD_METHODS", "KNN_K", "OODFit", "fit_ood", "mahalanobis", "knn_distance", "spot_features", "features_of", "fit_training_spots", "ood_fit_for_run", "require_features", "run_datamodule",
+           "constant_features", "warn_constant_features", "CONSTANT_SPREAD",
            "weights_digest"]
 
 log = logging.getLogger(__name__)
 
 OOD_FILE = "ood_fit.npz"
 OOD_METHODS = ("knn", "mahalanobis")
+# a closed-form feature's training spread (in its own units) below which it counts as constant up to rounding
+CONSTANT_SPREAD = 1e-9
 KNN_K = 10  # the neighbour whose distance is the score (Sun et al. 2022 used 1-1000; 5-20 scored alike here)
 
 
@@ -159,7 +170,9 @@ def mahalanobis(features: torch.Tensor, mean: torch.Tensor, whiten: torch.Tensor
     that axis removed; ``mean``/``whiten`` as in :class:`OODFit`, on the features' device."""
     f = torch.movedim(features.float(), dim, -1) - mean
     z = f @ whiten
-    return torch.sqrt((z * z).sum(-1))
+    # |z| scaled by its largest entry first: the sum of squares overflows float32 from |z| ~ 1.8e19
+    top = torch.clamp(z.abs().amax(-1, keepdim=True), min=torch.finfo(z.dtype).tiny)
+    return top.squeeze(-1) * torch.sqrt(((z / top) ** 2).sum(-1))
 
 
 def knn_distance(features: torch.Tensor, bank: torch.Tensor, k: int, dim: int = 1, chunk: int = 65536) -> torch.Tensor:
@@ -219,6 +232,33 @@ def require_features(nets: Iterable[torch.nn.Module], where: str = "") -> None:
                              "model fitted before its features' spread was kept: fit it again); pass ood=false")
 
 
+def constant_features(net: torch.nn.Module, tolerance: float = CONSTANT_SPREAD) -> list[tuple[str, float]]:
+    """``(name, sd)`` of the features of a closed-form ``net`` whose spread over its training
+    spots (``feature_spread``, in the feature's own units: um, shares, grey levels) is below
+    ``tolerance`` but was kept as the divisor of :meth:`standardised` (not replaced by 1): features
+    constant on the training spots up to rounding. A tissue point where one varies by ``d``
+    scores about ``d / sd`` training spreads, so the ood magnitude is set by rounding. Networks: []."""
+    spread = getattr(net, "feature_spread", None)
+    if spread is None or spread.numel() == 0:
+        return []
+    sd = spread.detach().cpu().double().numpy()
+    bank = getattr(net, "bank", None) if getattr(net, "input_spec", None) is not None else None
+    names = list(getattr(bank, "names", []) or [])
+    return [(names[i] if i < len(names) else f"feature {i}", float(sd[i])) for i in np.flatnonzero(sd < tolerance)]
+
+
+def warn_constant_features(net: torch.nn.Module, where: str = "") -> list[tuple[str, float]]:
+    """One logged warning when ``net`` has :func:`constant_features`; returns them."""
+    bad = constant_features(net)
+    if bad:
+        worst = min(bad, key=lambda b: b[1])
+        log.warning("ood%s: %d of %d features are constant on the training spots up to rounding (e.g. %s, sd %.3g): "
+                    "points where one varies score ~1/sd training spreads, so the ood channel ranks points but "
+                    "its magnitude is set by rounding (refit with more training spots, or a spread floor)",
+                    where, len(bad), int(net.feature_spread.numel()), worst[0], worst[1])
+    return bad
+
+
 def ood_fit_for_run(info: Any, net: torch.nn.Module, device: torch.device | str = "cpu",
                     method: str = "mahalanobis") -> OODFit:
     """The fit for ``net`` (``info``'s network), scoring with ``method``: ``RUN/ood_fit.npz``
@@ -226,6 +266,7 @@ def ood_fit_for_run(info: Any, net: torch.nn.Module, device: torch.device | str 
     fitted now from the run's training spots (the DataModule rebuilt from ``info.config``, as
     ``train.py`` built it)."""
     require_features([net], f" (run {info.run_dir})")
+    warn_constant_features(net, f" (run {info.run_dir})")
     path = Path(info.run_dir) / OOD_FILE
     if path.is_file():
         fit = OODFit.load(path)

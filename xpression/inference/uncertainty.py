@@ -421,7 +421,7 @@ def trust_predictor(cfg: Any, info: Any, members: Sequence[Any], pred: Predictor
             raise InferenceError("calibrate=true scales the SD channels: give uncertainty=ensemble, mc_dropout or trees")
         from xpression.inference.calibration import calibrate_trust_net
 
-        calibration = calibrate_trust_net(net, infos, pred.device)
+        calibration = calibrate_trust_net(net, infos, pred.device, names=targets)
         if method == "mc_dropout":
             torch.manual_seed(int(cfg.get("mc_seed", 0)))  # the sweep's masks as without calibration
     names = trust_channels(targets, method != "none", want_ood)

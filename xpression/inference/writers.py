@@ -3,7 +3,11 @@
 ``maps.ome.zarr`` is a group with axes ``c, z, y, x`` (channel; space in micrometer) and arrays
 ``"0", "1", ...``: level 0 is the sweep's output grid (scale = grid spacing in um, translation =
 the physical position of grid point 0), each further level a 2x NaN-aware mean in z, y and x.
-Values are float16, NaN outside the tissue mask. Level-0 chunks are the sweep's tiles
+Values are float16 (about 3 significant digits, at most 65504 in magnitude), NaN outside the
+tissue mask; a store with an unbounded channel (:data:`WIDE_CHANNELS`: the trust maps' ``ood``
+distance, in training spreads, which can exceed 65504) is float32 throughout instead, and records
+its ``dtype`` in the metadata. A value the store's dtype cannot hold is stored as +-inf with a
+logged warning naming the channel and the count, never silently. Level-0 chunks are the sweep's tiles
 (``(T, *tile_shape)``), so processes that own different tiles never write the same chunk.
 The group's ``xpression`` attribute records the run identity (checkpoint hash, config), the
 sweep settings, the grid, the target names and ``complete``; the ``omero`` block names the
@@ -13,6 +17,7 @@ channels so viewers (napari) label them. The resumption logs live in ``<store>/.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import time
@@ -27,7 +32,14 @@ from xpression.inference.grid import OutputGrid, Tile, Tiling
 from xpression.inference.predictor import InferenceError
 from xpression.inference.shards import DoneLog, wait_for
 
-__all__ = ["MapStore", "downsample2_nanmean", "write_ct_preview", "export_bigtiff", "read_maps"]
+__all__ = ["MapStore", "WIDE_CHANNELS", "store_dtype", "cast_for_store", "downsample2_nanmean", "write_ct_preview",
+           "export_bigtiff", "read_maps"]
+
+log = logging.getLogger(__name__)
+
+# Channels whose values are not bounded to float16's range (+-65504): a store holding one is float32.
+WIDE_CHANNELS = ("ood",)
+STORE_DTYPES = ("float16", "float32")
 
 _COLORS = ["FF0000", "00FF00", "0000FF", "FFFF00", "FF00FF", "00FFFF", "FF8000", "8000FF", "FFFFFF"]
 
@@ -44,6 +56,30 @@ def downsample2_nanmean(block: np.ndarray) -> np.ndarray:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         return np.nanmean(b, axis=(-5, -3, -1))
+
+
+def store_dtype(channels: Sequence[str]) -> str:
+    """The dtype of a store of ``channels``: float32 when one is in :data:`WIDE_CHANNELS`
+    (unbounded, e.g. ``ood``), else float16 (half the disk for bounded maps)."""
+    return "float32" if any(c in WIDE_CHANNELS for c in channels) else "float16"
+
+
+def cast_for_store(values: np.ndarray, dtype: Any, channels: Sequence[str], where: str = "") -> np.ndarray:
+    """``(C, ...)`` ``values`` as ``dtype``, with a logged warning per channel holding infinite
+    values after the cast (beyond the dtype's range, e.g. float16's 65504, or infinite already);
+    ``where`` names the store in the warning."""
+    with np.errstate(over="ignore"):  # numpy's unnamed overflow warning: said per channel below instead
+        out = np.asarray(values).astype(dtype)
+    if np.dtype(dtype).kind != "f":
+        return out
+    top = float(np.finfo(dtype).max)
+    for c in range(out.shape[0]):
+        n_inf = int(np.count_nonzero(np.isinf(out[c])))
+        if n_inf:
+            name = channels[c] if c < len(channels) else f"channel {c}"
+            log.warning("%s: %d value(s) of channel %r are infinite as %s (beyond +-%g, or infinite already)",
+                        where or "maps store", n_inf, name, np.dtype(dtype).name, top)
+    return out
 
 
 def _ome_attrs(grid: OutputGrid, levels: int, targets: Sequence[str], name: str) -> dict:
@@ -92,6 +128,7 @@ class MapStore:
         overwrite: bool = False,
         rank: int = 0,
         wait_s: float = 600.0,
+        dtype: str | None = None,
     ) -> "MapStore":
         """Create the store, or reopen it to resume.
 
@@ -99,14 +136,19 @@ class MapStore:
         holding another identity is an error unless ``overwrite``. ``settings``: how they were
         computed (grid, tiles, mode); a mismatch is an error too, as resuming would mix them.
         Process ``rank > 0`` never creates or deletes: it waits (``wait_s``) for rank 0's store.
+        ``dtype``: ``float16`` or ``float32`` (default :func:`store_dtype` of ``targets``); a
+        reopened store keeps the dtype it was created with.
         """
         import zarr
 
+        dtype = dtype or store_dtype(targets)
+        if dtype not in STORE_DTYPES:
+            raise InferenceError(f"map store dtype must be one of {', '.join(STORE_DTYPES)}, got {dtype!r}")
         path = Path(path)
         levels = max(1, min(int(levels), 1 + int(math.log2(max(grid.shape))) if max(grid.shape) > 1 else 1))
         meta = {"identity": _plain(identity), "settings": _plain(settings), "grid": grid.to_dict(),
                 "tile_shape": [int(t) for t in tile_shape], "targets": list(targets), "levels": levels,
-                "complete": False, "created": time.time(), **_plain(metadata or {})}
+                "dtype": dtype, "complete": False, "created": time.time(), **_plain(metadata or {})}
         if rank > 0:
             t_start = time.time() - 5.0
 
@@ -133,7 +175,7 @@ class MapStore:
         shape = (len(targets),) + tuple(grid.shape)
         for k in range(levels):
             s = (shape[0],) + tuple(int(math.ceil(n / 2**k)) for n in shape[1:])
-            group.create_array(str(k), shape=s, dtype="float16", chunks=tuple(min(c, n) for c, n in zip(chunks, s)),
+            group.create_array(str(k), shape=s, dtype=dtype, chunks=tuple(min(c, n) for c, n in zip(chunks, s)),
                                fill_value=np.nan, dimension_names=["c", "z", "y", "x"])
         attrs = _ome_attrs(grid, levels, targets, path.name)
         attrs["xpression"] = meta
@@ -162,8 +204,10 @@ class MapStore:
         return self.log.done()
 
     def write_tile(self, tile: Tile, values: np.ndarray) -> None:
-        """Write one tile's ``(T, *tile.shape)`` values to level 0, then record it as done."""
-        self.group["0"][(slice(None),) + tile.slices] = values.astype(np.float16)
+        """Write one tile's ``(T, *tile.shape)`` values to level 0 (in the store's dtype, values
+        beyond its range warned about: :func:`cast_for_store`), then record it as done."""
+        level0 = self.group["0"]
+        level0[(slice(None),) + tile.slices] = cast_for_store(values, level0.dtype, self.targets, f"{self.path} tile {tile.index}")
         self.log.mark(tile.index)
 
     def finalize(self, expected: Sequence[int], wait_s: float = 86400.0, extra: dict | None = None) -> None:
@@ -187,7 +231,7 @@ class MapStore:
                     block = src[:, 2 * z0 : 2 * (z0 + cz), 2 * y0 : 2 * (y0 + cy), 2 * x0 : 2 * (x0 + cx)]
                     if np.isnan(block).all():
                         continue
-                    dst[:, z0 : z0 + cz, y0 : y0 + cy, x0 : x0 + cx] = downsample2_nanmean(block).astype(np.float16)
+                    dst[:, z0 : z0 + cz, y0 : y0 + cy, x0 : x0 + cx] = downsample2_nanmean(block).astype(dst.dtype)
 
     def read(self, level: int = 0) -> Any:
         """The zarr array of ``level`` (``(T, nz, ny, nx)``; slice it to read)."""

@@ -29,7 +29,7 @@ from xpression.data.patches import dequantise
 from xpression.models.targets import as_target_spec
 from xpression.runfolder import RUN_CONFIG_KEY
 
-__all__ = ["ClosedFormModel", "map_rows", "one_blas_thread"]
+__all__ = ["ClosedFormModel", "feature_spread", "map_rows", "one_blas_thread"]
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +82,16 @@ def map_rows(fn: Callable[[np.ndarray], np.ndarray], x: np.ndarray, threads: int
         pool = _ROW_POOL
     cuts = np.linspace(0, len(x), blocks + 1).astype(int)
     return np.concatenate(list(pool.map(fn, [x[a:b] for a, b in zip(cuts[:-1], cuts[1:])])))
+
+
+def feature_spread(features: np.ndarray) -> np.ndarray:
+    """The ``(F,)`` standard deviations of ``(N, F)`` training features that standardise them for
+    the ood score, 1 for a feature constant over the training spots: a spread at rounding level
+    (below 1e-9 of the feature's size) counts as constant, since dividing by it would put ordinary
+    tissue 1e13 spreads away."""
+    spread = features.std(axis=0)
+    floor = 1e-9 * np.maximum(1.0, np.abs(features.mean(axis=0)))
+    return np.where(spread > floor, spread, 1.0)
 
 
 class ClosedFormModel(nn.Module):
@@ -201,9 +211,8 @@ class ClosedFormModel(nn.Module):
             raise ValueError(f"{type(self).__name__}: the data module has no training spots to fit on")
         self.training_features = np.concatenate(feats)
         self.fit_arrays(self.training_features, np.concatenate(targets))
-        spread = self.training_features.std(axis=0)
         self.feature_center = torch.as_tensor(self.training_features.mean(axis=0), dtype=torch.float64)
-        self.feature_spread = torch.as_tensor(np.where(spread > 0, spread, 1.0), dtype=torch.float64)
+        self.feature_spread = torch.as_tensor(feature_spread(self.training_features), dtype=torch.float64)
         return batches
 
     def predict_from_features(self, feats: np.ndarray) -> np.ndarray:

@@ -17,7 +17,7 @@ __all__ = ["SINKS", "FinishedMaps", "MapSink", "check_exports", "register_sink",
 @dataclass(frozen=True)
 class FinishedMaps:
     """A finished map store as a sink reads it: ``values`` (zarr array ``(T, nz, ny, nx)``,
-    level 0, float16, NaN outside the tissue), ``meta`` (the store's ``xpression`` metadata),
+    level 0, float16, or float32 with an ``ood`` channel; NaN outside the tissue), ``meta`` (the store's ``xpression`` metadata),
     ``ct`` (the CT preview on the same grid, ``(nz, ny, nx)``, or None)."""
 
     path: Path
