@@ -36,3 +36,17 @@ def test_an_input_error_is_one_line_with_status_1_and_other_errors_stay_tracebac
 
     with pytest.raises(ZeroDivisionError):
         run_reporting_input_errors(bug, {})
+
+
+def test_an_uncertainty_setting_without_its_method_is_refused():
+    """calibrate=true or members=[...] without uncertainty= did nothing, silently."""
+    from xpression.config import check_infer_config, compose
+
+    with pytest.raises(ConfigError) as err:
+        check_infer_config(compose("infer", ["run=somewhere", "calibrate=true", "members=[a,b]"]))
+    assert err.value.problems == [
+        "calibrate=true scales the <target>_sd channels, which only an uncertainty method adds: add "
+        "uncertainty=ensemble, mc_dropout or trees",
+        "members: an ensemble's runs, but uncertainty=none: add uncertainty=ensemble"]
+    check_infer_config(compose("infer", ["run=somewhere", "calibrate=true", "uncertainty=trees"]))
+    check_infer_config(compose("infer", ["calibrate=true", "uncertainty=ensemble", "members=[a,b]"]))

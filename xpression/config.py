@@ -352,8 +352,21 @@ def check_infer_config(cfg: DictConfig) -> None:
     ensemble_members = _value(cfg, "uncertainty") == "ensemble" and _value(cfg, "members") not in (_ABSENT, None)
     if _value(cfg, "run") in (_ABSENT, None, "") and not ensemble_members:
         problems.append("run: give the training run folder (or a checkpoint in one): infer.py run=RUN")
+    problems += _ignored_trust_settings(cfg)
     if problems:
         raise ConfigError(problems, "inference config")
+
+
+def _ignored_trust_settings(cfg: DictConfig) -> list[str]:
+    """Settings of an uncertainty method given without the method, which would do nothing."""
+    method = _value(cfg, "uncertainty")
+    problems = []
+    if _value(cfg, "calibrate") is True and method in (_ABSENT, None, "none"):
+        problems.append("calibrate=true scales the <target>_sd channels, which only an uncertainty method adds: "
+                        "add uncertainty=ensemble, mc_dropout or trees")
+    if _value(cfg, "members") not in (_ABSENT, None) and method != "ensemble":
+        problems.append(f"members: an ensemble's runs, but uncertainty={method}: add uncertainty=ensemble")
+    return problems
 
 
 def check_output_writable(path: str | os.PathLike, key: str = "output") -> None:
