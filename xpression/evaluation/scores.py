@@ -150,10 +150,13 @@ def scores_table(rows: Iterable[Mapping[str, Any]], title: str, wheres: Sequence
         cond = by["model"].get("condition")
         cells = [format_score(by[p].get(m)) if p in by else "-" for p, m, _ in columns]
         table.add_row(str(vid), cond if isinstance(cond, str) else "", str(where), d, str(int(by["model"]["n"])), *cells)
-    table.caption = (f"r: Pearson, R²: coefficient of determination, mean over programs, per volume. ridge: features + "
-                     f"ridge on the same patch; extr.: 2D extrusion (nearest training spot in the section plane, copied "
-                     f"along the normal); kNN: mean of the {KNN_K} nearest training spots in-plane; mean: the animal's "
-                     "training-spot mean (the training mean for an animal without a section); all-spot extr.: extrusion "
-                     "from every spot of the section, held-out ones included (a reference with labels the model never saw).")
+    legend = {"ridge": "ridge: features + ridge on the same patch",
+              "extrusion": "extr.: 2D extrusion (nearest training spot in the section plane, copied along the normal)",
+              "knn": f"kNN: mean of the {KNN_K} nearest training spots in-plane",
+              "animal_mean": "mean: the animal's training-spot mean (the training mean for an animal without a section)",
+              "section_extrusion": "all-spot extr.: extrusion from every spot of the section, held-out ones included (a "
+                                   "reference with labels the model never saw)"}
+    table.caption = ("r: Pearson, R²: coefficient of determination, mean over programs, per volume. "
+                     + "; ".join(legend[p] for p in present if p in legend) + ".")  # only the columns shown
     table.caption_justify = "left"
     return table
