@@ -150,8 +150,9 @@ def test_cli_resume_restores_the_run_and_keeps_its_history(whole, crashed, tmp_p
     assert restart["callbacks"]["last_checkpoint"]["dirpath"] == str(run / "checkpoints")
     assert restart["data"] == yaml.safe_load(config_before)["data"]  # the tiny cohort, one of its sections
     assert (run / "train.log").is_file() and "Restoring states from the checkpoint" in (run / "train.log").read_text()
-    # A second restart starts from the first one's config and is numbered after it.
-    cfg, start = start_run(_compose(f"resume={run}"))
+    # A second restart (training further: the run has finished) starts from the first one's config
+    # and is numbered after it.
+    cfg, start = start_run(_compose(f"resume={run}", "trainer.max_epochs=4"))
     assert start.restart == 2 and (start.epoch, cfg.figures) == (2, True)
     # Checkpoints went to the moved folder; the original run is untouched.
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["epoch"] == 2
@@ -289,3 +290,15 @@ def test_a_stopped_run_fails_and_says_how_to_continue(tiny_cohort, tmp_path, sen
     assert f"continue it with `python train.py resume={run}`" in line
     assert f"training {said} after" in (run / "train.log").read_text()
     assert (run / "checkpoints" / "last.ckpt").is_file() and not (run / "metrics.json").exists()
+
+
+def test_resuming_a_finished_run_is_refused_unless_it_may_train_further(whole, tmp_path):
+    """resume= of a run that reached trainer.max_epochs and was scored only scored it again under a
+    new config.resumed-<n>.yaml; it now says how to train further, which still works."""
+    run = _copy(whole, tmp_path / "finished")
+    with pytest.raises(ResumeError, match=r"the run finished its 3 epochs \(trainer.max_epochs=3\) and was scored; to "
+                                          r"train it further, raise trainer.max_epochs \(e.g. trainer.max_epochs=13\)"):
+        start_run(_compose(f"resume={run}"))
+    assert not list(run.glob("config.resumed-*.yaml"))
+    cfg, start = start_run(_compose(f"resume={run}", "trainer.max_epochs=5"))
+    assert cfg.trainer.max_epochs == 5 and start.epoch == 2

@@ -152,9 +152,22 @@ def start_run(cfg: DictConfig) -> tuple[DictConfig, RunStart]:
                 "or pass allow_config_change=true to continue it with this config")
         if changed:
             log.warning("continuing %s with a changed config (allow_config_change=true): %s", ckpt, ", ".join(changed))
+    _refuse_a_finished_run(cfg, out_dir, int(checkpoint.get("epoch", -1)) + 1)
     restart = _next_restart(out_dir) if has_run else 0
     start = RunStart(out_dir, ckpt, int(checkpoint.get("epoch", -1)), int(checkpoint.get("global_step", 0)), restart, changed)
     return cfg, start
+
+
+def _refuse_a_finished_run(cfg: DictConfig, out_dir: Path, epochs: int) -> None:
+    """``resume=`` of a run that reached its ``trainer.max_epochs`` and was scored (metrics.json)
+    would only score it again, into a new config.resumed-<n>.yaml: refused, naming the way on."""
+    limit = OmegaConf.select(cfg, "trainer.max_epochs", default=None)
+    if not OmegaConf.select(cfg, "resume", default=None) or not (out_dir / "metrics.json").is_file():
+        return
+    if isinstance(limit, int) and 0 <= limit <= epochs:
+        raise ResumeError(f"resume={out_dir}: the run finished its {epochs} epoch{'s' * (epochs != 1)} "
+                          f"(trainer.max_epochs={limit}) and was scored; to train it further, raise "
+                          f"trainer.max_epochs (e.g. trainer.max_epochs={epochs + 10})")
 
 
 def output_dir(cfg: DictConfig) -> Path:
