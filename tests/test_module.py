@@ -309,3 +309,22 @@ def test_training_steps_read_nothing_back_from_the_device_but_every_n_steps_loss
     assert steps.reading == [1, 10, 20, 24], reads  # the loggers' steps, and the epoch's first and last
     with pytest.raises(ValueError, match="loss_every_n_steps"):
         ProgressBar(loss_every_n_steps=0)
+
+
+def test_a_warmup_as_long_as_the_run_is_warned_about(caplog):
+    """model.warmup_steps=50 on a 16-step run: the rate never reaches model.lr, silently."""
+    import logging
+
+    def optimizers(warmup: int) -> list[str]:
+        from types import SimpleNamespace
+
+        module = make(scheduler="cosine", warmup_steps=warmup)
+        module._trainer = SimpleNamespace(estimated_stepping_batches=16)  # all the optimizer set-up asks of it
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="xpression.models.module"):
+            module.configure_optimizers()
+        return [r.getMessage() for r in caplog.records]
+
+    lines = optimizers(50)
+    assert len(lines) == 1 and lines[0].startswith("model.warmup_steps=50 is not shorter than the whole run (16 optimizer steps)")
+    assert optimizers(4) == []

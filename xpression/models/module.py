@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -18,6 +19,8 @@ from xpression.models.losses import build_loss
 from xpression.models.masked import ENCODER_KEY, InitFromError, load_encoder
 from xpression.models.net import XPressionNet, build_net
 from xpression.models.targets import as_target_spec, spec_to_dict
+
+log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 
@@ -269,6 +272,10 @@ class XPressionModule(pl.LightningModule):
             raise ValueError("scheduler='cosine' needs a known number of steps (trainer max_epochs or max_steps); "
                              "with neither limit use scheduler='none'")
         total = max(int(total), 1)
+        if hp.warmup_steps >= total:
+            log.warning("model.warmup_steps=%d is not shorter than the whole run (%d optimizer steps): the learning "
+                        "rate never reaches model.lr=%g and the cosine decay never starts; lower model.warmup_steps",
+                        hp.warmup_steps, total, hp.lr)
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda step: cosine_warmup(step, total, hp.warmup_steps, hp.min_lr_ratio))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
