@@ -145,6 +145,22 @@ def test_split_counts_check():
         check_split_counts(labels, StratifiedRandomSplit())
 
 
+def test_few_training_spots_are_warned_about(caplog):
+    """6 training spots (three forests on one small section, one split) trained without a word."""
+    import logging
+
+    from xpression.data.splits import SpatialBlocksSplit
+
+    with caplog.at_level(logging.WARNING, logger="xpression.data.splits"):
+        check_split_counts(np.array(["train"] * 6 + ["val"] * 40 + ["test"] * 30 + ["excluded"] * 100), SpatialBlocksSplit())
+    assert [r.getMessage()[:80] for r in caplog.records] == [
+        "the SpatialBlocksSplit split leaves 6 training spots (train 6, val 40, test 30, excluded 100): a"[:80]]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="xpression.data.splits"):
+        check_split_counts(np.array(["train"] * 30 + ["val"] * 10 + ["test"] * 10), SpatialBlocksSplit())
+    assert not caplog.records
+
+
 def test_a_split_without_validation_spots_fails_before_training(tiny_cohort, tmp_path):
     """One section in one 100 mm block: every spot trains. Refused before any epoch or file."""
     cfg = _cfg(tmp_path, tiny_cohort, ["split.block_um=100000", "data.sections=[infected_0_s0]", "figures=false"])

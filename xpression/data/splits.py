@@ -199,6 +199,9 @@ class VolumesSplit:
         return _held_out_by("volume_id", spots, list(self.val_volumes), test, inner, planes, patch_size_um, seed)
 
 
+FEW_TRAINING_SPOTS = 30  # fewer are warned about (a section holds hundreds of Visium spots)
+
+
 def check_split_counts(labels: Sequence[str], split: object) -> dict[str, int]:
     """Spots per split; raise :class:`DataError` before any training when one that a run needs
     is empty: training spots, validation spots (checkpoint selection and early stopping monitor
@@ -214,6 +217,11 @@ def check_split_counts(labels: Sequence[str], split: object) -> dict[str, int]:
             "change the split's settings or train on more sections (data.sections)"
         found = ", ".join(f"{name} {n}" for name, n in counts.items())
         raise DataError(None, f"the {type(split).__name__} split leaves no {' and no '.join(empty)} spots ({found}); {hint}")
+    if counts["train"] < FEW_TRAINING_SPOTS:
+        log.warning("the %s split leaves %d training spots (%s): a model fitted on so few is a rough one, and its "
+                    "features' spread (the ood score's unit) is barely estimated; lower split.block_um or "
+                    "split.buffer_um, or train on more sections (data.sections)", type(split).__name__, counts["train"],
+                    ", ".join(f"{name} {n}" for name, n in counts.items()))
     return counts
 
 
