@@ -274,6 +274,19 @@ def test_bad_voxel_size_and_empty_mask(tiny_cohort, tmp_path):
     _raises(empty, "tissue mask")
 
 
+def test_a_nan_volume_is_named_once_in_the_error(tiny_cohort, tmp_path):
+    """The volume's own error (file: problem) was wrapped with the file again: 'f: tissue mask: f: ...'."""
+    arr = np.full((40, 156, 156), 100.0, np.float32)
+    arr[:, :8] = np.nan
+    np.save(tmp_path / "nan.npy", arr)
+    manifest = write_manifest(tiny_cohort, tmp_path / "a", volume={"image": str(tmp_path / "nan.npy"),
+                                                                   "voxel_size_um": [6.4, 6.4, 6.4]})
+    dm = make_dm(manifest, sections=[SECTION])
+    with pytest.raises(DataError, match="NaN voxel") as err:
+        dm.target_spec
+    assert str(err.value).count("nan.npy") == 1, str(err.value)
+
+
 def test_tilted_section_plane(tiny_cohort, tmp_path):
     z = 21 * 6.4  # on a voxel centre, so the axial fast path and interpolation sample the same points
     axial = write_manifest(tiny_cohort, tmp_path / "axial", section={"z_um": z})

@@ -415,7 +415,7 @@ class XPressionDataModule(pl.LightningDataModule):
             try:
                 volumes[vid] = open_volume(ventry.image, ventry.voxel_size_um)
             except VolumeError as err:
-                raise DataError(ventry.image, str(err)) from err
+                raise DataError(err.path or ventry.image, err.problem) from err
         vs = self.sampler.voxel_size_um
         first = volumes[entries[0].volume_id].voxel_size_um
         model_vs = tuple(float(v) for v in (first if vs is None else np.broadcast_to(np.asarray(vs, float), (3,))))
@@ -558,7 +558,7 @@ class XPressionDataModule(pl.LightningDataModule):
             try:
                 mask = tissue_mask(volume)
             except VolumeError as err:
-                raise DataError(volume.path, f"tissue mask: {err}") from err
+                raise DataError(err.path or volume.path, f"tissue mask: {err.problem}") from err
             if not mask.mask.any():
                 raise DataError(volume.path, "the tissue mask is empty (no tissue found in the volume)")
             rows = spots["volume_id"].to_numpy() == vid

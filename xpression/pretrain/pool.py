@@ -67,7 +67,7 @@ def open_cohort_volumes(manifest: str | Path, volume_ids: Sequence[str] | None, 
         try:
             volumes[vid] = open_volume(entry.image, entry.voxel_size_um)
         except VolumeError as err:
-            raise DataError(entry.image, str(err)) from err
+            raise DataError(err.path or entry.image, err.problem) from err
     first = volumes[ids[0]].voxel_size_um
     vs = tuple(float(v) for v in (first if voxel_size_um is None else np.broadcast_to(np.asarray(voxel_size_um, float), (3,))))
     geometry = PatchGeometry(tuple(float(s) for s in patch_size_um))  # type: ignore[arg-type]
