@@ -162,7 +162,7 @@ def draw_overlay(check: SectionCheck, volume: Volume, out: Path, obsm_key: str =
     ax.add_artist(AnchoredSizeBar(ax.transData, length, f"{length:g} um", "lower right", color="white", frameon=False,
                                   size_vertical=(hi[1] - lo[1]) / 250))
     handles = [Patch(color=c, alpha=0.7, label=n) for c, n in zip(colours, names)] or [
-        Patch(color="tab:cyan", alpha=0.7, label=f"spots (no obsm['{obsm_key}'])")]
+        Patch(color="tab:cyan", alpha=0.7, label=f"spots (no obsm['{obsm_key}'] to colour them: --obsm KEY)")]
     handles.append(Line2D([], [], color="yellow", marker="+", ls="-", label=f"landmark (CT), residual x{gain:g}"))
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False,
               title="dominant target" if names else None, title_fontsize=8, alignment="left")
