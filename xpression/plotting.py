@@ -45,7 +45,7 @@ def save_figure(fig: Figure, out: str | Path, dpi: int = 110) -> Path:
     if out.is_dir():
         raise IsADirectoryError(f"cannot write {out}: it is a folder")
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=dpi)
+    fig.savefig(out, dpi=dpi, bbox_inches="tight", pad_inches=0.05)  # legends and labels outside the axes kept whole
     return out
 
 

@@ -159,7 +159,7 @@ def draw_overlay(check: SectionCheck, volume: Volume, out: Path, obsm_key: str =
     for name, (u, v) in zip(reg.names, reg.ct_uv_um):
         ax.annotate(name, (u, v), xytext=(4, 4), textcoords="offset points", color="yellow", fontsize=7)
     length = _nice_length(float(hi[0] - lo[0]))
-    ax.add_artist(AnchoredSizeBar(ax.transData, length, f"{length:g} um", "lower right", color="white", frameon=False,
+    ax.add_artist(AnchoredSizeBar(ax.transData, length, f"{length:g} µm", "lower right", color="white", frameon=False,
                                   size_vertical=(hi[1] - lo[1]) / 250))
     handles = [Patch(color=c, alpha=0.7, label=n) for c, n in zip(colours, names)] or [
         Patch(color="tab:cyan", alpha=0.7, label=f"spots (no obsm['{obsm_key}'] to colour them: --obsm KEY)")]
@@ -169,11 +169,11 @@ def draw_overlay(check: SectionCheck, volume: Volume, out: Path, obsm_key: str =
     ax.set_xlim(lo[0], hi[0])
     ax.set_ylim(hi[1], lo[1])
     axial = section.plane.is_axial
-    ax.set_xlabel("x (um)" if axial else "u (um, in-plane)")
-    ax.set_ylabel("y (um)" if axial else "v (um, in-plane)")
+    ax.set_xlabel("x (µm)" if axial else "u (µm, in-plane)")
+    ax.set_ylabel("y (µm)" if axial else "v (µm, in-plane)")
     worst, worst_um = reg.worst
-    ax.set_title(f"{section.id} on {section.volume_id}, {_plane_text(check)}\n{len(reg.names)} landmarks, RMS "
-                 f"{reg.rms_um:.1f} um, worst {worst} {worst_um:.1f} um; spot pitch {_pitch_text(reg)} um", fontsize=9)
+    ax.set_title(f"{section.id} on {section.volume_id}, {_plane_text(check).replace(' um', ' µm')}\n{len(reg.names)} landmarks, RMS "
+                 f"{reg.rms_um:.1f} µm, worst {worst} {worst_um:.1f} µm; spot pitch {_pitch_text(reg)} µm", fontsize=9)
     return save_figure(fig, out)
 
 

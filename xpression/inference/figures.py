@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -26,7 +26,7 @@ _VIEW_NAMES = ("axial", "coronal", "sagittal")
 def plot_orthoviews(maps: Any, grid: OutputGrid, targets: Sequence[str], out: str | Path,
                     ct: Any = None, centre: Sequence[int] | None = None, title: str = "",
                     section_z_um: float | None = None, truth: Any = None, channels: Sequence[int] | None = None,
-                    value_label: str = "predicted value", views: Sequence[int] = (0, 1, 2),
+                    value_label: str | Callable[[str], str] = "predicted value", views: Sequence[int] = (0, 1, 2),
                     colors: Sequence[str] | None = None) -> Path:
     """One row per target: axial, coronal and sagittal planes through ``centre`` (grid indices;
     default the middle), over the CT preview (``ct``: same grid, optional).
@@ -38,7 +38,9 @@ def plot_orthoviews(maps: Any, grid: OutputGrid, targets: Sequence[str], out: st
     line on the coronal and sagittal views; dotted lines mark where the other views cut.
     ``channels``: target indices to draw (default all); ``views``: which of axial (0), coronal
     (1), sagittal (2) to draw. ``colors`` (one per target) shade each map from dark grey to its
-    target's colour instead of magma. Axes and scale bars are in um; tick labels on the outer panels."""
+    target's colour instead of magma. ``value_label``: the colour bars' label after the target's
+    name, or a function of the channel's name giving its whole label. Axes and scale bars are in
+    um; tick labels on the outer panels."""
     centre = tuple(s // 2 for s in grid.shape) if centre is None else tuple(centre)
     channels = list(range(len(targets))) if channels is None else list(channels)
     ax_um = [grid.axis_um(a) for a in range(3)]
@@ -84,13 +86,15 @@ def plot_orthoviews(maps: Any, grid: OutputGrid, targets: Sequence[str], out: st
                     ax.tick_params(labelbottom=False)
                 ax.set_ylabel(labels[k][1], fontsize=7)
                 where = f"z = {cut[0]:.0f} µm" if k == 0 else f"y = {cut[1]:.0f} µm" if k == 1 else f"x = {cut[2]:.0f} µm"
+                if k == 0 and section_z_um is not None:
+                    where += f" ({abs(cut[0] - section_z_um):.0f} µm from the section)"
                 ax.set_title(f"{name}{': ' + kind if kind else ''}, {_VIEW_NAMES[k]} {where}", fontsize=8)
                 ax.tick_params(labelsize=6)
                 add_scale_bar(ax, extents[k][1] - extents[k][0])
         bar = fig.colorbar(im, ax=axes[row, -1], shrink=0.85)
-        bar.set_label(f"{name}: {value_label}", fontsize=7)
+        bar.set_label(value_label(name) if callable(value_label) else f"{name}: {value_label}", fontsize=7)
         bar.ax.tick_params(labelsize=6)
-    notes = "dotted cyan: where the other views cut"
+    notes = "colour range per row (its 1st-99th percentile); dotted cyan: where the other views cut"
     if section_z_um is not None:
         notes += f"; dashed green: trained section (z = {section_z_um:.0f} µm)"
     fig.suptitle(f"{title}\n{notes}" if title else notes, fontsize=9)

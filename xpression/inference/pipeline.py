@@ -14,7 +14,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Mapping
 
 import numpy as np
 from omegaconf import OmegaConf
@@ -306,6 +306,20 @@ def earlier_summary(cfg: Any, info: RunInfo, cohort: Any) -> dict:
     return earlier
 
 
+def trust_label(trust: Mapping[str, Any]) -> Callable[[str], str]:
+    """The colour-bar label of an uncertainty map's channel: ``<target>_sd`` or the ood channel."""
+    calibrated = " (calibrated)" if trust.get("calibration") else ""
+    ood = (trust.get("ood") or {}).get("method") or "mahalanobis"
+    units = "training spreads" if ood == "mahalanobis" else "feature distance"
+
+    def label(name: str) -> str:
+        if name == trust.get("ood_channel"):
+            return f"ood: {ood} distance\nfrom the training spots ({units})"
+        return f"{name.removesuffix('_sd')}: SD{calibrated}\n(target units)"
+
+    return label
+
+
 def _gene_loadings(cfg: Any, info: RunInfo, spec: dict, jobs: list[VolumeJob], identity: dict) -> Any:
     """``genes=[...]``: the run's gene loadings restricted to them, and every existing gene store
     checked, before any sweep (None without ``genes``)."""
@@ -352,4 +366,4 @@ def _extras(job: VolumeJob, res: Any, pred: Predictor, cfg: Any, kind: str | Non
             extra = [i for i, t in enumerate(meta["targets"]) if t in trust["sd_channels"] or t == trust["ood_channel"]]
             plot_orthoviews(full, res.grid, list(meta["targets"]), job.out_dir / "figures" / "uncertainty.png", ct=ct,
                             title=f"{job.volume_id}: {trust['method']} SD and ood", section_z_um=job.section_z_um,
-                            channels=extra, value_label="SD (target units) / ood (Mahalanobis)")
+                            channels=extra, value_label=trust_label(trust))

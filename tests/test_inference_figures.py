@@ -1,0 +1,38 @@
+"""The sweep's figures: each uncertainty row names its own channel and unit on its colour bar."""
+
+import numpy as np
+from matplotlib.image import imread
+
+from xpression.inference.figures import plot_orthoviews
+from xpression.inference.grid import OutputGrid
+from xpression.inference.pipeline import trust_label
+
+
+def test_each_uncertainty_channel_gets_its_own_label():
+    label = trust_label({"ood_channel": "ood", "ood": {"method": "mahalanobis"}, "calibration": {"scale": [2.0]}})
+    assert label("airway_sd") == "airway: SD (calibrated)\n(target units)"
+    assert label("ood") == "ood: mahalanobis distance\nfrom the training spots (training spreads)"
+    plain = trust_label({"ood_channel": None})
+    assert plain("airway_sd") == "airway: SD\n(target units)"
+
+
+def test_orthoviews_take_a_label_per_channel(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    grid = OutputGrid((0, 0, 0), (1, 1, 1), (4, 6, 8), (10.0, 10.0, 10.0))
+    maps = np.random.default_rng(0).random((2, 4, 6, 8)).astype(np.float32)
+    labels: list[str] = []
+    real = matplotlib.figure.Figure.colorbar
+
+    def colorbar(self, *args, **kwargs):
+        bar = real(self, *args, **kwargs)
+        set_label = bar.set_label
+        bar.set_label = lambda text, **kw: (labels.append(text), set_label(text, **kw))[1]
+        return bar
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "colorbar", colorbar)
+    out = plot_orthoviews(maps, grid, ["a_sd", "ood"], tmp_path / "u.png", value_label=lambda n: f"<{n}>",
+                          section_z_um=15.0)
+    assert labels == ["<a_sd>", "<ood>"] and imread(out).shape[0] > 300
+    plot_orthoviews(maps, grid, ["a", "b"], tmp_path / "m.png", value_label="predicted share")
+    assert labels[2:] == ["a: predicted share", "b: predicted share"]
