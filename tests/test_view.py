@@ -102,3 +102,18 @@ def test_layers_load_into_a_napari_viewer_model(output):
     assert str(ct.units[0]) == "micrometer" and tuple(ct.scale) == pytest.approx((32.0, 12.8, 12.8))
     world = viewer.layers["alveolar"].data_to_world((1, 2, 3))
     assert world == pytest.approx((22.8 + 32.0, 3.2 + 2 * 12.8, 3.2 + 3 * 12.8))
+
+
+def test_spots_without_target_colours_keep_each_target_s_colour_of_the_other_figures(tmp_path):
+    """Without colours of their own, a target's spots are the colour the check overlay and the depth
+    plots give it (C0, C1, ... by its place among the targets), not one picked by which targets
+    this volume's spots happen to show."""
+    from matplotlib.colors import to_rgba
+
+    from xpression.view import _spot_layer
+
+    pd.DataFrame({"volume_id": ["v", "v"], "dominant": ["remodelling", "airway"], "z_um": [1.0, 1.0],
+                  "y_um": [1.0, 2.0], "x_um": [1.0, 2.0]}).to_csv(tmp_path / "predictions.csv", index=False)
+    meta = {"identity": {"run_dir": str(tmp_path)}, "targets": ["alveolar", "airway", "vascular", "infected", "immune", "remodelling"]}
+    _, kwargs, _ = _spot_layer(tmp_path, "v", meta)
+    np.testing.assert_allclose(kwargs["face_color"], [to_rgba("C5"), to_rgba("C1")])

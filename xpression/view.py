@@ -147,8 +147,12 @@ def _spot_layer(folder: Path, volume_id: str, meta: dict) -> tuple[Any, dict, st
     dominant = rows["dominant"].astype(str).to_numpy() if "dominant" in rows else np.array(["spot"] * len(rows))
     colors = meta.get("target_colors")
     palette = {n: _hex_rgba(c) for n, c in zip(names, colors) if c} if colors else {}
-    fallback = ["#e41a1c", "#377eb8", "#4daf4a", "#984ea3", "#ff7f00", "#ffff33", "#a65628", "#f781bf"]
-    face = [palette.get(d) or _hex_rgba(fallback[sorted(set(dominant)).index(d) % len(fallback)]) for d in dominant]
+    # without colours of their own, each target keeps the one the check overlay and the depth plots
+    # give it (matplotlib's C0..C9 by the target's place), whichever targets this volume's spots show
+    from matplotlib.colors import to_hex
+
+    cycle = {n: _hex_rgba(to_hex(f"C{i % 10}")) for i, n in enumerate(names)}
+    face = [palette.get(d) or cycle.get(d) or _hex_rgba("#7f7f7f") for d in dominant]
     features = {"barcode": rows["barcode"].astype(str).to_numpy() if "barcode" in rows else np.arange(len(rows)),
                 "split": rows["split"].astype(str).to_numpy() if "split" in rows else np.array([""] * len(rows)),
                 "dominant": dominant}
