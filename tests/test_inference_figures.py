@@ -36,3 +36,12 @@ def test_orthoviews_take_a_label_per_channel(tmp_path, monkeypatch):
     assert labels == ["<a_sd>", "<ood>"] and imread(out).shape[0] > 300
     plot_orthoviews(maps, grid, ["a", "b"], tmp_path / "m.png", value_label="predicted share")
     assert labels[2:] == ["a: predicted share", "b: predicted share"]
+
+
+def test_fitted_programs_are_named_with_the_program_they_were_matched_to():
+    from xpression.inference.pipeline import matched_names
+
+    names = ["program_0", "program_1", "airway"]
+    assert matched_names(names, {"program_0": "immune", "program_1": "alveolar", "airway": "airway"}) == [
+        "program_0 (~ immune)", "program_1 (~ alveolar)", "airway"]
+    assert matched_names(names, None) == names

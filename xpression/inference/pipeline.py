@@ -233,7 +233,8 @@ def infer(cfg: Any) -> dict:
     spec = info.spec.targets
     genes = _gene_loadings(cfg, info, spec, jobs, identity)  # hook: gene maps (xpression.inference.genes)
     meta_common = {"run_config": info.config, "checkpoint": str(info.checkpoint), "target_kind": spec.get("kind"),
-                   "target_colors": spec.get("colors"), "infer_config": _plain(cfg)}
+                   "target_colors": spec.get("colors"), "target_reference": spec.get("reference"),
+                   "infer_config": _plain(cfg)}
     if trust is not None:
         meta_common["uncertainty"] = trust
     summary: dict = {"run_dir": str(info.run_dir), "cohort": str(cohort.path) if cohort is not None else None, "volumes": {}}
@@ -306,6 +307,13 @@ def earlier_summary(cfg: Any, info: RunInfo, cohort: Any) -> dict:
     return earlier
 
 
+def matched_names(names: list[str], reference: Mapping[str, str] | None) -> list[str]:
+    """Target names for figures: a fitted program with the known program it was matched to,
+    ``program_2 (~ immune)``, as the scores name it; other names as they are."""
+    reference = reference or {}
+    return [f"{n} (~ {reference[n]})" if reference.get(n) and reference[n] != n else n for n in names]
+
+
 def trust_label(trust: Mapping[str, Any]) -> Callable[[str], str]:
     """The colour-bar label of an uncertainty map's channel: ``<target>_sd`` or the ood channel."""
     calibrated = " (calibrated)" if trust.get("calibration") else ""
@@ -356,6 +364,7 @@ def _extras(job: VolumeJob, res: Any, pred: Predictor, cfg: Any, kind: str | Non
         log.info("%s: %s maps in %s", job.volume_id, name, path)
     if cfg.figures:
         names, colors = list(trust["targets"] if trust else meta["targets"]), meta.get("target_colors")
+        names = matched_names(names, meta.get("target_reference"))
         label = f"predicted {get_kind(kind or 'composition').value_label}"
         plot_orthoviews(maps, res.grid, names, job.out_dir / "figures" / "orthoviews.png", ct=ct, title=job.volume_id,
                         section_z_um=job.section_z_um, value_label=label, colors=colors)
