@@ -45,3 +45,25 @@ def test_fitted_programs_are_named_with_the_program_they_were_matched_to():
     assert matched_names(names, {"program_0": "immune", "program_1": "alveolar", "airway": "airway"}) == [
         "program_0 (~ immune)", "program_1 (~ alveolar)", "airway"]
     assert matched_names(names, None) == names
+
+
+def test_the_run_scores_figure_says_when_the_planes_have_no_baselines(tmp_path, monkeypatch):
+    import matplotlib.figure
+    import pandas as pd
+
+    from xpression.evaluation.figures import plot_run_scores
+
+    titles: list[str] = []
+    real = matplotlib.figure.Figure.suptitle
+    monkeypatch.setattr(matplotlib.figure.Figure, "suptitle", lambda self, t, **kw: (titles.append(t), real(self, t, **kw))[1])
+
+    def rows(plane_predictors):
+        spots = [{"volume_id": "v", "where": "test spots", "distance_um": float("nan"), "predictor": p,
+                  "pearson_mean": 0.5, "r2_mean": 0.1} for p in ("model", "extrusion")]
+        return pd.DataFrame(spots + [{"volume_id": "v", "where": "plane", "distance_um": 100.0, "predictor": p,
+                                      "pearson_mean": 0.4, "r2_mean": 0.0} for p in plane_predictors])
+
+    plot_run_scores(rows(["model"]), tmp_path / "a.png")
+    plot_run_scores(rows(["model", "extrusion"]), tmp_path / "b.png")
+    assert titles[0].endswith("no baselines at the planes: the run's spot table lacks the training labels they are fitted on")
+    assert "no baselines" not in titles[1]

@@ -191,6 +191,9 @@ def plot_run_scores(df: pd.DataFrame, out: str | Path, title: str = "") -> Path 
         for h, lab in zip(*ax.get_legend_handles_labels()):
             seen.setdefault(lab, h)
     fig.legend(list(seen.values()), list(seen), loc="outside right center", fontsize=7, frameon=False)
-    fig.suptitle(title or f"accuracy against the truth, per volume (trained: {', '.join(trained) or 'none'}); "
-                 "correlations n/a where a predictor or a program is constant", fontsize=9)
+    planes = df[df["where"] == "plane"]
+    missing = "" if planes.empty or planes["predictor"].ne("model").any() else \
+        "\nno baselines at the planes: the run's spot table lacks the training labels they are fitted on"
+    fig.suptitle((title or f"accuracy against the truth, per volume (trained: {', '.join(trained) or 'none'}); "
+                  "correlations n/a where a predictor or a program is constant") + missing, fontsize=9)
     return save_figure(fig, out)
