@@ -497,8 +497,10 @@ def plot_accuracy_vs_distance(runs: pd.DataFrame, scores: pd.DataFrame, out: Pat
             lo, hi = ax.get_ylim()
             ax.set_ylim(max(lo, -1.05), min(hi, 1.05))
             ax.set_xlim(-0.6, len(unseen) - 0.4)
-        axes[i, 0].legend(fontsize=6, loc="best")
-    fig.suptitle("Per-volume accuracy against the truth (error bars: 95 % t interval over seeds)", fontsize=10)
+        axes[i, 0].legend(fontsize=6, loc="upper left", bbox_to_anchor=(0.0, -0.28), ncols=2, frameon=False)  # below: never over the data
+    seeds = runs["seed"].nunique()
+    fig.suptitle(f"Per-volume accuracy against the truth (error bars: 95 % t interval over {seeds} seed"
+                 f"{'s' * (seeds != 1)}; an interval past r = ±1 is cut at the frame)", fontsize=10)
     return save_figure(fig, out)
 
 
