@@ -142,12 +142,19 @@ def test_convert_resume_identical(tmp_path, tiff, monkeypatch):
 
 def test_convert_refuses_different_output(tmp_path, tiff, data):
     out = convert_tiff_to_omezarr(tiff, tmp_path / "o.ome.zarr", 2.0, chunk=CHUNK, progress=False)
-    with pytest.raises(VolumeError, match="overwrite=True"):
+    with pytest.raises(VolumeError, match=r"pass overwrite \(--overwrite\) to replace it"):
         convert_tiff_to_omezarr(tiff, out, 3.0, chunk=CHUNK, progress=False)
     other = tmp_path / "other.zarr"
     other.mkdir()
-    with pytest.raises(VolumeError, match="existing data"):
-        convert_tiff_to_omezarr(tiff, other, 2.0, progress=False)
+    (other / "notes.txt").write_text("mine")
+    for overwrite in (False, True):  # a folder this tool did not write is never deleted
+        with pytest.raises(VolumeError, match=r"is not a conversion written here; choose another output \(nothing"):
+            convert_tiff_to_omezarr(tiff, other, 2.0, progress=False, overwrite=overwrite)
+    assert (other / "notes.txt").read_text() == "mine"
+    for target in (tiff, tiff.parent):  # the source itself, or a folder holding it: refused, the source kept
+        with pytest.raises(VolumeError, match="the output and the source .* overlap"):
+            convert_tiff_to_omezarr(tiff, target, 2.0, progress=False, overwrite=True)
+    assert tiff.is_file() and open_volume(tiff, 2.0).shape == data.shape
     convert_tiff_to_omezarr(tiff, out, 3.0, chunk=CHUNK, levels=2, overwrite=True, progress=False)
     vol = open_volume(out)
     assert vol.voxel_size_um == (3.0, 3.0, 3.0) and vol.levels == ("0", "1")
@@ -163,7 +170,7 @@ def test_convert_source_changed_is_different(tmp_path, tiff, data, monkeypatch):
         convert_tiff_to_omezarr(tiff, out, 2.0, chunk=CHUNK, progress=False)
     monkeypatch.setattr(convert_mod, "_AFTER_SLAB_HOOK", None)
     tifffile.imwrite(tiff, 255 - data, bigtiff=True)  # the source was replaced meanwhile
-    with pytest.raises(VolumeError, match="overwrite=True"):
+    with pytest.raises(VolumeError, match=r"overwrite \(--overwrite\)"):
         convert_tiff_to_omezarr(tiff, out, 2.0, chunk=CHUNK, progress=False)
     convert_tiff_to_omezarr(tiff, out, 2.0, chunk=CHUNK, overwrite=True, progress=False)
     np.testing.assert_array_equal(open_volume(out)[:, :, :], 255 - data)
@@ -201,9 +208,25 @@ def test_convert_cli_refuses_bad_settings_in_one_line(tmp_path, tiff, args, mess
 
 def test_convert_cli_reports_a_bad_source_or_output_in_one_line(tmp_path, tiff, capsys):
     for src, out, expected in [(tmp_path / "missing.tif", tmp_path / "a.ome.zarr", "file not found"),
-                               (tiff, tmp_path, "existing data")]:  # the folder holding the stack itself
+                               (tiff, tmp_path, "the output and the source"),  # the folder holding the stack itself
+                               (tiff, tiff, "overlap")]:
         with pytest.raises(SystemExit) as exit_:
-            convert_mod.main([str(src), str(out), "--voxel-size-um", "1"])
+            convert_mod.main([str(src), str(out), "--voxel-size-um", "1", "--overwrite"])
         err = capsys.readouterr().err
         assert exit_.value.code == 2 and err.startswith("error: ") and expected in err and err.count("\n") == 1
     assert not (tmp_path / "a.ome.zarr").exists() and tiff.is_file()
+
+
+def test_convert_cli_takes_the_voxel_size_a_file_records(tmp_path, data, capsys):
+    """--voxel-size-um was required even for an OME-TIFF that records it (and a wrong value then
+    told the user to drop it)."""
+    ome = tmp_path / "ome.ome.tif"
+    tifffile.imwrite(ome, data, metadata={"axes": "ZYX", "PhysicalSizeZ": 4.0, "PhysicalSizeY": 2.0, "PhysicalSizeX": 2.0})
+    convert_mod.main([str(ome), str(tmp_path / "o.ome.zarr"), "--chunk", *map(str, CHUNK)])
+    assert open_volume(tmp_path / "o.ome.zarr").voxel_size_um == (4.0, 2.0, 2.0)
+    plain = tmp_path / "plain.tif"
+    tifffile.imwrite(plain, data)
+    with pytest.raises(SystemExit) as exit_:
+        convert_mod.main([str(plain), str(tmp_path / "p.ome.zarr")])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "missing voxel size" in err and err.count("\n") == 1

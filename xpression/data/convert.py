@@ -81,6 +81,9 @@ def convert_to_omezarr(
     :func:`convert_tiff_to_omezarr` for the arguments and the resume rules."""
     src = Path(src_path)
     out = Path(out_path)
+    a, b = src.resolve(), out.resolve()
+    if a == b or a.is_relative_to(b) or b.is_relative_to(a):
+        raise VolumeError(out, f"the output and the source {src} overlap; write the conversion elsewhere")
     vol = open_volume(src, voxel_size_um)
     try:
         voxel = _as_voxel_size(vol.voxel_size_um, src)
@@ -93,9 +96,12 @@ def convert_to_omezarr(
             writer = OmeZarrWriter(out, vol.shape, vol.dtype, voxel, chunk, levels, open_existing=True)
             done = _read_done(out)
         else:
+            if out.exists() and existing is None:  # not ours to delete, whatever overwrite says
+                raise VolumeError(out, "output exists and is not a conversion written here; choose another output "
+                                       "(nothing was changed)")
             if out.exists() and not overwrite:
-                why = "a conversion of another source file or with other settings" if existing else "existing data"
-                raise VolumeError(out, f"output exists and holds {why}; pass overwrite=True to replace it")
+                raise VolumeError(out, "output exists and holds a conversion of another source file or with other "
+                                       "settings; pass overwrite (--overwrite) to replace it")
             attrs = {ATTR_KEY: dict(record, complete=False)}
             writer = OmeZarrWriter(out, vol.shape, vol.dtype, voxel, chunk, levels, name or src.name, True, attrs)
             done = set()
@@ -149,18 +155,19 @@ def main(argv: Sequence[str] | None = None) -> None:
                                 description="Convert a TIFF/BigTIFF z stack to OME-Zarr 0.5 (resumable).")
     p.add_argument("src")
     p.add_argument("out")
-    p.add_argument("--voxel-size-um", type=float, nargs="+", required=True, help="z y x in um, or one value")
+    p.add_argument("--voxel-size-um", type=float, nargs="+", default=None,
+                   help="z y x in um, or one value (default: what an OME-TIFF or a calibrated ImageJ stack records)")
     p.add_argument("--chunk", type=int, nargs=3, default=(64, 64, 64), help="zarr chunk, z y x voxels")
     p.add_argument("--levels", type=int, default=3, help="pyramid levels (each a 2x mean of the one before)")
     p.add_argument("--overwrite", action="store_true")
     a = p.parse_args(argv)
-    if len(a.voxel_size_um) not in (1, 3) or not all(v > 0 for v in a.voxel_size_um):
+    if a.voxel_size_um is not None and (len(a.voxel_size_um) not in (1, 3) or not all(v > 0 for v in a.voxel_size_um)):
         p.error(f"--voxel-size-um: give one or three positive numbers (z y x, um), got {a.voxel_size_um}")
     if not all(c > 0 for c in a.chunk):
         p.error(f"--chunk: give three positive voxel counts (z y x), got {a.chunk}")
     if a.levels < 1:
         p.error(f"--levels: must be at least 1, got {a.levels}")
-    voxel = a.voxel_size_um[0] if len(a.voxel_size_um) == 1 else a.voxel_size_um
+    voxel = None if a.voxel_size_um is None else a.voxel_size_um[0] if len(a.voxel_size_um) == 1 else a.voxel_size_um
     try:
         print(convert_to_omezarr(a.src, a.out, voxel, a.chunk, a.levels, a.overwrite, progress=True))
     except VolumeError as err:
