@@ -22,6 +22,8 @@ def _multirun(root: Path, model_r: dict[int, float], extrusion_r: dict[int, floa
         run = root / f"job{10 + i}"
         (run / "maps").mkdir(parents=True)
         (run / "config.yaml").write_text(f"seed: {seed}\n")
+        (run / ".hydra").mkdir()  # as a Hydra multirun job has it: its own config.yaml is no run
+        (run / ".hydra" / "config.yaml").write_text(f"seed: {seed}\n")
         rows = [
             {"volume_id": "a", "where": "plane", "distance_um": 100.0, "predictor": "model", "pearson_mean": model_r[seed], "r2_mean": 0.1},
             {"volume_id": "a", "where": "plane", "distance_um": 100.0, "predictor": "extrusion", "pearson_mean": extrusion_r[seed], "r2_mean": -0.2},
