@@ -222,3 +222,21 @@ def test_some_runs_without_the_probe_are_named(context, tmp_path):
     assert ("1 of 9 runs (context: sampler.patch_size_um=[34,205,205]) were not scored off the plane, so their plane "
             "columns are empty: the probe-plane scores need runs trained with `+off_plane=probe`") in md
     assert "One probe set for all rows" in md and "(probe set abc123, 8 runs)" in md
+
+
+def test_an_earlier_report_is_not_replaced_unless_asked(context, tmp_path, capsys):
+    out = tmp_path / "report"
+    main([str(context), "--out", str(out)])
+    (out / "benchmark.md").write_text("my edited report")
+    with pytest.raises(SystemExit) as stop:
+        main([str(context), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.startswith(f"error: {out} holds an earlier report (benchmark.md, benchmark.csv")
+    assert err.rstrip().endswith("choose another --out or pass --overwrite")
+    assert (out / "benchmark.md").read_text() == "my edited report"
+    main([str(context), "--out", str(out), "--overwrite"])
+    assert (out / "benchmark.md").read_text().startswith("# Benchmark")
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(SystemExit) as stop:
+        main([str(context), "--out", str(tmp_path / "a_file" / "r")])
+    assert stop.value.code == 2 and "a_file is a file; give a folder for the report" in capsys.readouterr().err

@@ -40,7 +40,7 @@ from xpression.evaluation.figures import PREDICTOR_STYLE
 from xpression.evaluation.scores import PREDICTOR_LABELS
 from xpression.evaluation.stats import PairedDifference, paired_difference
 from xpression.metrics import MIN_TRUTH_SD, format_score
-from xpression.plotting import new_figure, save_figure
+from xpression.plotting import file_in_the_way, new_figure, save_figure
 
 __all__ = ["collect_runs", "runs_by_seed", "summarise_scores", "write_report", "findings", "check_one_cohort", "main"]
 
@@ -645,16 +645,28 @@ def write_report(dirs: Sequence[str | Path], out: str | Path) -> dict[str, Path]
     return paths
 
 
+REPORT_FILES = ("benchmark.md", "benchmark.csv", "comparisons.csv", "accuracy_vs_distance.png")  # what write_report writes
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("dirs", nargs="+", help="multirun or run folders (searched for metrics.json)")
     parser.add_argument("--out", help="report folder (default: the first folder)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier report in --out")
     args = parser.parse_args(argv)
     missing = [d for d in args.dirs if not Path(d).is_dir()]
     if missing:
         parser.exit(2, f"error: not a folder: {', '.join(missing)} (give multirun or run folders)\n")
+    out = Path(args.out or args.dirs[0])
+    blocker = file_in_the_way(out)
+    if blocker is not None:
+        parser.exit(2, f"error: --out {out}: {blocker} is a file; give a folder for the report\n")
+    taken = [name for name in REPORT_FILES if (out / name).exists()]
+    if taken and not args.overwrite:
+        parser.exit(2, f"error: {out} holds an earlier report ({', '.join(taken)}); choose another --out or pass "
+                       "--overwrite\n")
     try:
-        paths = write_report(args.dirs, args.out or args.dirs[0])
+        paths = write_report(args.dirs, out)
     except SystemExit as err:  # bad input: its one line, exit status 2
         if isinstance(err.code, str):
             parser.exit(2, err.code + "\n")
