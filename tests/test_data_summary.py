@@ -26,8 +26,24 @@ def test_one_row_per_section_with_its_volume_and_spots(tiny_cohort, capsys):
 
 def test_a_missing_manifest_is_one_error_line(tmp_path, capsys):
     assert main([str(tmp_path / "cohort.yaml")]) == 2
-    out = capsys.readouterr().out
-    assert out.startswith("error: invalid cohort manifest") and "manifest file not found" in out
+    err = capsys.readouterr().err
+    assert err.startswith("error: invalid cohort manifest") and "manifest file not found" in err
+
+
+def test_a_corrupt_section_file_is_one_error_line(tiny_cohort, tmp_path, capsys):
+    """A section's .h5ad that is not HDF5 was h5py's traceback."""
+    import shutil
+
+    import yaml
+
+    cohort = tmp_path / "c"
+    shutil.copytree(tiny_cohort.parent, cohort)
+    manifest = yaml.safe_load((cohort / "cohort.yaml").read_text())
+    adata = cohort / manifest["volumes"][0]["sections"][0]["adata"]
+    adata.write_bytes(b"not an h5ad")
+    assert main([str(cohort / "cohort.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {adata}: cannot read ST data (") and err.count("\n") == 1
 
 
 def test_help_is_not_read_as_a_manifest(capsys):

@@ -13,7 +13,9 @@ import anndata as ad
 from rich.console import Console
 from rich.table import Table
 
+from xpression.data.geometry import DataError
 from xpression.data.manifest import Cohort, ManifestError, load_manifest
+from xpression.data.sections import read_adata
 from xpression.data.volume import VolumeError, open_volume
 
 __all__ = ["cohort_table", "main"]
@@ -33,15 +35,29 @@ def cohort_table(cohort: Cohort) -> Table:
             if section is None:
                 table.add_row(volume.id, volume.condition or "", str(vol.shape), voxel, extent, "-", "", "", "")
                 continue
-            adata = ad.read_h5ad(section.adata, backed="r")
+            spots, genes = _spots_and_genes(section.adata)
             plane = (f"z = {section.z_um:.1f} um" if section.is_axial else
                      f"tilted ({len(section.plane)} points)" if section.plane else "from 3D landmarks")
             table.add_row(
                 volume.id, volume.condition or "", str(vol.shape), voxel, extent,
-                section.id, plane, str(adata.n_obs), str(adata.n_vars),
+                section.id, plane, str(spots), str(genes),
             )
-            adata.file.close()
     return table
+
+
+def _spots_and_genes(path: Path) -> tuple[int, int]:
+    """Spots and genes of an ``.h5ad`` (its header only) or a Space Ranger folder (read whole)."""
+    if path.is_dir():
+        adata = read_adata(path)
+        return adata.n_obs, adata.n_vars
+    try:
+        adata = ad.read_h5ad(path, backed="r")
+    except Exception as err:  # h5py/anndata raise many types for corrupt files
+        raise DataError(path, f"cannot read ST data ({type(err).__name__}: {err})") from err
+    try:
+        return adata.n_obs, adata.n_vars
+    finally:
+        adata.file.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,8 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cohort = load_manifest(args.manifest)
         console.print(cohort_table(cohort))
-    except (ManifestError, VolumeError) as err:
-        console.print(f"[red]error:[/red] {err}")
+    except (ManifestError, VolumeError, DataError) as err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
     if cohort.truth is not None:
         console.print(f"programs (truth): {', '.join(cohort.truth.programs)}")
