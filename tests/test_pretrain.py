@@ -174,3 +174,19 @@ def test_every_bad_pretraining_setting_is_listed_before_anything_runs(tmp_path):
         "patch.size_um: must be 3 positive numbers [depth, height, width] in um, got [57.6, 0, 205]",
     }
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("model", ["forest", "ridge"])
+def test_a_fitted_model_has_no_backbone_to_pretrain(tmp_path, model):
+    """model=forest (train.py's default) was an omegaconf traceback."""
+    from xpression.config import ConfigError
+
+    cfg = compose("pretrain", [f"data.manifest={tmp_path / 'missing.yaml'}", f"model={model}"])
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path / "run")
+    with pytest.raises(ConfigError) as err:
+        pretrain(cfg)
+    assert len(err.value.problems) == 1
+    assert err.value.problems[0].startswith("model: ") and err.value.problems[0].endswith(
+        "has no network backbone to pretrain (a fitted model such as forest or ridge); choose a network, e.g. model=cnn3d")
+    assert list(tmp_path.iterdir()) == []

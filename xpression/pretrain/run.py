@@ -37,6 +37,10 @@ def settings_from(node: DictConfig) -> PretrainSettings:
 def pretrain(cfg: DictConfig) -> dict:
     """Pretrain ``cfg.model.backbone`` on the volumes of ``cfg.data.manifest``; returns the summary."""
     check_pretrain_config(cfg)
+    if OmegaConf.select(cfg, "model.backbone", default=None) is None:
+        raise ConfigError([f"model: {OmegaConf.select(cfg, 'model._target_', default='this model')} has no network "
+                           "backbone to pretrain (a fitted model such as forest or ridge); choose a network, e.g. "
+                           "model=cnn3d"])
     node = cfg.pretrain
     out_dir = Path(cfg.paths.output_dir)
     ckpt = Path(node.out) if node.get("out") else out_dir / "encoder.ckpt"
