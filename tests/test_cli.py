@@ -50,3 +50,32 @@ def test_an_uncertainty_setting_without_its_method_is_refused():
         "members: an ensemble's runs, but uncertainty=none: add uncertainty=ensemble"]
     check_infer_config(compose("infer", ["run=somewhere", "calibrate=true", "uncertainty=trees"]))
     check_infer_config(compose("infer", ["calibrate=true", "uncertainty=ensemble", "members=[a,b]"]))
+
+
+def test_ctrl_c_in_the_tools_is_one_line_with_status_130(tmp_path, capsys, monkeypatch):
+    """convert, attribute and mix ended Ctrl-C with a traceback."""
+    import argparse
+
+    import xpression.data.convert as convert
+    import xpression.evaluation.attribute as attribute
+    import xpression.evaluation.mix as mix
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(convert, "convert_to_omezarr", stop)
+    with pytest.raises(SystemExit) as exit_:
+        convert.main([str(tmp_path / "a.tif"), str(tmp_path / "o.ome.zarr"), "--voxel-size-um", "1"])
+    assert exit_.value.code == 130 and capsys.readouterr().err.strip() == (
+        "interrupted: the same command continues the conversion (the slabs written are kept)")
+    monkeypatch.setattr(attribute, "run", stop)
+    monkeypatch.setattr(attribute.argparse.ArgumentParser, "parse_args",
+                        lambda self, argv=None: argparse.Namespace(out=None))
+    assert attribute.main([]) == 130
+    assert capsys.readouterr().err.strip() == "interrupted before anything was written; run the command again"
+    monkeypatch.setattr(mix, "mix_and_score", stop)
+    monkeypatch.setattr(mix.argparse.ArgumentParser, "parse_args",
+                        lambda self, argv=None: argparse.Namespace(output="OUT", sources=[], weights=None, overwrite=False,
+                                                                   cohort=None, figures=True))
+    assert mix.main([]) == 130
+    assert capsys.readouterr().err.strip() == "interrupted: OUT holds a partial mix; run the command again with --overwrite"

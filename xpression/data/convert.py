@@ -172,6 +172,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(convert_to_omezarr(a.src, a.out, voxel, a.chunk, a.levels, a.overwrite, progress=True))
     except VolumeError as err:
         p.exit(2, f"error: {err}\n")
+    except KeyboardInterrupt:
+        p.exit(130, "\ninterrupted: the same command continues the conversion (the slabs written are kept)\n")
 
 
 if __name__ == "__main__":

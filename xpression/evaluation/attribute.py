@@ -382,9 +382,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", default="best", help="best, last or a file under checkpoints/")
     args = parser.parse_args(argv)
     from xpression.cli import input_error
+    from xpression.plotting import file_in_the_way
 
+    blocker = None if args.out is None else file_in_the_way(args.out)
+    if blocker is not None:
+        print(f"error: --out {args.out}: {blocker} is a file; give a folder for the attributions", file=sys.stderr)
+        return 1
     try:
         out = run(args)
+    except KeyboardInterrupt:
+        print("\ninterrupted before anything was written; run the command again", file=sys.stderr)
+        return 130
     except Exception as err:
         cause = err if isinstance(err, AttributionError) else input_error(err)
         if cause is None:

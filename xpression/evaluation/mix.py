@@ -94,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         summary = mix_and_score(args.output, args.sources, args.weights, args.overwrite, args.cohort, args.figures,
                                 progress=sys.stderr.isatty())
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: {args.output} holds a partial mix; run the command again with --overwrite", file=sys.stderr)
+        return 130
     except Exception as err:
         cause = input_error(err)
         if cause is None:
