@@ -344,3 +344,15 @@ def test_chunking_and_thread_count_do_not_show(tmp_path, phantom):
     for f in sorted((one / "volumes").rglob("*")):
         if f.is_file():
             assert f.read_bytes() == (two / f.relative_to(one)).read_bytes(), f
+
+
+def test_the_cohort_folder_has_the_mode_a_new_folder_gets(cohort):
+    """It was built in a private temporary folder (0700) and moved into place as it was, so
+    collaborators could not read it."""
+    import os
+    import stat
+
+    manifest, _ = cohort
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(manifest.parent.stat().st_mode) == 0o777 & ~umask

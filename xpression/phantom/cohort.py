@@ -70,7 +70,11 @@ def _check_target(out: Path, overwrite: bool) -> list[Path]:
 
 
 def _commit(tmp: Path, out: Path) -> None:
-    """Move the finished cohort into place; an old folder is removed only after the move."""
+    """Move the finished cohort into place; an old folder is removed only after the move. The
+    private temporary folder (mode 0700) gets the mode a new folder would (0777 less the umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)
     if not out.exists():
         os.replace(tmp, out)
         return
