@@ -82,6 +82,10 @@ def test_check_refuses_bad_options_before_any_work(tiny_cohort, tmp_path, capsys
     with pytest.raises(SystemExit) as stop:
         main([str(tiny_cohort), "--out", str(taken / "overlays")])
     assert stop.value.code == 2 and f"{taken} is a file; give a folder" in capsys.readouterr().err
+    for bad in ("-1", "nan"):
+        with pytest.raises(SystemExit) as stop:
+            main([str(tiny_cohort), "--max-residual-um", bad])
+        assert stop.value.code == 2 and "--max-residual-um must be a positive number of um" in capsys.readouterr().err
     with pytest.raises(SystemExit) as stop:
         main([str(tiny_cohort), "--max-drop-fraction", "1.5"])
     assert stop.value.code == 2 and "--max-drop-fraction must be in [0, 1]" in capsys.readouterr().err

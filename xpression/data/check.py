@@ -252,6 +252,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="largest share of a section's spots that may lie outside its volume (train.py's "
                              "data.max_drop_fraction); more is an error")
     args = parser.parse_args(argv)
+    if not math.isfinite(args.max_residual_um) or args.max_residual_um <= 0:
+        parser.error(f"--max-residual-um must be a positive number of um, got {args.max_residual_um:g}")
     if not 0 <= args.max_drop_fraction <= 1:
         parser.error(f"--max-drop-fraction must be in [0, 1], got {args.max_drop_fraction:g}")
     blocker = None if args.out is None else file_in_the_way(args.out)
