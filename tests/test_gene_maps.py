@@ -129,6 +129,8 @@ def test_gene_maps_of_fitted_programs_end_to_end(cohort, tmp_path):
         infer(_config(run=str(plain), output=str(tmp_path / "o1"), genes=genes))
     with pytest.raises(InferenceError, match=r"genes \['NoSuchGene'\] have no loadings"):
         infer(_config(run=str(run), output=str(tmp_path / "o2"), genes=["Sftpc", "NoSuchGene"]))
+    with pytest.raises(InferenceError, match=r"genes=\[...\] names Sftpc more than once"):  # duplicate channels and rows
+        infer(_config(run=str(run), output=str(tmp_path / "o2"), genes=["Sftpc", "Pecam1", "Sftpc"]))
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2" / "mock_0").exists()
 
     metrics = json.loads((run / "metrics.json").read_text())  # fitted programs matched to truth programs

@@ -335,6 +335,10 @@ def _gene_loadings(cfg: Any, info: RunInfo, spec: dict, jobs: list[VolumeJob], i
         return None
     from xpression.inference.genes import check_gene_store, gene_loadings
 
+    twice = sorted({g for g in cfg.genes if list(cfg.genes).count(g) > 1})
+    if twice:  # each would be a map channel and a score row of its own
+        raise InferenceError(f"genes=[...] names {', '.join(map(str, twice))} more than once")
+
     if spec.get("kind", "composition") != "composition":
         raise InferenceError(f"genes=[...] needs a composition target (compartments or programs); this run predicts "
                              f"{spec.get('kind')}")
