@@ -20,6 +20,11 @@
 # make run's before that (README "The default recipe").
 # On a 2-core CPU: 17 s (cnn3d) to 80 s (ms_deep_long) per seed; all ten, 5 seeds: 28 min.
 # REUSE=1: keep a candidate whose folder already holds runs (add candidates to an earlier OUT).
+case "${1:-}" in
+    -h|--help) awk 'NR > 1 && !/^#/ {exit} NR > 1 {sub(/^# ?/, ""); print}' "$0"; exit 0 ;;  # the header above
+    "") ;;
+    *) echo "error: $(basename "$0") takes no arguments (settings are environment variables; see --help)" >&2; exit 2 ;;  # not a run started by a typo
+esac
 set -euo pipefail
 PY=${PY:-.venv/bin/python}
 COHORT=${COHORT:-data/phantom_default/cohort.yaml}

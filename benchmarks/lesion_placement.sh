@@ -6,6 +6,11 @@
 # hides the lesion from the section, so it is the case where depth should matter most.
 #   benchmarks/lesion_placement.sh            (about 15 CPU-minutes per seed on a 2-core CPU)
 # Settings as `benchmarks/run_benchmark.sh` (EPOCHS, SEEDS, POINTS, OUT, EXTRA).
+case "${1:-}" in
+    -h|--help) awk 'NR > 1 && !/^#/ {exit} NR > 1 {sub(/^# ?/, ""); print}' "$0"; exit 0 ;;  # the header above
+    "") ;;
+    *) echo "error: $(basename "$0") takes no arguments (settings are environment variables; see --help)" >&2; exit 2 ;;  # not a run started by a typo
+esac
 set -euo pipefail
 PY=${PY:-.venv/bin/python}
 COHORT=${COHORT:-data/phantom_benchmark_offplane/cohort.yaml}

@@ -21,6 +21,11 @@
 # ViT dominates); THREADS=1 LONG=24 keeps it near half an hour. The cohort is generated when
 # COHORT does not exist yet. SECTIONS picks the labelled sections every lever trains on (default
 # the two above; e.g. SECTIONS=[mock_0_s0,infected_0_s0,vaccinated_0_s0] for three animals).
+case "${1:-}" in
+    -h|--help) awk 'NR > 1 && !/^#/ {exit} NR > 1 {sub(/^# ?/, ""); print}' "$0"; exit 0 ;;  # the header above
+    "") ;;
+    *) echo "error: $(basename "$0") takes no arguments (settings are environment variables; see --help)" >&2; exit 2 ;;  # not a run started by a typo
+esac
 set -euo pipefail
 PY=${PY:-.venv/bin/python}
 COHORT=${COHORT:-data/phantom_benchmark/cohort.yaml}

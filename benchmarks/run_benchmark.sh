@@ -23,6 +23,11 @@
 #   COHORT=data/phantom_tiny/cohort.yaml SEEDS=0 EPOCHS=1 EXTRA="++trainer.limit_train_batches=2" \
 #     CONTEXT_BUFFER_UM=100 CONTEXT_PATCHES="[6.4,205,205],[34,205,205],[134.4,205,205],[34,100,100]" \
 #     bash benchmarks/run_benchmark.sh
+case "${1:-}" in
+    -h|--help) awk 'NR > 1 && !/^#/ {exit} NR > 1 {sub(/^# ?/, ""); print}' "$0"; exit 0 ;;  # the header above
+    "") ;;
+    *) echo "error: $(basename "$0") takes no arguments (settings are environment variables; see --help)" >&2; exit 2 ;;  # not a run started by a typo
+esac
 set -euo pipefail
 PY=${PY:-.venv/bin/python}
 COHORT=${COHORT:-data/phantom_default/cohort.yaml}
