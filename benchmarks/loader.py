@@ -153,6 +153,10 @@ def main() -> None:
     ap.add_argument("--model", action=argparse.BooleanOptionalAction, default=True, help="also time a training step")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
+    if args.manifest is not None and not Path(args.manifest).is_file():
+        ap.error(f"--manifest: no such file: {args.manifest}")
+    if args.batch_size < 1 or min(args.num_workers) < 0:
+        ap.error(f"--batch-size must be >= 1 and --num-workers >= 0, got {args.batch_size} and {args.num_workers}")
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     with tempfile.TemporaryDirectory() as tmp:

@@ -58,6 +58,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
+    if not args.cohort.is_file():
+        ap.error(f"--cohort: no such file: {args.cohort} (make cohort writes the default one)")
     torch.set_num_threads(args.threads)
 
     from xpression.data.manifest import load_manifest

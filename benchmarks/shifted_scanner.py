@@ -85,6 +85,8 @@ def main() -> None:
     ap.add_argument("--preset", default="benchmark")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
+    if not args.cohort.is_file():
+        ap.error(f"--cohort: no such file: {args.cohort} (generate it as the README's Benchmark section says)")
 
     ensemble, cohort = args.ensemble.resolve(), args.cohort.resolve()
     out = args.out.resolve()

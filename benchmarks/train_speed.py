@@ -274,6 +274,8 @@ def main() -> None:
                     help="one more epoch, synchronised, timing the phases of a step")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
+    if not Path(args.manifest).is_file():
+        ap.error(f"--manifest: no such file: {args.manifest}")
 
     t_start = time.perf_counter()
     import torch
