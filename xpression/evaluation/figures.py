@@ -65,7 +65,7 @@ def plot_section_maps(
             lo, hi = np.nanpercentile(np.concatenate([truth, pred]), [1, 99])
             diff_lim = max(float(np.nanmax(np.abs(pred - truth))), 1e-6)
             panels = [
-                (truth, cmap, lo, hi, f"{name}: truth (training label)", f"{name}: {value_label}"),
+                (truth, cmap, lo, hi, f"{name}: spot label (truth)", f"{name}: {value_label}"),
                 (pred, cmap, lo, hi, f"{name}: prediction", f"{name}: {value_label}"),
                 (pred - truth, "coolwarm", -diff_lim, diff_lim, f"{name}: prediction - truth", "prediction - truth"),
             ]
@@ -74,7 +74,9 @@ def plot_section_maps(
                 faded = split == "excluded"
                 image = ax.scatter(u[~faded], v[~faded], c=values[~faded], s=size, cmap=cmap, vmin=vmin, vmax=vmax, linewidths=0)
                 ax.scatter(u[faded], v[faded], c=values[faded], s=size, cmap=cmap, vmin=vmin, vmax=vmax, linewidths=0,
-                           alpha=0.3, label=f"buffer-excluded (n={counts['excluded']})" if counts["excluded"] else None)
+                           alpha=0.3)
+                if counts["excluded"] and row == 0 and col == 0:  # a neutral swatch, not a colour of the map
+                    ax.scatter([], [], s=size, color="0.6", alpha=0.3, label=f"buffer-excluded (n={counts['excluded']})")
                 for which, colour in _HELD_OUT_EDGES.items():
                     ring = split == which
                     ax.scatter(u[ring], v[ring], s=size, facecolors="none", edgecolors=colour, linewidths=0.6,
