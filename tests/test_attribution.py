@@ -127,7 +127,13 @@ def test_command_on_a_run_of_the_tiny_cohort(cohort, tmp_path, capsys):
     point = f"{z0:.1f},250,250"
     code = main([str(run), "--points", spot, point, "--volume", section.volume_id, "--out", str(out), "--steps", "8",
                  "--cube-um", "19.2", "--targets", "alveolar", "airway"])
-    assert code == 0, capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert code == 0, err
+    # one progress line as each point and method starts (a forest's take seconds each)
+    steps = [line for line in err.splitlines() if line.startswith("attributing ")]
+    assert steps and [line.split(": ")[1].split(" (")[0] for line in steps[:2]] == ["ig", "occlusion"]
+    last = steps[-1].split(" (")[1].split(",")[0].split(" of ")
+    assert spot in steps[0] and last[0] == last[1]  # the last step is "k of k"
     table = pd.read_csv(out / "attributions.csv")
     assert set(table["method"]) == {"ig", "occlusion"} and set(table["target"]) == {"alveolar", "airway"}
     assert len(table) == 2 * 2 * 2 and table["spot"].dropna().unique().tolist() == [spot]
@@ -190,7 +196,13 @@ def test_command_on_a_multiscale_run(cohort, tmp_path, capsys):
     out = tmp_path / "att"
     code = main([str(run), "--points", spot, "--out", str(out), "--steps", "8", "--cube-um", "19.2",
                  "--targets", "alveolar", "airway"])
-    assert code == 0, capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert code == 0, err
+    # one progress line as each point and method starts (a forest's take seconds each)
+    steps = [line for line in err.splitlines() if line.startswith("attributing ")]
+    assert steps and [line.split(": ")[1].split(" (")[0] for line in steps[:2]] == ["ig", "occlusion"]
+    last = steps[-1].split(" (")[1].split(",")[0].split(" of ")
+    assert spot in steps[0] and last[0] == last[1]  # the last step is "k of k"
     table = pd.read_csv(out / "attributions.csv")
     assert sorted(set(table["view"])) == ["context", "patch"] and len(table) == 2 * 2 * 2
     ig = table[table["method"] == "ig"]

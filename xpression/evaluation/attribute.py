@@ -34,9 +34,10 @@ import argparse
 import logging
 import re
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -148,19 +149,29 @@ def _baseline(patch: np.ndarray, kind: str) -> np.ndarray:
 
 def attribute_points(fn: Any, patches: dict[str, np.ndarray], methods: Sequence[str], steps: int,
                      cube_vox: Sequence[int], stride_vox: Sequence[int] | None, targets: Sequence[int] | None,
-                     baseline: str = "zero") -> dict[str, dict[str, Attribution]]:
+                     baseline: str = "zero", progress: Callable[[str], None] | None = None
+                     ) -> dict[str, dict[str, Attribution]]:
     """``{point label: {method: Attribution}}`` for the normalised ``patches``; ``fn`` is one
-    network for every patch, or ``{label: network}``."""
+    network for every patch, or ``{label: network}``. ``progress`` gets one line as each point and
+    method starts, with the seconds so far (a forest's occlusion takes seconds a point)."""
     out: dict[str, dict[str, Attribution]] = {}
+    todo = [(label, m) for label in patches for m in ("ig", "occlusion") if m in methods]
+    t0 = time.perf_counter()
     for label, patch in patches.items():
         net = fn[label] if isinstance(fn, dict) else fn
         base = _baseline(patch, baseline)
         out[label] = {}
-        if "ig" in methods:
-            out[label]["ig"] = integrated_gradients(net, patch, base, steps=steps, targets=targets)
-        if "occlusion" in methods:
-            out[label]["occlusion"] = occlusion(net, patch, base, cube_vox, stride_vox, targets=targets)
+        for method in [m for m in ("ig", "occlusion") if m in methods]:
+            if progress is not None:
+                done = todo.index((label, method))
+                progress(f"attributing {label}: {method} ({done + 1} of {len(todo)}, {time.perf_counter() - t0:.0f} s so far)")
+            out[label][method] = (integrated_gradients(net, patch, base, steps=steps, targets=targets) if method == "ig" else
+                                  occlusion(net, patch, base, cube_vox, stride_vox, targets=targets))
     return out
+
+
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 def with_view_fixed(net: Any, fixed: np.ndarray, channel: int) -> Any:
@@ -322,16 +333,17 @@ def run(args: argparse.Namespace) -> Path:
     stride = None if args.stride_um is None else np.maximum(1, np.rint(args.stride_um / vs)).astype(int)
     net = pred.net
     if not multiscale:
-        results = attribute_points(net, patches, args.methods, args.steps, cube, stride, chosen, args.baseline)
+        results = attribute_points(net, patches, args.methods, args.steps, cube, stride, chosen, args.baseline, _say)
         context_results: dict[str, dict[str, Attribution]] = {}
     else:  # one view at a time, the other held as it is
         step = np.asarray(info.spec.context.step_um, float)
         results = attribute_points({k: with_view_fixed(net, contexts[k], 1) for k in patches}, patches, args.methods,
-                                   args.steps, cube, stride, chosen, args.baseline)
+                                   args.steps, cube, stride, chosen, args.baseline, lambda line: _say(line + ", the patch"))
         context_results = attribute_points(
             {k: with_view_fixed(net, patches[k], 0) for k in patches}, contexts, args.methods, args.steps,
             np.maximum(1, np.rint(args.cube_um / step)).astype(int),
-            None if args.stride_um is None else np.maximum(1, np.rint(args.stride_um / step)).astype(int), chosen, args.baseline)
+            None if args.stride_um is None else np.maximum(1, np.rint(args.stride_um / step)).astype(int), chosen, args.baseline,
+            lambda line: _say(line + ", the context view"))
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     value_label = "program proportion" if kind == "composition" else "predicted value"
