@@ -449,6 +449,10 @@ def main() -> None:
     ap.add_argument("--profile", type=Path, default=None, help="write a kernel profile of one bare-trunk forward here")
     ap.add_argument("--rss-child", type=float, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    for name in ("cohort", "volume"):
+        given = getattr(args, name)
+        if given is not None and not given.exists():
+            ap.error(f"--{name}: no such file: {given}")
     global MASK, MODEL, WIDTHS, DEVICE, COMPILE
     MODEL, WIDTHS, DEVICE, COMPILE = args.model, args.widths, args.device, args.compile
     MASK = args.mask or ("none" if args.volume else "truth")

@@ -312,6 +312,9 @@ def test_cli_errors_exit_2_without_traceback(tmp_path, capsys):
     assert "unknown preset 'nope'" in err and "Traceback" not in err
     assert main(["--out", str(tmp_path / "o"), "--spot-pitch-um", "40", "--quiet"]) == 2
     assert "spot_pitch_um" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:  # was accepted silently
+        main(["--out", str(tmp_path / "o"), "--workers", "-3"])
+    assert stop.value.code == 2 and "--workers must be a positive number of threads, got -3" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
 
 

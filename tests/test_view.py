@@ -117,3 +117,11 @@ def test_spots_without_target_colours_keep_each_target_s_colour_of_the_other_fig
     meta = {"identity": {"run_dir": str(tmp_path)}, "targets": ["alveolar", "airway", "vascular", "infected", "immune", "remodelling"]}
     _, kwargs, _ = _spot_layer(tmp_path, "v", meta)
     np.testing.assert_allclose(kwargs["face_color"], [to_rgba("C5"), to_rgba("C1")])
+
+
+def test_an_existing_screenshot_is_not_overwritten(output, capsys):
+    out, _, _ = output
+    shot = out.parent / "view.png"
+    shot.write_bytes(b"mine")
+    assert main([str(out), "--screenshot", str(shot)]) == 1
+    assert "--screenshot" in capsys.readouterr().err and shot.read_bytes() == b"mine"

@@ -216,6 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--screenshot", default=None, help="save a screenshot of the window to this PNG and exit")
     parser.add_argument("--ndisplay", type=int, choices=(2, 3), default=2, help="2D slices or 3D rendering")
     args = parser.parse_args(argv)
+    if args.screenshot and Path(args.screenshot).exists():
+        print(f"error: --screenshot {args.screenshot} exists; name another file (nothing is overwritten)", file=sys.stderr)
+        return 1
     try:
         layers = build_layers(args.output, args.volume)
         volume = args.volume or next(iter(volume_folders(args.output)))

@@ -50,7 +50,10 @@ def parse_params(items: list[str]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.workers is not None and args.workers < 1:
+        parser.error(f"--workers must be a positive number of threads, got {args.workers}")
     err = Console(stderr=True)
     from .cohort import generate_cohort
 
