@@ -48,13 +48,6 @@ class FreeModel(torch.nn.Module):
         return self(patches).numpy()
 
 
-def timed(owner: object, name: str, seconds: dict[str, float], label: str) -> None:
-    """Wrap ``owner.name`` so each call adds its wall time to ``seconds[label]``."""
-    from benchmarks._timing import timed_calls
-
-    setattr(owner, name, timed_calls(getattr(owner, name), lambda s: seconds.__setitem__(label, seconds[label] + s)))
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--manifest", required=True)
@@ -70,6 +63,7 @@ def main() -> None:
 
     from omegaconf import OmegaConf
 
+    from benchmarks._timing import timed_methods
     from xpression.callbacks import predict_spots
     from xpression.data.datamodule import XPressionDataModule
     from xpression.data.sampling import StratifiedSampler
@@ -94,16 +88,13 @@ def main() -> None:
         seconds["spot predictions (the loader's pass)"] = time.perf_counter() - t0
         probe = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "off_plane" / "probe.yaml"))
         probe["max_patch_um"] = [float(v) for v in dm.sampler.geometry.extent_um(dm.voxel_size_um)]
-        originals = (ClosedFormModel.fit_predict, generalisation.read_patches, RidgeBaseline.predict_patches)
-        timed(ClosedFormModel, "fit_predict", seconds, "ridge: fit pass over every spot")
-        timed(generalisation, "read_patches", seconds, "probe: patch reads")
-        timed(RidgeBaseline, "predict_patches", seconds, "probe: the ridge on its patches")
-        try:
+        parts = {"ridge: fit pass over every spot": (ClosedFormModel, "fit_predict"),
+                 "probe: patch reads": (generalisation, "read_patches"),
+                 "probe: the ridge on its patches": (RidgeBaseline, "predict_patches")}
+        with timed_methods(parts, seconds):
             t0 = time.perf_counter()
             metrics, _ = evaluate_run(FreeModel(len(dm.target_spec.names)), dm, table, off_plane=probe)
             seconds["scoring after the fit, all of it"] = time.perf_counter() - t0
-        finally:
-            ClosedFormModel.fit_predict, generalisation.read_patches, RidgeBaseline.predict_patches = originals
         points = sum((metrics.get("off_plane") or {}).get("n_points", {}).values())
         runs.append(dict(seconds))
     print(f"{args.manifest}: {len(dm.spots)} spots, patch {dm.patch_shape_vox} voxels of {dm.voxel_size_um} um, "

@@ -216,7 +216,7 @@ def post_fit(module, dm, device) -> dict:
     the ridge on the run's patch, the off-plane probe) on ``device``."""
     from omegaconf import OmegaConf
 
-    from benchmarks._timing import timed_calls
+    from benchmarks._timing import timed_methods
     from xpression.callbacks import predict_spots
     from xpression.evaluation.run_scores import evaluate_run
     from xpression.inference.predictor import Predictor
@@ -231,21 +231,11 @@ def post_fit(module, dm, device) -> dict:
     probe["max_patch_um"] = [float(v) for v in dm.sampler.geometry.extent_um(dm.voxel_size_um)]
     # the scoring's two largest parts on their own: the ridge baseline's fit pass over every spot
     # (CPU) and the model's forward passes over the probe's patches (the run's device)
-    parts = {"ridge_fit_seconds": 0.0, "probe_model_seconds": 0.0}
-    originals = ClosedFormModel.fit_predict, Predictor.predict_patches
-
-    def add(key: str):
-        return lambda s: parts.__setitem__(key, parts[key] + s)
-
-    ClosedFormModel.fit_predict = timed_calls(ClosedFormModel.fit_predict, add("ridge_fit_seconds"))
-    Predictor.predict_patches = timed_calls(Predictor.predict_patches, add("probe_model_seconds"))
-    try:
+    parts = {"ridge_fit_seconds": (ClosedFormModel, "fit_predict"), "probe_model_seconds": (Predictor, "predict_patches")}
+    with timed_methods(parts, out):
         t0 = time.perf_counter()
         metrics, _ = evaluate_run(module, dm, table, off_plane=probe)
         out["off_plane_seconds"] = time.perf_counter() - t0
-    finally:
-        ClosedFormModel.fit_predict, Predictor.predict_patches = originals
-    out.update(parts)
     out["off_plane_points"] = sum((metrics.get("off_plane") or {}).get("n_points", {}).values())
     return out
 

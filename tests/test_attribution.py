@@ -111,6 +111,15 @@ def cohort(tmp_path_factory):
     return two_volume_cohort(tmp_path_factory.mktemp("phantom") / "c")
 
 
+def _assert_progress_lines(err: str, spot: str) -> None:
+    """One progress line as each point and method starts (a forest's take seconds each), the
+    first of ``spot``, the last "k of k"."""
+    steps = [line for line in err.splitlines() if line.startswith("attributing ")]
+    assert steps and [line.split(": ")[1].split(" (")[0] for line in steps[:2]] == ["ig", "occlusion"]
+    last = steps[-1].split(" (")[1].split(",")[0].split(" of ")
+    assert spot in steps[0] and last[0] == last[1]  # the last step is "k of k"
+
+
 def test_command_on_a_run_of_the_tiny_cohort(cohort, tmp_path, capsys):
     import anndata as ad
 
@@ -129,11 +138,7 @@ def test_command_on_a_run_of_the_tiny_cohort(cohort, tmp_path, capsys):
                  "--cube-um", "19.2", "--targets", "alveolar", "airway"])
     err = capsys.readouterr().err
     assert code == 0, err
-    # one progress line as each point and method starts (a forest's take seconds each)
-    steps = [line for line in err.splitlines() if line.startswith("attributing ")]
-    assert steps and [line.split(": ")[1].split(" (")[0] for line in steps[:2]] == ["ig", "occlusion"]
-    last = steps[-1].split(" (")[1].split(",")[0].split(" of ")
-    assert spot in steps[0] and last[0] == last[1]  # the last step is "k of k"
+    _assert_progress_lines(err, spot)
     table = pd.read_csv(out / "attributions.csv")
     assert set(table["method"]) == {"ig", "occlusion"} and set(table["target"]) == {"alveolar", "airway"}
     assert len(table) == 2 * 2 * 2 and table["spot"].dropna().unique().tolist() == [spot]
@@ -198,11 +203,7 @@ def test_command_on_a_multiscale_run(cohort, tmp_path, capsys):
                  "--targets", "alveolar", "airway"])
     err = capsys.readouterr().err
     assert code == 0, err
-    # one progress line as each point and method starts (a forest's take seconds each)
-    steps = [line for line in err.splitlines() if line.startswith("attributing ")]
-    assert steps and [line.split(": ")[1].split(" (")[0] for line in steps[:2]] == ["ig", "occlusion"]
-    last = steps[-1].split(" (")[1].split(",")[0].split(" of ")
-    assert spot in steps[0] and last[0] == last[1]  # the last step is "k of k"
+    _assert_progress_lines(err, spot)
     table = pd.read_csv(out / "attributions.csv")
     assert sorted(set(table["view"])) == ["context", "patch"] and len(table) == 2 * 2 * 2
     ig = table[table["method"] == "ig"]

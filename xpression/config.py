@@ -357,13 +357,18 @@ def check_infer_config(cfg: DictConfig) -> None:
         raise ConfigError(problems, "inference config")
 
 
+# calibrate=true without an uncertainty method: said here, before anything is read, and by
+# xpression.inference.uncertainty.trust_predictor to callers outside infer.py
+CALIBRATE_NEEDS_METHOD = ("calibrate=true scales the <target>_sd channels, which only an uncertainty method adds: "
+                          "add uncertainty=ensemble, mc_dropout or trees")
+
+
 def _ignored_trust_settings(cfg: DictConfig) -> list[str]:
     """Settings of an uncertainty method given without the method, which would do nothing."""
     method = _value(cfg, "uncertainty")
     problems = []
     if _value(cfg, "calibrate") is True and method in (_ABSENT, None, "none"):
-        problems.append("calibrate=true scales the <target>_sd channels, which only an uncertainty method adds: "
-                        "add uncertainty=ensemble, mc_dropout or trees")
+        problems.append(CALIBRATE_NEEDS_METHOD)
     if _value(cfg, "members") not in (_ABSENT, None) and method != "ensemble":
         problems.append(f"members: an ensemble's runs, but uncertainty={method}: add uncertainty=ensemble")
     return problems

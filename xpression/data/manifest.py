@@ -244,12 +244,12 @@ def _volumes(check: _Checker, raw: Any) -> list[VolumeEntry]:
             where = f"volume {vid!r}"
         image = check.path(entry.get("image"), f"{where}.image", suffixes=_VOLUME_SUFFIXES,
                            accept=lambda p: volume_kind(p) is not None) if "image" in entry else None
-        voxel = None
+        voxel, opened = None, None
         if "voxel_size_um" in entry:
             voxel = check.triple(entry["voxel_size_um"], f"{where}.voxel_size_um", positive=True)
         elif image is not None and volume_kind(image) != "zarr":
             try:  # an OME-TIFF or a calibrated ImageJ stack records it (only the metadata is read)
-                open_volume(image)
+                opened = open_volume(image)
             except VolumeError as err:
                 check.fail(where, f"voxel_size_um is required: {err.problem}")
         condition = entry.get("condition")
@@ -257,7 +257,7 @@ def _volumes(check: _Checker, raw: Any) -> list[VolumeEntry]:
             check.fail(f"{where}.condition", f"expected a string, got {condition!r}")
         sections = _sections(check, entry.get("sections", []), where, vid or "?", section_ids)
         if image is not None:
-            _planes_in_volume(check, image, voxel, sections)
+            _planes_in_volume(check, image, voxel, sections, opened)
         if image is not None and vid is not None:
             volumes.append(VolumeEntry(vid, image, voxel, condition, tuple(sections)))
     return volumes
@@ -336,14 +336,15 @@ def _landmarks_are_3d(check: _Checker, path: Path, where: str) -> bool:
 
 
 def _planes_in_volume(check: _Checker, image: Path, voxel: tuple[float, float, float] | None,
-                      sections: list[SectionEntry]) -> None:
-    """Each section's z_um / plane must cross the volume (only the volume's metadata is read)."""
+                      sections: list[SectionEntry], volume: Any = None) -> None:
+    """Each section's z_um / plane must cross the volume (only the volume's metadata is read;
+    ``volume``: the image already opened, else it is opened here)."""
     if not any(s.z_um is not None or s.plane is not None for s in sections):
         return
     import numpy as np
 
     try:
-        volume = open_volume(image, voxel)
+        volume = volume or open_volume(image, voxel)
     except (VolumeError, OSError, ValueError):
         return  # an unreadable volume is reported where it is read
     vs = np.asarray(volume.voxel_size_um)

@@ -155,16 +155,16 @@ def attribute_points(fn: Any, patches: dict[str, np.ndarray], methods: Sequence[
     network for every patch, or ``{label: network}``. ``progress`` gets one line as each point and
     method starts, with the seconds so far (a forest's occlusion takes seconds a point)."""
     out: dict[str, dict[str, Attribution]] = {}
-    todo = [(label, m) for label in patches for m in ("ig", "occlusion") if m in methods]
-    t0 = time.perf_counter()
+    chosen = [m for m in ("ig", "occlusion") if m in methods]
+    total, done, t0 = len(patches) * len(chosen), 0, time.perf_counter()
     for label, patch in patches.items():
         net = fn[label] if isinstance(fn, dict) else fn
         base = _baseline(patch, baseline)
         out[label] = {}
-        for method in [m for m in ("ig", "occlusion") if m in methods]:
+        for method in chosen:
+            done += 1
             if progress is not None:
-                done = todo.index((label, method))
-                progress(f"attributing {label}: {method} ({done + 1} of {len(todo)}, {time.perf_counter() - t0:.0f} s so far)")
+                progress(f"attributing {label}: {method} ({done} of {total}, {time.perf_counter() - t0:.0f} s so far)")
             out[label][method] = (integrated_gradients(net, patch, base, steps=steps, targets=targets) if method == "ig" else
                                   occlusion(net, patch, base, cube_vox, stride_vox, targets=targets))
     return out

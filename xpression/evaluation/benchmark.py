@@ -99,7 +99,7 @@ def runs_by_seed(folder: str | Path, marker: str = "config.yaml", hint: str = ""
     out: dict[int, Path] = {}
     for found in sorted(folder.rglob(marker)):
         run = found.parent
-        if ".hydra" in run.relative_to(folder).parts or run.name == ".hydra" or not (run / "config.yaml").is_file():
+        if ".hydra" in run.relative_to(folder).parts:
             continue  # Hydra's own record of a job (.hydra/config.yaml), not a run folder
         seed = int(yaml.safe_load((run / "config.yaml").read_text())["seed"])
         if seed in out:

@@ -82,7 +82,7 @@ def calibrate_trust_net(net: Any, infos: Sequence[Any], device: torch.device | s
     per-target SD scale on the held-out spots of ``infos`` (the primary run first, then the
     other members) and set it; returns what the map metadata records: the scale, the spot count,
     the coverage before and after on those spots and the factors above :data:`MAX_PLAUSIBLE_SCALE`
-    (``implausible``, warned about). ``names``: the targets (default: the primary run's)."""
+    (``implausible``, warned about). ``names``: the targets, for the warnings (default target0, ...)."""
     from xpression.data.datamodule import image_to_float
 
     from xpression.inference.ood import run_datamodule
@@ -117,7 +117,6 @@ def calibrate_trust_net(net: Any, infos: Sequence[Any], device: torch.device | s
     after = float(np.mean(err <= 2 * sd * scale))
     log.info("SD calibration on %d held-out spots: scale %s; +-2 SD coverage %.2f -> %.2f", len(rows),
              np.round(scale, 2).tolist(), before, after)
-    names = list(names or (getattr(infos[0], "spec", None) and infos[0].spec.targets.get("names")) or
-                 [f"target{t}" for t in range(T)])
+    names = list(names) if names is not None else [f"target{t}" for t in range(T)]
     return {"scale": [float(s) for s in scale], "n_spots": int(len(rows)), "coverage_target": float(coverage),
             "coverage_before": before, "coverage_after": after, "implausible": implausible_scales(scale, names)}

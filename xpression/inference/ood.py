@@ -16,10 +16,12 @@ The features are those entering the target head (``net.forward_features``, or th
 Closed-form models (forest, ridge) give their filter-bank features divided by each feature's
 spread over the training spots (``ood_features``), so Mahalanobis' shrinkage no longer bounds a
 feature that barely varies there: with a few training spots a feature constant up to rounding
-(spread ~1e-16) makes the ood of ordinary tissue 1e8-1e15 training spreads (a network's head
-features are not rescaled per feature: about ``sqrt(F)``). Such features are named in one logged
-warning (:func:`warn_constant_features`); the score still ranks points, its magnitude does not
-compare across runs, and the map store keeps it in float32 (float16 ends at 65504).
+(spread ~1e-16) made the ood of ordinary tissue 1e8-1e15 training spreads (a network's head
+features are not rescaled per feature: about ``sqrt(F)``). Such a feature is now divided by 1
+(:func:`~xpression.models.closed_form.feature_spread`); a model fitted before that is named in one
+logged warning (:func:`warn_constant_features`). A feature that merely varies little still
+scales the score, which ranks points but does not compare across runs; the map store keeps it in
+float32 (float16 ends at 65504).
 
 The fit keeps both, and per score the 99th percentile of the training spots' own scores (for
 ``knn`` each spot's distance to the others, itself left out), the threshold the evaluation
@@ -44,15 +46,13 @@ import torch
 from xpression.inference.predictor import InferenceError
 
 __all__ = ["OOD_FILE", "OOD_METHODS", "KNN_K", "OODFit", "fit_ood", "mahalanobis", "knn_distance", "spot_features", "features_of", "fit_training_spots", "ood_fit_for_run", "require_features", "run_datamodule",
-           "constant_features", "warn_constant_features", "CONSTANT_SPREAD",
+           "constant_features", "warn_constant_features",
            "weights_digest"]
 
 log = logging.getLogger(__name__)
 
 OOD_FILE = "ood_fit.npz"
 OOD_METHODS = ("knn", "mahalanobis")
-# a closed-form feature's training spread (in its own units) below which it counts as constant up to rounding
-CONSTANT_SPREAD = 1e-9
 KNN_K = 10  # the neighbour whose distance is the score (Sun et al. 2022 used 1-1000; 5-20 scored alike here)
 
 
@@ -232,19 +232,25 @@ def require_features(nets: Iterable[torch.nn.Module], where: str = "") -> None:
                              "model fitted before its features' spread was kept: fit it again); pass ood=false")
 
 
-def constant_features(net: torch.nn.Module, tolerance: float = CONSTANT_SPREAD) -> list[tuple[str, float]]:
-    """``(name, sd)`` of the features of a closed-form ``net`` whose spread over its training
-    spots (``feature_spread``, in the feature's own units: um, shares, grey levels) is below
-    ``tolerance`` but was kept as the divisor of :meth:`standardised` (not replaced by 1): features
-    constant on the training spots up to rounding. A tissue point where one varies by ``d``
-    scores about ``d / sd`` training spreads, so the ood magnitude is set by rounding. Networks: []."""
+def constant_features(net: torch.nn.Module) -> list[tuple[str, float]]:
+    """``(name, sd)`` of the features of a closed-form ``net`` whose divisor in :meth:`standardised`
+    (``feature_spread``, in the feature's own units: um, shares, grey levels) is a spread at
+    rounding level (:func:`~xpression.models.closed_form.rounding_spread`): features constant on
+    the training spots up to rounding, kept as divisors by models fitted before such spreads were
+    replaced by 1. A tissue point where one varies by ``d`` scores about ``d / sd`` training
+    spreads, so the ood magnitude is set by rounding. Networks, and models fitted since: []."""
+    from xpression.models.closed_form import rounding_spread
+
     spread = getattr(net, "feature_spread", None)
     if spread is None or spread.numel() == 0:
         return []
     sd = spread.detach().cpu().double().numpy()
+    center = getattr(net, "feature_center", None)
+    center = center.detach().cpu().double().numpy() if center is not None and center.numel() == sd.size else np.zeros_like(sd)
     bank = getattr(net, "bank", None) if getattr(net, "input_spec", None) is not None else None
     names = list(getattr(bank, "names", []) or [])
-    return [(names[i] if i < len(names) else f"feature {i}", float(sd[i])) for i in np.flatnonzero(sd < tolerance)]
+    return [(names[i] if i < len(names) else f"feature {i}", float(sd[i]))
+            for i in np.flatnonzero(sd <= rounding_spread(center))]
 
 
 def warn_constant_features(net: torch.nn.Module, where: str = "") -> list[tuple[str, float]]:
@@ -254,7 +260,7 @@ def warn_constant_features(net: torch.nn.Module, where: str = "") -> list[tuple[
         worst = min(bad, key=lambda b: b[1])
         log.warning("ood%s: %d of %d features are constant on the training spots up to rounding (e.g. %s, sd %.3g): "
                     "points where one varies score ~1/sd training spreads, so the ood channel ranks points but "
-                    "its magnitude is set by rounding (refit with more training spots, or a spread floor)",
+                    "its magnitude is set by rounding (fit the model again: such features now count as constant)",
                     where, len(bad), int(net.feature_spread.numel()), worst[0], worst[1])
     return bad
 

@@ -288,12 +288,11 @@ def earlier_summary(cfg: Any, info: RunInfo, cohort: Any) -> dict:
     path = Path(cfg.output) / "summary.json"
     if bool(cfg.get("overwrite", False)):
         return {}
-    fix = "choose another output=, or pass overwrite=true to replace it"
+    fix = "choose another output=, or pass overwrite=true to replace what is there"
     if not path.is_file():
         taken = [name for name in _SCORE_FILES if (path.parent / name).exists()]
         if taken:  # a folder holding scores without the summary they belong to: not ours to replace
-            raise InferenceError(f"{path.parent} holds {', '.join(taken)} but no summary.json of infer.py; "
-                                 "choose another output=, or pass overwrite=true to replace them")
+            raise InferenceError(f"{path.parent} holds {', '.join(taken)} but no summary.json of infer.py; {fix}")
         return {}
     try:
         earlier = json.loads(path.read_text())
@@ -308,8 +307,8 @@ def earlier_summary(cfg: Any, info: RunInfo, cohort: Any) -> dict:
 
 
 def matched_names(names: list[str], reference: Mapping[str, str] | None) -> list[str]:
-    """Target names for figures: a fitted program with the known program it was matched to,
-    ``program_2 (~ immune)``, as the scores name it; other names as they are."""
+    """Target names for figures: a fitted program with the known program it was matched to (by
+    which the scores name it) beside its own name, ``program_2 (~ immune)``; others as they are."""
     reference = reference or {}
     return [f"{n} (~ {reference[n]})" if reference.get(n) and reference[n] != n else n for n in names]
 

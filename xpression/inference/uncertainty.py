@@ -382,6 +382,10 @@ def trust_predictor(cfg: Any, info: Any, members: Sequence[Any], pred: Predictor
     want_ood = bool(cfg.get("ood", False))
     if method not in METHODS:
         raise InferenceError(f"uncertainty must be one of {', '.join(METHODS)}, got {method!r}")
+    if method == "none" and bool(cfg.get("calibrate", False)):  # with or without ood: there is no SD to scale
+        from xpression.config import CALIBRATE_NEEDS_METHOD
+
+        raise InferenceError(CALIBRATE_NEEDS_METHOD)
     if method == "none" and not want_ood:
         return pred, None
     targets = list(pred.target_names or [])
@@ -417,8 +421,6 @@ def trust_predictor(cfg: Any, info: Any, members: Sequence[Any], pred: Predictor
     net = TrustNet(nets, method, samples, fits).to(pred.device)
     calibration = None
     if bool(cfg.get("calibrate", False)):
-        if method == "none":
-            raise InferenceError("calibrate=true scales the SD channels: give uncertainty=ensemble, mc_dropout or trees")
         from xpression.inference.calibration import calibrate_trust_net
 
         calibration = calibrate_trust_net(net, infos, pred.device, names=targets)

@@ -70,15 +70,11 @@ def cast_for_store(values: np.ndarray, dtype: Any, channels: Sequence[str], wher
     ``where`` names the store in the warning."""
     with np.errstate(over="ignore"):  # numpy's unnamed overflow warning: said per channel below instead
         out = np.asarray(values).astype(dtype)
-    if np.dtype(dtype).kind != "f":
-        return out
-    top = float(np.finfo(dtype).max)
-    for c in range(out.shape[0]):
-        n_inf = int(np.count_nonzero(np.isinf(out[c])))
-        if n_inf:
-            name = channels[c] if c < len(channels) else f"channel {c}"
-            log.warning("%s: %d value(s) of channel %r are infinite as %s (beyond +-%g, or infinite already)",
-                        where or "maps store", n_inf, name, np.dtype(dtype).name, top)
+    infinite = np.isinf(out).reshape(len(out), -1).sum(axis=1)  # one pass over the tile
+    for c in np.flatnonzero(infinite):
+        name = channels[c] if c < len(channels) else f"channel {c}"
+        log.warning("%s: %d value(s) of channel %r are infinite as %s (beyond +-%g, or infinite already)",
+                    where or "maps store", int(infinite[c]), name, np.dtype(dtype).name, float(np.finfo(dtype).max))
     return out
 
 

@@ -29,7 +29,7 @@ from xpression.data.patches import dequantise
 from xpression.models.targets import as_target_spec
 from xpression.runfolder import RUN_CONFIG_KEY
 
-__all__ = ["ClosedFormModel", "feature_spread", "map_rows", "one_blas_thread"]
+__all__ = ["ClosedFormModel", "feature_spread", "map_rows", "one_blas_thread", "rounding_spread"]
 
 log = logging.getLogger(__name__)
 
@@ -84,14 +84,19 @@ def map_rows(fn: Callable[[np.ndarray], np.ndarray], x: np.ndarray, threads: int
     return np.concatenate(list(pool.map(fn, [x[a:b] for a, b in zip(cuts[:-1], cuts[1:])])))
 
 
+def rounding_spread(center: np.ndarray) -> np.ndarray:
+    """The ``(F,)`` spreads (each feature's own units) at or below which a feature of mean
+    ``center`` is constant over the training spots up to rounding: 1e-9 of its size (at least 1e-9)."""
+    return 1e-9 * np.maximum(1.0, np.abs(np.asarray(center, float)))
+
+
 def feature_spread(features: np.ndarray) -> np.ndarray:
     """The ``(F,)`` standard deviations of ``(N, F)`` training features that standardise them for
     the ood score, 1 for a feature constant over the training spots: a spread at rounding level
-    (below 1e-9 of the feature's size) counts as constant, since dividing by it would put ordinary
-    tissue 1e13 spreads away."""
+    (:func:`rounding_spread`) counts as constant, since dividing by it would put ordinary tissue
+    1e13 spreads away."""
     spread = features.std(axis=0)
-    floor = 1e-9 * np.maximum(1.0, np.abs(features.mean(axis=0)))
-    return np.where(spread > floor, spread, 1.0)
+    return np.where(spread > rounding_spread(features.mean(axis=0)), spread, 1.0)
 
 
 class ClosedFormModel(nn.Module):
